@@ -1,0 +1,153 @@
+"""The single source of truth for the seven structures: label values, names, colours,
+overlap priority and RTSTRUCT ROI-name matching.
+
+Every script that needs a label value, a structure name or a colour imports it from here;
+nothing is re-typed elsewhere.
+
+    >>> match_roi_name("gtv-2")
+    1
+    >>> match_roi_name("Poumon droit") == RIGHT_LUNG
+    True
+    >>> match_roi_name("Lungs-GTV") is None
+    True
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+BACKGROUND = 0
+GTV = 1
+PTV = 2
+RIGHT_LUNG = 3
+LEFT_LUNG = 4
+HEART = 5
+ESOPHAGUS = 6
+SPINAL_CORD = 7
+
+NUM_CLASSES = 8
+FOREGROUND_LABELS: tuple[int, ...] = tuple(range(1, NUM_CLASSES))
+
+#: Pseudo-label returned by :func:`match_roi_name` for an ROI holding both lungs
+#: (``Lungs-Total``). Phase 2.5 splits it at the midline; it is never written to a label map.
+BOTH_LUNGS = 34
+
+
+@dataclass(frozen=True)
+class Structure:
+    """One structure of the label map.
+
+    ``key`` is a stable identifier for files and columns, ``name`` is for humans,
+    ``rtstruct_name`` is what we write into an RTSTRUCT (names planning systems recognise),
+    ``color`` is RGB in 0-255.
+    """
+
+    label: int
+    key: str
+    name: str
+    rtstruct_name: str
+    color: tuple[int, int, int]
+
+    @property
+    def color_float(self) -> tuple[float, float, float]:
+        """RGB in 0-1, as matplotlib wants it."""
+        return tuple(c / 255.0 for c in self.color)  # type: ignore[return-value]
+
+    @property
+    def color_hex(self) -> str:
+        return "#{:02x}{:02x}{:02x}".format(*self.color)
+
+
+STRUCTURES: tuple[Structure, ...] = (
+    Structure(BACKGROUND, "background", "Background", "Background", (0, 0, 0)),
+    Structure(GTV, "gtv", "GTV", "GTV", (255, 0, 0)),  # red
+    Structure(PTV, "ptv", "PTV", "PTV", (255, 165, 0)),  # orange
+    Structure(RIGHT_LUNG, "lung_right", "Right lung", "Lung_R", (0, 255, 255)),  # cyan
+    Structure(LEFT_LUNG, "lung_left", "Left lung", "Lung_L", (135, 206, 250)),  # light blue
+    Structure(HEART, "heart", "Heart", "Heart", (255, 0, 255)),  # magenta
+    Structure(ESOPHAGUS, "esophagus", "Esophagus", "Esophagus", (255, 255, 0)),  # yellow
+    Structure(SPINAL_CORD, "spinal_cord", "Spinal cord", "SpinalCord", (0, 200, 0)),  # green
+)
+BY_LABEL: dict[int, Structure] = {s.label: s for s in STRUCTURES}
+BY_KEY: dict[str, Structure] = {s.key: s for s in STRUCTURES}
+
+#: Who wins a voxel claimed by several structures, first wins:
+#: GTV > PTV > spinal cord > esophagus > heart > lungs.
+PRIORITY: tuple[int, ...] = (GTV, PTV, SPINAL_CORD, ESOPHAGUS, HEART, RIGHT_LUNG, LEFT_LUNG)
+
+
+def structure(label: int) -> Structure:
+    """The :class:`Structure` for a label value; ``ValueError`` for anything outside 0-7."""
+    try:
+        return BY_LABEL[int(label)]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"unknown label {label!r}; labels are 0-{NUM_CLASSES - 1}") from None
+
+
+def label_name(label: int) -> str:
+    return structure(label).name
+
+
+def color_table(scale: float = 1.0) -> "list[tuple[float, float, float]]":
+    """RGB colour per label value (index = label), multiplied by ``scale`` (1/255 for 0-1)."""
+    return [tuple(c * scale for c in s.color) for s in STRUCTURES]  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------------------------
+# ROI-name matching
+# --------------------------------------------------------------------------------------------
+# Names are compared after normalisation: accents removed (ligatures œ/æ expanded), lower case,
+# spaces, hyphens and underscores dropped. Other characters ("+", ".") are kept, so derived
+# structures such as "Cord+5mm" never fold into an organ name.
+_EXACT_ALIASES: dict[int, frozenset[str]] = {
+    RIGHT_LUNG: frozenset({
+        "lungright", "lungr", "rlung", "rtlung", "rightlung", "lungrt", "lungd",
+        "poumond", "poumondroit", "longrechts", "longr",
+    }),
+    LEFT_LUNG: frozenset({
+        "lungleft", "lungl", "llung", "ltlung", "leftlung", "lunglt", "lungg",
+        "poumong", "poumongauche", "longlinks", "longl",
+    }),
+    HEART: frozenset({"heart", "coeur", "hart", "cor"}),
+    ESOPHAGUS: frozenset({"esophagus", "oesophagus", "oesophage", "esophage", "slokdarm"}),
+    SPINAL_CORD: frozenset({
+        "spinalcord", "cord", "spinecord", "moelle", "moelleepiniere", "myelum", "ruggenmerg",
+    }),
+    BOTH_LUNGS: frozenset({
+        "lungstotal", "lungtotal", "totallung", "totallungs", "lungs", "lungsboth", "bothlungs",
+        "poumons", "longen",
+    }),
+}
+# GTV: "gtv" followed only by letters/digits (GTV-1, gtv_10_r, GTVp, GTV primaire), unless
+# what follows names another structure or an operation (Lung-Left-GTV is handled by the
+# exact aliases above never matching; "GTV-PTV" or "GTV ring" are refused here).
+_GTV_PATTERN = re.compile(r"gtv[a-z0-9]*")
+_PTV_PATTERN = re.compile(r"ptv\d*(\d+(\.\d+)?gy)?")
+_DERIVED_TOKENS = ("ptv", "ctv", "itv", "prv", "ring", "minus", "avoid", "margin", "exp",
+                   "lung", "heart", "cord", "eso", "opt", "help")
+
+
+def normalize_roi_name(name: str) -> str:
+    """Lower case, accents and ligatures folded, spaces/hyphens/underscores removed."""
+    text = str(name).replace("œ", "oe").replace("Œ", "OE").replace("æ", "ae").replace("Æ", "AE")
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(ch for ch in text if not unicodedata.combining(ch))
+    return re.sub(r"[\s\-_]+", "", text.lower())
+
+
+def match_roi_name(name: str) -> int | None:
+    """Map an RTSTRUCT ROI name to a label value, :data:`BOTH_LUNGS`, or ``None`` (not ours).
+
+    Unknown and derived names (``Lungs-GTV``, ``PRV Spinal Cord``, ``z_PTV_ring``...) return
+    ``None``: they are reported by phase 2.5, never guessed.
+    """
+    norm = normalize_roi_name(name)
+    for label, aliases in _EXACT_ALIASES.items():
+        if norm in aliases:
+            return label
+    if _GTV_PATTERN.fullmatch(norm) and not any(t in norm[3:] for t in _DERIVED_TOKENS):
+        return GTV
+    if _PTV_PATTERN.fullmatch(norm):
+        return PTV
+    return None

@@ -1,0 +1,342 @@
+"""Shared plumbing of the phase scripts: the ``DATA/`` layout, safe file names, atomic writes,
+NIfTI I/O that keeps geometry, and the batch runner (workers, tqdm bar, summary, exit status).
+
+Every phase follows the same conventions:
+
+* ``--data-root DIR`` (default ``DATA``); outputs under ``<data-root>/processed/``;
+* ``--patients ID ...`` runs a subset, ``--workers N`` processes, ``--overwrite`` redoes outputs
+  that exist (they are skipped otherwise);
+* every output is written under ``<output folder>/.partial/`` and renamed into place, so an
+  interrupted run never leaves a file that the next phase would read;
+* one bad patient is reported and skipped, the batch goes on, a summary line closes the run and
+  the exit status is 0 only when no patient failed.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import re
+import shutil
+import traceback
+import uuid
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATA_ROOT = Path("DATA")
+DEFAULT_SPLITS_DIR = Path("splits")
+PARTIAL_DIR_NAME = ".partial"
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """Where each phase reads and writes, below one data root (default ``DATA``)."""
+
+    root: Path = DEFAULT_DATA_ROOT
+
+    @property
+    def raw(self) -> Path:
+        """Raw DICOM collection (any nesting); ``--dicom-root`` overrides it."""
+        return self.root / "raw"
+
+    @property
+    def synthetic_raw(self) -> Path:
+        """Where ``make_synthetic_cohort.py`` writes its DICOM cohort by default."""
+        return self.raw / "synthetic"
+
+    @property
+    def synthetic_truth(self) -> Path:
+        """True label maps of the synthetic cohort (outside ``raw/`` so phase 2 never sees them)."""
+        return self.root / "synthetic_truth"
+
+    @property
+    def processed(self) -> Path:
+        return self.root / "processed"
+
+    @property
+    def ct_nifti(self) -> Path:
+        """Phase 2 output: ``<PatientID>.nii.gz``, int16 HU, + ``conversion_report.csv``."""
+        return self.processed / "ct_nifti"
+
+    @property
+    def masks(self) -> Path:
+        """Phase 2.5 output: ``<PatientID>.nii.gz`` uint8 labels 0-7, + ``structures.csv``."""
+        return self.processed / "masks_multi_organ"
+
+    @property
+    def normalized_ct(self) -> Path:
+        """Phase 3 output: z-scored CT at 256x256, + ``normalization.json``."""
+        return self.processed / "normalized_ct"
+
+    @property
+    def normalized_masks(self) -> Path:
+        return self.processed / "normalized_masks"
+
+    @property
+    def training_cache(self) -> Path:
+        """Phase 3 output: memory-mappable ``.npy`` arrays per patient for the dataset."""
+        return self.processed / "training_cache"
+
+
+# --------------------------------------------------------------------------------------------
+# Names and files
+# --------------------------------------------------------------------------------------------
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._+\-]+")
+
+
+def safe_patient_id(patient_id: object, fallback: str) -> str:
+    """A DICOM PatientID made safe for a file name.
+
+    Path separators, control characters and anything but letters, digits, ``._+-`` become
+    ``_``; leading dots are stripped so ``..`` can never climb out of the output folder.
+    Falls back to ``fallback`` (normally the patient folder name, made safe the same way)
+    when nothing usable is left.
+
+    >>> safe_patient_id("../../etc", "P1")
+    'etc'
+    >>> safe_patient_id("LUNG1/001", "P1")
+    'LUNG1_001'
+    >>> safe_patient_id("", "LUNG1-002")
+    'LUNG1-002'
+    """
+    def clean(text: object) -> str:
+        text = _UNSAFE_CHARS.sub("_", str(text or "").strip())
+        text = re.sub(r"\.{2,}", "_", text).strip("._ ")
+        return text[:128]
+
+    return clean(patient_id) or clean(fallback) or "patient"
+
+
+def nifti_stem(path: Path) -> str:
+    """``LUNG1-001.nii.gz`` -> ``LUNG1-001``."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii", ".npy", ".json"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def list_patients(folder: Path, suffix: str = ".nii.gz") -> list[str]:
+    """Patient ids of the ``<PatientID><suffix>`` files of a phase output folder, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[: -len(suffix)] for p in folder.glob(f"*{suffix}") if p.is_file())
+
+
+@contextlib.contextmanager
+def atomic_output(final_path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path to write ``final_path`` to; rename it into place on success.
+
+    The temporary file lives in ``<folder>/.partial/`` with the same file name (writers such as
+    SimpleITK choose the format from the extension), on the same file system, so the final
+    ``os.replace`` is atomic. On error the temporary file is removed and the final path is
+    untouched.
+    """
+    final_path = Path(final_path)
+    partial_dir = final_path.parent / PARTIAL_DIR_NAME / uuid.uuid4().hex[:12]
+    partial_dir.mkdir(parents=True, exist_ok=True)
+    tmp_path = partial_dir / final_path.name
+    try:
+        yield tmp_path
+        if not tmp_path.exists():
+            raise FileNotFoundError(f"nothing was written to {tmp_path}")
+        os.replace(tmp_path, final_path)
+    finally:
+        shutil.rmtree(partial_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            partial_dir.parent.rmdir()  # only succeeds when no other writer uses it
+
+
+def write_text_atomic(path: Path | str, text: str) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and raise ``PermissionError`` naming it if we cannot write."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise PermissionError(f"cannot write to output folder {folder}: {exc.strerror or exc}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# NIfTI I/O (SimpleITK keeps origin/spacing/direction; it converts LPS <-> RAS on disk)
+# --------------------------------------------------------------------------------------------
+def write_nifti(image: "Any", path: Path | str) -> None:
+    """Write a SimpleITK image atomically (compressed when the name ends with ``.gz``)."""
+    import SimpleITK as sitk
+
+    with atomic_output(path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=str(path).endswith(".gz"))
+
+
+def read_nifti(path: Path | str) -> "Any":
+    import SimpleITK as sitk
+
+    return sitk.ReadImage(str(path))
+
+
+def same_geometry(a: "Any", b: "Any", tolerance_mm: float = 1e-3) -> bool:
+    """True when two SimpleITK images share size, spacing, origin and direction."""
+    import numpy as np
+
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tolerance_mm)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance_mm)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+    )
+
+
+def check_same_geometry(a: "Any", b: "Any", what: str) -> None:
+    """Raise :class:`PatientError` naming ``what`` when the two images' grids differ."""
+    if not same_geometry(a, b):
+        raise PatientError(
+            f"{what}: geometry mismatch: size {a.GetSize()} vs {b.GetSize()}, spacing "
+            f"{a.GetSpacing()} vs {b.GetSpacing()}, origin {a.GetOrigin()} vs {b.GetOrigin()}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Batch runner
+# --------------------------------------------------------------------------------------------
+class PatientError(Exception):
+    """A problem with one patient's input: reported with its message, no traceback."""
+
+
+DONE, SKIPPED, FAILED = "done", "skipped", "failed"
+
+
+@dataclass
+class PatientResult:
+    """What happened to one patient in a phase."""
+
+    patient_id: str
+    status: str  # DONE, SKIPPED or FAILED
+    message: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _call_safely(task: Callable[[Any], PatientResult], item: Any, patient_id: str) -> PatientResult:
+    try:
+        return task(item)
+    except PatientError as exc:
+        return PatientResult(patient_id, FAILED, str(exc))
+    except Exception as exc:  # one bad patient never stops the batch
+        detail = traceback.format_exc(limit=4)
+        return PatientResult(patient_id, FAILED, f"{type(exc).__name__}: {exc}", {"traceback": detail})
+
+
+def run_batch(
+    items: Sequence[Any],
+    task: Callable[[Any], PatientResult],
+    *,
+    workers: int = 1,
+    desc: str = "patients",
+    patient_id_of: Callable[[Any], str] = str,
+) -> list[PatientResult]:
+    """Run ``task(item)`` for every item, in ``workers`` processes, with a tqdm bar over patients.
+
+    ``task`` must be picklable when ``workers > 1`` (a module-level function or a
+    ``functools.partial`` of one). Exceptions become ``FAILED`` results with their message and
+    are logged with the patient id; the batch always goes on. Results come back in input order.
+    """
+    results: dict[int, PatientResult] = {}
+    bar = tqdm(total=len(items), desc=desc, unit="patient", dynamic_ncols=True)
+    if workers <= 1 or len(items) <= 1:
+        for i, item in enumerate(items):
+            results[i] = _call_safely(task, item, patient_id_of(item))
+            _log_result(results[i])
+            bar.update()
+    else:
+        with ProcessPoolExecutor(max_workers=min(workers, len(items))) as pool:
+            futures = {
+                pool.submit(_call_safely, task, item, patient_id_of(item)): i
+                for i, item in enumerate(items)
+            }
+            for fut in as_completed(futures):
+                i = futures[fut]
+                try:
+                    results[i] = fut.result()
+                except Exception as exc:  # the worker process itself died
+                    results[i] = PatientResult(patient_id_of(items[i]), FAILED, f"worker crashed: {exc}")
+                _log_result(results[i])
+                bar.update()
+    bar.close()
+    return [results[i] for i in range(len(items))]
+
+
+def _log_result(result: PatientResult) -> None:
+    if result.status == FAILED:
+        log.error("%s: FAILED: %s", result.patient_id, result.message)
+        if "traceback" in result.info:
+            log.debug("%s", result.info["traceback"])
+    elif result.message:
+        log.info("%s: %s: %s", result.patient_id, result.status, result.message)
+
+
+def summary_line(phase: str, results: Sequence[PatientResult], done_word: str = "converted") -> str:
+    """``Phase 2: 18 converted, 1 skipped, 1 failed (LUNG1-007)``."""
+    counts = {s: sum(r.status == s for r in results) for s in (DONE, SKIPPED, FAILED)}
+    failed = [r.patient_id for r in results if r.status == FAILED]
+    line = f"{phase}: {counts[DONE]} {done_word}, {counts[SKIPPED]} skipped, {counts[FAILED]} failed"
+    if failed:
+        shown = ", ".join(failed[:10]) + (" ..." if len(failed) > 10 else "")
+        line += f" ({shown})"
+    return line
+
+
+def exit_status(results: Sequence[PatientResult]) -> int:
+    """0 when no patient failed, 1 otherwise."""
+    return 1 if any(r.status == FAILED for r in results) else 0
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments every phase shares."""
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
+                        help="data folder holding raw/ and processed/ (default: %(default)s)")
+    parser.add_argument("--patients", nargs="+", metavar="ID", default=None,
+                        help="only these patient ids (default: all)")
+    parser.add_argument("--workers", type=positive_int, default=default_workers(),
+                        help="worker processes (default: min(4, cores) = %(default)s)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo patients whose output already exists")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the ValueError into a one-line error)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Log to stderr through tqdm-friendly handlers; call only from ``main()``."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        force=True,
+    )

@@ -1,0 +1,61 @@
+"""Shared fixtures: the real sample data in ../shared/data (skipped when absent) and a tiny
+synthetic cohort generated once per test run."""
+from __future__ import annotations
+
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SAMPLE_ARCHIVE = "nsclc-radiomics-sample.tar.xz"
+
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data``; the test is skipped when it is not there."""
+    if not (SHARED_DATA / SAMPLE_ARCHIVE).is_file():
+        pytest.skip(f"real sample data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def real_sample_root(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The two real NSCLC-Radiomics patients, unpacked once per test run.
+
+    Returns the folder holding ``LUNG1-005/`` and ``LUNG1-010/`` in the collection's layout.
+    """
+    dest = tmp_path_factory.mktemp("nsclc")
+    with tarfile.open(shared_data / SAMPLE_ARCHIVE, "r:xz") as tar:
+        tar.extractall(dest, filter="data")
+    return dest / "nsclc-radiomics-sample"
+
+
+@pytest.fixture(scope="session")
+def reference_json(shared_data: Path) -> dict:
+    return json.loads((shared_data / "reference-masks" / "reference.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def reference_masks_dir(shared_data: Path) -> Path:
+    return shared_data / "reference-masks"
+
+
+@pytest.fixture(scope="session")
+def synthetic_cohort(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny synthetic cohort: (raw_dir, truth_dir, cohort) with 4 patients, 64 px, 24 slices.
+
+    Read-only for tests: copy it before modifying files.
+    """
+    from make_synthetic_cohort import generate_cohort
+
+    root = tmp_path_factory.mktemp("synthetic")
+    raw_dir, truth_dir = root / "raw" / "synthetic", root / "synthetic_truth"
+    cohort = generate_cohort(raw_dir, truth_dir, n_patients=4, seed=7, size=64, slices=24)
+    return raw_dir, truth_dir, cohort
