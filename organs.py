@@ -13,6 +13,7 @@ nothing is re-typed elsewhere.
 """
 from __future__ import annotations
 
+import operator
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -80,8 +81,8 @@ PRIORITY: tuple[int, ...] = (GTV, PTV, SPINAL_CORD, ESOPHAGUS, HEART, RIGHT_LUNG
 def structure(label: int) -> Structure:
     """The :class:`Structure` for a label value; ``ValueError`` for anything outside 0-7."""
     try:
-        return BY_LABEL[int(label)]
-    except (KeyError, TypeError, ValueError):
+        return BY_LABEL[operator.index(label)]  # ints and numpy integers, not 3.5 or "3"
+    except (KeyError, TypeError):
         raise ValueError(f"unknown label {label!r}; labels are 0-{NUM_CLASSES - 1}") from None
 
 

@@ -1,0 +1,112 @@
+"""pipeline_io.py: safe names, atomic writes, geometry checks and the batch runner."""
+from __future__ import annotations
+
+import argparse
+import functools
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import pipeline_io as pio
+
+
+@pytest.mark.parametrize(
+    "raw,fallback,expected",
+    [
+        ("LUNG1-001", "x", "LUNG1-001"),
+        ("../../etc", "x", "etc"),
+        ("..", "LUNG1-002", "LUNG1-002"),
+        ("a/b\\c", "x", "a_b_c"),
+        ("pat\x00ient\n1", "x", "pat_ient_1"),
+        ("  ", "folder name", "folder_name"),
+        (None, "", "patient"),
+        ("x..y", "f", "x_y"),
+    ],
+)
+def test_safe_patient_id(raw, fallback, expected) -> None:
+    assert pio.safe_patient_id(raw, fallback) == expected
+
+
+def test_atomic_output_renames_on_success(tmp_path) -> None:
+    target = tmp_path / "out.txt"
+    with pio.atomic_output(target) as tmp:
+        tmp.write_text("hello")
+        assert not target.exists()
+        assert tmp.parent.parent.name == pio.PARTIAL_DIR_NAME
+    assert target.read_text() == "hello"
+    assert not (tmp_path / pio.PARTIAL_DIR_NAME).exists()
+
+
+def test_atomic_output_leaves_nothing_on_error(tmp_path) -> None:
+    target = tmp_path / "out.nii.gz"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with pio.atomic_output(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert target.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_check_writable_names_the_folder(tmp_path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(PermissionError, match="a_file"):
+        pio.check_writable(blocker / "sub")
+
+
+def _image(size=(4, 3, 2), origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 3.0)) -> sitk.Image:
+    img = sitk.GetImageFromArray(np.zeros(size[::-1], np.uint8))
+    img.SetOrigin(origin)
+    img.SetSpacing(spacing)
+    return img
+
+
+def test_geometry_check_and_nifti_round_trip(tmp_path) -> None:
+    a = _image(origin=(-10.0, 5.0, 2.5))
+    pio.write_nifti(a, tmp_path / "a.nii.gz")
+    b = pio.read_nifti(tmp_path / "a.nii.gz")
+    assert pio.same_geometry(a, b)
+    pio.check_same_geometry(a, b, "P1")
+    with pytest.raises(pio.PatientError, match="P1: geometry mismatch"):
+        pio.check_same_geometry(a, _image(origin=(-10.0, 5.0, 5.5)), "P1")
+    assert pio.list_patients(tmp_path) == ["a"]
+    assert pio.nifti_stem(tmp_path / "a.nii.gz") == "a"
+
+
+def _square_or_fail(x: int) -> pio.PatientResult:
+    if x == 3:
+        raise pio.PatientError("P3: bad input file x.dcm")
+    if x == 4:
+        raise ZeroDivisionError("division by zero")
+    return pio.PatientResult(f"P{x}", pio.DONE, info={"value": x * x})
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_run_batch_goes_on_after_failures(workers: int) -> None:
+    results = pio.run_batch([1, 2, 3, 4, 5], _square_or_fail, workers=workers,
+                            patient_id_of=lambda x: f"P{x}")
+    assert [r.patient_id for r in results] == ["P1", "P2", "P3", "P4", "P5"]
+    assert [r.status for r in results] == ["done", "done", "failed", "failed", "done"]
+    assert results[1].info == {"value": 4}
+    assert results[2].message == "P3: bad input file x.dcm"
+    assert results[3].message == "ZeroDivisionError: division by zero"
+    assert pio.exit_status(results) == 1
+    assert pio.exit_status(results[:2]) == 0
+    assert pio.summary_line("Phase 2", results) == "Phase 2: 3 converted, 0 skipped, 2 failed (P3, P4)"
+
+
+def test_run_batch_with_partial_task() -> None:
+    task = functools.partial(_square_or_fail)
+    assert pio.run_batch([], task) == []
+    assert pio.run_batch([2], task, workers=4)[0].info == {"value": 4}
+
+
+def test_common_arguments() -> None:
+    parser = pio.add_common_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--patients", "A", "B", "--workers", "2", "--overwrite"])
+    assert args.patients == ["A", "B"] and args.workers == 2 and args.overwrite
+    assert str(args.data_root) == "DATA"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--workers", "0"])
