@@ -1,0 +1,647 @@
+"""Phase 5b: 3D evaluation of a trained U-Net on the patients of a split, on the original CT grid.
+
+processed/training_cache (network input) + processed/masks_multi_organ (truth) + processed/ct_nifti
+(geometry) -> <checkpoint dir>/evaluation/: metrics.csv, summary.md, summary.json,
+dice_boxplot.png, predictions/<PatientID>.nii.gz
+
+    python evaluate_multi_organ.py --checkpoint runs/demo/best_unet_multi_organ.pth --split test
+
+For each patient every slice is predicted (in batches), the per-class probabilities are resized
+bilinearly from the network's S x S back to the CT's own in-plane size (the inverse of phase 3,
+which resized slices in plane only) and the label is their argmax. Each structure is then scored
+in 3D at the CT's own anisotropic resolution against ``masks_multi_organ``:
+
+* Dice; the 95th-percentile Hausdorff distance in mm (HD95: the larger of the two directed 95th
+  percentiles of surface-to-surface distances, as MONAI and medpy compute it); predicted and
+  true volume in ml and their difference.
+* Structures not annotated for a patient (``structures.csv`` of phase 2.5) are not scored.
+* PTV is scored as the whole PTV, labels GTV + PTV together, since a PTV contains its GTV.
+* Empty masks: truth and prediction both empty -> Dice and HD95 are NaN (nothing to find and
+  nothing found; left out of the summary). Exactly one empty -> Dice 0 and HD95 infinite; the
+  summary's HD95 statistics are over the finite values and count the infinite ones (``n_inf``).
+* ``--postprocess`` keeps only the largest 3D connected component (26-connectivity) of each
+  organ; GTV and PTV are left alone because a tumour can be multifocal (primary plus nodes).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+import organs
+from dataset_multi_organ import load_split
+from extract_multi_organ_masks import read_structures_csv
+from pipeline_io import (
+    DEFAULT_DATA_ROOT, DEFAULT_SPLITS_DIR, DONE, FAILED, DataLayout, PatientError, PatientResult,
+    atomic_output, check_same_geometry, exit_status, positive_int, read_nifti, run_batch,
+    setup_logging, summary_line, write_nifti, write_text_atomic,
+)
+from unet_multi_organ import load_checkpoint_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 16
+#: Labels scored, each with the label values that make up the structure (PTV contains its GTV).
+SCORED_LABELS: dict[int, tuple[int, ...]] = {
+    label: ((organs.GTV, organs.PTV) if label == organs.PTV else (label,))
+    for label in organs.FOREGROUND_LABELS
+}
+#: Organs that are one connected body; tumour targets (GTV, PTV) may be multifocal.
+SINGLE_COMPONENT_LABELS: tuple[int, ...] = (
+    organs.RIGHT_LUNG, organs.LEFT_LUNG, organs.HEART, organs.ESOPHAGUS, organs.SPINAL_CORD,
+)
+METRIC_COLUMNS = (
+    "patient_id", "structure", "labels", "annotated", "dice", "hd95_mm",
+    "truth_ml", "predicted_ml", "volume_diff_ml", "volume_diff_pct",
+)
+PROVENANCE_FILE = "provenance.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics (pure functions on z-y-x boolean volumes)
+# --------------------------------------------------------------------------------------------
+def _check_pair(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from truth shape {truth.shape}")
+    if pred.ndim != 3:
+        raise ValueError(f"expected 3D (z, y, x) masks, got {pred.ndim} dimensions {pred.shape}")
+    return pred.astype(bool, copy=False), truth.astype(bool, copy=False)
+
+
+def _check_spacing(spacing_zyx: Sequence[float]) -> tuple[float, float, float]:
+    spacing = tuple(float(s) for s in spacing_zyx)
+    if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"spacing must be 3 positive finite mm values (z, y, x), got {tuple(spacing_zyx)}")
+    return spacing  # type: ignore[return-value]
+
+
+def dice_3d(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two boolean (z, y, x) masks: 2|P∩T| / (|P| + |T|).
+
+    NaN when both are empty (nothing to find and nothing found), 0.0 when exactly one is.
+    """
+    pred, truth = _check_pair(pred, truth)
+    total = np.count_nonzero(pred) + np.count_nonzero(truth)
+    if total == 0:
+        return float("nan")
+    return 2.0 * np.count_nonzero(pred & truth) / total
+
+
+def surface_voxels(mask: np.ndarray) -> np.ndarray:
+    """Voxels of a boolean (z, y, x) mask with a face neighbour outside it (outside the array counts)."""
+    mask = np.asarray(mask, dtype=bool)
+    eroded = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1), border_value=0)
+    return mask & ~eroded
+
+
+def hd95_mm(pred: np.ndarray, truth: np.ndarray, spacing_zyx: Sequence[float]) -> float:
+    """95th-percentile symmetric Hausdorff distance in mm between two boolean (z, y, x) masks.
+
+    Distances are Euclidean between surface voxel centres with ``spacing_zyx`` (mm, z-y-x order,
+    as ``reversed(image.GetSpacing())``); the result is the larger of the 95th percentiles of
+    the prediction->truth and truth->prediction surface distances (MONAI ``directed=False``,
+    medpy ``hd95``). NaN when both masks are empty, ``inf`` when exactly one is.
+    """
+    pred, truth = _check_pair(pred, truth)
+    spacing = _check_spacing(spacing_zyx)
+    has_pred, has_truth = pred.any(), truth.any()
+    if not has_pred and not has_truth:
+        return float("nan")
+    if not has_pred or not has_truth:
+        return float("inf")
+    # Every surface voxel lies in the bounding box of the union, so distances computed inside it
+    # (one voxel of margin) equal those in the whole volume, at a fraction of the cost.
+    box = ndimage.find_objects((pred | truth).astype(np.uint8))[0]
+    box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+    pred_surface, truth_surface = surface_voxels(pred[box]), surface_voxels(truth[box])
+    to_truth = ndimage.distance_transform_edt(~truth_surface, sampling=spacing)[pred_surface]
+    to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)[truth_surface]
+    return float(max(np.percentile(to_truth, 95), np.percentile(to_pred, 95)))
+
+
+def volume_ml(mask: np.ndarray, spacing_zyx: Sequence[float]) -> float:
+    """Volume of a boolean mask in ml (cm³) given the voxel spacing in mm."""
+    return np.count_nonzero(mask) * float(np.prod(_check_spacing(spacing_zyx))) / 1000.0
+
+
+def keep_largest_component(labels: np.ndarray, only: Sequence[int] = SINGLE_COMPONENT_LABELS) -> np.ndarray:
+    """Copy of a (z, y, x) label map where each label in ``only`` keeps its largest 3D component.
+
+    Components are 26-connected; voxels of the smaller components become background (0).
+    Labels not in ``only`` (by default GTV and PTV, which may be multifocal) are unchanged.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"expected a 3D (z, y, x) label map, got shape {labels.shape}")
+    out = labels.copy()
+    full = ndimage.generate_binary_structure(3, 3)
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"labels must be an integer array, got dtype {labels.dtype}")
+    boxes = ndimage.find_objects(labels)
+    for label in only:
+        if label > len(boxes) or boxes[label - 1] is None:
+            continue
+        box = boxes[label - 1]
+        components, count = ndimage.label(labels[box] == label, structure=full)
+        if count <= 1:
+            continue
+        sizes = np.bincount(components.ravel())
+        sizes[0] = 0
+        region = out[box]
+        region[(components != 0) & (components != int(np.argmax(sizes)))] = organs.BACKGROUND
+    return out
+
+
+def score_structures(
+    predicted: np.ndarray, truth: np.ndarray, spacing_zyx: Sequence[float], annotated: Sequence[bool],
+) -> list[dict[str, Any]]:
+    """Metrics of every structure 1-7 of one patient: one dict per structure.
+
+    ``predicted`` and ``truth`` are (z, y, x) label maps (0-7) on the same grid; ``annotated``
+    holds 8 flags indexed by label. Unannotated structures get ``annotated=False`` and no
+    metrics (None). PTV is scored on labels GTV + PTV together.
+    """
+    if len(annotated) != organs.NUM_CLASSES:
+        raise ValueError(f"annotated needs {organs.NUM_CLASSES} flags (labels 0-7), got {len(annotated)}")
+    rows = []
+    for label, members in SCORED_LABELS.items():
+        row: dict[str, Any] = {
+            "structure": organs.structure(label).key,
+            "labels": "+".join(str(m) for m in members),
+            "annotated": bool(annotated[label]),
+        }
+        if annotated[label]:
+            pred_mask, truth_mask = np.isin(predicted, members), np.isin(truth, members)
+            truth_ml, pred_ml = volume_ml(truth_mask, spacing_zyx), volume_ml(pred_mask, spacing_zyx)
+            row.update(
+                dice=dice_3d(pred_mask, truth_mask),
+                hd95_mm=hd95_mm(pred_mask, truth_mask, spacing_zyx),
+                truth_ml=truth_ml,
+                predicted_ml=pred_ml,
+                volume_diff_ml=pred_ml - truth_ml,
+                volume_diff_pct=100.0 * (pred_ml - truth_ml) / truth_ml if truth_ml > 0 else float("nan"),
+            )
+        else:
+            row.update({column: None for column in METRIC_COLUMNS[4:]})
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Inference and the way back to the original grid
+# --------------------------------------------------------------------------------------------
+def _autocast(device: torch.device):
+    """bfloat16 autocast on GPUs that support it, float16 on older ones, none on CPU."""
+    if device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def probabilities_to_labels(probabilities: torch.Tensor, output_shape_yx: Sequence[int]) -> torch.Tensor:
+    """(B, C, S, S) class probabilities -> (B, H, W) uint8 labels on an H x W grid.
+
+    The probabilities are resized bilinearly before the argmax, with pixel centres aligned and
+    anti-aliasing when shrinking, the convention of the phase-3 resize (same labels as
+    ``normalize_ct_and_masks.resize_probabilities_to_shape``, but batch by batch on the model's
+    device). Smoother borders than nearest neighbour on labels. Exact inverse of the phase-3
+    nearest-neighbour shrink when H x W is S x S or 2S x 2S (512 -> 256, the usual case): every
+    pixel of a 2x2 block takes 9/16 of its weight from its own block. For larger factors the
+    outer corners of the blocks are rounded off.
+    """
+    if probabilities.ndim != 4:
+        raise ValueError(f"expected (B, C, S, S) probabilities, got shape {tuple(probabilities.shape)}")
+    shape = tuple(int(n) for n in output_shape_yx)
+    if tuple(probabilities.shape[-2:]) != shape:
+        probabilities = F.interpolate(probabilities.float(), size=shape, mode="bilinear",
+                                      align_corners=False, antialias=True)
+    return probabilities.argmax(dim=1).to(torch.uint8)
+
+
+def map_to_original_grid(
+    probabilities: np.ndarray | torch.Tensor, output_shape_yx: Sequence[int], batch_size: int = DEFAULT_BATCH_SIZE,
+) -> np.ndarray:
+    """(Z, C, S, S) per-class probabilities (or logits) -> (Z, H, W) uint8 labels on the CT grid.
+
+    ``output_shape_yx`` is the original CT's in-plane size (rows, columns); z is unchanged (phase 3
+    resizes in plane only). Processed ``batch_size`` slices at a time to bound memory.
+    """
+    probs = torch.as_tensor(probabilities)
+    if probs.ndim != 4:
+        raise ValueError(f"expected (Z, C, S, S) probabilities, got shape {tuple(probs.shape)}")
+    out = np.empty((probs.shape[0], *output_shape_yx), dtype=np.uint8)
+    for start in range(0, probs.shape[0], batch_size):
+        chunk = probs[start:start + batch_size]
+        out[start:start + len(chunk)] = probabilities_to_labels(chunk, output_shape_yx).cpu().numpy()
+    return out
+
+
+labels_on_original_grid = map_to_original_grid
+
+
+def _slices_to_tensor(ct: np.ndarray, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    batch = torch.from_numpy(np.ascontiguousarray(ct[start:stop], dtype=np.float32))
+    return batch.unsqueeze(1).to(device, non_blocking=True)
+
+
+def _check_volume(ct_normalized: np.ndarray) -> None:
+    if ct_normalized.ndim != 3 or ct_normalized.shape[1] != ct_normalized.shape[2]:
+        raise ValueError(f"expected a normalised CT of shape (Z, S, S), got {ct_normalized.shape}")
+
+
+def predict_probabilities(
+    model: torch.nn.Module, ct_normalized: np.ndarray, device: torch.device | str,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> np.ndarray:
+    """Softmax probabilities (Z, 8, S, S) float32 of a normalised (Z, S, S) CT, slice by slice.
+
+    Needs Z x 8 x S x S x 4 bytes (0.6 GB for 300 slices at 256): prefer :func:`predict_volume`
+    when only labels are needed.
+    """
+    _check_volume(ct_normalized)
+    device = torch.device(device)
+    model.eval()
+    out = np.empty((ct_normalized.shape[0], organs.NUM_CLASSES, *ct_normalized.shape[1:]), np.float32)
+    with torch.inference_mode(), _autocast(device):
+        for start in range(0, len(ct_normalized), batch_size):
+            logits = model(_slices_to_tensor(ct_normalized, start, start + batch_size, device))
+            out[start:start + len(logits)] = torch.softmax(logits.float(), dim=1).cpu().numpy()
+    return out
+
+
+def predict_volume(
+    model: torch.nn.Module, ct_normalized: np.ndarray, device: torch.device | str,
+    batch_size: int = DEFAULT_BATCH_SIZE, output_shape_yx: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Labels (Z, H, W) uint8 of a normalised CT (Z, S, S) float, predicted ``batch_size`` slices at a time.
+
+    ``output_shape_yx`` = (H, W), the original CT's in-plane size, maps the prediction back to
+    the CT grid on the device (see :func:`probabilities_to_labels`); None keeps S x S. Runs
+    under ``torch.inference_mode`` with ``model.eval()``, in mixed precision on CUDA.
+    """
+    _check_volume(ct_normalized)
+    device = torch.device(device)
+    shape = tuple(output_shape_yx) if output_shape_yx is not None else ct_normalized.shape[1:]
+    model.eval()
+    labels = np.empty((ct_normalized.shape[0], *shape), dtype=np.uint8)
+    with torch.inference_mode(), _autocast(device):
+        for start in range(0, len(ct_normalized), batch_size):
+            logits = model(_slices_to_tensor(ct_normalized, start, start + batch_size, device))
+            probs = torch.softmax(logits.float(), dim=1)
+            labels[start:start + len(logits)] = probabilities_to_labels(probs, shape).cpu().numpy()
+    return labels
+
+
+# --------------------------------------------------------------------------------------------
+# One patient
+# --------------------------------------------------------------------------------------------
+def load_normalized_ct(layout: DataLayout, patient_id: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """The network input (Z, S, S) float32 and its phase-3 record (meta.json or normalization.json)."""
+    cache = layout.training_cache / patient_id
+    if (cache / "ct.npy").is_file() and (cache / "meta.json").is_file():
+        meta = json.loads((cache / "meta.json").read_text(encoding="utf-8"))
+        return np.load(cache / "ct.npy", mmap_mode="r"), meta
+    nifti = layout.normalized_ct / f"{patient_id}.nii.gz"
+    table = layout.normalized_ct / "normalization.json"
+    if nifti.is_file() and table.is_file():
+        records = json.loads(table.read_text(encoding="utf-8"))
+        if patient_id not in records:
+            raise PatientError(f"{patient_id}: no entry in {table}; rerun phase 3 for this patient")
+        return sitk.GetArrayFromImage(read_nifti(nifti)).astype(np.float32, copy=False), records[patient_id]
+    raise PatientError(
+        f"{patient_id}: no normalised CT: neither {cache}/ct.npy + meta.json nor {nifti} + {table.name}; "
+        "run phase 3 (normalize_ct_and_masks.py)"
+    )
+
+
+def annotated_flags(layout: DataLayout, patient_id: str, meta: dict[str, Any]) -> list[bool]:
+    """8 flags (index = label) from phase 2.5's ``structures.csv``, else the cache's ``annotated``."""
+    table = layout.masks / "structures.csv"
+    if table.is_file():
+        flags = read_structures_csv(table).get(patient_id)
+        if flags is not None:
+            return [bool(f) for f in flags]
+    if "annotated" in meta:
+        return [bool(f) for f in meta["annotated"]]
+    raise PatientError(f"{patient_id}: not in {table} and no 'annotated' in its phase-3 record: "
+                       "cannot tell which structures were contoured; rerun phase 2.5")
+
+
+def _read_header(path: Path) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader
+
+
+def evaluate_patient(
+    patient_id: str, *, model: torch.nn.Module, layout: DataLayout, predictions_dir: Path,
+    device: torch.device, batch_size: int = DEFAULT_BATCH_SIZE, postprocess: bool = False,
+    overwrite: bool = False, expected_size: int | None = None,
+) -> PatientResult:
+    """Predict (or reuse the saved prediction of) one patient, write it on the CT grid, score it.
+
+    ``info["rows"]`` holds :func:`score_structures`' rows with ``patient_id`` added.
+    """
+    ct_path, truth_path = layout.ct_nifti / f"{patient_id}.nii.gz", layout.masks / f"{patient_id}.nii.gz"
+    for path, phase in ((ct_path, "phase 2 (convert_dicom_to_nifti.py)"),
+                        (truth_path, "phase 2.5 (extract_multi_organ_masks.py)")):
+        if not path.is_file():
+            raise PatientError(f"{patient_id}: {path} not found; run {phase}")
+    header = _read_header(ct_path)
+    width, height, depth = header.GetSize()
+    ct_shape_zyx = (depth, height, width)
+    truth_image = read_nifti(truth_path)
+    ct_normalized, meta = load_normalized_ct(layout, patient_id)
+    annotated = annotated_flags(layout, patient_id, meta)
+
+    original = tuple(meta.get("original_shape_zyx", ct_shape_zyx))
+    if original != ct_shape_zyx or ct_normalized.shape[0] != depth:
+        raise PatientError(
+            f"{patient_id}: phase-3 data has {ct_normalized.shape[0]} slices for an original shape "
+            f"{original}, but {ct_path.name} is {ct_shape_zyx} (z, y, x): rerun phase 3 with --overwrite"
+        )
+    if expected_size is not None and ct_normalized.shape[1] != expected_size:
+        raise PatientError(
+            f"{patient_id}: normalised slices are {ct_normalized.shape[1]} px but the network was trained "
+            f"at {expected_size} px: rerun phase 3 with --size {expected_size}"
+        )
+
+    prediction_path = predictions_dir / f"{patient_id}.nii.gz"
+    if prediction_path.is_file() and not overwrite:
+        predicted_image = read_nifti(prediction_path)
+        message = "reused saved prediction"
+    else:
+        labels = predict_volume(model, ct_normalized, device, batch_size, output_shape_yx=(height, width))
+        if postprocess:
+            labels = keep_largest_component(labels)
+        predicted_image = sitk.GetImageFromArray(labels)
+        predicted_image.SetOrigin(header.GetOrigin())
+        predicted_image.SetSpacing(header.GetSpacing())
+        predicted_image.SetDirection(header.GetDirection())
+        message = ""
+    check_same_geometry(predicted_image, truth_image, f"{patient_id}: prediction vs {truth_path}")
+    if not message:
+        write_nifti(predicted_image, prediction_path)
+
+    spacing_zyx = tuple(reversed(truth_image.GetSpacing()))
+    rows = score_structures(sitk.GetArrayViewFromImage(predicted_image),
+                            sitk.GetArrayViewFromImage(truth_image), spacing_zyx, annotated)
+    for row in rows:
+        row["patient_id"] = patient_id
+    return PatientResult(patient_id, DONE, message, {"rows": rows})
+
+
+# --------------------------------------------------------------------------------------------
+# Summaries
+# --------------------------------------------------------------------------------------------
+def _stats(values: Sequence[float]) -> dict[str, Any]:
+    """mean, median, population std and n of the finite values (None when there are none)."""
+    finite = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    if finite.size == 0:
+        return {"mean": None, "median": None, "std": None, "n": 0}
+    return {"mean": float(finite.mean()), "median": float(np.median(finite)),
+            "std": float(finite.std()), "n": int(finite.size)}
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per structure key: Dice, HD95 (mm) and volume difference (%) statistics over scored patients.
+
+    Only annotated rows with a defined Dice count. HD95 statistics are over finite values;
+    ``n_inf`` counts the patients where one of truth/prediction was empty.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for label in SCORED_LABELS:
+        key = organs.structure(label).key
+        scored = [r for r in rows if r["structure"] == key and r["annotated"]
+                  and r["dice"] is not None and not math.isnan(r["dice"])]
+        hd95 = [r["hd95_mm"] for r in scored]
+        out[key] = {
+            "dice": _stats([r["dice"] for r in scored]),
+            "hd95_mm": {**_stats(hd95), "n_inf": sum(math.isinf(v) for v in hd95)},
+            "volume_diff_pct": _stats([r["volume_diff_pct"] for r in scored]),
+            "n_not_annotated": sum(1 for r in rows if r["structure"] == key and not r["annotated"]),
+            "n_empty": sum(1 for r in rows if r["structure"] == key and r["annotated"]
+                           and r["dice"] is not None and math.isnan(r["dice"])),
+        }
+    return out
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return repr(value) if not math.isfinite(value) else f"{value:.6g}"
+    return str(value)
+
+
+def write_metrics_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """One row per (patient, structure); metric cells are empty for unannotated structures."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(METRIC_COLUMNS)
+    for row in rows:
+        writer.writerow([_cell(row[c]) for c in METRIC_COLUMNS])
+    write_text_atomic(path, buffer.getvalue())
+
+
+def format_summary_md(summary: dict[str, dict[str, Any]], context: dict[str, Any]) -> str:
+    def num(value: float | None, digits: int = 3) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    lines = [
+        f"# Evaluation: {context['split']} split ({context['n_patients']} patients)", "",
+        f"- checkpoint: `{context['checkpoint']}`",
+        f"- post-processing (largest component per organ): {'yes' if context['postprocess'] else 'no'}",
+        "- 3D metrics on each CT's original grid; PTV = labels GTV + PTV; unannotated structures not scored;",
+        "  HD95 statistics over finite values (`HD95 inf`: truth or prediction empty, Dice 0).", "",
+        "| Structure | n | Dice mean ± std | Dice median | HD95 mean (mm) | HD95 median (mm) | HD95 inf "
+        "| Volume diff mean (%) | not annotated |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, s in summary.items():
+        d, h, v = s["dice"], s["hd95_mm"], s["volume_diff_pct"]
+        lines.append(
+            f"| {organs.BY_KEY[key].name} | {d['n']} | {num(d['mean'])} ± {num(d['std'])} | {num(d['median'])} "
+            f"| {num(h['mean'], 2)} | {num(h['median'], 2)} | {h['n_inf']} | {num(v['mean'], 1)} "
+            f"| {s['n_not_annotated']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_dice_boxplot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Box plot of per-patient Dice per structure, boxes in the colours of ``organs``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data, names, colours = [], [], []
+    for label in SCORED_LABELS:
+        s = organs.structure(label)
+        values = [r["dice"] for r in rows if r["structure"] == s.key and r["annotated"]
+                  and r["dice"] is not None and not math.isnan(r["dice"])]
+        if values:
+            data.append(values), names.append(s.name), colours.append(s.color_float)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if data:
+        boxes = ax.boxplot(data, patch_artist=True, medianprops={"color": "black"})
+        for patch, colour in zip(boxes["boxes"], colours):
+            patch.set(facecolor=colour, alpha=0.7, edgecolor="black")
+        ax.set_xticks(range(1, len(names) + 1), names, rotation=20)
+    else:
+        ax.text(0.5, 0.5, "no scored structures", ha="center", va="center", transform=ax.transAxes)
+    ax.set(ylim=(-0.02, 1.02), ylabel="3D Dice", title=title)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_provenance(predictions_dir: Path, provenance: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to reuse saved predictions made by another checkpoint or post-processing setting."""
+    path = predictions_dir / PROVENANCE_FILE
+    if path.is_file() and not overwrite:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if {k: saved.get(k) for k in provenance} != provenance:
+            raise ValueError(
+                f"{predictions_dir} holds predictions of checkpoint sha256 {saved.get('checkpoint_sha256')} "
+                f"(postprocess={saved.get('postprocess')}), not of this run; use --overwrite or another --output-dir"
+            )
+    predictions_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(provenance, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Batch
+# --------------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``ValueError`` when CUDA is asked for but absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch {torch.__version__} sees no CUDA GPU")
+    return device
+
+
+def default_output_dir(checkpoint: Path, postprocess: bool) -> Path:
+    return Path(checkpoint).parent / ("evaluation_postprocessed" if postprocess else "evaluation")
+
+
+def run(
+    *, checkpoint: Path, data_root: Path = DEFAULT_DATA_ROOT, split: str = "test",
+    splits_dir: Path = DEFAULT_SPLITS_DIR, patients: Sequence[str] | None = None,
+    output_dir: Path | None = None, batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto",
+    postprocess: bool = False, overwrite: bool = False,
+) -> list[PatientResult]:
+    """Evaluate ``checkpoint`` on the patients of ``split`` (or ``patients``); write the reports.
+
+    Raises ``FileNotFoundError``/``ValueError`` for a missing split or checkpoint, or saved
+    predictions of another checkpoint in ``output_dir`` (without ``overwrite``).
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} not found")
+    layout = DataLayout(Path(data_root))
+    patient_ids = list(patients) if patients else load_split(Path(splits_dir), split)
+    if not patient_ids:
+        raise ValueError(f"no patients to evaluate: split {split!r} in {splits_dir} is empty")
+    output_dir = Path(output_dir) if output_dir else default_output_dir(checkpoint, postprocess)
+    predictions_dir = output_dir / "predictions"
+    _check_provenance(predictions_dir, {"checkpoint_sha256": _sha256(checkpoint), "postprocess": postprocess},
+                      overwrite)
+
+    torch_device = resolve_device(device)
+    model, ckpt = load_checkpoint_model(checkpoint, torch_device)
+    expected_size = (ckpt.get("preprocessing") or {}).get("size")
+    log.info("evaluating %s on %d patients (%s) on %s, batch %d, postprocess=%s -> %s",
+             checkpoint, len(patient_ids), split if not patients else "given ids", torch_device,
+             batch_size, postprocess, output_dir)
+
+    def task(patient_id: str) -> PatientResult:
+        return evaluate_patient(patient_id, model=model, layout=layout, predictions_dir=predictions_dir,
+                                device=torch_device, batch_size=batch_size, postprocess=postprocess,
+                                overwrite=overwrite, expected_size=expected_size)
+
+    results = run_batch(patient_ids, task, workers=1, desc="evaluating")
+    rows = [row for r in results if r.status == DONE for row in r.info["rows"]]
+    summary = summarize(rows)
+    context = {
+        "checkpoint": str(checkpoint), "split": split if not patients else "given patients",
+        "n_patients": sum(r.status == DONE for r in results), "postprocess": postprocess,
+        "failed": [r.patient_id for r in results if r.status == FAILED],
+    }
+    write_metrics_csv(rows, output_dir / "metrics.csv")
+    write_text_atomic(output_dir / "summary.json",
+                      json.dumps({**context, "structures": summary}, indent=2) + "\n")
+    write_text_atomic(output_dir / "summary.md", format_summary_md(summary, context))
+    plot_dice_boxplot(rows, output_dir / "dice_boxplot.png",
+                      f"3D Dice per structure, {context['split']} ({context['n_patients']} patients)")
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="best_unet_multi_organ.pth of a run")
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
+                        help="data folder holding processed/ (default: %(default)s)")
+    parser.add_argument("--split", default="test", help="split name, reads <splits-dir>/<split>.txt (default: test)")
+    parser.add_argument("--splits-dir", type=Path, default=DEFAULT_SPLITS_DIR, help="default: %(default)s")
+    parser.add_argument("--patients", nargs="+", metavar="ID", default=None,
+                        help="evaluate these patient ids instead of the split")
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help="default: <checkpoint dir>/evaluation (evaluation_postprocessed with --postprocess)")
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
+                        help="slices per forward pass (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--postprocess", action="store_true",
+                        help="keep the largest 3D connected component of each organ (not GTV/PTV)")
+    parser.add_argument("--overwrite", action="store_true", help="predict again even where a prediction exists")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        results = run(checkpoint=args.checkpoint, data_root=args.data_root, split=args.split,
+                      splits_dir=args.splits_dir, patients=args.patients, output_dir=args.output_dir,
+                      batch_size=args.batch_size, device=args.device, postprocess=args.postprocess,
+                      overwrite=args.overwrite)
+    except (FileNotFoundError, ValueError) as exc:
+        parser.error(str(exc))
+    print(summary_line("Phase 5b", results, done_word="evaluated"))
+    return exit_status(results)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,441 @@
+"""Phase 5b: 3D metrics against hand-computed values, the way back to the original CT grid, and
+end-to-end evaluation of a perfect model and of a real (tiny, untrained) checkpoint."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from scipy.spatial.distance import cdist
+
+import evaluate_multi_organ as ev
+import normalize_ct_and_masks as phase3
+import organs
+from pipeline_io import DONE, FAILED, DataLayout, exit_status, same_geometry
+
+STRUCTURE_COLUMNS = ("patient_id", "label", "structure", "annotated", "source_rois", "synthetic",
+                     "voxels", "volume_ml", "voxels_lost")
+SIZE = 64  # phase-3 slice size of the test data
+
+
+def cube(shape=(12, 12, 12), z=(2, 6), y=(2, 6), x=(2, 6)) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    mask[z[0]:z[1], y[0]:y[1], x[0]:x[1]] = True
+    return mask
+
+
+def point(zyx, shape=(12, 12, 12)) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    mask[zyx] = True
+    return mask
+
+
+EMPTY = np.zeros((12, 12, 12), bool)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pred, truth, expected", [
+    (cube(), cube(), 1.0),
+    (cube(z=(3, 7)), cube(), 2 * 48 / 128),          # 4x4x4 cubes overlapping on 3x4x4
+    (cube(x=(2, 4)), cube(), 2 * 32 / 96),           # half a cube inside the cube
+    (cube(z=(7, 11)), cube(), 0.0),                  # disjoint
+    (EMPTY, cube(), 0.0),
+    (cube(), EMPTY, 0.0),
+])
+def test_dice_3d_hand_values(pred, truth, expected):
+    assert ev.dice_3d(pred, truth) == pytest.approx(expected, abs=1e-12)
+
+
+def test_dice_3d_both_empty_is_nan():
+    assert math.isnan(ev.dice_3d(EMPTY, EMPTY))
+
+
+@pytest.mark.parametrize("pred, truth, spacing, expected", [
+    (cube(), cube(), (3.0, 1.0, 1.0), 0.0),
+    # Two voxels one slice apart with 2 and 2 voxels offset in plane: sqrt(3² + 2² + 2²).
+    (point((4, 5, 5)), point((5, 7, 7)), (3.0, 1.0, 1.0), math.sqrt(17.0)),
+    # 4x4x4 cubes offset by one slice of 3 mm: of the 56 surface voxels, 36 lie on the other
+    # surface, the 4 inner voxels of the overlapped face are 1 mm from the other's side faces and
+    # the 16 of the uncovered face are 3 mm away, in both directions: 95th percentile = 3 mm.
+    (cube(z=(3, 7)), cube(), (3.0, 1.0, 1.0), 3.0),
+    # The same offset along x, where voxels are 1 mm wide.
+    (cube(x=(3, 7)), cube(), (3.0, 1.0, 1.0), 1.0),
+    # The same offset along z, isotropic 0.5 mm.
+    (cube(z=(3, 7)), cube(), (0.5, 0.5, 0.5), 0.5),
+])
+def test_hd95_mm_hand_values(pred, truth, spacing, expected):
+    assert ev.hd95_mm(pred, truth, spacing) == pytest.approx(expected, abs=1e-9)
+    assert ev.hd95_mm(truth, pred, spacing) == pytest.approx(expected, abs=1e-9)  # symmetric
+
+
+def test_hd95_mm_empty_rules():
+    assert math.isnan(ev.hd95_mm(EMPTY, EMPTY, (1, 1, 1)))
+    assert ev.hd95_mm(EMPTY, cube(), (1, 1, 1)) == math.inf
+    assert ev.hd95_mm(cube(), EMPTY, (1, 1, 1)) == math.inf
+
+
+def _brute_force_hd95(a: np.ndarray, b: np.ndarray, spacing) -> float:
+    """HD95 from all pairwise distances between surface voxels (a voxel with a face neighbour outside)."""
+    def surface(mask):
+        padded = np.pad(mask, 1)
+        inner = padded[1:-1, 1:-1, 1:-1].copy()
+        for axis in range(3):
+            for step in (-1, 1):
+                inner &= np.roll(padded, step, axis=axis)[1:-1, 1:-1, 1:-1]
+        return np.argwhere(mask & ~inner) * np.asarray(spacing)
+
+    distances = cdist(surface(a), surface(b))
+    return max(np.percentile(distances.min(axis=1), 95), np.percentile(distances.min(axis=0), 95))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hd95_mm_matches_brute_force_on_random_blobs(seed):
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.mgrid[:10, :20, :18]
+    blobs = []
+    for _ in range(2):
+        c = rng.uniform((3, 5, 5), (7, 15, 13))
+        r = rng.uniform((2, 3, 3), (4, 7, 7))
+        blobs.append(((zz - c[0]) / r[0]) ** 2 + ((yy - c[1]) / r[1]) ** 2 + ((xx - c[2]) / r[2]) ** 2 <= 1)
+    spacing = (2.5, 0.7, 0.9)
+    assert ev.hd95_mm(blobs[0], blobs[1], spacing) == pytest.approx(_brute_force_hd95(*blobs, spacing), abs=1e-9)
+
+
+@pytest.mark.parametrize("args, match", [
+    ((cube(), cube(shape=(12, 12, 11)), (1, 1, 1)), r"prediction shape \(12, 12, 12\) differs from truth shape \(12, 12, 11\)"),
+    ((cube()[0], cube()[0], (1, 1, 1)), r"expected 3D \(z, y, x\) masks, got 2 dimensions"),
+    ((cube(), cube(), (1, 1)), r"spacing must be 3 positive finite mm values .*got \(1, 1\)"),
+    ((cube(), cube(), (0, 1, 1)), r"spacing must be 3 positive finite mm values"),
+    ((cube(), cube(), (float("nan"), 1, 1)), r"spacing must be 3 positive finite mm values"),
+])
+def test_hd95_mm_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        ev.hd95_mm(*args)
+
+
+def test_volume_ml_uses_the_voxel_volume():
+    assert ev.volume_ml(cube(), (3.0, 0.5, 2.0)) == pytest.approx(64 * 3.0 / 1000)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-structure scoring rules
+# --------------------------------------------------------------------------------------------
+def test_score_structures_ptv_union_and_unannotated_skipped():
+    truth = np.zeros((6, 10, 10), np.uint8)
+    truth[1:5, 2:8, 2:8] = organs.PTV
+    truth[2:4, 4:6, 4:6] = organs.GTV          # the GTV inside its PTV wins the voxels
+    truth[0, 0, :3] = organs.HEART             # heart contoured on a patient where it is "not annotated"
+    predicted = np.where(truth > 0, organs.PTV, 0).astype(np.uint8)  # a PTV with no GTV inside
+    predicted[0, 0, :3] = 0
+    annotated = [True, True, True, False, False, False, False, False]
+
+    rows = {r["structure"]: r for r in ev.score_structures(predicted, truth, (2.0, 1.0, 1.0), annotated)}
+
+    assert [r["structure"] for r in rows.values()] == [organs.structure(k).key for k in range(1, 8)]
+    ptv = rows["ptv"]
+    assert ptv["labels"] == "1+2" and ptv["dice"] == 1.0 and ptv["hd95_mm"] == 0.0
+    assert ptv["truth_ml"] == pytest.approx(4 * 6 * 6 * 2.0 / 1000) == ptv["predicted_ml"]
+    assert ptv["volume_diff_ml"] == 0.0 and ptv["volume_diff_pct"] == 0.0
+    gtv = rows["gtv"]
+    assert gtv["dice"] == 0.0 and gtv["hd95_mm"] == math.inf
+    assert gtv["volume_diff_ml"] == pytest.approx(-8 * 2.0 / 1000) and gtv["volume_diff_pct"] == -100.0
+    heart = rows["heart"]
+    assert heart["annotated"] is False
+    assert all(heart[c] is None for c in ("dice", "hd95_mm", "truth_ml", "volume_diff_pct"))
+
+
+def test_score_structures_needs_8_flags():
+    with pytest.raises(ValueError, match="annotated needs 8 flags .*got 7"):
+        ev.score_structures(np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), (1, 1, 1), [True] * 7)
+
+
+def test_summarize_counts_and_ignores_unscored_rows():
+    def row(structure, dice, hd=1.0, annotated=True):
+        return {"structure": structure, "annotated": annotated, "dice": dice, "hd95_mm": hd,
+                "volume_diff_pct": 10.0}
+
+    rows = [row("heart", 0.8, 2.0), row("heart", 0.6, math.inf), row("heart", None, None, annotated=False),
+            row("heart", math.nan, math.nan)]
+    heart = ev.summarize(rows)["heart"]
+    assert heart["dice"] == {"mean": pytest.approx(0.7), "median": pytest.approx(0.7),
+                             "std": pytest.approx(0.1), "n": 2}
+    assert heart["hd95_mm"] == {"mean": 2.0, "median": 2.0, "std": 0.0, "n": 1, "n_inf": 1}
+    assert heart["n_not_annotated"] == 1 and heart["n_empty"] == 1
+    assert ev.summarize(rows)["gtv"]["dice"] == {"mean": None, "median": None, "std": None, "n": 0}
+
+
+# --------------------------------------------------------------------------------------------
+# Post-processing
+# --------------------------------------------------------------------------------------------
+def test_keep_largest_component_per_organ_but_not_tumour():
+    labels = np.zeros((6, 12, 12), np.uint8)
+    labels[0:4, 0:4, 0:4] = organs.RIGHT_LUNG        # 64 voxels, kept
+    labels[5, 10, 10] = organs.RIGHT_LUNG            # stray voxel, removed
+    labels[0:2, 8:10, 0:2] = organs.HEART            # 8 voxels
+    labels[2, 10, 2] = organs.HEART                  # touches the heart only by a corner: same body
+    labels[5, 0, 6] = organs.HEART                   # stray, removed
+    labels[0:2, 0:2, 8:10] = organs.GTV              # primary
+    labels[4, 8, 8] = organs.GTV                     # node: a second focus, kept
+    out = ev.keep_largest_component(labels)
+
+    expected = labels.copy()
+    expected[5, 10, 10] = 0
+    expected[5, 0, 6] = 0
+    np.testing.assert_array_equal(out, expected)
+    assert labels[5, 10, 10] == organs.RIGHT_LUNG    # the input is not modified
+
+
+def test_keep_largest_component_rejects_2d():
+    with pytest.raises(ValueError, match=r"expected a 3D \(z, y, x\) label map, got shape \(4, 4\)"):
+        ev.keep_largest_component(np.zeros((4, 4), np.uint8))
+
+
+# --------------------------------------------------------------------------------------------
+# Back to the original grid
+# --------------------------------------------------------------------------------------------
+def _one_hot(labels: np.ndarray) -> np.ndarray:
+    """(Z, S, S) labels -> (Z, 8, S, S) float32 probabilities of a certain model."""
+    return np.moveaxis(np.eye(organs.NUM_CLASSES, dtype=np.float32)[labels], -1, 1)
+
+
+def _random_labels(shape, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, organs.NUM_CLASSES, shape).astype(np.uint8)
+
+
+def test_map_to_original_grid_same_size_is_identity():
+    small = _random_labels((3, 16, 16))
+    np.testing.assert_array_equal(ev.map_to_original_grid(_one_hot(small), (16, 16)), small)
+
+
+def test_map_to_original_grid_inverts_a_2x_shrink():
+    """512 -> 256 -> 512, the usual case, is exact even for the worst case: a new label every pixel.
+
+    (Each pixel of a 2x2 block takes 9/16 of its bilinear weight from its own block. For larger
+    factors bilinear rounds the outer corners of the blocks, by design.)"""
+    small = _random_labels((3, 16, 16), seed=2)
+    original = np.kron(small, np.ones((1, 2, 2), np.uint8))
+    np.testing.assert_array_equal(phase3.resize_mask_slices(original, 16), small)   # phase 3 down
+    np.testing.assert_array_equal(ev.map_to_original_grid(_one_hot(small), original.shape[1:], batch_size=2),
+                                  original)                                          # and back up
+
+
+def test_map_to_original_grid_agrees_with_phase3_resize():
+    probs = np.random.default_rng(3).random((5, organs.NUM_CLASSES, 16, 16), dtype=np.float32)
+    for shape in ((40, 36), (10, 12)):  # up and down (a CT smaller than S)
+        np.testing.assert_array_equal(ev.map_to_original_grid(probs, shape),
+                                      phase3.resize_probabilities_to_shape(probs, shape))
+
+
+class PerfectModel(torch.nn.Module):
+    """Returns confident logits of the cached (phase-3) mask of whichever cached slice it is given."""
+
+    def __init__(self, cache_dirs: list[Path]):
+        super().__init__()
+        self.ct = np.concatenate([np.load(d / "ct.npy").astype(np.float32) for d in cache_dirs])
+        self.mask = np.concatenate([np.load(d / "mask.npy") for d in cache_dirs])
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        images = x[:, 0].cpu().numpy()
+        differences = np.abs(images[:, None] - self.ct[None]).sum(axis=(2, 3))
+        index = differences.argmin(axis=1)
+        assert (differences[np.arange(len(index)), index] == 0).all(), "slice not from the cache"
+        return 20.0 * torch.from_numpy(_one_hot(self.mask[index]))
+
+
+# --------------------------------------------------------------------------------------------
+# End to end on a tiny data root
+# --------------------------------------------------------------------------------------------
+def _ellipse(shape_yx, centre, radii) -> np.ndarray:
+    yy, xx = np.mgrid[:shape_yx[0], :shape_yx[1]]
+    return ((yy - centre[0]) / radii[0]) ** 2 + ((xx - centre[1]) / radii[1]) ** 2 <= 1
+
+
+def _phantom(shape_zyx: tuple[int, int, int], block: int = 1) -> np.ndarray:
+    """Label map with every structure, built at shape/block and repeated in block x block pixels."""
+    z, h, w = shape_zyx[0], shape_zyx[1] // block, shape_zyx[2] // block
+    labels = np.zeros((z, h, w), np.uint8)
+    for k in range(1, z - 1):
+        labels[k][_ellipse((h, w), (h * 0.5, w * 0.28), (h * 0.3, w * 0.16))] = organs.RIGHT_LUNG
+        labels[k][_ellipse((h, w), (h * 0.5, w * 0.72), (h * 0.3, w * 0.16))] = organs.LEFT_LUNG
+        labels[k][_ellipse((h, w), (h * 0.62, w * 0.5), (h * 0.12, w * 0.1))] = organs.HEART
+        labels[k][_ellipse((h, w), (h * 0.3, w * 0.5), (h * 0.05, w * 0.05))] = organs.ESOPHAGUS
+        labels[k][_ellipse((h, w), (h * 0.85, w * 0.5), (h * 0.04, w * 0.04))] = organs.SPINAL_CORD
+    for k in range(3, min(7, z - 1)):
+        labels[k][_ellipse((h, w), (h * 0.45, w * 0.3), (h * 0.12, w * 0.08))] = organs.PTV
+        labels[k][_ellipse((h, w), (h * 0.45, w * 0.3), (h * 0.07, w * 0.05))] = organs.GTV
+    return np.kron(labels, np.ones((1, block, block), np.uint8))
+
+
+def _write_patient(root: Path, patient_id: str, labels: np.ndarray, spacing_xyz, annotated) -> None:
+    """CT + label map on the same grid, as phases 2 and 2.5 write them, and a structures.csv row."""
+    layout = DataLayout(root)
+    rng = np.random.default_rng(len(patient_id) + labels.shape[1])
+    hu = np.array([-1000, 40, 30, -850, -850, 35, 20, 30], np.int16)[labels]
+    hu = (hu + rng.integers(-20, 20, labels.shape)).astype(np.int16)  # every slice distinct
+    for array, folder in ((hu, layout.ct_nifti), (labels, layout.masks)):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(spacing_xyz)
+        image.SetOrigin((-120.0, -80.5, 300.0))
+        image.SetDirection((1, 0, 0, 0, -1, 0, 0, 0, 1))  # a flipped y axis must survive the round trip
+        folder.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(image, str(folder / f"{patient_id}.nii.gz"))
+    table = layout.masks / "structures.csv"
+    new = not table.is_file()
+    with open(table, "a", newline="") as handle:
+        writer = csv.writer(handle)
+        if new:
+            writer.writerow(STRUCTURE_COLUMNS)
+        for label in range(1, organs.NUM_CLASSES):
+            voxels = int((labels == label).sum()) if annotated[label] else 0
+            writer.writerow([patient_id, label, organs.structure(label).key, "yes" if annotated[label] else "no",
+                             "", "no", voxels, voxels * np.prod(spacing_xyz) / 1000, 0])
+
+
+ALL = [True] * 8
+NO_HEART = [True] * 5 + [False] + [True] * 2
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """Three patients, normalised to 64 px by the real phase 3: in-plane 64x64 (= S), 128x128 (2 S,
+    labels constant on 2x2 blocks, heart not annotated) and 80x72 (not a multiple)."""
+    root = tmp_path_factory.mktemp("eval_root")
+    _write_patient(root, "P-SAME", _phantom((10, 64, 64)), (0.9, 0.9, 3.0), ALL)
+    labels = _phantom((10, 128, 128), block=2)
+    labels[labels == organs.HEART] = organs.BACKGROUND   # no heart contour: not annotated, never scored
+    _write_patient(root, "P-DOUBLE", labels, (0.7, 0.7, 2.5), NO_HEART)
+    _write_patient(root, "P-ODD", _phantom((10, 80, 72)), (0.8, 0.6, 3.0), ALL)
+    results = phase3.run(data_root=root, size=SIZE, workers=1)
+    assert [r.status for r in results] == [DONE] * 3, [r.message for r in results]
+    splits = root / "splits"
+    splits.mkdir()
+    (splits / "test.txt").write_text("P-SAME\nP-DOUBLE\nP-ODD\n")
+    return root
+
+
+def _read_metrics(path: Path) -> dict[tuple[str, str], dict[str, str]]:
+    with open(path, newline="") as handle:
+        return {(r["patient_id"], r["structure"]): r for r in csv.DictReader(handle)}
+
+
+def test_perfect_model_scores_dice_one_on_the_original_grid(data_root, tmp_path, monkeypatch):
+    layout = DataLayout(data_root)
+    model = PerfectModel([layout.training_cache / p for p in ("P-SAME", "P-DOUBLE", "P-ODD")])
+    checkpoint = tmp_path / "run" / "best.pth"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"stand-in: load_checkpoint_model is replaced below")
+    monkeypatch.setattr(ev, "load_checkpoint_model",
+                        lambda path, device: (model, {"preprocessing": {"size": SIZE}}))
+
+    results = ev.run(checkpoint=checkpoint, data_root=data_root, splits_dir=data_root / "splits",
+                     batch_size=4, device="cpu")
+
+    assert [(r.patient_id, r.status) for r in results] == [("P-SAME", DONE), ("P-DOUBLE", DONE), ("P-ODD", DONE)]
+    assert model.calls == 3 * math.ceil(10 / 4)   # every slice predicted once, in batches of 4
+    out = tmp_path / "run" / "evaluation"
+    metrics = _read_metrics(out / "metrics.csv")
+    for patient in ("P-SAME", "P-DOUBLE"):       # exact inverse of the phase-3 resize
+        prediction = sitk.ReadImage(str(out / "predictions" / f"{patient}.nii.gz"))
+        truth = sitk.ReadImage(str(layout.masks / f"{patient}.nii.gz"))
+        assert same_geometry(prediction, sitk.ReadImage(str(layout.ct_nifti / f"{patient}.nii.gz")))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(prediction), sitk.GetArrayFromImage(truth))
+        for label in range(1, 8):
+            row = metrics[(patient, organs.structure(label).key)]
+            if patient == "P-DOUBLE" and label == organs.HEART:
+                assert row["annotated"] == "no" and row["dice"] == "" and row["hd95_mm"] == ""  # not "nan"
+            else:
+                assert (row["annotated"], row["dice"], row["hd95_mm"], row["volume_diff_ml"]) == ("yes", "1", "0", "0")
+    # 80x72 -> 64x64 -> 80x72 loses up to a pixel at the borders: Dice >= 0.9 for the small
+    # structures (cord radius 3 px), >= 0.97 for lungs and heart, HD95 within one voxel diagonal.
+    for label in range(1, 8):
+        row = metrics[("P-ODD", organs.structure(label).key)]
+        big = label in (organs.RIGHT_LUNG, organs.LEFT_LUNG, organs.HEART, organs.PTV)
+        assert float(row["dice"]) >= (0.97 if big else 0.9), (label, row)
+        assert float(row["hd95_mm"]) <= math.hypot(0.8, 0.6) + 1e-9, (label, row)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_patients"] == 3 and summary["split"] == "test" and summary["postprocess"] is False
+    assert summary["structures"]["heart"]["dice"]["n"] == 2
+    assert summary["structures"]["heart"]["n_not_annotated"] == 1
+    assert summary["structures"]["lung_left"]["dice"]["n"] == 3
+    assert "| Heart | 2 |" in (out / "summary.md").read_text()
+    assert (out / "dice_boxplot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A checkpoint in the phase-5 format of a small untrained network."""
+    from unet_multi_organ import UNetMultiOrgan, build_checkpoint
+
+    torch.manual_seed(seed)
+    model = UNetMultiOrgan(in_channels=1, out_channels=8, base_channels=4)
+    preprocessing = {"window": [-1000, 400], "size": SIZE, "zscore": "per_patient"}
+    torch.save(build_checkpoint(model, preprocessing=preprocessing, epoch=0, val_loss=1.0), path)
+    return path
+
+
+def test_main_with_a_real_checkpoint_writes_predictions_and_reuses_them(data_root, tmp_path, capsys):
+    checkpoint = _tiny_checkpoint(tmp_path / "best.pth")
+    out = tmp_path / "eval"
+    argv = ["--checkpoint", str(checkpoint), "--data-root", str(data_root), "--patients", "P-ODD",
+            "--output-dir", str(out), "--device", "cpu", "--batch-size", "3", "--postprocess"]
+
+    assert ev.main(argv) == 0
+    assert "Phase 5b: 1 evaluated, 0 skipped, 0 failed" in capsys.readouterr().out
+    prediction = sitk.ReadImage(str(out / "predictions" / "P-ODD.nii.gz"))
+    assert same_geometry(prediction, sitk.ReadImage(str(DataLayout(data_root).ct_nifti / "P-ODD.nii.gz")))
+    labels = sitk.GetArrayFromImage(prediction)
+    assert labels.dtype == np.uint8 and labels.max() < organs.NUM_CLASSES
+    np.testing.assert_array_equal(ev.keep_largest_component(labels), labels)   # post-processed
+    first = (out / "metrics.csv").read_text()
+
+    assert ev.main(argv) == 0                                               # predictions reused
+    assert (out / "metrics.csv").read_text() == first
+
+    other = _tiny_checkpoint(tmp_path / "other.pth", seed=1)               # not this checkpoint's
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(["--checkpoint", str(other)] + argv[2:])
+    assert exit_info.value.code == 2
+    assert "holds predictions of checkpoint sha256" in capsys.readouterr().err
+
+
+def test_failed_patient_is_reported_and_batch_goes_on(data_root, tmp_path, monkeypatch):
+    checkpoint = _tiny_checkpoint(tmp_path / "best.pth")
+    results = ev.run(checkpoint=checkpoint, data_root=data_root, patients=["P-SAME", "NOBODY"],
+                     output_dir=tmp_path / "eval", device="cpu")
+    assert [r.status for r in results] == [DONE, FAILED]
+    assert "NOBODY" in results[1].message and "ct_nifti/NOBODY.nii.gz not found" in results[1].message
+    assert exit_status(results) == 1
+
+
+def test_network_trained_at_another_size_is_refused(data_root, tmp_path):
+    checkpoint = tmp_path / "best.pth"
+    _tiny_checkpoint(checkpoint)
+    state = torch.load(checkpoint, weights_only=True)
+    state["preprocessing"]["size"] = 128
+    torch.save(state, checkpoint)
+    [result] = ev.run(checkpoint=checkpoint, data_root=data_root, patients=["P-SAME"],
+                      output_dir=tmp_path / "eval", device="cpu")
+    assert result.status == FAILED
+    assert "normalised slices are 64 px but the network was trained at 128 px" in result.message
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "missing.pth"], "checkpoint missing.pth not found"),
+    (["--checkpoint", "x.pth", "--batch-size", "0"], "must be >= 1, got 0"),
+])
+def test_main_bad_arguments_give_one_line_errors(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
