@@ -1,0 +1,772 @@
+"""Phase 2: DICOM CT series -> NIfTI volumes (int16 HU) that keep the true patient geometry.
+
+``<dicom-root>`` (default ``<data-root>/raw``, any nesting) -> ``<data-root>/processed/ct_nifti/<PatientID>.nii.gz``
+plus ``conversion_report.csv`` (one row per patient; Phase 2.5 reads it to pair RTSTRUCTs with the CT).
+
+    python convert_dicom_to_nifti.py --data-root DATA [--dicom-root DIR] [--fill-gaps] [--patients ID ...]
+
+How a patient is converted:
+
+1. :func:`find_dicom_series` reads the headers (never the pixels) of every file below the root and
+   groups the CT image files by DICOM PatientID and SeriesInstanceUID. RTSTRUCT / RTPLAN / RTDOSE /
+   SEG / SR / PR and other non-CT objects are set aside; unreadable or non-DICOM files are reported.
+2. :func:`choose_ct_series` takes the series the patient's RTSTRUCT references, else the one with the
+   most slices, and says why when there was a choice.
+3. :func:`read_ct_series` sorts the slices along the slice normal (never by file name or
+   InstanceNumber), drops exact duplicates, refuses gantry tilt / shear / non-axial stacks, detects
+   missing slices (fails, or with ``fill_gaps`` interpolates them linearly onto the nominal
+   spacing), applies each slice's own RescaleSlope/Intercept and returns an int16 HU SimpleITK image
+   in DICOM LPS geometry. Compressed transfer syntaxes decode through pydicom's plugins.
+4. The image is written atomically; SimpleITK stores the LPS geometry as the NIfTI RAS affine.
+
+The same image comes out of ``SimpleITK.ImageSeriesReader`` on a clean series, voxel for voxel.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import io
+import logging
+import math
+import os
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, NamedTuple, Sequence
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.errors import InvalidDicomError
+
+from pipeline_io import (
+    DEFAULT_DATA_ROOT,
+    DONE,
+    FAILED,
+    SKIPPED,
+    DataLayout,
+    PatientError,
+    PatientResult,
+    add_common_arguments,
+    check_writable,
+    exit_status,
+    run_batch,
+    safe_patient_id,
+    setup_logging,
+    summary_line,
+    write_nifti,
+    write_text_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+PHASE = "Phase 2"
+REPORT_NAME = "conversion_report.csv"
+#: Columns of ``conversion_report.csv``. Phase 2.5 relies on ``patient_id``, ``patient_folder``,
+#: ``series_uid`` and ``frame_of_reference_uid``. Folders are absolute paths; vectors are
+#: space-separated (x y z / z y x); ``slices`` counts the distinct DICOM slices used (the chosen
+#: series' files when the patient was not converted), ``filled_slices`` those interpolated;
+#: ``status`` is done / skipped / failed.
+REPORT_COLUMNS = (
+    "patient_id", "dicom_patient_id", "patient_folder", "series_folder", "series_uid", "study_uid",
+    "frame_of_reference_uid", "slices", "shape_zyx", "spacing_xyz", "origin_xyz", "filled_slices",
+    "status", "message",
+)
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+#: Header elements read while scanning a collection (everything but these is skipped).
+SCAN_TAGS = (
+    "PatientID", "SOPClassUID", "Modality", "SeriesInstanceUID", "StudyInstanceUID",
+    "FrameOfReferenceUID", "NumberOfFrames", "ReferencedFrameOfReferenceSequence",
+)
+#: Header elements :func:`read_ct_series` needs to place a slice before decoding any pixels.
+GEOMETRY_TAGS = (
+    "SOPInstanceUID", "SeriesInstanceUID", "ImagePositionPatient", "ImageOrientationPatient",
+    "PixelSpacing", "Rows", "Columns", "NumberOfFrames", "GantryDetectorTilt",
+    "StudyInstanceUID", "FrameOfReferenceUID", "PatientID",
+)
+
+#: Two slices closer than this along the normal are the same slice (a duplicate).
+DUPLICATE_TOLERANCE_MM = 1e-3
+#: Steps may differ from the nominal (smallest) step by this fraction before they count as a gap.
+SPACING_TOLERANCE = 0.01
+#: Largest sideways drift of the slice origins over the whole stack (gantry tilt / shear).
+SHEAR_TOLERANCE_MM = 0.05
+#: Largest angle between the slice normal and the patient's head-foot axis for an axial series.
+MAX_AXIAL_ANGLE_DEG = 10.0
+#: ImageOrientationPatient must agree between slices and be orthonormal to this tolerance.
+ORIENTATION_TOLERANCE = 1e-4
+
+INT16_MIN, INT16_MAX = int(np.iinfo(np.int16).min), int(np.iinfo(np.int16).max)
+
+
+# --------------------------------------------------------------------------------------------
+# What a collection holds (headers only)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SeriesInfo:
+    """One CT image series of a patient, from its headers."""
+
+    series_uid: str
+    study_uid: str
+    frame_of_reference_uid: str
+    files: list[Path] = field(default_factory=list)  # sorted by path, NOT by slice position
+
+    @property
+    def folder(self) -> Path:
+        """The folder holding the series' files (their common ancestor)."""
+        return Path(os.path.commonpath([str(f.parent) for f in self.files]))
+
+
+@dataclass
+class RTStructInfo:
+    """An RTSTRUCT found beside the CT: the series and frames of reference it points to."""
+
+    path: Path
+    referenced_series_uids: set[str]
+    frame_of_reference_uids: set[str]
+
+
+@dataclass
+class PatientDicom:
+    """Everything the header scan found for one patient.
+
+    ``patient_id`` is the DICOM PatientID made safe for a file name (the output file stem),
+    falling back to the patient folder's name. ``folder`` is the top-level folder under the
+    collection root when it holds all of the patient's files and no other patient's
+    (collection layout), else the common ancestor of the patient's files (possibly the root).
+    """
+
+    patient_id: str
+    dicom_patient_id: str
+    folder: Path
+    ct_series: dict[str, SeriesInfo] = field(default_factory=dict)
+    rtstructs: list[RTStructInfo] = field(default_factory=list)
+    ignored: Counter = field(default_factory=Counter)  # modality -> files set aside
+    problems: list[str] = field(default_factory=list)  # unreadable files beside this patient's files
+
+
+class SliceRef(NamedTuple):
+    """One z index of a converted volume.
+
+    ``position_lps`` is the slice origin (first voxel centre) in DICOM LPS mm; ``path`` and
+    ``sop_instance_uid`` are None for a slice interpolated by ``fill_gaps``.
+    """
+
+    sop_instance_uid: str | None
+    position_lps: tuple[float, float, float]
+    path: Path | None
+
+    @property
+    def z_mm(self) -> float:
+        """The slice's LPS z coordinate (mm); what an RTSTRUCT contour of this slice carries."""
+        return self.position_lps[2]
+
+
+@dataclass
+class CTSeries:
+    """A CT series read into a volume.
+
+    ``image``: SimpleITK int16 image in HU; its array (``sitk.GetArrayFromImage``) is z, y, x;
+    origin = first slice's ImagePositionPatient, direction columns = (row direction, column
+    direction, slice normal), spacing = (column spacing, row spacing, slice step) in mm, all LPS.
+    ``slices`` has one :class:`SliceRef` per z index.
+    """
+
+    image: sitk.Image
+    slices: list[SliceRef]
+    series_uid: str
+    study_uid: str
+    frame_of_reference_uid: str
+    dicom_patient_id: str
+    filled_slices: int = 0
+    notes: list[str] = field(default_factory=list)  # duplicates dropped, gaps filled
+
+
+def _text(value: object) -> str:
+    return str(value).strip() if value is not None else ""
+
+
+def _read_scan_header(path: Path) -> pydicom.Dataset:
+    """The header elements in :data:`SCAN_TAGS`; raises ``InvalidDicomError``/``OSError``/... ."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(SCAN_TAGS))
+    except InvalidDicomError:
+        # Old files without the 128-byte preamble and "DICM": accept them only when the forced
+        # parse finds a SOP class, so text files and images are still rejected.
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(SCAN_TAGS), force=True)
+            sop_class = _text(ds.get("SOPClassUID", ""))
+        except Exception:
+            sop_class = ""
+        if not sop_class.startswith("1.2."):
+            raise InvalidDicomError("no DICOM preamble and no SOP Class UID") from None
+        return ds
+
+
+def _walk_files(root: Path) -> Iterable[Path]:
+    """Every regular file below ``root`` in a stable order, skipping hidden files and folders."""
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        for name in sorted(names):
+            if not name.startswith("."):
+                yield Path(folder) / name
+
+
+def _referenced_series(ds: pydicom.Dataset) -> tuple[set[str], set[str]]:
+    """(series UIDs, frame-of-reference UIDs) an RTSTRUCT header points to."""
+    series, frames = set(), set()
+    for frame in ds.get("ReferencedFrameOfReferenceSequence", []):
+        if frame.get("FrameOfReferenceUID"):
+            frames.add(_text(frame.FrameOfReferenceUID))
+        for study in frame.get("RTReferencedStudySequence", []):
+            for ref in study.get("RTReferencedSeriesSequence", []):
+                if ref.get("SeriesInstanceUID"):
+                    series.add(_text(ref.SeriesInstanceUID))
+    return series, frames
+
+
+def find_dicom_series(root: Path | str) -> list[PatientDicom]:
+    """Scan ``root`` (any nesting) and group its CT image files by patient and series.
+
+    Reads headers only (no pixel data). Files are grouped by DICOM PatientID (files without one
+    by their top-level folder). CT Image Storage objects become candidate series; RTSTRUCTs are
+    kept with the series they reference; every other object (RTPLAN, RTDOSE, SEG, SR, PR,
+    other modalities) is counted in ``ignored``. Unreadable and non-DICOM files are logged as
+    warnings naming the file and noted in ``problems`` of the patients with files in the same
+    folder.
+
+    Returns the patients sorted by ``patient_id``. Two patients can share a ``patient_id``
+    when different PatientIDs become the same file name (``../../etc`` and ``etc``); the caller
+    must refuse to write either (``run`` does).
+    """
+    root = Path(root)
+    groups: dict[str, dict] = {}
+    bad_files: list[tuple[Path, str]] = []
+    for path in _walk_files(root):
+        try:
+            ds = _read_scan_header(path)
+        except InvalidDicomError:
+            bad_files.append((path, "not a DICOM file"))
+            continue
+        except Exception as exc:  # truncated or corrupt: report it, keep scanning
+            bad_files.append((path, f"unreadable DICOM file ({type(exc).__name__}: {exc})"))
+            continue
+        top = _top_folder(root, path)
+        dicom_id = _text(ds.get("PatientID", ""))
+        group = groups.setdefault(dicom_id or f"\0{top}", {
+            "dicom_id": dicom_id, "tops": set(), "files": [], "series": {}, "rtstructs": [],
+            "ignored": Counter(),
+        })
+        group["tops"].add(top)
+        group["files"].append(path)
+        modality = _text(ds.get("Modality", "")) or "unknown modality"
+        sop_class = _text(ds.get("SOPClassUID", ""))
+        if modality == "RTSTRUCT":
+            group["rtstructs"].append(RTStructInfo(path, *_referenced_series(ds)))
+            group["ignored"][modality] += 1
+        elif sop_class == CT_IMAGE_STORAGE and int(ds.get("NumberOfFrames", 1) or 1) == 1:
+            uid = _text(ds.get("SeriesInstanceUID", "")) or f"(no SeriesInstanceUID) {path.parent}"
+            series = group["series"].setdefault(uid, SeriesInfo(
+                uid, _text(ds.get("StudyInstanceUID", "")), _text(ds.get("FrameOfReferenceUID", ""))))
+            series.files.append(path)
+        elif modality == "CT":  # enhanced / multi-frame CT: say so rather than "no CT found"
+            group["ignored"]["CT (not single-frame CT Image Storage)"] += 1
+        else:
+            group["ignored"][modality] += 1
+
+    patients = []
+    patients_per_top = Counter(top for group in groups.values() for top in group["tops"])
+    for group in groups.values():
+        (top, *more) = group["tops"]
+        if not more and top != root and patients_per_top[top] == 1:
+            folder = top  # collection layout: <root>/<patient folder>/<study>/<series>/...
+        else:  # a flat dump or a folder of several patients (raw/synthetic/<id>/...)
+            folder = Path(os.path.commonpath([str(p.parent) for p in group["files"]]))
+        patients.append(PatientDicom(
+            patient_id=safe_patient_id(group["dicom_id"], fallback=folder.name),
+            dicom_patient_id=group["dicom_id"], folder=folder, ct_series=group["series"],
+            rtstructs=group["rtstructs"], ignored=group["ignored"],
+        ))
+    for path, why in bad_files:
+        log.warning("%s: %s; ignored", path, why)
+        for patient in patients:
+            if any(path.parent == f.parent for s in patient.ct_series.values() for f in s.files):
+                patient.problems.append(f"{path.name}: {why}")
+    return sorted(patients, key=lambda p: (p.patient_id, str(p.folder)))
+
+
+def _top_folder(root: Path, path: Path) -> Path:
+    """The first folder below ``root`` on the way to ``path`` (``root`` for files directly in it)."""
+    parts = path.relative_to(root).parts
+    return root / parts[0] if len(parts) > 1 else root
+
+
+def choose_ct_series(patient: PatientDicom) -> tuple[SeriesInfo, str]:
+    """The CT series to convert and, when there was a choice, a sentence saying which and why.
+
+    Prefers the series that the patient's RTSTRUCT(s) reference (by SeriesInstanceUID, else by
+    FrameOfReferenceUID); among several candidates the one with the most slices wins, ties
+    broken by SeriesInstanceUID. Raises :class:`PatientError` when there is no CT image series.
+    """
+    candidates = list(patient.ct_series.values())
+    if not candidates:
+        found = ", ".join(f"{n} {m}" for m, n in sorted(patient.ignored.items())) or "no DICOM objects"
+        raise PatientError(f"{patient.patient_id}: no CT image series under {patient.folder} (found: {found})")
+    referenced = set().union(*(r.referenced_series_uids for r in patient.rtstructs))
+    frames = set().union(*(r.frame_of_reference_uids for r in patient.rtstructs))
+    pool = [s for s in candidates if s.series_uid in referenced]
+    why = "it is referenced by the RTSTRUCT"
+    if not pool:
+        pool = [s for s in candidates if s.frame_of_reference_uid and s.frame_of_reference_uid in frames]
+        why = "it is in the RTSTRUCT's frame of reference"
+    if not pool:
+        pool, why = candidates, "it has the most slices"
+    elif len(pool) > 1:
+        why += f" and has the most slices of those {len(pool)}"
+    chosen = min(pool, key=lambda s: (-len(s.files), s.series_uid))
+    if len(candidates) == 1:
+        return chosen, ""
+    others = ", ".join(f"{s.series_uid} ({len(s.files)} slices)" for s in candidates if s is not chosen)
+    note = (f"chose CT series {chosen.series_uid} ({len(chosen.files)} slices, {chosen.folder}) because "
+            f"{why}; ignored {others}")
+    if patient.rtstructs and not (referenced & set(patient.ct_series)):
+        note += f"; the RTSTRUCT references series {', '.join(sorted(referenced)) or '(none)'} not found here"
+    return chosen, note
+
+
+# --------------------------------------------------------------------------------------------
+# Reading one series
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Slice:
+    path: Path
+    sop_instance_uid: str
+    position: np.ndarray  # ImagePositionPatient, LPS mm
+    distance: float  # along the slice normal, mm
+
+
+def _floats(ds: pydicom.Dataset, keyword: str, count: int, path: Path) -> np.ndarray:
+    value = ds.get(keyword)
+    try:
+        array = np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        array = np.array([])
+    if array.shape != (count,) or not np.all(np.isfinite(array)):
+        raise PatientError(f"{path}: {keyword} is {value!r}; expected {count} numbers")
+    return array
+
+
+def _geometry_headers(files: Sequence[Path]) -> list[tuple[Path, pydicom.Dataset]]:
+    headers = []
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(GEOMETRY_TAGS))
+        except Exception as exc:
+            raise PatientError(f"{path}: cannot read DICOM header ({type(exc).__name__}: {exc})") from None
+        if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+            raise PatientError(f"{path}: multi-frame image ({ds.NumberOfFrames} frames); "
+                               "only single-frame CT Image Storage series are supported")
+        headers.append((path, ds))
+    return headers
+
+
+def _check_same(headers: list[tuple[Path, pydicom.Dataset]], what: str, value_of) -> object:
+    first_path, first = headers[0]
+    expected = value_of(first_path, first)
+    for path, ds in headers[1:]:
+        value = value_of(path, ds)
+        if not np.allclose(value, expected, atol=ORIENTATION_TOLERANCE, rtol=0):
+            raise PatientError(f"{path}: {what} {np.round(value, 6).tolist()} differs from "
+                               f"{np.round(expected, 6).tolist()} in {first_path}; not one image stack")
+    return expected
+
+
+def _slice_geometry(headers: list[tuple[Path, pydicom.Dataset]]):
+    """Orientation, spacing and sorted, de-duplicated slices; refuses tilted or odd stacks."""
+    uids = {_text(ds.get("SeriesInstanceUID", "")) for _, ds in headers}
+    if len(uids) > 1:
+        raise PatientError(f"the {len(headers)} files belong to {len(uids)} series: {sorted(uids)}")
+    iop = _check_same(headers, "ImageOrientationPatient",
+                      lambda p, ds: _floats(ds, "ImageOrientationPatient", 6, p))
+    pixel_spacing = _check_same(headers, "PixelSpacing", lambda p, ds: _floats(ds, "PixelSpacing", 2, p))
+    rows, cols = _check_same(headers, "Rows x Columns",
+                             lambda p, ds: np.array([int(ds.get("Rows", 0)), int(ds.get("Columns", 0))]))
+    row_dir, col_dir = iop[:3], iop[3:]
+    if (abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3
+            or abs(row_dir @ col_dir) > 1e-3):
+        raise PatientError(f"{headers[0][0]}: ImageOrientationPatient {iop.tolist()} is not two "
+                           "orthogonal unit vectors")
+    row_dir, col_dir = row_dir / np.linalg.norm(row_dir), col_dir / np.linalg.norm(col_dir)
+    normal = np.cross(row_dir, col_dir)
+    angle = math.degrees(math.acos(min(1.0, abs(normal[2]))))
+    if angle > MAX_AXIAL_ANGLE_DEG:
+        raise PatientError(
+            f"{headers[0][0]}: not an axial series: the slice normal {(np.round(normal, 4) + 0.0).tolist()} "
+            f"is {angle:.1f} deg from the head-foot axis (at most {MAX_AXIAL_ANGLE_DEG:g} deg allowed; "
+            f"ImageOrientationPatient {iop.tolist()})")
+    if pixel_spacing.min() <= 0:
+        raise PatientError(f"{headers[0][0]}: PixelSpacing {pixel_spacing.tolist()} must be positive")
+
+    slices = []
+    for path, ds in headers:
+        position = _floats(ds, "ImagePositionPatient", 3, path)
+        slices.append(_Slice(path, _text(ds.get("SOPInstanceUID", "")), position, float(position @ normal)))
+    slices.sort(key=lambda s: (s.distance, str(s.path)))
+
+    notes = []
+    kept = [slices[0]]
+    for s in slices[1:]:
+        if s.distance - kept[-1].distance < DUPLICATE_TOLERANCE_MM:
+            notes.append(f"dropped duplicate slice {s.path.name} (same position {s.distance:.3f} mm "
+                         f"along the normal as {kept[-1].path.name})")
+            log.warning("%s: duplicate slice position %.3f mm (same as %s); dropped",
+                        s.path, s.distance, kept[-1].path)
+        else:
+            kept.append(s)
+    if len(kept) < 2:
+        raise PatientError(f"{headers[0][0].parent}: only {len(kept)} distinct slice position(s); "
+                           "a CT volume needs at least 2")
+
+    # Every slice origin must lie on the line through the first one along the normal;
+    # anything else is a gantry tilt or a sheared stack that a (row, col, normal) grid misplaces.
+    offsets = np.array([s.position - kept[0].position for s in kept])
+    sideways = offsets - np.outer(offsets @ normal, normal)
+    drift = np.linalg.norm(sideways, axis=1)
+    if drift.max() > SHEAR_TOLERANCE_MM:
+        worst = int(drift.argmax())
+        tilt = math.degrees(math.atan2(drift[worst], kept[worst].distance - kept[0].distance))
+        gantry = {_text(ds.get("GantryDetectorTilt", "")) for _, ds in headers} - {""}
+        raise PatientError(
+            f"{kept[worst].path}: gantry tilt or sheared stack: slice origins drift {drift[worst]:.2f} mm "
+            f"sideways from the slice normal over {kept[worst].distance - kept[0].distance:.1f} mm "
+            f"(about {tilt:.2f} deg; GantryDetectorTilt {', '.join(sorted(gantry)) or 'not given'}); "
+            "tilted series are not supported: correct the tilt first (e.g. dcm2niix) or exclude the patient")
+    geometry = {"row_dir": row_dir, "col_dir": col_dir, "normal": normal,
+                "pixel_spacing": pixel_spacing, "rows": int(rows), "cols": int(cols)}
+    return geometry, kept, notes
+
+
+def _resampling_plan(distances: np.ndarray, fill_gaps: bool, where: str):
+    """How to build the output slices from the sorted source slices at ``distances`` (mm).
+
+    Returns (output slice step in mm, one ``(source k, source k+1, weight of k+1)`` per output
+    slice, descriptions of the gaps). A uniform stack maps one to one. A step larger than the
+    nominal (smallest) one is a gap: without ``fill_gaps`` it raises :class:`PatientError`
+    listing the gaps; with it, the output covers first..last with the step closest to nominal.
+    """
+    steps = np.diff(distances)
+    nominal = float(steps.min())
+    gaps = np.flatnonzero(steps > nominal * (1 + SPACING_TOLERANCE))
+    if gaps.size == 0:
+        step = float((distances[-1] - distances[0]) / (len(distances) - 1))
+        plan = [(k, k, 0.0) for k in range(len(distances))]
+        return step, plan, []
+    described = [f"{distances[i]:.2f} -> {distances[i + 1]:.2f} mm (step {steps[i]:.2f})" for i in gaps]
+    if not fill_gaps:
+        raise PatientError(
+            f"{where}: non-uniform slice spacing (missing slices?): nominal step {nominal:.3f} mm, gaps "
+            f"between slice positions {'; '.join(described[:10])}{' ...' if len(described) > 10 else ''}; "
+            "use --fill-gaps to interpolate the missing slices")
+    extent = float(distances[-1] - distances[0])
+    count = int(round(extent / nominal)) + 1
+    step = extent / (count - 1)
+    targets = distances[0] + step * np.arange(count)
+    plan = []
+    for t in targets:
+        k = min(int(np.searchsorted(distances, t, side="right")) - 1, len(distances) - 2)
+        weight = float((t - distances[k]) / (distances[k + 1] - distances[k]))
+        if weight < 1e-6:
+            plan.append((k, k, 0.0))
+        elif weight > 1 - 1e-6:
+            plan.append((k + 1, k + 1, 0.0))
+        else:
+            plan.append((k, k + 1, weight))
+    return step, plan, described
+
+
+def _hu_slice(path: Path, rows: int, cols: int) -> np.ndarray:
+    """One slice in HU (int32 when exact, else float64), with the slice's own slope/intercept."""
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:
+        raise PatientError(f"{path}: cannot read DICOM file ({type(exc).__name__}: {exc})") from None
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", "unknown transfer syntax")
+        raise PatientError(f"{path}: cannot decode pixel data ({name}): {type(exc).__name__}: {exc}") from None
+    if stored.shape != (rows, cols):
+        raise PatientError(f"{path}: pixel array {stored.shape}, expected (Rows, Columns) = {(rows, cols)}")
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if slope == 1 and intercept.is_integer():
+        hu = stored.astype(np.int32) + int(intercept)
+    else:
+        hu = np.rint(stored * slope + intercept)
+    low, high = hu.min(), hu.max()
+    if low < INT16_MIN or high > INT16_MAX:
+        raise PatientError(f"{path}: HU range [{low:g}, {high:g}] (stored values x RescaleSlope {slope:g} + "
+                           f"RescaleIntercept {intercept:g}) does not fit int16 [{INT16_MIN}, {INT16_MAX}]")
+    return hu
+
+
+def read_ct_series(files: Sequence[Path | str], fill_gaps: bool = False) -> CTSeries:
+    """Read one CT series into an int16 HU volume with its true LPS geometry.
+
+    ``files``: the series' single-frame CT files, in any order. Slices are ordered by their
+    position along the slice normal (cross product of the ImageOrientationPatient row and
+    column directions); exact duplicate positions are dropped with a warning. Each slice's
+    HU = stored value x RescaleSlope + RescaleIntercept (per slice), rounded to int16.
+
+    Missing slices (a step larger than the nominal, i.e. smallest, step) raise
+    :class:`PatientError` giving the gap positions, unless ``fill_gaps``: then the stack is
+    resampled by linear interpolation onto a uniform step as close to the nominal as spans
+    first..last exactly, and ``filled_slices``/``notes`` record it.
+
+    Raises :class:`PatientError` for gantry tilt or shear, non-axial or mixed orientations,
+    different slice sizes, HU outside int16, undecodable pixel data — naming the file.
+
+    Reads each file's header, then its pixels once into a preallocated (z, y, x) int16 array.
+    """
+    files = [Path(f) for f in files]
+    if not files:
+        raise PatientError("no files given")
+    headers = _geometry_headers(files)
+    geometry, slices, notes = _slice_geometry(headers)
+    distances = np.array([s.distance for s in slices])
+    step, plan, gaps = _resampling_plan(distances, fill_gaps, str(slices[0].path.parent))
+
+    rows, cols = geometry["rows"], geometry["cols"]
+    volume = np.empty((len(plan), rows, cols), dtype=np.int16)
+    cache: dict[int, np.ndarray] = {}  # at most the two source slices the current output needs
+    for z, (k, k_next, weight) in enumerate(plan):
+        for index in (k, k_next):
+            if index not in cache:
+                cache[index] = _hu_slice(slices[index].path, rows, cols)
+        for index in [i for i in cache if i < k]:
+            del cache[index]
+        if weight == 0.0:
+            volume[z] = cache[k]
+        else:
+            volume[z] = np.rint((1 - weight) * cache[k] + weight * cache[k_next])
+    del cache
+
+    origin = slices[0].position
+    normal = geometry["normal"]
+    direction = np.column_stack([geometry["row_dir"], geometry["col_dir"], normal])
+    image = sitk.GetImageFromArray(volume)
+    del volume
+    image.SetOrigin(tuple(float(v) for v in origin))
+    image.SetSpacing((float(geometry["pixel_spacing"][1]), float(geometry["pixel_spacing"][0]), step))
+    image.SetDirection(tuple(float(v) for v in direction.ravel()))
+
+    refs = []
+    for z, (k, k_next, weight) in enumerate(plan):
+        source = slices[k] if weight == 0.0 else None
+        position = source.position if source else origin + normal * (z * step)
+        refs.append(SliceRef(source.sop_instance_uid if source else None,
+                             tuple(float(v) for v in position), source.path if source else None))
+    filled = sum(r.path is None for r in refs)
+    if gaps:
+        notes.append(f"filled {filled} missing slice(s) by linear interpolation onto a {step:.3f} mm step "
+                     f"(gaps {'; '.join(gaps)})")
+        log.warning("%s: %s", slices[0].path.parent, notes[-1])
+
+    first = headers[0][1]
+    return CTSeries(
+        image=image, slices=refs, series_uid=_text(first.get("SeriesInstanceUID", "")),
+        study_uid=_text(first.get("StudyInstanceUID", "")),
+        frame_of_reference_uid=_text(first.get("FrameOfReferenceUID", "")),
+        dicom_patient_id=_text(first.get("PatientID", "")), filled_slices=filled, notes=notes,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# One patient, the report, the batch
+# --------------------------------------------------------------------------------------------
+def _vector(values: Iterable[float]) -> str:
+    return " ".join(f"{v:.6g}" for v in values)
+
+
+def _report_row(patient: PatientDicom, series: SeriesInfo | None, status: str, message: str,
+                image_info: dict | None = None) -> dict[str, str]:
+    row = {column: "" for column in REPORT_COLUMNS}
+    row.update(patient_id=patient.patient_id, dicom_patient_id=patient.dicom_patient_id,
+               patient_folder=str(patient.folder.resolve()), status=status, message=message)
+    if series is not None:
+        row.update(series_folder=str(series.folder.resolve()), series_uid=series.series_uid,
+                   study_uid=series.study_uid, frame_of_reference_uid=series.frame_of_reference_uid,
+                   slices=str(len(series.files)))
+    row.update(image_info or {})
+    return row
+
+
+def _image_info(image: sitk.Image | sitk.ImageFileReader) -> dict[str, str]:
+    size = image.GetSize()
+    return {"shape_zyx": _vector(size[::-1]), "spacing_xyz": _vector(image.GetSpacing()),
+            "origin_xyz": _vector(image.GetOrigin())}
+
+
+def convert_patient(patient: PatientDicom, out_dir: Path, fill_gaps: bool = False,
+                    overwrite: bool = False) -> PatientResult:
+    """Convert one patient's CT to ``<out_dir>/<patient_id>.nii.gz``; the batch task.
+
+    Raises :class:`PatientError` for a problem with the patient's data; returns a
+    :class:`PatientResult` whose ``info["report_row"]`` is the patient's report row.
+    """
+    started = time.perf_counter()
+    series, choice = choose_ct_series(patient)
+    out_path = Path(out_dir) / f"{patient.patient_id}.nii.gz"
+    if out_path.exists() and not overwrite:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(out_path))
+        reader.ReadImageInformation()
+        message = "output exists (use --overwrite to redo)"
+        row = _report_row(patient, series, SKIPPED, message, _image_info(reader))
+        return PatientResult(patient.patient_id, SKIPPED, message, {"report_row": row})
+    try:
+        ct = read_ct_series(series.files, fill_gaps=fill_gaps)
+    except PatientError as exc:
+        context = [str(exc), choice]
+        if patient.problems:
+            context.append(f"unreadable file(s) beside the series: {', '.join(patient.problems)}")
+        if out_path.exists():
+            context.append(f"the previous {out_path.name} was left in place")
+        raise PatientError("; ".join(c for c in context if c)) from None
+    write_nifti(ct.image, out_path)
+    notes = [n for n in [choice, *ct.notes] if n]
+    if patient.problems:
+        notes.append(f"ignored unreadable file(s): {', '.join(patient.problems)}")
+    message = "; ".join(notes)
+    row = _report_row(patient, series, DONE, message, _image_info(ct.image))
+    row.update(slices=str(len(ct.slices) - ct.filled_slices), filled_slices=str(ct.filled_slices))
+    seconds = time.perf_counter() - started
+    return PatientResult(patient.patient_id, DONE, message, {"report_row": row, "seconds": seconds})
+
+
+def _convert_safely(patient: PatientDicom, **kwargs) -> PatientResult:
+    """:func:`convert_patient`, with a failure turned into a result that still carries its report row."""
+    try:
+        return convert_patient(patient, **kwargs)
+    except PatientError as exc:
+        series = None
+        if patient.ct_series:
+            series, _ = choose_ct_series(patient)
+        message = str(exc)
+        return PatientResult(patient.patient_id, FAILED, message,
+                             {"report_row": _report_row(patient, series, FAILED, message)})
+
+
+def read_report(path: Path) -> dict[str, dict[str, str]]:
+    """``conversion_report.csv`` as {patient_id: row}; empty when the file does not exist."""
+    if not Path(path).is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8") as handle:
+        return {row["patient_id"]: row for row in csv.DictReader(handle)}
+
+
+def _write_report(path: Path, results: Sequence[PatientResult]) -> None:
+    """Merge this run's rows into the report by patient id (a skipped patient keeps its "done" row)."""
+    rows = read_report(path)
+    for result in results:
+        row = result.info.get("report_row")
+        if row is None:
+            continue
+        if result.status == SKIPPED and rows.get(result.patient_id, {}).get("status") == DONE:
+            continue  # keep the row of the run that wrote the file
+        rows[result.patient_id] = row
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=REPORT_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for patient_id in sorted(rows):
+        writer.writerow({c: rows[patient_id].get(c, "") for c in REPORT_COLUMNS})
+    write_text_atomic(path, buffer.getvalue())
+
+
+def run(*, data_root: Path | str = DEFAULT_DATA_ROOT, dicom_root: Path | str | None = None,
+        patients: Sequence[str] | None = None, workers: int = 1, overwrite: bool = False,
+        fill_gaps: bool = False) -> list[PatientResult]:
+    """Convert every patient under ``dicom_root`` (default ``<data_root>/raw``).
+
+    Writes ``<data_root>/processed/ct_nifti/<PatientID>.nii.gz`` and merges this run's rows
+    into ``conversion_report.csv``. ``patients`` restricts the run to these (safe) patient ids;
+    an id that is not found is reported as failed. Raises ``FileNotFoundError`` when the DICOM
+    root is missing and ``PermissionError`` when the output folder cannot be written.
+    """
+    layout = DataLayout(Path(data_root))
+    dicom_root = Path(dicom_root) if dicom_root is not None else layout.raw
+    if not dicom_root.is_dir():
+        raise FileNotFoundError(f"DICOM folder {dicom_root} not found (set --dicom-root or --data-root)")
+    out_dir = layout.ct_nifti
+    check_writable(out_dir)
+
+    found = find_dicom_series(dicom_root)
+    by_id: dict[str, list[PatientDicom]] = defaultdict(list)
+    for patient in found:
+        by_id[patient.patient_id].append(patient)
+    wanted = list(by_id) if patients is None else list(dict.fromkeys(patients))
+
+    results: dict[str, PatientResult] = {}
+    todo = []
+    for patient_id in wanted:
+        group = by_id.get(patient_id, [])
+        if not group:
+            results[patient_id] = PatientResult(
+                patient_id, FAILED, f"no DICOM files with this patient id under {dicom_root}")
+        elif len(group) > 1:
+            sources = "; ".join(f"PatientID {p.dicom_patient_id!r} in {p.folder}" for p in group)
+            message = (f"several patients would be written to {patient_id}.nii.gz ({sources}); "
+                       "give them distinct PatientIDs or convert them separately")
+            results[patient_id] = PatientResult(
+                patient_id, FAILED, message, {"report_row": _report_row(group[0], None, FAILED, message)})
+        else:
+            todo.append(group[0])
+    for failed in results.values():
+        log.error("%s: FAILED: %s", failed.patient_id, failed.message)
+
+    task = functools.partial(_convert_safely, out_dir=out_dir, fill_gaps=fill_gaps, overwrite=overwrite)
+    for result in run_batch(todo, task, workers=workers, desc=PHASE,
+                            patient_id_of=lambda p: p.patient_id):
+        results[result.patient_id] = result
+    ordered = [results[p] for p in wanted]
+    _write_report(out_dir / REPORT_NAME, ordered)
+    return ordered
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Phase 2: convert each patient's CT series to <data-root>/processed/ct_nifti/<PatientID>.nii.gz "
+                    "(int16 HU, true patient geometry) and write conversion_report.csv.")
+    add_common_arguments(parser)
+    parser.add_argument("--dicom-root", type=Path, default=None,
+                        help="folder holding the DICOM collection, any nesting (default: <data-root>/raw)")
+    parser.add_argument("--fill-gaps", action="store_true",
+                        help="interpolate missing slices linearly onto the nominal spacing "
+                             "(default: fail the patient and name the gaps)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    dicom_root = args.dicom_root if args.dicom_root is not None else DataLayout(args.data_root).raw
+    if not dicom_root.is_dir():
+        parser.error(f"DICOM folder {dicom_root} not found (set --dicom-root or --data-root)")
+    try:
+        results = run(data_root=args.data_root, dicom_root=dicom_root, patients=args.patients,
+                      workers=args.workers, overwrite=args.overwrite, fill_gaps=args.fill_gaps)
+    except PermissionError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary_line(PHASE, results))
+    return exit_status(results)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
