@@ -1,0 +1,638 @@
+"""Phase 2.5 (extract_multi_organ_masks.py): rasteriser, structures, RTSTRUCT pairing, batch behaviour.
+
+Hand-made grids give exact voxel counts; the synthetic generator gives whole patients whose RTSTRUCT
+each error-path test edits with pydicom; the two real NSCLC-Radiomics patients are compared with
+plastimatch's reference masks.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import pathlib
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+import extract_multi_organ_masks as em
+import organs
+from pipeline_io import DONE, FAILED, SKIPPED, DataLayout
+
+
+def make_image(size_xyz=(20, 12, 4), spacing=(0.5, 0.8, 2.5), origin=(-10.0, 20.0, -30.0),
+               direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> sitk.Image:
+    image = sitk.Image(list(size_xyz), sitk.sitkUInt8)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection([float(v) for v in direction])
+    return image
+
+
+def lps(image: sitk.Image, index_points) -> np.ndarray:
+    """Continuous (i, j, k) indices -> LPS mm through SimpleITK itself (the reference for geometry)."""
+    return np.array([image.TransformContinuousIndexToPhysicalPoint([float(v) for v in p]) for p in index_points])
+
+
+def rectangle(image, x0, x1, y0, y1, k) -> np.ndarray:
+    return lps(image, [(x0, y0, k), (x1, y0, k), (x1, y1, k), (x0, y1, k)])
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry and rasterisation on hand-made grids
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (-1, 0, 0, 0, -1, 0, 0, 0, 1),
+                                       (0, 1, 0, 1, 0, 0, 0, 0, -1)])
+def test_continuous_index_inverts_simpleitk(direction) -> None:
+    image = make_image(direction=direction)
+    index = np.array([[0, 0, 0], [3.25, 7.5, 2], [19, 11, 3]])
+    np.testing.assert_allclose(em.Grid.of(image).continuous_index(lps(image, index)), index, atol=1e-9)
+
+
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (-1, 0, 0, 0, 1, 0, 0, 0, -1)])
+def test_rectangle_fills_voxel_centres_inside_without_transpose(direction) -> None:
+    image = make_image(direction=direction)
+    # Columns 3..12 (x centres 3..12 lie in (2.5, 12.5)), rows 2..5, slice 1.
+    mask = em.rasterize_contours([rectangle(image, 2.5, 12.5, 1.5, 5.5, 1)], image)
+    expected = np.zeros((4, 12, 20), dtype=bool)
+    expected[1, 2:6, 3:13] = True
+    assert mask.dtype == bool and mask.shape == (4, 12, 20)
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_square_ring_keeps_its_hole_and_the_island_inside() -> None:
+    image = make_image(size_xyz=(20, 20, 3), spacing=(1.0, 1.0, 3.0))
+    outer = rectangle(image, 2.5, 12.5, 2.5, 12.5, 1)  # 10 x 10 = 100 voxels
+    hole = rectangle(image, 5.5, 9.5, 5.5, 9.5, 1)[::-1]  # 4 x 4 = 16, drawn the other way round
+    island = rectangle(image, 6.5, 8.5, 6.5, 8.5, 1)  # 2 x 2 = 4, inside the hole
+    ring = em.rasterize_contours([outer, hole], image)
+    assert ring.sum() == 84
+    assert not ring[1, 6:10, 6:10].any() and ring[1, 3:13, 3].all()
+    assert em.rasterize_contours([outer, hole, island], image).sum() == 88
+    # Same contours in any order: even-odd does not care.
+    assert em.rasterize_contours([island, hole, outer], image).sum() == 88
+    # An exported duplicate must not cancel its twin.
+    assert em.rasterize_contours([outer, outer.copy(), hole], image).sum() == 84
+
+
+def test_fill_agrees_with_point_in_polygon_on_random_polygons() -> None:
+    from skimage.draw import polygon
+
+    rng = np.random.default_rng(3)
+    image = make_image(size_xyz=(40, 30, 1), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0))
+    for _ in range(20):
+        n = rng.integers(3, 12)
+        xy = rng.uniform(-5, 45, size=(n, 2))  # self-intersecting, partly outside: even-odd everywhere
+        mask = em.rasterize_contours([np.c_[xy, np.zeros(n)]], image)[0]
+        expected = np.zeros((30, 40), dtype=bool)
+        rr, cc = polygon(xy[:, 1], xy[:, 0], shape=(30, 40))
+        expected[rr, cc] = True
+        np.testing.assert_array_equal(mask, expected)
+
+
+def test_contours_go_to_the_slice_within_half_a_thickness_and_bad_ones_are_reported(caplog) -> None:
+    image = make_image()  # slices at z = -30, -27.5, -25, -22.5 (spacing 2.5 mm)
+    square = rectangle(image, 2.5, 6.5, 2.5, 6.5, 0)
+    shifted = square + [0, 0, 2.5 + 1.2]  # 1.2 mm above slice 1: slice 1
+    beyond = square + [0, 0, 4 * 2.5 + 0.1]  # 1.35 mm past the last slice's half thickness
+    with caplog.at_level(logging.WARNING):
+        mask = em.rasterize_contours([shifted, beyond, square[:2]], image, roi_name="Heart")
+    assert mask.sum() == 16 and mask[1].sum() == 16
+    text = caplog.text
+    assert "ROI 'Heart': contour matching no CT slice (slices span z = -30.00 .. -22.50 mm" in text
+    assert "z = -19.90 mm" in text
+    assert "ROI 'Heart': contour with fewer than 3 points (2), skipped (slice 0, z = -30.00 mm)" in text
+
+
+def test_point_and_open_contours_are_skipped_with_the_roi_and_slice_named() -> None:
+    image = make_image()
+    notes = em._Notes()
+    contours = [em.Contour("POINT", lps(image, [(4, 4, 2)])),
+                em.Contour("OPEN_PLANAR", rectangle(image, 2.5, 6.5, 2.5, 6.5, 3)),
+                em.Contour("CLOSED_PLANAR", rectangle(image, 2.5, 6.5, 2.5, 6.5, 3))]
+    polygons = em._planar_polygons(contours, em.Grid.of(image), "GTV-1", notes)
+    assert [k for k, _ in polygons] == [3]
+    assert notes.all() == [
+        "ROI 'GTV-1': contour of type POINT (not CLOSED_PLANAR), skipped (slice 2, z = -25.00 mm)",
+        "ROI 'GTV-1': contour of type OPEN_PLANAR (not CLOSED_PLANAR), skipped (slice 3, z = -22.50 mm)",
+    ]
+
+
+def test_expand_mm_is_isotropic_in_mm_on_an_anisotropic_grid() -> None:
+    grid = em.Grid.of(make_image(size_xyz=(15, 15, 9), spacing=(1.0, 1.0, 3.0)))
+    seed = em.BoxMask((4, 7, 7), np.ones((1, 1, 1), dtype=bool))
+    # Within 3 mm: the 29 in-plane voxels with i^2 + j^2 <= 9, plus one voxel 3 mm above and below.
+    grown = em.expand_mm(seed, 3.0, grid)
+    assert grown.count() == 31
+    full = grown.to_full(grid.shape_zyx)
+    assert full[3, 7, 7] and full[5, 7, 7] and not full[3, 7, 8] and full[4, 7, 10] and not full[4, 7, 11]
+    assert em.expand_mm(seed, 0.0, grid).count() == 1
+    # Clipped at the grid's corner: the quadrant i, j in 0..2 (i^2 + j^2 <= 8 <= 2.9^2), z neighbours 3 mm away.
+    corner = em.BoxMask((4, 0, 0), np.ones((1, 1, 1), dtype=bool))
+    assert em.expand_mm(corner, 2.9, grid).count() == 9
+
+
+def test_expand_mm_rejects_a_negative_margin() -> None:
+    grid = em.Grid.of(make_image())
+    with pytest.raises(ValueError, match="margin must be >= 0 mm, got -1"):
+        em.expand_mm(em.BoxMask((0, 0, 0), np.ones((1, 1, 1), bool)), -1, grid)
+
+
+def _box(shape_zyx, region) -> em.BoxMask:
+    full = np.zeros(shape_zyx, dtype=bool)
+    full[region] = True
+    return em.BoxMask((0, 0, 0), full)
+
+
+def test_split_at_midline_follows_the_spinal_cord_per_slice() -> None:
+    grid = em.Grid.of(make_image(size_xyz=(20, 10, 3), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)))
+    lungs = _box((3, 10, 20), np.s_[:, 2:8, 1:19])
+    square = np.array([[-0.4, -0.4], [0.4, -0.4], [0.4, 0.4], [-0.4, 0.4]])  # smaller than a voxel
+    # Slice 0: two pieces of opposite winding centred at 9.5 together; slice 1 interpolates to x = 7.5.
+    cord = [(0, square + [9.0, 8.2]), (0, square[::-1] + [10.0, 8.2]), (2, square + [5.5, 8.2])]
+    centres = em.polygon_centres(cord, grid)
+    np.testing.assert_allclose(centres[1], [9.5, 5.5])
+    right, left, method = em.split_at_midline(lungs, grid, centres)
+    assert method == "spinal cord centre per slice"
+    # LPS +x is the patient's left: right lung = columns with x below the midline.
+    assert [right.array[k].any(axis=0).nonzero()[0].max() for k in range(3)] == [9, 7, 5]
+    assert right.count() + left.count() == lungs.count() and not (right.array & left.array).any()
+
+
+def test_split_at_midline_without_cord_uses_the_lungs_centroid() -> None:
+    grid = em.Grid.of(make_image(size_xyz=(20, 10, 2), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)))
+    lungs = _box((2, 10, 20), np.s_[:, 2:8, 2:16])  # centroid x = 8.5
+    right, left, method = em.split_at_midline(lungs, grid)
+    assert method == "lungs centroid"
+    assert right.count() == 2 * 6 * 7 and left.count() == 2 * 6 * 7
+
+
+def test_combine_labels_applies_priority_and_counts_lost_voxels() -> None:
+    shape = (1, 4, 10)
+    structures = {label: em.StructureMask(label) for label in organs.FOREGROUND_LABELS}
+    structures[organs.RIGHT_LUNG].mask = _box(shape, np.s_[0, :, 0:6])  # 24 voxels
+    structures[organs.GTV].mask = _box(shape, np.s_[0, 1:3, 4:8])  # 8 voxels, 4 of them inside the lung
+    structures[organs.HEART].mask = _box(shape, np.s_[0, 0, 5:10])  # 5 voxels, 1 inside the lung
+    labels, voxels, lost = em.combine_labels(structures, shape)
+    assert labels.dtype == np.uint8 and labels.shape == shape
+    assert voxels[organs.GTV] == 8 and lost[organs.GTV] == 0
+    assert voxels[organs.HEART] == 5 and lost[organs.HEART] == 0
+    assert voxels[organs.RIGHT_LUNG] == 24 - 4 - 1 and lost[organs.RIGHT_LUNG] == 5
+    assert np.bincount(labels.ravel(), minlength=8).tolist() == [40 - 32, 8, 0, 19, 0, 5, 0, 0]
+
+
+def test_read_structures_csv(tmp_path) -> None:
+    path = tmp_path / "structures.csv"
+    rows = [{"patient_id": "P1", "label": label, "annotated": "yes" if label in (1, 3, 4) else "no"}
+            for label in range(1, 8)] + [{"patient_id": "P2", "label": 5, "annotated": "yes"}]
+    path.write_text(em._csv_text(em.STRUCTURES_COLUMNS, rows))
+    assert em.read_structures_csv(path) == {
+        "P1": [True, True, False, True, True, False, False, False],
+        "P2": [True, False, False, False, False, True, False, False],
+    }
+    path.write_text("patient_id,label\nP1,1\n")
+    with pytest.raises(ValueError, match=r"structures.csv: missing columns \['annotated'\]"):
+        em.read_structures_csv(path)
+    path.write_text("patient_id,label,annotated\nP1,9,yes\n")
+    with pytest.raises(ValueError, match="line 2: label '9', annotated 'yes'; expected label 1-7"):
+        em.read_structures_csv(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Whole patients from the synthetic generator; each error-path test edits its own copy
+# --------------------------------------------------------------------------------------------
+def convert_ct(data_root: Path, raw_dir: Path, record: dict) -> None:
+    """Phase 2's output for one synthetic patient, made independently of convert_dicom_to_nifti.py:
+    SimpleITK.ImageSeriesReader -> int16 NIfTI, plus its conversion_report.csv row."""
+    pid = record["patient_id"]
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(raw_dir / record["ct_folder"])))
+    layout = DataLayout(data_root)
+    layout.ct_nifti.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(sitk.Cast(reader.Execute(), sitk.sitkInt16), str(layout.ct_nifti / f"{pid}.nii.gz"))
+    report = layout.ct_nifti / em.CONVERSION_REPORT
+    rows = [r for r in em._read_csv(report) if r["patient_id"] != pid] + [{
+        "patient_id": pid, "dicom_patient_id": pid, "patient_folder": pid,  # relative to --dicom-root
+        "series_uid": record["ct_series_uid"], "frame_of_reference_uid": record["frame_of_reference_uid"]}]
+    report.write_text(em._csv_text(list(rows[-1]), rows))
+
+
+def make_patients(root: Path, options: dict[str, dict]) -> dict[str, dict]:
+    """Generate, convert and return {patient id: cohort record} under ``root`` (raw/synthetic, truth)."""
+    from make_synthetic_cohort import generate_patient
+
+    raw, truth = root / "raw" / "synthetic", root / "synthetic_truth"
+    records = {}
+    for seed, (pid, kwargs) in enumerate(options.items(), start=11):
+        records[pid] = generate_patient(raw, truth, pid, seed=seed, **{"size": 32, "slices": 8, **kwargs})
+        convert_ct(root, raw, records[pid])
+    return records
+
+
+def run_phase(root: Path, **kwargs) -> dict[str, object]:
+    results = em.run(data_root=root, dicom_root=root / "raw" / "synthetic", workers=1, **kwargs)
+    return {r.patient_id: r for r in results}
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
+    """Two small patients (the one every test edits, SYN-001, and a healthy neighbour), generated once."""
+    root = tmp_path_factory.mktemp("pristine")
+    return root, make_patients(root, {"SYN-001": {}, "SYN-002": {"extra_gtvs": 1}})
+
+
+@pytest.fixture
+def cohort(pristine, tmp_path) -> tuple[Path, dict[str, dict]]:
+    root, records = pristine
+    shutil.copytree(root, tmp_path / "data")
+    return tmp_path / "data", records
+
+
+def rtstruct_of(root: Path, record: dict) -> tuple[Path, pydicom.Dataset]:
+    path = root / "raw" / "synthetic" / record["rtstruct_file"]
+    return path, pydicom.dcmread(path)
+
+
+def roi_contours(ds: pydicom.Dataset, name: str) -> pydicom.Dataset:
+    number = next(r.ROINumber for r in ds.StructureSetROISequence if r.ROIName == name)
+    return next(c for c in ds.ROIContourSequence if c.ReferencedROINumber == number)
+
+
+def mask_of(root: Path, pid: str) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(DataLayout(root).masks / f"{pid}.nii.gz")))
+
+
+def structure_rows(root: Path) -> dict[tuple[str, str], dict]:
+    rows = em._read_csv(DataLayout(root).masks / em.STRUCTURES_CSV)
+    return {(r["patient_id"], r["structure"]): r for r in rows}
+
+
+def ct_image(root: Path, pid: str) -> sitk.Image:
+    return sitk.ReadImage(str(DataLayout(root).ct_nifti / f"{pid}.nii.gz"))
+
+
+def assert_failed_cleanly(root: Path, results: dict, pid: str, match: str) -> None:
+    """The bad patient failed with the message, its neighbour was done, nothing half-written."""
+    assert results[pid].status == FAILED
+    assert re.search(match, results[pid].message), results[pid].message
+    assert results["SYN-002"].status == DONE
+    masks = DataLayout(root).masks
+    assert sorted(p.name for p in masks.iterdir()) == ["SYN-002.nii.gz", em.STRUCTURES_CSV, em.UNMATCHED_CSV]
+    assert {r["patient_id"] for r in em._read_csv(masks / em.STRUCTURES_CSV)} == {"SYN-002"}
+
+
+def test_run_reproduces_the_synthetic_truth(synthetic_cohort, tmp_path) -> None:
+    """Phase 2 then phase 2.5 on the shared synthetic cohort: every annotated structure with >= 1000
+    true voxels at Dice >= 0.97. Voxels whose true label has no ROI (an uncontoured heart) cannot be
+    known from the RTSTRUCT and are left out of both sides."""
+    import convert_dicom_to_nifti
+
+    raw_dir, truth_dir, records = synthetic_cohort
+    assert all(r.status == DONE for r in convert_dicom_to_nifti.run(data_root=tmp_path, dicom_root=raw_dir, workers=1))
+    results = em.run(data_root=tmp_path, dicom_root=raw_dir, workers=1, synthetic_ptv=False)
+    assert [r.status for r in results] == [DONE] * len(records)
+    flags = em.read_structures_csv(DataLayout(tmp_path).masks / em.STRUCTURES_CSV)
+    checked = 0
+    for record in records:
+        pid = record["patient_id"]
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_dir / f"{pid}.nii.gz")))
+        ours = mask_of(tmp_path, pid)
+        assert flags[pid] == record["annotated"]
+        known = np.asarray(record["annotated"])[truth]
+        for label in organs.FOREGROUND_LABELS:
+            true_mask, our_mask = (truth == label) & known, (ours == label) & known
+            if record["annotated"][label] and true_mask.sum() >= 1000:
+                dice = 2 * (true_mask & our_mask).sum() / (true_mask.sum() + our_mask.sum())
+                assert dice >= 0.97, (pid, organs.structure(label).key, dice)
+                checked += 1
+    assert checked >= 8  # lungs and hearts of the 64-px cohort
+    unmatched = {r["roi_name"] for r in em._read_csv(DataLayout(tmp_path).masks / em.UNMATCHED_CSV)}
+    assert unmatched == {n for r in records for n, label in r["roi_names"].items() if label is None}
+
+
+def test_structures_csv_says_uncontoured_heart_and_esophagus_are_not_annotated(tmp_path) -> None:
+    records = make_patients(tmp_path, {"SYN-001": {"heart_contour": False, "esophagus_contour": False}})
+    results = run_phase(tmp_path)
+    assert results["SYN-001"].status == DONE
+    assert "not annotated: heart, esophagus" in results["SYN-001"].message
+    rows = structure_rows(tmp_path)
+    for key in ("heart", "esophagus"):
+        assert (rows["SYN-001", key]["annotated"], rows["SYN-001", key]["voxels"]) == ("no", "0")
+    assert rows["SYN-001", "gtv"]["annotated"] == "yes"
+    flags = em.read_structures_csv(DataLayout(tmp_path).masks / em.STRUCTURES_CSV)["SYN-001"]
+    assert flags == [True, True, True, True, True, False, False, True]  # PTV: synthetic
+    assert records["SYN-001"]["annotated"][organs.HEART] is False
+
+
+def test_lungs_total_is_split_at_the_midline_and_recorded(tmp_path) -> None:
+    records = make_patients(tmp_path, {"SYN-001": {"lungs_total": True, "size": 48}})
+    results = run_phase(tmp_path, synthetic_ptv=False)
+    assert "Lungs-Total split into right and left lung at the midline (spinal cord centre per slice)" \
+        in results["SYN-001"].message
+    rows = structure_rows(tmp_path)
+    for key in ("lung_right", "lung_left"):
+        assert rows["SYN-001", key]["source_rois"] == "Lungs-Total (split at the midline: spinal cord centre per slice)"
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "synthetic_truth" / "SYN-001.nii.gz")))
+    ours = mask_of(tmp_path, "SYN-001")
+    known = np.asarray(records["SYN-001"]["annotated"])[truth]
+    for label in (organs.RIGHT_LUNG, organs.LEFT_LUNG):
+        a, b = (truth == label) & known, (ours == label) & known
+        assert a.sum() > 300 and 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.97
+
+
+def test_ptv_synthetic_by_default_from_the_rtstruct_when_given_and_optional(tmp_path) -> None:
+    make_patients(tmp_path, {"SYN-001": {"extra_gtvs": 1}, "SYN-002": {"with_ptv": True}})
+    run_phase(tmp_path, ptv_margin_mm=0.0)
+    rows = structure_rows(tmp_path)
+    gtv, ptv = rows["SYN-001", "gtv"], rows["SYN-001", "ptv"]
+    assert (ptv["annotated"], ptv["synthetic"]) == ("yes", "yes")
+    assert ptv["source_rois"] == f"{gtv['source_rois']} + 0 mm margin" and "|" in gtv["source_rois"]
+    # A 0 mm margin gives exactly the fused GTV, which wins every one of those voxels.
+    assert (int(ptv["voxels"]), int(ptv["voxels_lost"])) == (0, int(gtv["voxels"]))
+    assert (rows["SYN-002", "ptv"]["synthetic"], rows["SYN-002", "ptv"]["source_rois"]) == ("no", "PTV")
+
+    run_phase(tmp_path, overwrite=True, synthetic_ptv=False)
+    rows = structure_rows(tmp_path)
+    assert (rows["SYN-001", "ptv"]["annotated"], rows["SYN-001", "ptv"]["voxels"]) == ("no", "0")
+    assert rows["SYN-002", "ptv"]["annotated"] == "yes"
+
+
+def test_rtstruct_in_another_frame_of_reference_fails_that_patient_only(cohort) -> None:
+    root, records = cohort
+    path, ds = rtstruct_of(root, records["SYN-001"])
+    for item in [*ds.ReferencedFrameOfReferenceSequence, *ds.StructureSetROISequence]:
+        key = "FrameOfReferenceUID" if "FrameOfReferenceUID" in item else "ReferencedFrameOfReferenceUID"
+        item[key].value = "1.2.3.4.5"
+    ds.save_as(path)
+    results = run_phase(root)
+    assert_failed_cleanly(root, results, "SYN-001",
+                          rf"SYN-001: RTSTRUCT .*000000.dcm places contours in frame of reference \['1.2.3.4.5'\], "
+                          rf"but the CT series {records['SYN-001']['ct_series_uid']} has frame of reference "
+                          rf"{records['SYN-001']['frame_of_reference_uid']}")
+
+
+def test_rtstruct_of_another_series_and_frame_of_reference_is_not_paired(cohort) -> None:
+    root, records = cohort
+    path, ds = rtstruct_of(root, records["SYN-001"])
+    ds.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID = "1.2.3.4.5"
+    ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0] \
+        .SeriesInstanceUID = "1.2.3.4.6"
+    for item in ds.StructureSetROISequence:
+        item.ReferencedFrameOfReferenceUID = "1.2.3.4.5"
+    ds.save_as(path)
+    results = run_phase(root)
+    assert_failed_cleanly(root, results, "SYN-001",
+                          r"no RTSTRUCT references the CT series .* or its frame of reference .*: 000000.dcm "
+                          r"references series \['1.2.3.4.6'\], frame of reference \['1.2.3.4.5'\]")
+
+
+def test_missing_and_unreadable_rtstruct_fail_that_patient_only(cohort) -> None:
+    root, records = cohort
+    path, _ = rtstruct_of(root, records["SYN-001"])
+    path.write_bytes(path.read_bytes()[:2000])  # truncated in the referenced-UID section
+    assert_failed_cleanly(root, run_phase(root), "SYN-001", r"no readable RTSTRUCT under .*SYN-001 \(unreadable "
+                          r"RTSTRUCT .*000000.dcm: no ROIContourSequence \(truncated file\?\)\)$")
+    path.unlink()
+    assert_failed_cleanly(root, run_phase(root, overwrite=True), "SYN-001", r"no readable RTSTRUCT under .*SYN-001$")
+
+
+@pytest.mark.parametrize("edit,expected", [
+    ("two_points", "ROI 'Heart': contour with fewer than 3 points (2), skipped (slice {k}, z = {z:.2f} mm)"),
+    ("point", "ROI 'Heart': contour of type POINT (not CLOSED_PLANAR), skipped (slice {k}, z = {z:.2f} mm)"),
+    ("no_slice", "ROI 'Heart': contour matching no CT slice (slices span z = "),
+])
+def test_unusable_contours_are_skipped_with_a_warning_naming_roi_and_slice(cohort, edit, expected) -> None:
+    root, records = cohort
+    path, ds = rtstruct_of(root, records["SYN-001"])
+    before = em.masks_from_rtstruct(ds, ct_image(root, "SYN-001"))["Heart"]
+    contours = roi_contours(ds, "Heart").ContourSequence
+    victim = contours[0]
+    points = np.asarray(victim.ContourData, dtype=float).reshape(-1, 3)
+    spacing_z = ct_image(root, "SYN-001").GetSpacing()[2]
+    k = int(round((points[0, 2] - ct_image(root, "SYN-001").GetOrigin()[2]) / spacing_z))
+    if edit == "two_points":
+        victim.ContourData, victim.NumberOfContourPoints = [float(v) for v in points[:2].ravel()], 2
+        expected_mask = before.copy()
+        expected_mask[k] = False
+    else:
+        extra = pydicom.Dataset()
+        if edit == "point":
+            extra.ContourGeometricType, extra.NumberOfContourPoints = "POINT", 1
+            extra.ContourData = [float(v) for v in points[0]]
+        else:
+            points[:, 2] += 20 * spacing_z  # far beyond the last slice
+            extra.ContourGeometricType, extra.NumberOfContourPoints = "CLOSED_PLANAR", len(points)
+            extra.ContourData = [float(v) for v in points.ravel()]
+        contours.append(extra)
+        expected_mask = before
+    ds.save_as(path)
+    results = run_phase(root)
+    assert results["SYN-001"].status == DONE and results["SYN-002"].status == DONE
+    assert expected.format(k=k, z=points[0, 2] if edit != "no_slice" else 0) in results["SYN-001"].message
+    assert (em.masks_from_rtstruct(path, ct_image(root, "SYN-001"))["Heart"] == expected_mask).all()
+    assert expected_mask.any()
+
+
+def test_hand_made_square_ring_keeps_its_hole_through_the_whole_phase(cohort) -> None:
+    root, records = cohort
+    path, ds = rtstruct_of(root, records["SYN-001"])
+    image = ct_image(root, "SYN-001")
+    ring = pydicom.Sequence()
+    for x0, x1 in ((8.5, 18.5), (11.5, 15.5)):  # 10 x 10 voxel centres minus 4 x 4: 84 voxels on slice 3
+        item = pydicom.Dataset()
+        item.ContourGeometricType, item.NumberOfContourPoints = "CLOSED_PLANAR", 4
+        item.ContourData = [round(float(v), 4) for v in rectangle(image, x0, x1, x0, x1, 3).ravel()]
+        ring.append(item)
+    roi_contours(ds, "Heart").ContourSequence = ring
+    ds.save_as(path)
+    results = run_phase(root, synthetic_ptv=False)
+    assert results["SYN-001"].status == DONE
+    heart = structure_rows(root)["SYN-001", "heart"]
+    assert int(heart["voxels"]) + int(heart["voxels_lost"]) == 84
+    labels = mask_of(root, "SYN-001")
+    assert not (labels[3, 12:16, 12:16] == organs.HEART).any()
+    assert em.masks_from_rtstruct(path, image)["Heart"].sum() == 84
+
+
+def test_roi_without_contours_annotates_nothing(cohort) -> None:
+    root, records = cohort
+    path, ds = rtstruct_of(root, records["SYN-001"])
+    del roi_contours(ds, "Esophagus").ContourSequence
+    ds.save_as(path)
+    results = run_phase(root)
+    assert results["SYN-001"].status == DONE
+    assert "ROI 'Esophagus' has no usable contour: it annotates nothing" in results["SYN-001"].message
+    row = structure_rows(root)["SYN-001", "esophagus"]
+    assert (row["annotated"], row["voxels"], row["source_rois"]) == ("no", "0", "")
+    assert not (mask_of(root, "SYN-001") == organs.ESOPHAGUS).any()
+
+
+@pytest.mark.parametrize("edit", ["no_contour_image_sequence", "unknown_sop_instances"])
+def test_contours_are_placed_by_coordinates_not_by_image_references(cohort, edit) -> None:
+    root, records = cohort
+    run_phase(root)
+    before = mask_of(root, "SYN-001")
+    path, ds = rtstruct_of(root, records["SYN-001"])
+    series = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    items = [c for roi in ds.ROIContourSequence for c in roi.ContourSequence]
+    assert all("ContourImageSequence" in c for c in items)
+    if edit == "no_contour_image_sequence":
+        del series.ContourImageSequence
+        for c in items:
+            del c.ContourImageSequence
+    else:
+        for c in items:
+            c.ContourImageSequence[0].ReferencedSOPInstanceUID = "1.2.3.999"
+    ds.save_as(path)
+    results = run_phase(root, overwrite=True)
+    assert results["SYN-001"].status == DONE
+    np.testing.assert_array_equal(mask_of(root, "SYN-001"), before)
+
+
+def test_duplicate_roi_names_are_merged_and_reported(cohort) -> None:
+    root, records = cohort
+    path, ds = rtstruct_of(root, records["SYN-001"])
+    before = em.masks_from_rtstruct(ds, ct_image(root, "SYN-001"))
+    next(r for r in ds.StructureSetROISequence if r.ROIName == "Esophagus").ROIName = "Heart"
+    ds.save_as(path)
+    results = run_phase(root, synthetic_ptv=False)
+    assert "ROI name 'Heart' appears 2 times: its contours were merged (union)" in results["SYN-001"].message
+    rows = structure_rows(root)
+    merged = before["Heart"] | before["Esophagus"]
+    assert int(rows["SYN-001", "heart"]["voxels"]) + int(rows["SYN-001", "heart"]["voxels_lost"]) == merged.sum()
+    assert rows["SYN-001", "heart"]["source_rois"] == "Heart"
+    assert rows["SYN-001", "esophagus"]["annotated"] == "no"
+    np.testing.assert_array_equal(em.masks_from_rtstruct(path, ct_image(root, "SYN-001"))["Heart"], merged)
+
+
+def test_rtstructs_of_other_series_are_reported_and_other_patients_ignored(cohort) -> None:
+    root, records = cohort
+    path, ds = rtstruct_of(root, records["SYN-001"])
+    stray = path.parent.parent / "9.000000-old" / "000000.dcm"
+    stray.parent.mkdir()
+    ref = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    ref.SeriesInstanceUID = "1.2.3.4.6"  # an older CT series of the same patient, same frame of reference
+    ds.save_as(stray)
+    neighbour, _ = rtstruct_of(root, records["SYN-002"])
+    shutil.copy(neighbour, path.parent / "neighbour.dcm")  # another PatientID: not this patient's
+    results = run_phase(root)
+    assert results["SYN-001"].status == DONE
+    assert f"RTSTRUCT {stray} ignored: it references series ['1.2.3.4.6'], not the CT series " \
+           f"{records['SYN-001']['ct_series_uid']}" in results["SYN-001"].message
+    assert "neighbour.dcm" not in results["SYN-001"].message
+
+
+def test_existing_masks_are_skipped_unless_overwrite(cohort) -> None:
+    root, _ = cohort
+    assert {r.status for r in run_phase(root).values()} == {DONE}
+    mask_path = DataLayout(root).masks / "SYN-001.nii.gz"
+    mask_path.write_bytes(b"old")
+    results = run_phase(root)
+    assert results["SYN-001"].status == SKIPPED and "use --overwrite" in results["SYN-001"].message
+    assert mask_path.read_bytes() == b"old"
+    assert {pid for pid, _ in structure_rows(root)} == {"SYN-001", "SYN-002"}  # rows of skipped patients kept
+    assert em.main(["--data-root", str(root), "--dicom-root", str(root / "raw" / "synthetic"),
+                    "--workers", "1", "--overwrite", "--patients", "SYN-001"]) == 0
+    assert mask_path.read_bytes()[:2] == b"\x1f\x8b"  # a gzip NIfTI again
+    assert len(structure_rows(root)) == 14
+
+
+def test_unwritable_output_folder_stops_before_any_work(cohort, monkeypatch, capsys) -> None:
+    """Tests run as root, for whom chmod does not deny writing: the operating system's refusal is
+    simulated by making every file creation inside the output folder raise EACCES."""
+    root, _ = cohort
+    masks = DataLayout(root).masks
+    real_write_bytes = pathlib.Path.write_bytes
+
+    def denied(self, data):
+        if masks in self.parents:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_write_bytes(self, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", denied)
+    with pytest.raises(PermissionError, match=f"cannot write to output folder {masks}: Permission denied"):
+        run_phase(root)
+    assert em.main(["--data-root", str(root), "--workers", "1"]) == 1
+    assert f"cannot write to output folder {masks}: Permission denied" in capsys.readouterr().err
+    assert list(masks.iterdir()) == []
+
+
+def test_missing_converted_ct_and_bad_arguments(cohort, capsys) -> None:
+    root, _ = cohort
+    results = em.run(data_root=root, dicom_root=root / "raw" / "synthetic", patients=["SYN-001", "SYN-009"])
+    assert results[0].status == DONE
+    assert results[1].status == FAILED and "no converted CT" in results[1].message
+    with pytest.raises(SystemExit) as exc:
+        em.main(["--data-root", str(root), "--ptv-margin-mm", "-2"])
+    assert exc.value.code == 2 and "--ptv-margin-mm must be >= 0, got -2.0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="ptv_margin_mm must be a finite number >= 0, got -1"):
+        em.run(data_root=root, ptv_margin_mm=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# The two real NSCLC-Radiomics patients against plastimatch's reference masks
+# --------------------------------------------------------------------------------------------
+REAL_PATIENTS = ("LUNG1-005", "LUNG1-010")
+
+
+@pytest.fixture(scope="module")
+def real_run(real_sample_root, reference_json, tmp_path_factory) -> Path:
+    """Both real patients converted (ImageSeriesReader) and run through phase 2.5 once."""
+    root = tmp_path_factory.mktemp("real")
+    for pid in REAL_PATIENTS:
+        folder = reference_json[pid]["ct_series_folder"]
+        first = pydicom.dcmread(next((real_sample_root / folder).iterdir()), stop_before_pixels=True)
+        convert_ct(root, real_sample_root, {"patient_id": pid, "ct_folder": folder,
+                                            "ct_series_uid": first.SeriesInstanceUID,
+                                            "frame_of_reference_uid": first.FrameOfReferenceUID})
+    results = em.run(data_root=root, dicom_root=real_sample_root, workers=1)
+    assert [(r.status, r.message) for r in results] == [(DONE, "")] * 2
+    return root
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("pid", REAL_PATIENTS)
+def test_real_structures_match_plastimatch_before_the_overlay(real_run, real_sample_root, reference_json,
+                                                             reference_masks_dir, pid) -> None:
+    """Every structure's own mask (GTVs fused) at Dice >= 0.995 with the reference; measured
+    0.998-1.000 for the lungs and 1.000 for everything else."""
+    grid = em.Grid.of(ct_image(real_run, pid))
+    rtstruct = next(p for p in (real_sample_root / pid).rglob("*.dcm")
+                    if em._RTSTRUCT_IN_HEADER.search(p.read_bytes()[:1024]))
+    structures, unmatched = em.build_structures(em.read_rois(pydicom.dcmread(rtstruct)), grid)
+    assert unmatched == []
+    references: dict[int, np.ndarray] = {}
+    for roi in reference_json[pid]["reference_masks"]:
+        ref = sitk.ReadImage(str(reference_masks_dir / pid / f"{roi}.nii.gz"))
+        assert em.Grid.of(ref).size == grid.size
+        label = organs.match_roi_name(roi)
+        references[label] = references.get(label, False) | (sitk.GetArrayFromImage(ref) > 0)
+    assert sorted(references) == [1, 3, 4, 5, 6, 7]
+    for label, reference in references.items():
+        ours = structures[label].mask.to_full(grid.shape_zyx)
+        dice = 2 * (ours & reference).sum() / (ours.sum() + reference.sum())
+        assert dice >= 0.995, (pid, organs.structure(label).key, dice)
+
+
+@pytest.mark.real_data
+def test_real_label_maps_and_structures_csv(real_run, reference_json) -> None:
+    rows = structure_rows(real_run)
+    for pid in REAL_PATIENTS:
+        labels = mask_of(real_run, pid)
+        image = sitk.ReadImage(str(DataLayout(real_run).masks / f"{pid}.nii.gz"))
+        ct = ct_image(real_run, pid)
+        assert image.GetPixelID() == sitk.sitkUInt8 and em.Grid.of(image) == em.Grid.of(ct)
+        counts = np.bincount(labels.ravel(), minlength=8)
+        for label in organs.FOREGROUND_LABELS:
+            row = rows[pid, organs.structure(label).key]
+            assert row["annotated"] == "yes" and int(row["voxels"]) == counts[label]
+            assert float(row["volume_ml"]) == pytest.approx(counts[label] * np.prod(ct.GetSpacing()) / 1000, abs=1e-3)
+        assert rows[pid, "ptv"]["synthetic"] == "yes"
+        # The GTV has the top priority: it keeps every voxel of the reference GTV(s).
+        gtv_reference = sum(v["voxels"] for roi, v in reference_json[pid]["reference_masks"].items()
+                            if organs.match_roi_name(roi) == organs.GTV)
+        assert counts[organs.GTV] == gtv_reference
+    assert rows["LUNG1-010", "gtv"]["source_rois"] == "gtv-2|GTV-1"
