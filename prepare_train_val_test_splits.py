@@ -1,0 +1,349 @@
+"""Phase 4 (division): patient-level train / val / test splits, stratified by annotated structure,
+made once and kept.
+
+``processed/training_cache/<PatientID>/meta.json`` -> ``<splits-dir>/train.txt``, ``val.txt``,
+``test.txt`` (one PatientID per line, sorted) and ``summary.json``.
+
+    python prepare_train_val_test_splits.py --data-root DATA [--splits-dir splits] [--seed 42] [--force]
+
+Whole patients go to one split, never slices. The assignment is an iterative stratification
+(Sechidis et al., 2011): structures are handled from the most rarely annotated to the most common,
+and each patient annotated with that structure goes to the split that has none of it yet, else
+to the split furthest below its share of it. So every split gets patients with each structure
+annotated where the data allows (the heart is contoured in only ~30% of NSCLC-Radiomics: a test
+split without one measures nothing). Deterministic for a seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+import organs
+from normalize_ct_and_masks import CACHE_META, read_cache_meta
+from pipeline_io import (
+    DEFAULT_DATA_ROOT,
+    DEFAULT_SPLITS_DIR,
+    DataLayout,
+    setup_logging,
+    write_text_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
+SUMMARY_JSON = "summary.json"
+DEFAULT_SEED = 42
+DEFAULT_FRACTIONS: tuple[float, float, float] = (0.70, 0.15, 0.15)
+# Who gets a patient when there are too few to go round (patients, or patients with a rare
+# structure): train first (to learn it), then test (to measure it), then val.
+_PREFERENCE: tuple[str, ...] = ("train", "test", "val")
+
+
+# --------------------------------------------------------------------------------------------
+# Split files
+# --------------------------------------------------------------------------------------------
+def split_path(splits_dir: Path | str, name: str) -> Path:
+    """``<splits_dir>/<name>.txt`` for ``name`` in :data:`SPLIT_NAMES`."""
+    if name not in SPLIT_NAMES:
+        raise ValueError(f"unknown split {name!r}; expected one of {', '.join(SPLIT_NAMES)}")
+    return Path(splits_dir) / f"{name}.txt"
+
+
+def read_split_file(splits_dir: Path | str, name: str) -> list[str]:
+    """Patient ids listed in ``<splits_dir>/<name>.txt`` (blank lines and ``#`` comments ignored)."""
+    path = split_path(splits_dir, name)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"split file {path} not found; run prepare_train_val_test_splits.py "
+            f"--splits-dir {Path(splits_dir)}"
+        )
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line]
+
+
+def check_splits(splits_dir: Path | str, data_root: Path | str) -> dict[str, list[str]]:
+    """Read the three split files and check them: no patient listed twice (within or across
+    splits) and every listed patient has a training cache. Returns ``{split: [ids]}``.
+
+    Raises:
+        ValueError: a patient is listed twice (names the patient and the splits).
+        FileNotFoundError: a split file, or a listed patient's cache, is missing.
+    """
+    splits = {name: read_split_file(splits_dir, name) for name in SPLIT_NAMES}
+    seen: dict[str, str] = {}
+    for name, ids in splits.items():
+        for pid in ids:
+            if pid in seen:
+                raise ValueError(
+                    f"patient {pid} is listed in both {seen[pid]}.txt and {name}.txt of {splits_dir}"
+                    if seen[pid] != name else f"patient {pid} is listed twice in {name}.txt"
+                )
+            seen[pid] = name
+    cache = DataLayout(Path(data_root)).training_cache
+    missing = [pid for pid in seen if not (cache / pid / CACHE_META).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} patient(s) of {splits_dir} have no training cache in {cache}: "
+            f"{', '.join(missing[:10])}; run normalize_ct_and_masks.py"
+        )
+    return splits
+
+
+# --------------------------------------------------------------------------------------------
+# Pure assignment
+# --------------------------------------------------------------------------------------------
+def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    """Three fractions (train, val, test), each in [0, 1], train > 0, summing to 1."""
+    values = tuple(float(f) for f in fractions)
+    if len(values) != 3:
+        raise ValueError(f"fractions must be 3 values (train val test), got {list(fractions)}")
+    if any(not 0 <= f <= 1 for f in values) or not values[0] > 0:
+        raise ValueError(f"fractions must lie in [0, 1] with train > 0, got {list(values)}")
+    if not math.isclose(sum(values), 1.0, abs_tol=1e-6):
+        raise ValueError(f"fractions must sum to 1, got {list(values)} (sum {sum(values):g})")
+    return values  # type: ignore[return-value]
+
+
+def split_sizes(n_patients: int, fractions: Sequence[float]) -> dict[str, int]:
+    """Patients per split: largest-remainder rounding of ``n * fraction``, then every split with
+    a non-zero fraction gets at least one patient when there are enough (taken from the largest
+    split), in the order train, test, val.
+
+    >>> split_sizes(12, (0.7, 0.15, 0.15))
+    {'train': 8, 'val': 2, 'test': 2}
+    >>> split_sizes(3, (0.7, 0.15, 0.15))
+    {'train': 1, 'val': 1, 'test': 1}
+    """
+    fractions = check_fractions(fractions)
+    exact = {name: n_patients * f for name, f in zip(SPLIT_NAMES, fractions)}
+    sizes = {name: math.floor(v) for name, v in exact.items()}
+    by_remainder = sorted(SPLIT_NAMES, key=lambda s: (-(exact[s] - sizes[s]), _PREFERENCE.index(s)))
+    for name in by_remainder[: n_patients - sum(sizes.values())]:
+        sizes[name] += 1
+    wanted = dict(zip(SPLIT_NAMES, fractions))
+    for name in _PREFERENCE:
+        if wanted[name] > 0 and sizes[name] == 0:
+            donor = max(SPLIT_NAMES, key=lambda s: (sizes[s], -_PREFERENCE.index(s)))
+            if sizes[donor] > 1:
+                sizes[donor] -= 1
+                sizes[name] += 1
+    return sizes
+
+
+def assign_splits(
+    patient_ids: Sequence[str],
+    annotated: np.ndarray,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    seed: int = DEFAULT_SEED,
+) -> dict[str, list[str]]:
+    """Stratified patient-level split -> ``{"train": [...], "val": [...], "test": [...]}`` (sorted).
+
+    Args:
+        patient_ids: P unique patient ids.
+        annotated: bool (P, 8): which labels (organs 0-7) each patient has annotated.
+        fractions: (train, val, test), summing to 1.
+        seed: the same seed and inputs always give the same split (the input order does not matter).
+    """
+    ids = list(patient_ids)
+    flags = np.asarray(annotated, dtype=bool).reshape(len(ids), -1)
+    if len(set(ids)) != len(ids):
+        raise ValueError("patient ids must be unique")
+    sizes = split_sizes(len(ids), fractions)
+    order = np.argsort(ids, kind="stable")  # independent of the caller's order...
+    order = order[np.random.default_rng(seed).permutation(len(ids))]  # ...then shuffled by seed
+    foreground = flags[:, 1:]  # background is always "annotated"
+    totals = foreground.sum(axis=0)
+    capacity = dict(sizes)
+    got = {name: np.zeros(foreground.shape[1], dtype=np.int64) for name in SPLIT_NAMES}
+    share = {name: sizes[name] / max(len(ids), 1) for name in SPLIT_NAMES}
+    assigned: dict[str, list[str]] = {name: [] for name in SPLIT_NAMES}
+    remaining = [int(i) for i in order]
+
+    def put(i: int, name: str) -> None:
+        assigned[name].append(ids[i])
+        got[name] += foreground[i]
+        capacity[name] -= 1
+        remaining.remove(i)
+
+    while remaining:
+        left = foreground[remaining].sum(axis=0)
+        if not left.any():  # patients without any annotated structure: fill by capacity
+            for i in list(remaining):
+                put(i, max(_open(capacity), key=lambda s: (capacity[s] / max(sizes[s], 1),
+                                                           -_PREFERENCE.index(s))))
+            break
+        label = int(np.argmin(np.where(left > 0, left, np.iinfo(np.int64).max)))
+        for i in [i for i in remaining if foreground[i, label]]:
+            def score(name: str, i: int = i) -> tuple:
+                lacking = int(np.sum(foreground[i] & (got[name] == 0)))
+                return (
+                    got[name][label] == 0,  # a split without this structure yet
+                    share[name] * totals[label] - got[name][label],  # furthest below its share
+                    lacking,  # the patient's other structures it lacks
+                    capacity[name] / max(sizes[name], 1),
+                    -_PREFERENCE.index(name),
+                )
+            put(i, max(_open(capacity), key=score))
+    return {name: sorted(v) for name, v in assigned.items()}
+
+
+def _open(capacity: dict[str, int]) -> list[str]:
+    return [name for name in SPLIT_NAMES if capacity[name] > 0]
+
+
+def split_summary(
+    splits: dict[str, list[str]], slices: dict[str, int], annotated: dict[str, Sequence[bool]]
+) -> dict[str, Any]:
+    """Patients, slices and patients-with-each-structure-annotated per split (and in total),
+    structures keyed by ``organs`` keys; ``missing`` lists structures a split lacks although
+    the cohort has them."""
+    keys = [organs.structure(label).key for label in organs.FOREGROUND_LABELS]
+
+    def describe(ids: Sequence[str]) -> dict[str, Any]:
+        return {
+            "patients": len(ids),
+            "slices": int(sum(slices[p] for p in ids)),
+            "annotated": {key: int(sum(bool(annotated[p][label]) for p in ids))
+                          for key, label in zip(keys, organs.FOREGROUND_LABELS)},
+        }
+
+    total = describe([p for ids in splits.values() for p in ids])
+    out: dict[str, Any] = {name: describe(ids) for name, ids in splits.items()}
+    for name in SPLIT_NAMES:
+        out[name]["missing"] = [k for k in keys
+                                if total["annotated"][k] and not out[name]["annotated"][k]]
+    out["total"] = total
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Run
+# --------------------------------------------------------------------------------------------
+def read_cohort(
+    data_root: Path | str, patients: Sequence[str] | None = None
+) -> tuple[dict[str, int], dict[str, list[bool]]]:
+    """``({pid: slices}, {pid: annotated flags (8,)})`` from the training cache's ``meta.json``."""
+    cache = DataLayout(Path(data_root)).training_cache
+    ids = list(patients) if patients else sorted(
+        p.name for p in cache.glob("*") if (p / CACHE_META).is_file()
+    )
+    if not ids:
+        raise FileNotFoundError(f"no training cache in {cache}; run normalize_ct_and_masks.py")
+    slices, annotated = {}, {}
+    for pid in ids:
+        meta = read_cache_meta(data_root, pid)
+        slices[pid] = int(meta["shape_zyx"][0])
+        annotated[pid] = [bool(a) for a in meta["annotated"]]
+    return slices, annotated
+
+
+def run(
+    *,
+    data_root: Path | str = DEFAULT_DATA_ROOT,
+    splits_dir: Path | str = DEFAULT_SPLITS_DIR,
+    patients: Sequence[str] | None = None,
+    seed: int = DEFAULT_SEED,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Split the cached patients, write the split files and ``summary.json``; return the summary.
+
+    Raises:
+        FileExistsError: split files exist in ``splits_dir`` and ``force`` is False.
+        FileNotFoundError: no training cache, or a requested patient has none.
+    """
+    fractions = check_fractions(fractions)
+    splits_dir = Path(splits_dir)
+    targets = [split_path(splits_dir, n) for n in SPLIT_NAMES] + [splits_dir / SUMMARY_JSON]
+    existing = [p.name for p in targets if p.exists()]
+    if existing and not force:
+        raise FileExistsError(
+            f"splits already exist in {splits_dir} ({', '.join(existing)}); they are made once "
+            "so test patients never leak into training; pass --force to replace them"
+        )
+    slices, annotated = read_cohort(data_root, patients)
+    ids = sorted(slices)
+    splits = assign_splits(ids, np.array([annotated[p] for p in ids]), fractions, seed)
+    summary = {
+        "seed": seed,
+        "fractions": dict(zip(SPLIT_NAMES, fractions)),
+        **split_summary(splits, slices, annotated),
+    }
+    splits_dir.mkdir(parents=True, exist_ok=True)
+    for name in SPLIT_NAMES:
+        write_text_atomic(split_path(splits_dir, name), "".join(f"{p}\n" for p in splits[name]))
+    write_text_atomic(splits_dir / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
+    check_splits(splits_dir, data_root)
+    for name in SPLIT_NAMES:
+        if summary[name]["missing"]:
+            log.warning("split %s has no patient with %s annotated", name,
+                        ", ".join(summary[name]["missing"]))
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A table: one row per split, patients, slices and patients per annotated structure."""
+    keys = list(summary["total"]["annotated"])
+    header = f"{'split':<6}{'patients':>9}{'slices':>8}" + "".join(f"{k:>12}" for k in keys)
+    rows = [header]
+    for name in (*SPLIT_NAMES, "total"):
+        s = summary[name]
+        rows.append(f"{name:<6}{s['patients']:>9}{s['slices']:>8}"
+                    + "".join(f"{s['annotated'][k]:>12}" for k in keys))
+    return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Phase 4: patient-level train/val/test splits, stratified by annotated structure."
+    )
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
+                        help="data folder holding processed/training_cache (default: %(default)s)")
+    parser.add_argument("--splits-dir", type=Path, default=DEFAULT_SPLITS_DIR,
+                        help="where train.txt, val.txt, test.txt, summary.json go "
+                             "(default: %(default)s)")
+    parser.add_argument("--patients", nargs="+", metavar="ID", default=None,
+                        help="only these patient ids (default: every cached patient)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help="random seed of the assignment (default: %(default)s)")
+    parser.add_argument("--fractions", nargs=3, type=float, metavar=("TRAIN", "VAL", "TEST"),
+                        default=list(DEFAULT_FRACTIONS),
+                        help="fractions of patients, summing to 1 (default: %(default)s)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace existing split files (they are normally made once)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_fractions(args.fractions)
+    except ValueError as exc:
+        parser.error(f"argument --fractions: {exc}")
+    setup_logging(args.verbose)
+    try:
+        summary = run(data_root=args.data_root, splits_dir=args.splits_dir, patients=args.patients,
+                      seed=args.seed, fractions=args.fractions, force=args.force)
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        log.error("%s", exc)
+        return 1
+    print(format_summary(summary))
+    print(f"Phase 4: {summary['total']['patients']} patients split into "
+          + ", ".join(f"{summary[n]['patients']} {n}" for n in SPLIT_NAMES)
+          + f" in {args.splits_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

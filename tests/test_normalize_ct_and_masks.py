@@ -1,0 +1,422 @@
+"""Phase 3 (normalize_ct_and_masks.py): window, z-score, in-plane resize, geometry, training cache."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import normalize_ct_and_masks as n3
+import organs
+from pipeline_io import DONE, FAILED, PARTIAL_DIR_NAME, SKIPPED, DataLayout, exit_status, write_nifti
+
+STRUCTURES_HEADER = "patient_id,label,structure,annotated,source_rois,synthetic,voxels,volume_ml,voxels_lost"
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs built by hand: phase 2 / 2.5 outputs in the contract's format
+# --------------------------------------------------------------------------------------------
+def make_image(array_zyx: np.ndarray, spacing=(0.8, 0.9, 3.0), origin=(-20.0, -15.0, 100.0),
+               direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> sitk.Image:
+    image = sitk.GetImageFromArray(array_zyx)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(direction)
+    return image
+
+
+def phantom(shape_zyx=(6, 40, 48), seed=0) -> tuple[np.ndarray, np.ndarray]:
+    """(HU int16, labels uint8): air around a soft-tissue body, two lungs, a heart, a tumour."""
+    z, y, x = shape_zyx
+    rng = np.random.default_rng(seed)
+    hu = np.full(shape_zyx, -1000, dtype=np.int16)
+    labels = np.zeros(shape_zyx, dtype=np.uint8)
+    hu[:, 4:y - 4, 4:x - 4] = 40
+    labels[:, 8:y - 8, 8:x // 2 - 3] = organs.RIGHT_LUNG  # patient right = low x (LPS)
+    labels[:, 8:y - 8, x // 2 + 3:x - 8] = organs.LEFT_LUNG
+    labels[1:4, y // 2 - 3:y // 2 + 3, x // 2 - 2:x // 2 + 2] = organs.HEART
+    labels[2:3, 12:16, 12:16] = organs.GTV
+    hu[np.isin(labels, (organs.RIGHT_LUNG, organs.LEFT_LUNG))] = -850
+    hu += rng.integers(-30, 30, size=shape_zyx, dtype=np.int16)
+    return hu, labels
+
+
+def structures_rows(patient_id: str, annotated: list[bool]) -> list[str]:
+    rows = []
+    for label in organs.FOREGROUND_LABELS:
+        key = organs.structure(label).key
+        flag = "yes" if annotated[label] else "no"
+        rows.append(f"{patient_id},{label},{key},{flag},{key.upper() if annotated[label] else ''},"
+                    f"no,10,0.02,0")
+    return rows
+
+
+def make_data_root(root: Path, patients: dict[str, dict]) -> Path:
+    """Write ct_nifti/, masks_multi_organ/ and structures.csv for ``patients``:
+    ``{pid: {"shape": (z, y, x), "annotated": [8 bools], "mask_spacing": optional, ...}}``."""
+    layout = DataLayout(root)
+    layout.ct_nifti.mkdir(parents=True)
+    layout.masks.mkdir(parents=True)
+    rows = [STRUCTURES_HEADER]
+    for seed, (pid, spec) in enumerate(patients.items()):
+        hu, labels = phantom(spec.get("shape", (6, 40, 48)), seed)
+        geometry = {"direction": spec.get("direction", (1, 0, 0, 0, 1, 0, 0, 0, 1))}
+        write_nifti(make_image(hu, **geometry), layout.ct_nifti / f"{pid}.nii.gz")
+        mask_geometry = dict(geometry, spacing=spec.get("mask_spacing", (0.8, 0.9, 3.0)))
+        write_nifti(make_image(spec.get("labels", labels), **mask_geometry),
+                    layout.masks / f"{pid}.nii.gz")
+        if spec.get("in_csv", True):
+            rows += structures_rows(pid, spec.get("annotated", [True] * 8))
+    (layout.masks / "structures.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+NO_HEART = [True, True, False, True, True, False, True, True]
+
+
+@pytest.fixture()
+def data_root(tmp_path) -> Path:
+    return make_data_root(tmp_path / "DATA", {
+        "P1": {},
+        "P2": {"annotated": NO_HEART, "direction": (0, 1, 0, -1, 0, 0, 0, 0, 1)},
+    })
+
+
+# --------------------------------------------------------------------------------------------
+# Window and z-score
+# --------------------------------------------------------------------------------------------
+def test_window_and_zscore_exact_values() -> None:
+    # Clipped to [-1000, 400]: -1000, -1000, 400, 400 -> mean -300 HU, std 700 HU.
+    hu = np.tile(np.array([-3000, -1000, 400, 2000], dtype=np.int16), (4, 1))
+    z, mean, std = n3.window_and_zscore(hu)
+    assert (mean, std) == (-300.0, 700.0)
+    assert z.dtype == np.float32 and z.shape == (4, 4)
+    np.testing.assert_array_equal(z, np.tile(np.float32([-1, -1, 1, 1]), (4, 1)))
+
+
+def test_window_and_zscore_custom_window() -> None:
+    hu = np.array([[-50, 25], [75, 300]], dtype=np.int16)  # clipped to 0, 25, 75, 100
+    z, mean, std = n3.window_and_zscore(hu, window=(0, 100))
+    assert mean == 50.0 and std == pytest.approx(np.sqrt(1562.5))
+    np.testing.assert_allclose(z, (np.array([[0, 25], [75, 100]]) - 50) / np.sqrt(1562.5), rtol=1e-6)
+
+
+def test_apply_zscore_reproduces_phase_3() -> None:
+    hu, _ = phantom()
+    z, mean, std = n3.window_and_zscore(hu, (-1000, 400))
+    np.testing.assert_array_equal(n3.apply_zscore(hu, (-1000, 400), mean, std), z)
+
+
+@pytest.mark.parametrize("window,match", [
+    ((400, -1000), "LOW must be below HIGH"),
+    ((0, 0), "LOW must be below HIGH"),
+    ((0,), "two HU values"),
+])
+def test_bad_window(window, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        n3.window_and_zscore(np.zeros((2, 2)), window)
+
+
+def test_constant_volume_cannot_be_zscored() -> None:
+    with pytest.raises(ValueError, match="constant"):
+        n3.window_and_zscore(np.full((2, 3, 3), -2000, dtype=np.int16))
+
+
+# --------------------------------------------------------------------------------------------
+# Resizing
+# --------------------------------------------------------------------------------------------
+def test_resize_ct_shrink_is_antialiased_bilinear() -> None:
+    ramp = np.tile(np.arange(4, dtype=np.float32), (3, 4, 1))  # 3 slices of rows 0 1 2 3
+    out = n3.resize_ct_slices(ramp, 2)
+    # Tent kernel widened 2x around the output centre (input coordinate 0.5): weights 3, 3, 1.
+    assert out.shape == (3, 2, 2) and out.dtype == np.float32
+    np.testing.assert_allclose(out, np.tile(np.float32([5 / 7, 16 / 7]), (3, 2, 1)), rtol=1e-6)
+
+
+def test_resize_ct_enlarge_is_bilinear() -> None:
+    out = n3.resize_ct_slices(np.array([[[0, 1], [0, 1]]], dtype=np.int16), 4)
+    np.testing.assert_allclose(out, np.tile(np.float32([0, 0.25, 0.75, 1]), (1, 4, 1)))
+
+
+def test_resize_ct_same_size_and_constant() -> None:
+    volume = np.random.default_rng(0).normal(size=(2, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(n3.resize_ct_slices(volume, 8), volume)
+    np.testing.assert_allclose(n3.resize_ct_slices(np.full((2, 30, 50), 7.5), 16), 7.5, rtol=1e-6)
+
+
+def test_resize_mask_nearest_exact() -> None:
+    mask = (np.arange(16, dtype=np.uint8).reshape(1, 4, 4) % 8)
+    # Shrink 2x: output pixel i takes input floor((i + 0.5) * 2) = 1, 3.
+    np.testing.assert_array_equal(n3.resize_mask_slices(mask, 2), [[[5, 7], [5, 7]]])
+    # Enlarge 2x: every pixel doubled.
+    small = np.array([[[1, 2], [3, 4]]], dtype=np.uint8)
+    np.testing.assert_array_equal(n3.resize_mask_slices(small, 4)[0], np.kron(small[0], np.ones((2, 2))))
+
+
+def test_resize_mask_never_creates_labels() -> None:
+    rng = np.random.default_rng(1)
+    mask = rng.choice(np.array([0, 3, 4, 7], dtype=np.uint8), size=(5, 37, 53))
+    for size in (32, 64):
+        out = n3.resize_mask_slices(mask, size)
+        assert out.dtype == np.uint8 and out.shape == (5, size, size)
+        assert set(np.unique(out)) <= {0, 3, 4, 7}
+
+
+def test_resize_labels_to_shape_inverts_the_resize() -> None:
+    labels = np.random.default_rng(2).integers(0, 8, size=(3, 32, 32), dtype=np.uint8)
+    enlarged = n3.resize_labels_to_shape(labels, (64, 64))
+    np.testing.assert_array_equal(n3.resize_mask_slices(enlarged, 32), labels)
+    assert n3.resize_labels_to_shape(labels, (40, 50)).shape == (3, 40, 50)
+
+
+def test_resize_probabilities_to_shape() -> None:
+    labels = np.kron(np.array([[0, 5], [3, 4]], dtype=np.uint8), np.ones((2, 2), np.uint8))[None]
+    probs = np.eye(8, dtype=np.float32)[labels].transpose(0, 3, 1, 2)  # one-hot (1, 8, 4, 4)
+    out = n3.resize_probabilities_to_shape(probs, (8, 8))
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, n3.resize_labels_to_shape(labels, (8, 8)))
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry: the resized grid covers the same physical extent
+# --------------------------------------------------------------------------------------------
+def corners_and_centre(image: sitk.Image) -> np.ndarray:
+    sx, sy, sz = image.GetSize()
+    points = [(-0.5, -0.5, 0), (sx - 0.5, -0.5, 0), (-0.5, sy - 0.5, sz - 1),
+              (sx - 0.5, sy - 0.5, sz - 1), ((sx - 1) / 2, (sy - 1) / 2, (sz - 1) / 2)]
+    return np.array([image.TransformContinuousIndexToPhysicalPoint(p) for p in points])
+
+
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (0, 1, 0, -1, 0, 0, 0, 0, 1),
+                                       (-1, 0, 0, 0, -1, 0, 0, 0, 1)])
+def test_resized_grid_overlays_the_original(direction) -> None:
+    original = make_image(np.zeros((5, 30, 40), np.int16), direction=direction)
+    resized = n3.image_on_resized_grid(np.zeros((5, 32, 32), np.float32), original)
+    np.testing.assert_allclose(corners_and_centre(resized), corners_and_centre(original), atol=1e-9)
+    assert resized.GetSpacing() == pytest.approx((0.8 * 40 / 32, 0.9 * 30 / 32, 3.0))
+    assert resized.GetDirection() == original.GetDirection()
+
+
+# --------------------------------------------------------------------------------------------
+# run(): outputs, values, geometry, cache
+# --------------------------------------------------------------------------------------------
+def test_run_writes_normalized_volumes_and_cache(data_root) -> None:
+    results = n3.run(data_root=data_root, size=32)
+    assert [(r.patient_id, r.status) for r in results] == [("P1", DONE), ("P2", DONE)]
+    layout = DataLayout(data_root)
+    normalization = json.loads((layout.normalized_ct / "normalization.json").read_text())
+    assert sorted(normalization) == ["P1", "P2"]
+    for pid, annotated in (("P1", [True] * 8), ("P2", NO_HEART)):
+        ct = sitk.ReadImage(str(layout.ct_nifti / f"{pid}.nii.gz"))
+        mask = sitk.ReadImage(str(layout.masks / f"{pid}.nii.gz"))
+        hu, labels = sitk.GetArrayFromImage(ct), sitk.GetArrayFromImage(mask)
+        zscored, mean, std = n3.window_and_zscore(hu)
+
+        norm_ct = sitk.ReadImage(str(layout.normalized_ct / f"{pid}.nii.gz"))
+        norm_mask = sitk.ReadImage(str(layout.normalized_masks / f"{pid}.nii.gz"))
+        ct_array = sitk.GetArrayFromImage(norm_ct)
+        mask_array = sitk.GetArrayFromImage(norm_mask)
+        assert ct_array.dtype == np.float32 and ct_array.shape == (6, 32, 32)
+        assert mask_array.dtype == np.uint8 and mask_array.shape == (6, 32, 32)
+        np.testing.assert_allclose(ct_array, n3.resize_ct_slices(zscored, 32), atol=1e-5)
+        np.testing.assert_array_equal(mask_array, n3.resize_mask_slices(labels, 32))
+        assert set(np.unique(mask_array)) <= set(np.unique(labels))
+
+        # Overlay: same corners and centre, and each structure's centre of mass stays put.
+        for image in (norm_ct, norm_mask):
+            np.testing.assert_allclose(corners_and_centre(image), corners_and_centre(ct), atol=1e-4)
+        for label in (organs.RIGHT_LUNG, organs.LEFT_LUNG, organs.HEART):
+            before = centre_of_mass_mm(mask, label)
+            after = centre_of_mass_mm(norm_mask, label)
+            assert np.abs(after - before).max() < max(norm_mask.GetSpacing()[:2]) / 2
+
+        cache = layout.training_cache / pid
+        ct_npy, mask_npy = np.load(cache / "ct.npy"), np.load(cache / "mask.npy")
+        assert ct_npy.dtype == np.float16 and mask_npy.dtype == np.uint8
+        np.testing.assert_allclose(ct_npy, ct_array, atol=2e-3)
+        np.testing.assert_array_equal(mask_npy, mask_array)
+        meta = json.loads((cache / "meta.json").read_text())
+        assert meta["annotated"] == annotated
+        assert meta["shape_zyx"] == [6, 32, 32] and meta["original_shape_zyx"] == [6, 40, 48]
+        assert meta["window"] == [-1000, 400] and meta["size"] == 32
+        assert (meta["mean"], meta["std"]) == (mean, std)
+        assert meta["original_spacing_xyz"] == pytest.approx([0.8, 0.9, 3.0])
+        assert meta["original_direction"] == pytest.approx(list(ct.GetDirection()))
+        assert meta["slice_labels"] == n3.slice_label_bits(mask_npy)
+        assert meta["slice_labels"][2] == 0b111011  # slice 2: background, GTV, lungs, heart
+        assert normalization[pid] == {k: meta[k] for k in normalization[pid]}
+    assert not list(data_root.rglob(PARTIAL_DIR_NAME))
+
+
+def centre_of_mass_mm(image: sitk.Image, label: int) -> np.ndarray:
+    zyx = np.argwhere(sitk.GetArrayFromImage(image) == label).mean(axis=0)
+    return np.array(image.TransformContinuousIndexToPhysicalPoint(zyx[::-1].tolist()))
+
+
+def test_slice_label_bits() -> None:
+    mask = np.zeros((3, 2, 2), np.uint8)
+    mask[1, 0, 0], mask[2] = organs.GTV, organs.SPINAL_CORD
+    assert n3.slice_label_bits(mask) == [0b1, 0b11, 0b10000000]
+
+
+def test_rerun_skips_and_overwrite_redoes(data_root) -> None:
+    n3.run(data_root=data_root, size=32)
+    cache = DataLayout(data_root).training_cache
+    before = (cache / "P1" / "ct.npy").stat().st_mtime_ns
+    assert [r.status for r in n3.run(data_root=data_root, size=32)] == [SKIPPED, SKIPPED]
+    assert (cache / "P1" / "ct.npy").stat().st_mtime_ns == before
+    (cache / "P2" / "mask.npy").unlink()  # an incomplete patient is redone without --overwrite
+    assert [r.status for r in n3.run(data_root=data_root, size=32)] == [SKIPPED, DONE]
+    results = n3.run(data_root=data_root, size=32, overwrite=True, patients=["P1"])
+    assert [r.status for r in results] == [DONE]
+    assert (cache / "P1" / "ct.npy").stat().st_mtime_ns != before
+    normalization = json.loads((DataLayout(data_root).normalized_ct / "normalization.json").read_text())
+    assert sorted(normalization) == ["P1", "P2"]  # a partial run keeps the other records
+    changed = n3.run(data_root=data_root, size=64, patients=["P2"])  # never mix two preprocessings
+    assert changed[0].status == FAILED
+    assert changed[0].message == ("P2: outputs exist with window [-1000, 400] and size 32, this run "
+                                  "asks for window [-1000, 400] and size 64; pass --overwrite to redo them")
+
+
+def test_bad_patient_fails_cleanly_and_others_are_done(tmp_path) -> None:
+    bad_labels = phantom()[1].copy()
+    bad_labels[0, 0, 0] = 9
+    root = make_data_root(tmp_path / "DATA", {
+        "GOOD": {},
+        "GRID": {"mask_spacing": (0.8, 0.9, 2.5)},  # label map not on the CT grid
+        "LABEL9": {"labels": bad_labels},
+        "NOCSV": {"in_csv": False},
+    })
+    (DataLayout(root).masks / "NOMASK.nii.gz").unlink(missing_ok=True)
+    write_nifti(make_image(phantom()[0]), DataLayout(root).ct_nifti / "NOMASK.nii.gz")
+    results = {r.patient_id: r for r in n3.run(data_root=root, size=32)}
+    assert results["GOOD"].status == DONE
+    expected = {
+        "GRID": r"GRID: label map .*GRID\.nii\.gz vs CT .*: geometry mismatch",
+        "LABEL9": r"LABEL9: .* holds label values \[0, 1, 3, 4, 5, 9\], expected 0-7",
+        "NOCSV": r"NOCSV: not listed in .*structures\.csv",
+        "NOMASK": r"NOMASK: no label map at .*NOMASK\.nii\.gz; run extract_multi_organ_masks\.py",
+    }
+    for pid, pattern in expected.items():
+        assert results[pid].status == FAILED
+        assert re.search(pattern, results[pid].message), results[pid].message
+    layout = DataLayout(root)
+    for pid in expected:  # nothing half-written for a failed patient
+        assert not (layout.normalized_ct / f"{pid}.nii.gz").exists()
+        assert not (layout.normalized_masks / f"{pid}.nii.gz").exists()
+        assert not (layout.training_cache / pid).exists()
+    assert not list(root.rglob(PARTIAL_DIR_NAME))
+    assert exit_status(list(results.values())) == 1
+    assert list(json.loads((layout.normalized_ct / "normalization.json").read_text())) == ["GOOD"]
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args,message", [
+    (["--window", "400", "-1000"],
+     "argument --window: window LOW must be below HIGH (HU), got LOW=400 HIGH=-1000"),
+    (["--window", "-1000"], "argument --window: expected 2 arguments"),
+    (["--size", "100"], "argument --size: size must be a multiple of 16 and >= 32 (e.g. 256), got 100"),
+    (["--size", "16"], "argument --size: size must be a multiple of 16 and >= 32 (e.g. 256), got 16"),
+    (["--size", "big"], "argument --size: must be an integer, got 'big'"),
+])
+def test_invalid_arguments_give_one_line_errors(args, message, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        n3.main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith(f"error: {message}")
+
+
+def test_main_runs_and_summarises(data_root, capsys) -> None:
+    assert n3.main(["--data-root", str(data_root), "--size", "32", "--workers", "1"]) == 0
+    assert "Phase 3: 2 normalized, 0 skipped, 0 failed" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# Real data: phases 2 and 2.5 on the two NSCLC-Radiomics sample patients, then phase 3
+# --------------------------------------------------------------------------------------------
+REAL_PATIENTS = ["LUNG1-005", "LUNG1-010"]
+
+
+@pytest.fixture(scope="module")
+def real_processed(real_sample_root, tmp_path_factory) -> tuple[Path, list]:
+    import convert_dicom_to_nifti
+    import extract_multi_organ_masks
+
+    root = tmp_path_factory.mktemp("real") / "DATA"
+    for phase in (convert_dicom_to_nifti, extract_multi_organ_masks):
+        results = phase.run(data_root=root, dicom_root=real_sample_root)
+        assert [(r.patient_id, r.status) for r in results] == [(p, DONE) for p in REAL_PATIENTS]
+    return root, n3.run(data_root=root, workers=2)
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_real_patients_normalize_and_overlay(real_processed) -> None:
+    from extract_multi_organ_masks import read_structures_csv
+
+    root, results = real_processed
+    assert [(r.patient_id, r.status) for r in results] == [(p, DONE) for p in REAL_PATIENTS]
+    layout = DataLayout(root)
+    annotated = read_structures_csv(layout.masks / "structures.csv")
+    normalization = json.loads((layout.normalized_ct / "normalization.json").read_text())
+    for pid in REAL_PATIENTS:
+        ct = sitk.ReadImage(str(layout.ct_nifti / f"{pid}.nii.gz"))
+        mask = sitk.ReadImage(str(layout.masks / f"{pid}.nii.gz"))
+        norm_ct = sitk.ReadImage(str(layout.normalized_ct / f"{pid}.nii.gz"))
+        norm_mask = sitk.ReadImage(str(layout.normalized_masks / f"{pid}.nii.gz"))
+        hu, labels = sitk.GetArrayFromImage(ct), sitk.GetArrayFromImage(mask)
+        assert labels.shape == (91, 512, 512)
+        ct_array, mask_array = sitk.GetArrayFromImage(norm_ct), sitk.GetArrayFromImage(norm_mask)
+        assert ct_array.shape == mask_array.shape == (91, 256, 256)
+        assert ct_array.dtype == np.float32 and mask_array.dtype == np.uint8
+
+        zscored, mean, std = n3.window_and_zscore(hu)
+        assert normalization[pid]["mean"] == mean and normalization[pid]["std"] == std
+        assert -1000 < mean < 400 and std > 100  # a thorax, not a phantom
+        np.testing.assert_allclose(ct_array[::10], n3.resize_ct_slices(zscored[::10], 256), atol=1e-4)
+        assert set(np.unique(mask_array)) <= set(np.unique(labels)) <= set(range(8))
+
+        for image in (norm_ct, norm_mask):
+            np.testing.assert_allclose(corners_and_centre(image), corners_and_centre(ct), atol=1e-3)
+        pixel_area_ratio = np.prod(norm_mask.GetSpacing()[:2]) / np.prod(mask.GetSpacing()[:2])
+        for label in sorted(set(np.unique(labels)) - {0}):
+            before, after = centre_of_mass_mm(mask, label), centre_of_mass_mm(norm_mask, label)
+            assert np.abs(after - before).max() < max(norm_mask.GetSpacing()[:2]) / 2, (pid, label)
+            volume_before = np.count_nonzero(labels == label)
+            volume_after = np.count_nonzero(mask_array == label) * pixel_area_ratio
+            assert volume_after == pytest.approx(volume_before, rel=0.05), (pid, label)
+
+        cache = layout.training_cache / pid
+        meta = json.loads((cache / "meta.json").read_text())
+        assert meta["annotated"] == annotated[pid]
+        assert meta["original_shape_zyx"] == [91, 512, 512]
+        np.testing.assert_array_equal(np.load(cache / "mask.npy", mmap_mode="r"), mask_array)
+        np.testing.assert_allclose(np.load(cache / "ct.npy", mmap_mode="r"), ct_array, atol=4e-3)
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_real_patients_split_and_load(real_processed, tmp_path) -> None:
+    import prepare_train_val_test_splits as splits
+    from dataset_multi_organ import MultiOrganDataset
+
+    root, _ = real_processed
+    summary = splits.run(data_root=root, splits_dir=tmp_path / "splits")
+    assert [summary[n]["patients"] for n in splits.SPLIT_NAMES] == [1, 0, 1]
+    assert summary["total"]["slices"] == 182
+    ds = MultiOrganDataset("train", data_root=root, splits_dir=tmp_path / "splits")
+    cache = DataLayout(root).training_cache / ds.patients[0]
+    ct, mask = np.load(cache / "ct.npy"), np.load(cache / "mask.npy")
+    for i in (0, 45, 90):
+        item = ds[i]
+        assert item["slice_index"] == i and item["image"].shape == (1, 256, 256)
+        np.testing.assert_array_equal(item["image"][0].numpy(), ct[i].astype(np.float32))
+        np.testing.assert_array_equal(item["mask"].numpy(), mask[i])
+    assert ds.slice_has_label(organs.GTV).sum() == np.count_nonzero((mask == organs.GTV).any(axis=(1, 2)))
