@@ -11,6 +11,10 @@ DATA   ?= DATA
 DEMO_PATIENTS ?= 20
 DEMO_SIZE     ?= 128
 DEMO_SLICES   ?= 40
+SPLITS        := $(DATA)/splits
+RUN           := $(DATA)/runs/demo
+# A small network trained for a few minutes on the CPU (see README, "Training on the collection").
+DEMO_TRAIN_ARGS ?= --base-channels 16 --lr 1e-3 --batch-size 8 --epochs 30 --time-limit 5m --device auto
 
 .PHONY: all install demo test clean clean-data
 
@@ -33,6 +37,19 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) make_synthetic_cohort.py --data-root $(DATA) --patients $(DEMO_PATIENTS) \
 		--size $(DEMO_SIZE) --slices $(DEMO_SLICES) --overwrite
+	$(PY) convert_dicom_to_nifti.py --data-root $(DATA) --overwrite
+	$(PY) extract_multi_organ_masks.py --data-root $(DATA) --overwrite
+	$(PY) normalize_ct_and_masks.py --data-root $(DATA) --size $(DEMO_SIZE) --overwrite
+	$(PY) prepare_train_val_test_splits.py --data-root $(DATA) --splits-dir $(SPLITS) --force
+	rm -rf $(RUN)
+	$(PY) train_multi_organ.py --data-root $(DATA) --splits-dir $(SPLITS) --output-dir $(RUN) \
+		$(DEMO_TRAIN_ARGS)
+	$(PY) evaluate_multi_organ.py --data-root $(DATA) --splits-dir $(SPLITS) \
+		--checkpoint $(RUN)/best_unet_multi_organ.pth --postprocess
+	$(PY) predict_multi_organ.py --checkpoint $(RUN)/best_unet_multi_organ.pth --postprocess \
+		--input $(DATA)/raw/synthetic/$$(head -n 1 $(SPLITS)/test.txt) --output $(DATA)/predictions --overwrite
+	$(PY) visualize_all_phases.py --data-root $(DATA) --splits-dir $(SPLITS) --run $(RUN) --output figures
+	@echo "Demo done: figures/, $(RUN)/evaluation_postprocessed/summary.md, $(DATA)/predictions/"
 
 clean-data:
 	rm -rf $(DATA)
