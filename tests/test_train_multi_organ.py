@@ -1,0 +1,466 @@
+"""Phase 5 training: the loss with missing annotations, class weights, checkpoints, exact resume,
+non-finite loss, early stopping, and data-parallel training under torchrun (2 CPU processes)."""
+from __future__ import annotations
+
+import json
+import math
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import organs
+import train_multi_organ as tm
+from losses_multi_organ import (
+    dice_counts,
+    dice_from_counts,
+    marginal_cross_entropy,
+    multi_organ_loss,
+    soft_dice_loss,
+)
+from normalize_ct_and_masks import slice_label_bits
+from unet_multi_organ import load_checkpoint_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SIZE, SLICES = 32, 4
+NO_HEART = [True, True, True, True, True, False, True, True]
+TINY = dict(base_channels=4, batch_size=4, lr=1e-3, device="cpu", workers=0, log_every=1, amp=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # run() then leaves the thread count alone
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny training cache in the phase 3 format, and its split files
+# --------------------------------------------------------------------------------------------
+def patient_arrays(seed: int, heart_annotated: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(4, 32, 32) float16 image and uint8 mask. Per slice: right and left lung 8x8 = 64 px
+    each, spinal cord 2x2 = 4 px, heart 4x4 = 16 px (visible in the image, labelled only when
+    annotated); GTV 2x2 = 4 px inside the right lung on slices 1 and 2."""
+    mask = np.zeros((SLICES, SIZE, SIZE), dtype=np.uint8)
+    mask[:, 8:16, 4:12] = organs.RIGHT_LUNG
+    mask[:, 8:16, 20:28] = organs.LEFT_LUNG
+    mask[:, 24:26, 15:17] = organs.SPINAL_CORD
+    mask[1:3, 10:12, 6:8] = organs.GTV
+    image = np.zeros(mask.shape, dtype=np.float32)
+    image[mask == organs.RIGHT_LUNG] = image[mask == organs.LEFT_LUNG] = -1.5
+    image[mask == organs.SPINAL_CORD] = 2.0
+    image[mask == organs.GTV] = 1.0
+    image[:, 18:22, 14:18] = 1.5  # heart
+    if heart_annotated:
+        mask[:, 18:22, 14:18] = organs.HEART
+    image += np.random.default_rng(seed).normal(0, 0.1, image.shape)
+    return image.astype(np.float16), mask
+
+
+def write_patient(root: Path, pid: str, seed: int, annotated: list[bool]) -> None:
+    image, mask = patient_arrays(seed, annotated[organs.HEART])
+    folder = root / "processed" / "training_cache" / pid
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "ct.npy", image)
+    np.save(folder / "mask.npy", mask)
+    meta = {"patient_id": pid, "shape_zyx": list(mask.shape), "annotated": annotated,
+            "window": [-1000, 400], "mean": -500.0, "std": 400.0, "size": SIZE,
+            "original_shape_zyx": list(mask.shape), "original_spacing_xyz": [1.0, 1.0, 2.5],
+            "original_origin_xyz": [0.0, 0.0, 0.0], "original_direction": [1, 0, 0, 0, 1, 0, 0, 0, 1],
+            "slice_labels": slice_label_bits(mask)}
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def write_splits(splits: Path, train: list[str], val: list[str], test: list[str]) -> None:
+    splits.mkdir(parents=True, exist_ok=True)
+    for name, ids in (("train", train), ("val", val), ("test", test)):
+        (splits / f"{name}.txt").write_text("".join(f"{pid}\n" for pid in ids))
+
+
+@pytest.fixture
+def cache(tmp_path) -> tuple[Path, Path]:
+    """(data_root, splits_dir): train P1 P2 (all annotated) P3 (no heart), val P4, P5 (no heart)."""
+    root = tmp_path / "data"
+    for i, annotated in enumerate([[True] * 8, [True] * 8, NO_HEART, [True] * 8, NO_HEART], start=1):
+        write_patient(root, f"P{i}", seed=i, annotated=annotated)
+    write_splits(tmp_path / "splits", ["P1", "P2", "P3"], ["P4", "P5"], [])
+    return root, tmp_path / "splits"
+
+
+# --------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------
+def test_marginal_ce_hand_values():
+    # One pixel labelled background, 3 classes, equal logits: p = 1/3 each.
+    logits, target = torch.zeros(1, 3, 1, 1), torch.zeros(1, 1, 1, dtype=torch.long)
+    annotated = torch.tensor([[True, True, True]])
+    assert marginal_cross_entropy(logits, target, annotated).item() == pytest.approx(math.log(3))
+    # Class 2 unannotated: it joins background, p(background or 2) = 2/3.
+    annotated = torch.tensor([[True, True, False]])
+    assert marginal_cross_entropy(logits, target, annotated).item() == pytest.approx(-math.log(2 / 3))
+    # A pixel of an annotated class is unaffected by the merge: -log(1/3).
+    target = torch.ones(1, 1, 1, dtype=torch.long)
+    assert marginal_cross_entropy(logits, target, annotated).item() == pytest.approx(math.log(3))
+
+
+def test_marginal_ce_equals_weighted_cross_entropy_when_everything_is_annotated():
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 8, 16, 16), torch.randint(0, 8, (2, 16, 16))
+    weights = torch.arange(1.0, 9.0)
+    annotated = torch.ones(2, 8, dtype=torch.bool)
+    expected = F.cross_entropy(logits, target, weight=weights)
+    assert torch.allclose(marginal_cross_entropy(logits, target, annotated, weights), expected, atol=1e-6)
+
+
+def test_soft_dice_hand_value():
+    # Background + 1 class on 2x2 pixels, equal logits: p1 = 0.5 everywhere, one true pixel.
+    # dice = (2 * 0.5 + 1) / (4 * 0.5 + 1 + 1) = 0.5
+    logits = torch.zeros(1, 2, 2, 2)
+    target = torch.tensor([[[1, 0], [0, 0]]])
+    annotated = torch.tensor([[True, True]])
+    assert soft_dice_loss(logits, target, annotated).item() == pytest.approx(0.5)
+    # Class unannotated in the only sample: nothing to score, loss 0.
+    assert soft_dice_loss(logits, target.clamp(max=0), torch.tensor([[True, False]])).item() == 0.0
+
+
+def test_perfect_prediction_gives_almost_zero_dice_loss():
+    mask = torch.from_numpy(patient_arrays(0, heart_annotated=True)[1][:2].astype(np.int64))
+    logits = 30.0 * F.one_hot(mask, 8).permute(0, 3, 1, 2).float()
+    annotated = torch.ones(2, 8, dtype=torch.bool)
+    assert soft_dice_loss(logits, mask, annotated).item() < 1e-4
+    assert multi_organ_loss(logits, mask, annotated, torch.ones(8)).item() < 1e-4
+
+
+def _logits_and_target(heart_annotated: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    mask = torch.from_numpy(patient_arrays(0, heart_annotated)[1][:2].astype(np.int64))
+    annotated = torch.ones(2, 8, dtype=torch.bool)
+    annotated[0, organs.HEART] = heart_annotated
+    return torch.randn(2, 8, SIZE, SIZE), mask, annotated
+
+
+def _swap_heart_and_background_on_background(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    swapped = logits.clone()
+    background = mask[0] == organs.BACKGROUND
+    swapped[0, organs.BACKGROUND][background] = logits[0, organs.HEART][background]
+    swapped[0, organs.HEART][background] = logits[0, organs.BACKGROUND][background]
+    return swapped
+
+
+def test_unannotated_heart_is_not_taught_as_background():
+    logits, mask, annotated = _logits_and_target(heart_annotated=False)
+    weights = torch.linspace(1, 3, 8)
+    swapped = _swap_heart_and_background_on_background(logits, mask)
+    assert not torch.equal(swapped, logits)
+    before = multi_organ_loss(logits, mask, annotated, weights)
+    after = multi_organ_loss(swapped, mask, annotated, weights)
+    assert after.item() == pytest.approx(before.item(), abs=1e-6)
+
+
+def test_annotated_heart_is_taught():
+    logits, mask, annotated = _logits_and_target(heart_annotated=True)
+    weights = torch.linspace(1, 3, 8)
+    swapped = _swap_heart_and_background_on_background(logits, mask)
+    before = multi_organ_loss(logits, mask, annotated, weights)
+    after = multi_organ_loss(swapped, mask, annotated, weights)
+    assert abs(after.item() - before.item()) > 1e-3
+
+
+def test_dice_counts_skip_unannotated_pairs():
+    target = torch.tensor([[[5, 5], [0, 0]], [[5, 0], [0, 0]]])
+    prediction = torch.tensor([[[5, 0], [0, 0]], [[5, 5], [5, 5]]])
+    annotated = torch.ones(2, 8, dtype=torch.bool)
+    dice = dice_from_counts(dice_counts(prediction, target, annotated, 8))
+    assert dice[5] == pytest.approx(2 * 2 / (5 + 3))  # (1 + 1) / ((1 + 4) + (2 + 1))
+    annotated[1, 5] = False  # the second sample's heart is unknown: only the first is scored
+    dice = dice_from_counts(dice_counts(prediction, target, annotated, 8))
+    assert dice[5] == pytest.approx(2 * 1 / (1 + 2))
+    assert math.isnan(dice[organs.GTV])  # neither present nor predicted
+
+
+def test_loss_shape_errors():
+    with pytest.raises(ValueError, match=r"annotated must be bool \(N, C\) = \(1, 8\)"):
+        multi_organ_loss(torch.zeros(1, 8, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long),
+                         torch.ones(1, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"target must be \(N, H, W\) = \(1, 4, 4\)"):
+        multi_organ_loss(torch.zeros(1, 8, 4, 4), torch.zeros(4, 4, dtype=torch.long),
+                         torch.ones(1, 8, dtype=torch.bool))
+
+
+# --------------------------------------------------------------------------------------------
+# Class weights
+# --------------------------------------------------------------------------------------------
+def test_class_weights_count_only_annotating_patients(cache):
+    root, _ = cache
+    record = tm.compute_class_weights(root, ["P1", "P2", "P3"])
+    volume = SLICES * SIZE * SIZE  # 4096 pixels per patient
+    # heart: 16 px x 4 slices in P1 and P2 only (P3 does not annotate it)
+    assert record["pixel_counts"][organs.HEART] == 2 * 64
+    assert record["annotated_pixels"][organs.HEART] == 2 * volume
+    assert record["annotated_pixels"][organs.RIGHT_LUNG] == 3 * volume
+    assert record["pixel_counts"][organs.GTV] == 3 * 2 * 4
+    assert record["pixel_counts"][organs.PTV] == 0
+    background = 3 * volume - 3 * (2 * 256 + 16) - 2 * 64  # all pixels minus labelled ones
+    assert record["pixel_counts"][0] == background
+    f_bg = background / (3 * volume)
+    assert record["weights"][organs.HEART] == pytest.approx(math.sqrt(f_bg / (128 / (2 * volume))), abs=1e-5)
+    assert math.sqrt(f_bg / (24 / (3 * volume))) > 10 and record["weights"][organs.GTV] == 10.0  # capped
+    assert record["weights"][0] == 1.0 and record["weights"][organs.PTV] == 1.0  # PTV: never seen
+
+
+def test_class_weights_cached_reused_and_recomputed_when_the_split_changes(cache, monkeypatch):
+    root, splits = cache
+    weights, reused = tm.load_or_compute_class_weights(root, splits, ["P1", "P2", "P3"])
+    assert not reused
+    stored = json.loads((splits / "class_weights.json").read_text())
+    assert stored["weights"] == weights and stored["n_patients"] == 3
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("class weights recomputed although cached")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tm, "compute_class_weights", forbidden)
+        assert tm.load_or_compute_class_weights(root, splits, ["P3", "P1", "P2"]) == (weights, True)
+
+    new_weights, reused = tm.load_or_compute_class_weights(root, splits, ["P1", "P3"])
+    assert not reused and new_weights != weights
+    assert json.loads((splits / "class_weights.json").read_text())["fingerprint"] != stored["fingerprint"]
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+def test_epoch_sampler_shares_one_draw_across_ranks_and_depends_on_the_epoch():
+    data = list(range(10))
+    samplers = [tm.EpochSampler(data, num_replicas=2, rank=r, seed=3, with_seeds=True) for r in (0, 1)]
+    for s in samplers:
+        s.set_epoch(4)
+    shares = [list(s) for s in samplers]
+    indices = sorted(i for share in shares for i, _ in share)
+    assert indices == data  # a permutation split between the ranks, nothing lost or repeated
+    assert list(samplers[0]) == shares[0]  # same epoch, same draw and seeds
+    samplers[0].set_epoch(5)
+    assert list(samplers[0]) != shares[0]
+    weighted = tm.EpochSampler(data, seed=0, weights=torch.tensor([0.0] * 9 + [1.0]))
+    assert list(weighted) == [9] * 10
+
+
+# --------------------------------------------------------------------------------------------
+# Training runs
+# --------------------------------------------------------------------------------------------
+def test_training_writes_the_run_folder(cache):
+    root, splits = cache
+    out = cache[1].parent / "run"
+    result = tm.run(data_root=root, splits_dir=splits, output_dir=out, epochs=2, **TINY)
+    assert result.stop_reason == "epochs" and len(result.history) == 2
+    for name in ("best_unet_multi_organ.pth", "last_checkpoint.pth", "history.csv", "history.json",
+                 "training_curves.png", "train.log"):
+        assert (out / name).is_file(), name
+    header = (out / "history.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["epoch", "train_loss", "val_loss"]
+    assert [f"dice_{s.key}" for s in organs.STRUCTURES[1:]] == header[3:10]
+    log_text = (out / "train.log").read_text()
+    assert '"base_channels": 4' in log_text and '"lr": 0.001' in log_text
+    row = json.loads((out / "history.json").read_text())[-1]
+    assert row["train_slices"] == 12 and row["epoch"] == 2
+    assert math.isnan(row["dice_ptv"]) or row["dice_ptv"] == 0.0  # PTV: never annotated here
+
+    best = torch.load(out / "best_unet_multi_organ.pth", weights_only=True)
+    assert best["preprocessing"] == {"window": [-1000.0, 400.0], "size": SIZE, "zscore": "per_patient"}
+    assert best["epoch"] == result.best_epoch and "optimizer_state" not in best
+    model, _ = load_checkpoint_model(out / "best_unet_multi_organ.pth", "cpu")
+    assert model.base_channels == 4
+    last = torch.load(out / "last_checkpoint.pth", weights_only=True)
+    assert last["epoch"] == 2 and last["epochs_without_improvement"] in (0, 1)
+
+
+def test_resume_continues_exactly(cache):
+    root, splits = cache
+    options = dict(data_root=root, splits_dir=splits, augment=True, tumour_oversampling=0.5,
+                   lr_schedule="cosine", **TINY)
+    straight = tm.run(output_dir=splits.parent / "straight", epochs=3, **options)
+    tm.run(output_dir=splits.parent / "resumed", epochs=1, **options)
+    resumed = tm.run(output_dir=splits.parent / "resumed", epochs=3,
+                     resume=splits.parent / "resumed" / "last_checkpoint.pth", **options)
+    assert len(resumed.history) == 3
+    assert [row["lr"] for row in resumed.history] == pytest.approx([1e-3, (1e-3 + 1e-5) / 2, 1e-5])
+    for a, b in zip(straight.history[1:], resumed.history[1:]):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-6)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-6)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+
+
+def test_resume_refuses_a_best_checkpoint_and_another_width(cache):
+    root, splits = cache
+    out = splits.parent / "run"
+    tm.run(data_root=root, splits_dir=splits, output_dir=out, epochs=1, **TINY)
+    with pytest.raises(ValueError, match="best checkpoints hold no optimizer state"):
+        tm.run(data_root=root, splits_dir=splits, epochs=2, resume=out / "best_unet_multi_organ.pth")
+    with pytest.raises(ValueError, match="--base-channels 8 differs from the resumed checkpoint's 4"):
+        tm.run(data_root=root, splits_dir=splits, epochs=2, resume=out, **(TINY | {"base_channels": 8}))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cache, monkeypatch):
+    root, splits = cache
+    out = splits.parent / "run"
+    real_loss = tm.multi_organ_loss
+    calls = {"train": 0}
+
+    def loss_going_nan(logits, *args):
+        loss = real_loss(logits, *args)
+        if torch.is_grad_enabled():  # training steps only (validation runs under no_grad)
+            calls["train"] += 1
+            if calls["train"] > 3:  # epoch 1 has 3 steps; the first of epoch 2 goes wrong
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(tm, "multi_organ_loss", loss_going_nan)
+    with pytest.raises(tm.NonFiniteLossError,
+                       match=r"non-finite training loss at epoch 2, step 1: training stopped\. "
+                             r"The last good checkpoint is .*last_checkpoint.pth \(epoch 1\)"):
+        tm.run(data_root=root, splits_dir=splits, output_dir=out, epochs=3, **TINY)
+    last = torch.load(out / "last_checkpoint.pth", weights_only=True)
+    assert last["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in last["model_state"].values() if v.is_floating_point())
+    assert len(json.loads((out / "history.json").read_text())) == 1
+
+
+def test_main_reports_a_non_finite_loss_in_one_line(cache, monkeypatch, capsys):
+    root, splits = cache
+    monkeypatch.setattr(tm, "multi_organ_loss", lambda logits, *a: logits.sum() * float("inf"))
+    argv = ["--data-root", str(root), "--splits-dir", str(splits), "--output-dir", str(splits.parent / "r"),
+            "--base-channels", "4", "--device", "cpu", "--epochs", "1", "--log-every", "1"]
+    assert tm.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "ERROR train_multi_organ: non-finite training loss at epoch 1, step 1" in err
+    assert "No checkpoint was written yet" in err and "Traceback" not in err
+
+
+def test_early_stopping_on_the_validation_loss(cache, monkeypatch):
+    root, splits = cache
+    epochs_validated = []
+
+    def worsening_validation(model, loader, weights, runtime):
+        epochs_validated.append(1)
+        return float(len(epochs_validated)), [0.5] * 8
+
+    monkeypatch.setattr(tm, "validate", worsening_validation)
+    result = tm.run(data_root=root, splits_dir=splits, output_dir=splits.parent / "r", epochs=10,
+                    patience=2, **TINY)
+    # val loss 1, 2, 3: best at epoch 1, no improvement in epochs 2 and 3 -> stop after epoch 3
+    assert [row["val_loss"] for row in result.history] == [1.0, 2.0, 3.0]
+    assert result.best_epoch == 1 and result.stop_reason.startswith("early stopping")
+    assert torch.load(result.best_checkpoint, weights_only=True)["epoch"] == 1
+
+
+def test_max_steps_stops_mid_epoch_and_still_saves_with_bfloat16_on_cpu(cache):
+    root, splits = cache
+    result = tm.run(data_root=root, splits_dir=splits, output_dir=splits.parent / "r", epochs=5,
+                    max_steps=2, **(TINY | {"amp": True}))
+    assert '"amp": "bfloat16"' in (splits.parent / "r" / "train.log").read_text()
+    assert math.isfinite(result.history[0]["train_loss"])
+    assert len(result.history) == 1 and result.history[0]["partial_epoch"] is True
+    assert result.history[0]["train_slices"] == 8 and "--max-steps" in result.stop_reason
+    assert result.best_checkpoint.is_file()
+
+
+def test_empty_validation_split_selects_on_the_training_loss(cache):
+    root, splits = cache
+    (splits / "val.txt").write_text("")
+    result = tm.run(data_root=root, splits_dir=splits, output_dir=splits.parent / "r", epochs=2, **TINY)
+    assert all(math.isnan(row["val_loss"]) for row in result.history)
+    best = min(result.history, key=lambda row: row["train_loss"])
+    assert result.best_epoch == best["epoch"] and result.best_val_loss == best["train_loss"]
+    assert "val.txt lists no patient" in (splits.parent / "r" / "train.log").read_text()
+
+
+def test_missing_split_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="split file .*train.txt not found"):
+        tm.run(data_root=tmp_path, splits_dir=tmp_path / "nosplits", output_dir=tmp_path / "r", **TINY)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tumour-oversampling", "1.5"], "must be a fraction in (0, 1), got 1.5"),
+    (["--time-limit", "soon"], "expected seconds or a duration like 5m or 1.5h, got 'soon'"),
+    (["--lr", "0"], "must be > 0, got 0"),
+    (["--workers", "-1"], "--workers must be >= 0, got -1"),
+    (["--device", "tpu"], "invalid choice: 'tpu'"),
+])
+def test_bad_arguments_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        tm.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_learning_rate_schedules():
+    assert tm.learning_rate(1e-3, 0.6, "constant") == 1e-3
+    assert tm.learning_rate(1e-3, 0.0, "cosine") == pytest.approx(1e-3)
+    assert tm.learning_rate(1e-3, 0.5, "cosine") == pytest.approx((1e-3 + 1e-5) / 2)
+    assert tm.learning_rate(1e-3, 1.0, "cosine") == pytest.approx(1e-5)
+    with pytest.raises(ValueError, match="lr_schedule must be one of constant, cosine, got 'step'"):
+        tm.learning_rate(1e-3, 0.0, "step")
+    assert tm.training_progress(1, 11) == 0.0 and tm.training_progress(6, 11) == 0.5
+    assert tm.training_progress(3, 11, elapsed=90, time_limit=100) == 0.9  # time runs out first
+    assert tm.training_progress(11, 11, elapsed=10, time_limit=100) == 1.0
+    assert tm.training_progress(5, 1) == 0.0
+
+
+def test_duration_and_precision_choices():
+    assert tm._seconds("90") == 90 and tm._seconds("5m") == 300 and tm._seconds("1.5h") == 5400
+    cpu = torch.device("cpu")
+    native = tm.cpu_has_native_bfloat16()
+    assert tm.choose_precision(cpu, None) == ((torch.bfloat16, False) if native else (None, False))
+    assert tm.choose_precision(cpu, True) == (torch.bfloat16, False)
+    assert tm.choose_precision(cpu, False) == (None, False)
+
+
+# --------------------------------------------------------------------------------------------
+# torchrun: 2 processes on CPU with gloo
+# --------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_torchrun_two_processes_end_with_identical_weights_and_one_checkpoint(cache, tmp_path):
+    root, splits = cache
+    out = tmp_path / "ddp"
+    worker = tmp_path / "worker.py"
+    worker.write_text(textwrap.dedent(f"""
+        import os, sys, torch
+        sys.path.insert(0, {str(REPO_ROOT)!r})
+        import train_multi_organ as tm
+        result = tm.run(data_root={str(root)!r}, splits_dir={str(splits)!r}, output_dir={str(out)!r},
+                        epochs=2, max_steps=3, base_channels=4, batch_size=2, lr=1e-3, device="cpu", amp=False,
+                        workers=0, log_every=1)
+        torch.save(result.model.state_dict(), {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
+        print("history", result.history)
+    """))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(worker)]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for name, value in rank0.items():
+        assert torch.equal(value, rank1[name]), name
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["best_unet_multi_organ.pth", "history.csv", "history.json",
+                       "last_checkpoint.pth", "train.log", "training_curves.png"]
+    saved = torch.load(out / "last_checkpoint.pth", weights_only=True)["model_state"]
+    for name, value in rank0.items():
+        assert torch.equal(saved[name], value), name
+    # 12 training slices, 2 ranks x batch 2: 3 steps = 12 slices in total, seen once
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 1 and history[0]["train_slices"] == 12

@@ -1,0 +1,261 @@
+"""Phase 5 model: a 2D U-Net that segments the seven structures of ``organs.py`` on CT slices.
+
+Input  ``(N, in_channels, H, W)`` float32 z-scored CT slices (H and W divisible by 16);
+output ``(N, out_channels, H, W)`` logits (no softmax), one channel per label value 0-7.
+
+The architecture is the classic U-Net (Ronneberger et al. 2015, with BatchNorm): four max-pool
+downsamplings (64 -> 128 -> 256 -> 512 channels, bottleneck 1024), each level a double
+3x3 conv + BatchNorm + ReLU block, transposed-convolution upsampling, skip connections by
+concatenation, a 1x1 convolution to logits. At the defaults it has exactly 31,036,936
+parameters (118.4 MiB of float32). ``base_channels`` scales every width, so CPU demos and tests
+can use a small network (``base_channels=16`` has 1/16 of the parameters).
+
+Checkpoints (written by ``train_multi_organ.py`` through :func:`build_checkpoint`) are plain
+dicts of tensors and built-in types, loadable with ``torch.load(weights_only=True)``:
+
+    model, checkpoint = load_checkpoint_model("runs/x/best_unet_multi_organ.pth", "cpu")
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+import organs
+
+CHECKPOINT_FORMAT = "unet_multi_organ"
+CHECKPOINT_FORMAT_VERSION = 1
+#: Four 2x2 max-pools: H and W must be multiples of 2**4.
+SIZE_MULTIPLE = 16
+
+
+class DoubleConv(nn.Sequential):
+    """(3x3 conv -> BatchNorm -> ReLU) x 2; spatial size kept. Convs have no bias (BN follows)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class Down(nn.Sequential):
+    """2x2 max-pool, then :class:`DoubleConv`: halves H and W."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(nn.MaxPool2d(2), DoubleConv(in_channels, out_channels))
+
+
+class Up(nn.Module):
+    """2x2 transposed convolution (doubles H and W, halves channels), concatenation with the
+    skip connection, then :class:`DoubleConv`."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(in_channels, in_channels // 2, kernel_size=2, stride=2)
+        self.conv = DoubleConv(in_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([skip, self.up(x)], dim=1))
+
+
+class UNetMultiOrgan(nn.Module):
+    """2D U-Net: ``(N, in_channels, H, W)`` float -> ``(N, out_channels, H, W)`` logits.
+
+    Args:
+        in_channels: image channels (1 for CT).
+        out_channels: classes, label values 0..out_channels-1 (8: background + 7 structures).
+        base_channels: width of the first level; levels are 1, 2, 4, 8 and 16 times it.
+
+    Raises ``ValueError`` in ``forward`` when H or W is not divisible by 16.
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 8, base_channels: int = 64) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("base_channels", base_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.base_channels = base_channels
+        c = base_channels
+        self.inc = DoubleConv(in_channels, c)
+        self.down1 = Down(c, 2 * c)
+        self.down2 = Down(2 * c, 4 * c)
+        self.down3 = Down(4 * c, 8 * c)
+        self.down4 = Down(8 * c, 16 * c)
+        self.up1 = Up(16 * c, 8 * c)
+        self.up2 = Up(8 * c, 4 * c)
+        self.up3 = Up(4 * c, 2 * c)
+        self.up4 = Up(2 * c, c)
+        self.outc = nn.Conv2d(c, out_channels, kernel_size=1)
+
+    @property
+    def config(self) -> dict[str, int]:
+        """The constructor arguments, as stored in checkpoints (``model_config``)."""
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "base_channels": self.base_channels}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected input of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        height, width = x.shape[-2:]
+        if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
+            raise ValueError(
+                f"input size {height}x{width} is not divisible by {SIZE_MULTIPLE} "
+                f"(the U-Net pools 4 times); resize or pad the slices, e.g. to "
+                f"{_round_up(height)}x{_round_up(width)}"
+            )
+        x1 = self.inc(x)
+        x2 = self.down1(x1)
+        x3 = self.down2(x2)
+        x4 = self.down3(x3)
+        x5 = self.down4(x4)
+        x = self.up1(x5, x4)
+        x = self.up2(x, x3)
+        x = self.up3(x, x2)
+        x = self.up4(x, x1)
+        return self.outc(x)
+
+
+def _round_up(n: int) -> int:
+    return int(math.ceil(n / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+def label_table() -> dict[str, str]:
+    """``{"0": "background", "1": "gtv", ...}`` from ``organs.STRUCTURES`` (string keys for JSON)."""
+    return {str(s.label): s.key for s in organs.STRUCTURES}
+
+
+def preprocessing_from_cache(cache_dir: Path | str) -> dict[str, Any]:
+    """The normalisation settings a model was trained with, read from the phase-3 outputs.
+
+    ``cache_dir`` is the training cache (``<root>/processed/training_cache``); the window and
+    size come from the first patient's ``meta.json`` there (all patients share them). Returns
+    ``{"window": [lo, hi] (HU), "size": int (pixels), "zscore": "per_patient"}``.
+    Raises ``ValueError`` naming the folder when no ``meta.json`` is found.
+    """
+    cache_dir = Path(cache_dir)
+    metas = sorted(cache_dir.glob("*/meta.json"))
+    if not metas:
+        raise ValueError(f"no <patient>/meta.json in training cache {cache_dir}; run phase 3 first")
+    meta = json.loads(metas[0].read_text(encoding="utf-8"))
+    try:
+        window = [float(v) for v in meta["window"]]
+        size = int(meta["size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{metas[0]}: missing or invalid 'window'/'size' ({exc})") from None
+    return {"window": window, "size": size, "zscore": "per_patient"}
+
+
+def build_checkpoint(
+    model: nn.Module,
+    *,
+    preprocessing: Mapping[str, Any],
+    epoch: int,
+    val_loss: float,
+    val_dice: Mapping[str, float] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The checkpoint dict of the Phase 5 contract (only tensors and built-in types).
+
+    ``model`` may be wrapped (DDP, ``torch.compile``); the plain module's state is stored, on
+    CPU, so the file loads anywhere. ``val_dice`` maps structure keys to Dice (NaN allowed).
+    ``extra`` entries (e.g. optimizer state for the last checkpoint) are added as they are.
+    """
+    plain = unwrap_model(model)
+    if not isinstance(plain, UNetMultiOrgan):
+        raise TypeError(f"expected a UNetMultiOrgan, got {type(plain).__name__}")
+    checkpoint: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "model_state": {k: v.detach().cpu().clone() for k, v in plain.state_dict().items()},
+        "model_config": dict(plain.config),
+        "labels": label_table(),
+        "preprocessing": dict(preprocessing),
+        "epoch": int(epoch),
+        "val_loss": float(val_loss),
+        "val_dice": {str(k): float(v) for k, v in (val_dice or {}).items()},
+    }
+    checkpoint.update(extra or {})
+    return checkpoint
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under ``DistributedDataParallel`` and/or ``torch.compile`` wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
+            model = model.module
+        else:
+            return model
+
+
+def load_checkpoint_model(
+    path: Path | str, device: torch.device | str = "cpu"
+) -> tuple[UNetMultiOrgan, dict[str, Any]]:
+    """Load a checkpoint written by ``train_multi_organ.py``: ``(model in eval mode, checkpoint)``.
+
+    Loads with ``weights_only=True`` (no code from the file is executed). Raises
+    ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file when it is not
+    a ``unet_multi_organ`` checkpoint, has a newer format version, or its weights do not match
+    the stored model configuration.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(
+            f"{path}: not a {CHECKPOINT_FORMAT} checkpoint (torch.load failed: {exc})"
+        ) from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(
+            f"{path}: not a {CHECKPOINT_FORMAT} checkpoint (format {found!r}; expected a file "
+            f"written by train_multi_organ.py)"
+        )
+    version = checkpoint.get("format_version")
+    if not isinstance(version, int) or version > CHECKPOINT_FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: checkpoint format version {version!r} is not supported "
+            f"(this code reads versions <= {CHECKPOINT_FORMAT_VERSION})"
+        )
+    config = checkpoint.get("model_config")
+    if not isinstance(config, dict) or "model_state" not in checkpoint:
+        raise ValueError(f"{path}: checkpoint lacks 'model_config' or 'model_state'")
+    try:
+        model = UNetMultiOrgan(**config)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: invalid model_config {config}: {exc}") from None
+    try:
+        model.load_state_dict(checkpoint["model_state"], strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise ValueError(
+            f"{path}: weights do not match model_config {config}: "
+            f"{' '.join(line.strip() for line in first[:3])}"
+        ) from None
+    model.to(device).eval()
+    return model, checkpoint
