@@ -1,0 +1,628 @@
+"""Phase 6: segment new patients: CT (DICOM or NIfTI) in, label map + RTSTRUCT + volumes + overlay out.
+
+``--input`` (a patient's DICOM folder at any nesting, a folder of patient folders, or a CT NIfTI
+file) -> ``--output DIR``: ``<PatientID>_labels.nii.gz`` (uint8 labels 0-7 of ``organs.py`` on the
+CT's own grid and geometry), ``<PatientID>_RTSTRUCT.dcm`` (DICOM input only: references the CT's
+study, series, frame of reference and slices), ``<PatientID>_volumes.csv`` (ml per structure) and
+``<PatientID>_overlay.png`` (a montage for a quick look).
+
+    python predict_multi_organ.py --input DICOM_DIR --checkpoint best_unet_multi_organ.pth --output OUT
+
+For each patient, exactly as in training and evaluation:
+
+1. the CT series is found and read by phase 2 (``convert_dicom_to_nifti``: slices ordered along
+   the normal, gantry tilt and missing slices refused) or read from the NIfTI;
+2. preprocessing comes from the checkpoint (``preprocessing``: HU window, slice size, per-patient
+   z-score) through phase 3's functions, never re-typed;
+3. all slices are predicted in batches under ``torch.inference_mode``; per-class probabilities
+   are resized back to the CT's own in-plane size and arg-maxed (``evaluate_multi_organ``);
+   ``--postprocess`` keeps the largest connected component of each organ, as the evaluation does;
+4. the outputs are written atomically; existing ones are kept unless ``--overwrite``.
+
+Precision (``--precision auto``): bfloat16 autocast with channels-last tensors on a CPU with
+native bfloat16 instructions (AVX512-BF16 or AMX) and on CUDA GPUs that support bfloat16;
+float32 elsewhere. ``benchmarks/bench_inference.py`` measures both and the Dice between their labels.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import functools
+import io
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+import organs
+from convert_dicom_to_nifti import PatientDicom, choose_ct_series, find_dicom_series, read_ct_series
+from evaluate_multi_organ import keep_largest_component, resolve_device
+from normalize_ct_and_masks import check_size, check_window, resize_ct_slices, window_and_zscore
+from pipeline_io import (
+    DONE,
+    SKIPPED,
+    PatientError,
+    PatientResult,
+    atomic_output,
+    check_same_geometry,
+    check_writable,
+    exit_status,
+    nifti_stem,
+    positive_int,
+    run_batch,
+    safe_patient_id,
+    setup_logging,
+    summary_line,
+    write_nifti,
+    write_text_atomic,
+)
+from rtstruct_export import ROI_MEMBERS, CTReference, build_rtstruct, roi_summary, write_rtstruct
+from unet_multi_organ import label_table, load_checkpoint_model
+
+log = logging.getLogger(__name__)
+
+PHASE = "Predict"
+PRECISIONS = ("auto", "float32", "bfloat16")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+OUTPUT_SUFFIXES = {
+    "labels": "_labels.nii.gz",
+    "rtstruct": "_RTSTRUCT.dcm",
+    "volumes": "_volumes.csv",
+    "overlay": "_overlay.png",
+}
+VOLUME_COLUMNS = ("patient_id", "label", "structure", "rtstruct_name", "labels", "voxels", "volume_ml")
+#: Stages of one patient, timed in ``PatientResult.info["seconds"]`` (and by the benchmark).
+STAGES = ("read", "preprocess", "predict", "map_back", "postprocess", "rtstruct", "write")
+#: Peak activations of one slice in inference, in first-level feature maps (base channels x S x S).
+#: 8 maps = 134 MB in float32 and 67 MB in bfloat16 for the default network at 256 px; measured
+#: (growth of the peak RSS from batch 1 to 4, per slice): 120 MB and 52 MB.
+_FEATURE_MAPS_PER_SLICE = 8
+MAX_BATCH_SIZE = {"cpu": 8, "cuda": 64}  # beyond these, larger batches are no faster
+_MONTAGE_TILES = 12
+_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+class CheckpointError(ValueError):
+    """The checkpoint is not a ``unet_multi_organ`` checkpoint usable for prediction."""
+
+
+# --------------------------------------------------------------------------------------------
+# Device, precision, batch size
+# --------------------------------------------------------------------------------------------
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_has_fast_bfloat16() -> bool:
+    """True when this CPU runs bfloat16 convolutions natively (AVX512-BF16 or AMX-BF16) with oneDNN.
+
+    Without those instructions bfloat16 is emulated and slower than float32.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return False
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(torch.cpu, probe, None)
+        if check is not None and check():
+            return True
+    return bool(set(_CPU_BF16_FLAGS) & _cpu_flags())
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bfloat16 where it is fast (see module docstring), else float32.
+
+    Raises:
+        ValueError: an unknown precision, or ``bfloat16`` on a CUDA GPU without bfloat16 support.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+        if precision == "bfloat16" and not supported:
+            raise ValueError(f"--precision bfloat16: the GPU {torch.cuda.get_device_name(device)} has no bfloat16")
+        fast = supported
+    else:
+        fast = cpu_has_fast_bfloat16()
+    if precision == "auto":
+        return torch.bfloat16 if fast else torch.float32
+    return torch.bfloat16 if precision == "bfloat16" else torch.float32
+
+
+def _available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 1024**3  # unknown: assume a modest machine
+
+
+def auto_batch_size(device: torch.device, size: int, base_channels: int, dtype: torch.dtype) -> int:
+    """Slices per forward pass: a quarter of the free (GPU or system) memory over the activation
+    memory of one slice, between 1 and :data:`MAX_BATCH_SIZE` for the device type."""
+    element_bytes = 2 if dtype == torch.bfloat16 else 4
+    per_slice = _FEATURE_MAPS_PER_SLICE * element_bytes * base_channels * size * size
+    fit = _available_memory_bytes(device) // 4 // max(per_slice, 1)
+    return int(max(1, min(MAX_BATCH_SIZE.get(device.type, 8), fit)))
+
+
+# --------------------------------------------------------------------------------------------
+# The model and its preprocessing
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Predictor:
+    """A loaded checkpoint with everything needed to segment a CT the way it was trained.
+
+    Build it with :meth:`load`; :meth:`segment` turns HU (Z, Y, X) into labels (Z, Y, X).
+    """
+
+    model: torch.nn.Module
+    checkpoint_path: Path
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int
+    window: tuple[float, float]
+    size: int
+    postprocess: bool = False
+
+    @classmethod
+    def load(
+        cls,
+        checkpoint: Path | str,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        batch_size: int | None = None,
+        postprocess: bool = False,
+    ) -> "Predictor":
+        """Load ``checkpoint`` onto ``device`` (``auto``/``cpu``/``cuda``) in ``precision``.
+
+        Raises:
+            FileNotFoundError: no such checkpoint file.
+            CheckpointError: not one of our checkpoints, weights that do not fit its model
+                configuration, a model that does not predict the labels of ``organs.py`` from one
+                CT channel, or missing/invalid preprocessing settings.
+            ValueError: an unknown device/precision or CUDA asked for but absent.
+        """
+        torch_device = resolve_device(device)
+        dtype = resolve_precision(precision, torch_device)
+        try:
+            model, record = load_checkpoint_model(checkpoint, torch_device)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
+        window, size = preprocessing_of(record, checkpoint)
+        config = record.get("model_config", {})
+        if config.get("in_channels") != 1 or config.get("out_channels") != organs.NUM_CLASSES:
+            raise CheckpointError(
+                f"{checkpoint}: the model maps {config.get('in_channels')} channel(s) to "
+                f"{config.get('out_channels')} classes; expected 1 CT channel -> {organs.NUM_CLASSES} labels"
+            )
+        labels = {str(k): str(v) for k, v in (record.get("labels") or {}).items()}
+        if labels and labels != label_table():
+            raise CheckpointError(
+                f"{checkpoint}: its labels {labels} differ from organs.py {label_table()}; "
+                "the label values would be misread"
+            )
+        if dtype == torch.bfloat16:
+            model = model.to(memory_format=torch.channels_last)
+        if batch_size is None:
+            batch_size = auto_batch_size(torch_device, size, int(config.get("base_channels", 64)), dtype)
+        return cls(model.eval(), Path(checkpoint), torch_device, dtype, int(batch_size), window, size, postprocess)
+
+    @property
+    def channels_last(self) -> bool:
+        return self.dtype == torch.bfloat16
+
+    def describe(self) -> str:
+        """One line for the log: device, precision, batch size, preprocessing."""
+        layout = " + channels-last" if self.channels_last else ""
+        return (f"{self.checkpoint_path.name} on {self.device} ({str(self.dtype).replace('torch.', '')}{layout}), "
+                f"batch {self.batch_size}, window {list(self.window)} HU, {self.size}x{self.size} slices"
+                + (", largest component per organ" if self.postprocess else ""))
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def preprocess(self, hu_zyx: np.ndarray) -> np.ndarray:
+        """HU (Z, Y, X) -> network input (Z, S, S) float32: window, per-patient z-score, resize (phase 3)."""
+        normalized, _, _ = window_and_zscore(hu_zyx, self.window)
+        return resize_ct_slices(normalized, self.size)
+
+    def predict(self, ct_normalized: np.ndarray, output_shape_yx: Sequence[int],
+                seconds: dict[str, float] | None = None) -> np.ndarray:
+        """Network input (Z, S, S) -> uint8 labels (Z, H, W) on the CT's in-plane grid.
+
+        ``batch_size`` slices per forward pass; per-class probabilities are resized bilinearly to
+        ``output_shape_yx`` before the argmax, as the evaluation does (:func:`logits_to_labels`).
+        ``seconds`` (optional) accumulates ``predict`` (network) and ``map_back`` (resize + argmax).
+        """
+        if ct_normalized.ndim != 3 or ct_normalized.shape[1:] != (self.size, self.size):
+            raise ValueError(f"expected a (Z, {self.size}, {self.size}) input, got {ct_normalized.shape}")
+        seconds = seconds if seconds is not None else {}
+        shape = tuple(int(n) for n in output_shape_yx)
+        labels = np.empty((len(ct_normalized), *shape), dtype=np.uint8)
+        with torch.inference_mode():
+            for start in range(0, len(ct_normalized), self.batch_size):
+                with _timer(seconds, "predict", self.device):
+                    batch = torch.from_numpy(np.ascontiguousarray(ct_normalized[start:start + self.batch_size]))
+                    batch = batch.unsqueeze(1).to(self.device)
+                    if self.channels_last:
+                        batch = batch.contiguous(memory_format=torch.channels_last)
+                    with self._autocast():
+                        logits = self.model(batch)
+                with _timer(seconds, "map_back", self.device):
+                    labels[start:start + len(batch)] = logits_to_labels(logits, shape).cpu().numpy()
+        return labels
+
+    def segment(self, hu_zyx: np.ndarray, seconds: dict[str, float] | None = None) -> np.ndarray:
+        """HU (Z, Y, X) -> uint8 labels (Z, Y, X) on the same grid (with ``postprocess`` applied)."""
+        seconds = seconds if seconds is not None else {}
+        with _timer(seconds, "preprocess"):
+            ct_small = self.preprocess(hu_zyx)
+        labels = self.predict(ct_small, hu_zyx.shape[1:], seconds)
+        if self.postprocess:
+            with _timer(seconds, "postprocess"):
+                labels = keep_largest_component(labels)
+        return labels
+
+
+def logits_to_labels(logits: torch.Tensor, output_shape_yx: Sequence[int]) -> torch.Tensor:
+    """(B, C, S, S) logits -> (B, H, W) uint8 labels: softmax, bilinear resize to H x W, argmax.
+
+    The labels of ``evaluate_multi_organ.probabilities_to_labels`` (a test checks it), 5x
+    faster on a CPU: anti-aliasing only when shrinking (it changes nothing when enlarging but
+    costs 1.7x) and ``max(dim).indices``, 6x faster than ``argmax(dim)`` over the channel axis.
+    """
+    probabilities = torch.softmax(logits.float(), dim=1)
+    shape = tuple(int(n) for n in output_shape_yx)
+    if tuple(probabilities.shape[-2:]) != shape:
+        shrinking = shape[0] < probabilities.shape[-2] or shape[1] < probabilities.shape[-1]
+        probabilities = F.interpolate(probabilities, size=shape, mode="bilinear", align_corners=False,
+                                      antialias=shrinking)
+    return probabilities.max(dim=1).indices.to(torch.uint8)
+
+
+def preprocessing_of(record: dict[str, Any], checkpoint: Path | str) -> tuple[tuple[float, float], int]:
+    """``(window HU, slice size)`` from a checkpoint's ``preprocessing``; :class:`CheckpointError` if unusable."""
+    settings = record.get("preprocessing")
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{checkpoint}: no 'preprocessing' settings in the checkpoint")
+    if settings.get("zscore", "per_patient") != "per_patient":
+        raise CheckpointError(
+            f"{checkpoint}: preprocessing zscore={settings.get('zscore')!r}; only 'per_patient' is implemented"
+        )
+    try:
+        return check_window(settings["window"]), check_size(settings["size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{checkpoint}: invalid preprocessing {settings}: {exc}") from None
+
+
+@contextlib.contextmanager
+def _timer(seconds: dict[str, float], stage: str, device: torch.device | None = None) -> Iterator[None]:
+    """Add the wall time of the block to ``seconds[stage]`` (waiting for the GPU to finish)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    """One patient to segment: a phase-2 DICOM patient or a CT NIfTI file."""
+
+    patient_id: str
+    dicom: PatientDicom | None = None
+    nifti: Path | None = None
+
+
+@dataclass
+class LoadedCT:
+    """A CT ready to segment: int16/float HU image (LPS) and, for DICOM, what the RTSTRUCT references."""
+
+    patient_id: str
+    image: sitk.Image
+    reference: CTReference | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def find_cases(input_path: Path | str) -> list[Case]:
+    """The patients under ``input_path``: one NIfTI file, or every patient of a DICOM folder tree.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: a file that is not NIfTI, or a folder holding no CT image series at all
+            (the message lists what was found instead).
+    """
+    path = Path(input_path)
+    if not path.exists():
+        raise FileNotFoundError(f"input {path} not found")
+    if path.is_file():
+        if not is_nifti(path):
+            raise ValueError(f"input file {path} is not a NIfTI CT (.nii/.nii.gz); give a DICOM folder instead")
+        return [Case(safe_patient_id(nifti_stem(path), "patient"), nifti=path)]
+    patients = find_dicom_series(path)
+    if not any(p.ct_series for p in patients):
+        found = sum((p.ignored for p in patients), start=Counter())
+        what = ", ".join(f"{n} {m}" for m, n in sorted(found.items())) or "no DICOM files"
+        raise ValueError(f"no CT image series under {path} (found: {what})")
+    ids = [p.patient_id for p in patients]
+    duplicated = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicated:
+        raise ValueError(f"several patients under {path} would share the output name(s) {duplicated}; "
+                         "give them distinct PatientIDs or segment them separately")
+    return [Case(p.patient_id, dicom=p) for p in patients]
+
+
+def read_case(case: Case) -> LoadedCT:
+    """Read one case's CT (phase 2 for DICOM: gantry tilt, gaps... raise :class:`PatientError`)."""
+    if case.nifti is not None:
+        image = sitk.ReadImage(str(case.nifti))
+        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+            raise PatientError(f"{case.patient_id}: {case.nifti} is not a 3D single-channel CT "
+                               f"({image.GetDimension()}D, {image.GetNumberOfComponentsPerPixel()} components)")
+        return LoadedCT(case.patient_id, image)
+    if case.dicom is None:
+        raise ValueError(f"{case.patient_id}: a case needs a DICOM patient or a NIfTI file")
+    series, choice = choose_ct_series(case.dicom)
+    try:
+        ct = read_ct_series(series.files)
+    except PatientError as exc:
+        hint = ("; to segment it anyway, convert it with convert_dicom_to_nifti.py --fill-gaps and give the "
+                "NIfTI as --input (no RTSTRUCT then: it can only reference slices that exist)"
+                if "fill-gaps" in str(exc) else "")
+        raise PatientError(f"{case.patient_id}: CT rejected: {exc}{hint}") from None
+    first = next(s.path for s in ct.slices if s.path is not None)
+    header = pydicom.dcmread(first, stop_before_pixels=True)
+    try:
+        reference = CTReference.from_image(
+            ct.image, header, [s.sop_instance_uid for s in ct.slices], [s.position_lps for s in ct.slices]
+        )
+    except ValueError as exc:
+        raise PatientError(f"{case.patient_id}: {series.folder}: {exc}") from None
+    return LoadedCT(case.patient_id, ct.image, reference, [n for n in [choice, *ct.notes] if n])
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------
+def output_paths(output_dir: Path, patient_id: str, dicom: bool) -> dict[str, Path]:
+    """The files written for one patient (no RTSTRUCT for a NIfTI input)."""
+    return {kind: Path(output_dir) / f"{patient_id}{suffix}" for kind, suffix in OUTPUT_SUFFIXES.items()
+            if dicom or kind != "rtstruct"}
+
+
+def structure_volumes(labels_zyx: np.ndarray, spacing_zyx: Sequence[float]) -> list[dict[str, Any]]:
+    """One row per structure 1-7 as written to the RTSTRUCT (PTV = labels GTV + PTV): voxels, ml.
+
+    A structure without a voxel of its own label has 0 voxels (a GTV alone makes no PTV).
+    """
+    counts = np.bincount(np.asarray(labels_zyx).ravel(), minlength=organs.NUM_CLASSES)
+    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
+    rows = []
+    for label in organs.FOREGROUND_LABELS:
+        members = ROI_MEMBERS[label]
+        voxels = int(sum(counts[m] for m in members)) if counts[label] else 0  # no PTV without PTV voxels
+        struct = organs.structure(label)
+        rows.append({"label": label, "structure": struct.key, "rtstruct_name": struct.rtstruct_name,
+                     "labels": "+".join(map(str, members)), "voxels": voxels,
+                     "volume_ml": round(voxels * voxel_ml, 3)})
+    return rows
+
+
+def volumes_csv_text(patient_id: str, rows: Sequence[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=VOLUME_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({"patient_id": patient_id, **row})
+    return buffer.getvalue()
+
+
+def montage_slices(labels_zyx: np.ndarray, count: int = _MONTAGE_TILES) -> list[int]:
+    """``count`` slice indices spread evenly over the slices holding any structure (all slices if none)."""
+    occupied = np.flatnonzero(labels_zyx.reshape(len(labels_zyx), -1).any(axis=1))
+    lo, hi = (occupied[0], occupied[-1]) if len(occupied) else (0, len(labels_zyx) - 1)
+    return sorted(set(np.linspace(lo, hi, min(count, hi - lo + 1)).round().astype(int).tolist()))
+
+
+def write_overlay_png(hu_zyx: np.ndarray, labels_zyx: np.ndarray, path: Path, title: str,
+                      window: Sequence[float] = (-1000, 400)) -> None:
+    """A montage of axial slices: CT in grey (``window`` HU), structures filled in their ``organs.py`` colours."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    indices = montage_slices(labels_zyx)
+    cols = min(4, len(indices))
+    rows = int(np.ceil(len(indices) / cols))
+    fig = Figure(figsize=(3 * cols, 3 * rows + 0.6), dpi=100)
+    FigureCanvasAgg(fig)
+    colours = np.array(organs.color_table(1 / 255.0), dtype=np.float32)
+    low, high = float(window[0]), float(window[1])
+    for n, k in enumerate(indices):
+        grey = np.clip((hu_zyx[k].astype(np.float32) - low) / (high - low), 0, 1)[..., None]
+        rgb = np.repeat(grey, 3, axis=2)
+        inside = labels_zyx[k] > 0
+        rgb[inside] = 0.55 * rgb[inside] + 0.45 * colours[labels_zyx[k][inside]]
+        ax = fig.add_subplot(rows, cols, n + 1)
+        ax.imshow(rgb, interpolation="nearest")
+        ax.set_title(f"slice {k}", fontsize=8)
+        ax.axis("off")
+    present = sorted(set(np.unique(labels_zyx).tolist()) - {0})
+    handles = [Patch(color=organs.structure(lb).color_float, label=organs.structure(lb).name) for lb in present]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.05 if handles else 0, 1, 0.97))
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def labels_image(labels_zyx: np.ndarray, ct: sitk.Image) -> sitk.Image:
+    """The label map as a SimpleITK uint8 image carrying the CT's geometry."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(labels_zyx, dtype=np.uint8))
+    image.CopyInformation(ct)
+    return image
+
+
+# --------------------------------------------------------------------------------------------
+# One patient
+# --------------------------------------------------------------------------------------------
+def write_outputs(ct: LoadedCT, hu_zyx: np.ndarray, labels_zyx: np.ndarray, outputs: dict[str, Path],
+                  predictor: Predictor, seconds: dict[str, float] | None = None) -> dict[str, Any]:
+    """Write one patient's outputs for a label map (Z, Y, X) on ``ct``'s grid.
+
+    Builds the RTSTRUCT when ``ct`` came from DICOM (timed as ``rtstruct``), then writes the label
+    map, RTSTRUCT, volumes CSV and overlay (timed as ``write``). Returns ``{"volumes": rows,
+    "rois": {ROI name: contours}}``.
+    """
+    seconds = seconds if seconds is not None else {}
+    rtstruct = None
+    if ct.reference is not None:
+        with _timer(seconds, "rtstruct"):
+            rtstruct = build_rtstruct(labels_zyx, ct.reference,
+                                      algorithm_name=f"U-Net {predictor.checkpoint_path.name}")
+    with _timer(seconds, "write"):
+        image = labels_image(labels_zyx, ct.image)
+        check_same_geometry(image, ct.image, f"{ct.patient_id}: label map vs CT")
+        write_nifti(image, outputs["labels"])
+        if rtstruct is not None:
+            write_rtstruct(rtstruct, outputs["rtstruct"])
+        volumes = structure_volumes(labels_zyx, ct.image.GetSpacing()[::-1])
+        write_text_atomic(outputs["volumes"], volumes_csv_text(ct.patient_id, volumes))
+        write_overlay_png(hu_zyx, labels_zyx, outputs["overlay"],
+                          f"{ct.patient_id}: {predictor.checkpoint_path.name}", predictor.window)
+    return {"volumes": volumes, "rois": roi_summary(rtstruct) if rtstruct is not None else {}}
+
+
+def predict_case(case: Case, predictor: Predictor, output_dir: Path, overwrite: bool = False) -> PatientResult:
+    """Segment one patient and write its outputs; the batch task.
+
+    ``info["seconds"]`` holds the time of each stage of :data:`STAGES`, ``info["outputs"]`` the
+    paths, ``info["volumes"]`` the rows of the volumes CSV and ``info["rois"]`` the contours per
+    ROI. Raises :class:`PatientError` for a CT that phase 2 rejects.
+    """
+    outputs = output_paths(output_dir, case.patient_id, dicom=case.dicom is not None)
+    if not overwrite and all(p.is_file() for p in outputs.values()):
+        return PatientResult(case.patient_id, SKIPPED, "outputs exist (use --overwrite to redo)",
+                             {"outputs": outputs})
+    seconds: dict[str, float] = {}
+    with _timer(seconds, "read"):
+        ct = read_case(case)
+        hu = sitk.GetArrayFromImage(ct.image)
+    try:
+        labels = predictor.segment(hu, seconds)
+    except ValueError as exc:  # e.g. a constant volume cannot be z-scored
+        raise PatientError(f"{case.patient_id}: {exc}") from None
+    written = write_outputs(ct, hu, labels, outputs, predictor, seconds)
+    found = [f"{r['rtstruct_name']} {r['volume_ml']:.1f} ml" for r in written["volumes"] if r["voxels"]]
+    message = "; ".join(ct.notes + [", ".join(found) or "no structure found"])
+    return PatientResult(case.patient_id, DONE, message, {"seconds": seconds, "outputs": outputs, **written})
+
+
+# --------------------------------------------------------------------------------------------
+# Batch
+# --------------------------------------------------------------------------------------------
+def run(
+    *,
+    input_path: Path | str,
+    checkpoint: Path | str,
+    output_dir: Path | str,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int | None = None,
+    postprocess: bool = False,
+    overwrite: bool = False,
+) -> list[PatientResult]:
+    """Segment every patient under ``input_path`` with ``checkpoint``; write into ``output_dir``.
+
+    Patients are processed one after another (one tqdm bar); a patient whose CT is rejected is
+    reported as failed and the others go on.
+
+    Raises:
+        FileNotFoundError: missing input or checkpoint.
+        CheckpointError: a checkpoint that is not ours or does not fit (see :meth:`Predictor.load`).
+        ValueError: an input without any CT series, an unknown device or precision.
+        PermissionError: an output folder that cannot be written.
+    """
+    cases = find_cases(input_path)
+    predictor = Predictor.load(checkpoint, device=device, precision=precision, batch_size=batch_size,
+                               postprocess=postprocess)
+    output_dir = Path(output_dir)
+    check_writable(output_dir)
+    log.info("%s: %d patient(s) from %s with %s", PHASE, len(cases), input_path, predictor.describe())
+    task = functools.partial(predict_case, predictor=predictor, output_dir=output_dir, overwrite=overwrite)
+    return run_batch(cases, task, workers=1, desc=PHASE, patient_id_of=lambda c: c.patient_id)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", type=Path, required=True,
+                        help="a patient's DICOM folder (any nesting), a folder of patient folders, or a CT NIfTI file")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="best_unet_multi_organ.pth of train_multi_organ.py")
+    parser.add_argument("--output", type=Path, required=True, help="folder for the per-patient outputs")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto = CUDA when available (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="slices per forward pass (default: chosen from free memory)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto = bfloat16 + channels-last where the CPU/GPU runs it natively (default: %(default)s)")
+    parser.add_argument("--postprocess", action="store_true",
+                        help="keep the largest connected component of each organ (as the evaluation's --postprocess)")
+    parser.add_argument("--overwrite", action="store_true", help="redo patients whose outputs exist")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        results = run(input_path=args.input, checkpoint=args.checkpoint, output_dir=args.output,
+                      device=args.device, precision=args.precision, batch_size=args.batch_size,
+                      postprocess=args.postprocess, overwrite=args.overwrite)
+    except (FileNotFoundError, PermissionError, ValueError) as exc:
+        parser.error(str(exc))
+    for result in results:
+        if result.status == DONE:
+            stages = ", ".join(f"{s} {result.info['seconds'][s]:.1f}" for s in STAGES if s in result.info["seconds"])
+            log.info("%s: %.1f s (%s)", result.patient_id, sum(result.info["seconds"].values()), stages)
+    log.info("%s", summary_line(PHASE, results, done_word="segmented"))
+    return exit_status(results)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,509 @@
+"""Label map -> DICOM RT Structure Set: the contours a treatment-planning system imports.
+
+A label map (z, y, x) uint8 with the values of ``organs.py`` on a CT's own grid, together with
+the CT's DICOM headers (one per slice, in the label map's z order), becomes an RTSTRUCT that
+references the CT's study, series, frame of reference and every SOP instance:
+
+    reference = CTReference.from_datasets(headers)          # pydicom Datasets, z order
+    rtstruct = build_rtstruct(labels_zyx, reference)
+    write_rtstruct(rtstruct, "LUNG1-005_RTSTRUCT.dcm")
+
+Contours. On every slice each 4-connected component of a structure gets one ``CLOSED_PLANAR``
+contour around it and each hole one more contour inside it (planning systems and phase 2.5 fill
+contours of one ROI on one slice with the even-odd rule, so an inner contour is a hole). The
+contour is the 0.5 iso-line of the binary mask (marching squares): it runs half-way between
+every inside voxel centre and every outside one, so a reader that counts a voxel as inside when
+its centre is inside the polygon (plastimatch, ``extract_multi_organ_masks.py``) gets the same
+voxels back exactly. Collinear points are merged, so straight runs cost two points.
+
+Structures and labels. One ROI per structure present in the label map, named and coloured from
+``organs.py`` (``GTV``, ``PTV``, ``Lung_R``, ``Lung_L``, ``Heart``, ``Esophagus``,
+``SpinalCord``). The PTV ROI is written as labels GTV + PTV together, because a PTV contains
+its GTV (the label map gives overlapping voxels to the GTV); reading the RTSTRUCT back with the
+same priority gives the same label map.
+
+Coordinates: pixel (column c, row r) of slice k is at
+``ImagePositionPatient[k] + c * PixelSpacing[1] * row_direction + r * PixelSpacing[0] * column_direction``
+in DICOM patient coordinates (LPS, mm), with the directions from ``ImageOrientationPatient``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import Tag
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ImplicitVRLittleEndian, generate_uid
+from scipy import ndimage
+from skimage import measure
+
+import organs
+from pipeline_io import atomic_output
+
+log = logging.getLogger(__name__)
+
+RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+#: Referenced SOP class of an RTReferencedStudySequence item (Study Component Management, as
+#: the standard's examples and every planning system use it).
+STUDY_COMPONENT_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
+
+#: Label values that make up each ROI: the PTV contains its GTV (see the module docstring).
+ROI_MEMBERS: dict[int, tuple[int, ...]] = {
+    label: ((organs.GTV, organs.PTV) if label == organs.PTV else (label,))
+    for label in organs.FOREGROUND_LABELS
+}
+#: RTROIInterpretedType of each label (DICOM defined terms).
+INTERPRETED_TYPE: dict[int, str] = {
+    label: ("GTV" if label == organs.GTV else "PTV" if label == organs.PTV else "ORGAN")
+    for label in organs.FOREGROUND_LABELS
+}
+
+#: Attributes copied from the CT: patient and general study modules (and the character set that
+#: encodes them). Type 2 attributes the CT lacks are written empty.
+COPIED_TYPE2 = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
+    "ReferringPhysicianName",
+)
+COPIED_IF_PRESENT = ("SpecificCharacterSet", "StudyDescription", "PatientAge", "IssuerOfPatientID")
+
+DEFAULT_STRUCTURE_SET_LABEL = "AUTOSEG"
+DEFAULT_SERIES_DESCRIPTION = "Automatic multi-organ segmentation (research use)"
+_CONTOUR_DATA_TAG = 0x30060050
+_DECIMALS = 6  # keeps half-pixel positions of 3-decimal spacings exact; at most 14 characters
+
+
+# --------------------------------------------------------------------------------------------
+# The CT the structures belong to
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CTReference:
+    """What an RTSTRUCT needs to know of its CT series, slices in the label map's z order.
+
+    ``image_positions`` (Z, 3) float64 are the ImagePositionPatient (LPS mm) of each slice,
+    ``row_direction`` / ``column_direction`` (3,) the unit vectors of ImageOrientationPatient
+    (direction of increasing column index, then of increasing row index), ``pixel_spacing``
+    (row spacing, column spacing) in mm, ``shape_yx`` (Rows, Columns). ``header`` holds the
+    patient/study attributes copied into the RTSTRUCT.
+    """
+
+    study_instance_uid: str
+    series_instance_uid: str
+    frame_of_reference_uid: str
+    sop_class_uid: str
+    sop_instance_uids: tuple[str, ...]
+    image_positions: np.ndarray
+    row_direction: np.ndarray
+    column_direction: np.ndarray
+    pixel_spacing: tuple[float, float]
+    shape_yx: tuple[int, int]
+    header: Dataset
+
+    @classmethod
+    def from_datasets(cls, datasets: Sequence[Dataset]) -> "CTReference":
+        """Build from the CT's per-slice headers (pixel data not needed), in the label map's z order.
+
+        Raises:
+            ValueError: no slices; slices of several series or frames of reference; a missing
+                geometry attribute; orientation, spacing or size that differ between slices;
+                two slices at the same position or slices not in order along the slice normal.
+        """
+        if len(datasets) == 0:
+            raise ValueError("no CT slices given: an RTSTRUCT must reference at least one image")
+        first = datasets[0]
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
+                        "SOPInstanceUID", "ImagePositionPatient", "ImageOrientationPatient",
+                        "PixelSpacing", "Rows", "Columns"):
+            missing = [i for i, ds in enumerate(datasets) if keyword not in ds]
+            if missing:
+                raise ValueError(f"CT slice {missing[0]} of {len(datasets)} has no {keyword}")
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+            values = sorted({str(ds.get(keyword)) for ds in datasets})
+            if len(values) > 1:
+                raise ValueError(f"CT slices belong to {len(values)} different {keyword}s: {values[:3]}")
+        orientation = np.array([ds.ImageOrientationPatient for ds in datasets], dtype=np.float64)
+        spacing = np.array([ds.PixelSpacing for ds in datasets], dtype=np.float64)
+        sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
+        if not np.allclose(orientation, orientation[0], atol=1e-4):
+            raise ValueError("CT slices have different ImageOrientationPatient")
+        if not np.allclose(spacing, spacing[0], atol=1e-4):
+            raise ValueError(f"CT slices have different PixelSpacing: {np.unique(spacing, axis=0).tolist()}")
+        if len(sizes) > 1:
+            raise ValueError(f"CT slices have different sizes (Rows, Columns): {sorted(sizes)}")
+        uids = tuple(str(ds.SOPInstanceUID) for ds in datasets)
+        if len(set(uids)) != len(uids):
+            raise ValueError("CT slices repeat a SOPInstanceUID")
+        row_dir, col_dir = orientation[0, :3], orientation[0, 3:]
+        positions = np.array([ds.ImagePositionPatient for ds in datasets], dtype=np.float64)
+        along_normal = positions @ np.cross(row_dir, col_dir)
+        steps = np.diff(along_normal)
+        if len(steps) and not ((steps > 1e-3).all() or (steps < -1e-3).all()):
+            raise ValueError(
+                "CT slices are not in order along the slice normal (or two share a position): "
+                "pass them in the label map's z order"
+            )
+        return cls(
+            study_instance_uid=str(first.StudyInstanceUID),
+            series_instance_uid=str(first.SeriesInstanceUID),
+            frame_of_reference_uid=str(first.FrameOfReferenceUID),
+            sop_class_uid=str(first.get("SOPClassUID", CT_IMAGE_STORAGE)),
+            sop_instance_uids=uids,
+            image_positions=positions,
+            row_direction=row_dir,
+            column_direction=col_dir,
+            pixel_spacing=(float(spacing[0, 0]), float(spacing[0, 1])),
+            shape_yx=sizes.pop(),
+            header=_copied_header(first),
+        )
+
+    @classmethod
+    def from_image(
+        cls,
+        image: Any,
+        header: Dataset,
+        sop_instance_uids: Sequence[str],
+        image_positions: np.ndarray | Sequence[Sequence[float]] | None = None,
+    ) -> "CTReference":
+        """Build from a SimpleITK CT image read from DICOM, one slice header and the slice UIDs.
+
+        Args:
+            image: the CT as SimpleITK reads it (LPS; direction columns = row direction, column
+                direction, slice normal; spacing = column, row, slice step in mm).
+            header: any slice's pydicom Dataset (patient/study attributes, Study/Series/Frame of
+                Reference UIDs, SOPClassUID).
+            sop_instance_uids: SOPInstanceUID of each z index of ``image``.
+            image_positions: (Z, 3) ImagePositionPatient of each z index in LPS mm (e.g. phase
+                2's ``SliceRef.position_lps``); default: from the image origin and slice step.
+
+        Raises:
+            ValueError: a slice without a SOPInstanceUID (an interpolated slice), a count of UIDs
+                or positions that is not the image's slice count, or missing UIDs in ``header``.
+        """
+        size_x, size_y, size_z = image.GetSize()
+        uids = tuple("" if u is None else str(u) for u in sop_instance_uids)
+        if len(uids) != size_z:
+            raise ValueError(f"{len(uids)} SOPInstanceUIDs for a CT of {size_z} slices")
+        if not all(uids):
+            missing = [k for k, u in enumerate(uids) if not u]
+            raise ValueError(
+                f"CT slices {missing[:5]} have no SOPInstanceUID (interpolated slices?): an RTSTRUCT "
+                "can only reference slices that exist as DICOM instances"
+            )
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+            if not str(header.get(keyword, "") or ""):
+                raise ValueError(f"the CT header has no {keyword}")
+        direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+        spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+        if image_positions is None:
+            origin = np.asarray(image.GetOrigin(), dtype=np.float64)
+            positions = origin + np.arange(size_z)[:, None] * (spacing[2] * direction[:, 2])
+        else:
+            positions = np.asarray(image_positions, dtype=np.float64).reshape(-1, 3)
+            if len(positions) != size_z:
+                raise ValueError(f"{len(positions)} slice positions for a CT of {size_z} slices")
+        return cls(
+            study_instance_uid=str(header.StudyInstanceUID),
+            series_instance_uid=str(header.SeriesInstanceUID),
+            frame_of_reference_uid=str(header.FrameOfReferenceUID),
+            sop_class_uid=str(header.get("SOPClassUID", CT_IMAGE_STORAGE)),
+            sop_instance_uids=uids,
+            image_positions=positions,
+            row_direction=direction[:, 0].copy(),
+            column_direction=direction[:, 1].copy(),
+            pixel_spacing=(float(spacing[1]), float(spacing[0])),
+            shape_yx=(int(size_y), int(size_x)),
+            header=_copied_header(header),
+        )
+
+    @property
+    def num_slices(self) -> int:
+        return len(self.sop_instance_uids)
+
+    def pixel_to_patient(self, slice_index: int, rows_cols: np.ndarray) -> np.ndarray:
+        """(N, 2) (row, column) pixel coordinates on one slice -> (N, 3) LPS mm (pixel centres at integers)."""
+        rows_cols = np.asarray(rows_cols, dtype=np.float64)
+        row_mm = rows_cols[:, :1] * self.pixel_spacing[0]
+        col_mm = rows_cols[:, 1:2] * self.pixel_spacing[1]
+        return self.image_positions[slice_index] + col_mm * self.row_direction + row_mm * self.column_direction
+
+
+def _copied_header(source: Dataset) -> Dataset:
+    """The patient/study attributes of :data:`COPIED_TYPE2` and :data:`COPIED_IF_PRESENT` of a CT slice."""
+    copied = Dataset()
+    for keyword in COPIED_TYPE2 + COPIED_IF_PRESENT:
+        if keyword in source:
+            copied[keyword] = source[keyword]
+    return copied
+
+
+# --------------------------------------------------------------------------------------------
+# Contours of one slice
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Contour:
+    """A closed polygon ``points_rc`` (N, 2) float64 in (row, column) pixel units, pixel centres at
+    integers, first point not repeated; ``hole`` is True for the boundary of a hole."""
+
+    points_rc: np.ndarray
+    hole: bool
+
+
+def mask_contours(mask_yx: np.ndarray) -> list[Contour]:
+    """The closed contours of a 2D boolean mask: one per 4-connected component and one per hole.
+
+    The contours are the 0.5 iso-lines of the mask (marching squares on the mask padded with
+    background, so components touching the image border are closed too) with collinear points
+    merged. Every inside pixel centre is strictly inside the union of contours under the
+    even-odd rule and every outside one strictly outside. Outer boundaries run counter-clockwise
+    in (column, row) coordinates, holes clockwise.
+    """
+    mask = np.asarray(mask_yx, dtype=bool)
+    if mask.ndim != 2:
+        raise ValueError(f"expected a 2D (y, x) mask, got shape {mask.shape}")
+    if not mask.any():
+        return []
+    padded = np.pad(mask, 1).astype(np.float32)
+    contours = []
+    for points in measure.find_contours(padded, 0.5):
+        points = _merge_collinear(points[:-1] - 1.0)  # closed: last point repeats the first
+        if len(points) >= 3:
+            contours.append(Contour(points, hole=_signed_area(points) < 0))
+    return contours
+
+
+def _merge_collinear(points: np.ndarray) -> np.ndarray:
+    """Drop the points of a closed polygon that lie on the straight line through their neighbours.
+
+    Marching-squares points of a binary mask sit on a half-pixel grid, so doubling them gives
+    integers and the collinearity test is exact.
+    """
+    grid = np.rint(points * 2).astype(np.int64)
+    before = grid - np.roll(grid, 1, axis=0)
+    after = np.roll(grid, -1, axis=0) - grid
+    turn = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]
+    return points[turn != 0]
+
+
+def _signed_area(points_rc: np.ndarray) -> float:
+    """Shoelace area with x = column and y = row (positive: counter-clockwise on screen axes)."""
+    x, y = points_rc[:, 1], points_rc[:, 0]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+
+
+# --------------------------------------------------------------------------------------------
+# The RT Structure Set
+# --------------------------------------------------------------------------------------------
+def _format_ds(values_mm: np.ndarray) -> list[str]:
+    """LPS mm -> DS strings with at most 6 decimals, trailing zeros dropped (<= 16 characters)."""
+    text = np.char.mod(f"%.{_DECIMALS}f", np.round(values_mm.ravel(), _DECIMALS) + 0.0)
+    return [t.rstrip("0").rstrip(".") if "." in t else t for t in text.tolist()]
+
+
+def _contour_data(points_mm: np.ndarray) -> RawDataElement:
+    """ContourData (3006,0050) as an already encoded DS value.
+
+    Encoding the numbers ourselves is 10x faster than letting pydicom build and validate one
+    ``DSfloat`` per coordinate (100 000s on a real patient). pydicom writes the bytes as they
+    are in Implicit VR Little Endian (the items are marked so) and decodes them when read.
+    """
+    text = "\\".join(_format_ds(points_mm)).encode("ascii")
+    if len(text) % 2:
+        text += b" "  # DICOM values have even length; DS is padded with a space
+    return RawDataElement(Tag(_CONTOUR_DATA_TAG), "DS", len(text), text, 0, True, True, True, False)
+
+
+def _image_reference(sop_class_uid: str, sop_instance_uid: str) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class_uid
+    item.ReferencedSOPInstanceUID = sop_instance_uid
+    return item
+
+
+def _structure_contours(
+    labels_zyx: np.ndarray, members: Sequence[int], box: tuple[slice, slice, slice], reference: CTReference,
+) -> list[Dataset]:
+    """ContourSequence items of one ROI: every contour of every slice in ``box``."""
+    items = []
+    z0, y0, x0 = (s.start for s in box)
+    inside = np.isin(labels_zyx[box], members)
+    for dz in range(inside.shape[0]):
+        if not inside[dz].any():
+            continue
+        k = z0 + dz
+        for contour in mask_contours(inside[dz]):
+            points_mm = reference.pixel_to_patient(k, contour.points_rc + (y0, x0))
+            item = Dataset()
+            item.ContourImageSequence = DicomSequence(
+                [_image_reference(reference.sop_class_uid, reference.sop_instance_uids[k])]
+            )
+            item.ContourGeometricType = "CLOSED_PLANAR"
+            item.NumberOfContourPoints = len(points_mm)
+            item.ContourNumber = len(items) + 1
+            item[_CONTOUR_DATA_TAG] = _contour_data(points_mm)
+            item.set_original_encoding(True, True, "iso8859")  # lets the raw value be written as is
+            items.append(item)
+    return items
+
+
+def _union_box(boxes: Iterable[tuple[slice, ...] | None]) -> tuple[slice, slice, slice]:
+    present = [b for b in boxes if b is not None]
+    return tuple(  # type: ignore[return-value]
+        slice(min(b[axis].start for b in present), max(b[axis].stop for b in present)) for axis in range(3)
+    )
+
+
+def build_rtstruct(
+    labels_zyx: np.ndarray,
+    reference: CTReference,
+    *,
+    structure_set_label: str = DEFAULT_STRUCTURE_SET_LABEL,
+    series_description: str = DEFAULT_SERIES_DESCRIPTION,
+    algorithm_name: str = "",
+    labels: Sequence[int] = organs.FOREGROUND_LABELS,
+    now: _dt.datetime | None = None,
+) -> FileDataset:
+    """An RT Structure Set of the structures present in ``labels_zyx``.
+
+    Args:
+        labels_zyx: (Z, Y, X) integer label map (values 0-7, ``organs.py``) on the CT grid:
+            index k along z is ``reference``'s slice k, (Y, X) = (Rows, Columns).
+        reference: the CT series (see :meth:`CTReference.from_datasets`).
+        structure_set_label: StructureSetLabel (16 characters at most).
+        series_description: SeriesDescription of the new RTSTRUCT series.
+        algorithm_name: ROIGenerationDescription of every ROI (e.g. the checkpoint's name).
+        labels: which structures to write (those with no voxel of their own label are left out).
+        now: StructureSetDate/Time, SeriesDate/Time (default: the current local time).
+
+    Returns:
+        A ``FileDataset`` with file meta (Implicit VR Little Endian) and new Series/SOP
+        Instance UIDs; save it with :func:`write_rtstruct`.
+
+    Raises:
+        ValueError: a label map that is not 3D, does not fit the CT's slices/rows/columns, holds
+            values outside 0-7, or a structure set label that is too long.
+    """
+    labels_zyx = np.asarray(labels_zyx)
+    expected = (reference.num_slices, *reference.shape_yx)
+    if labels_zyx.shape != expected:
+        raise ValueError(
+            f"label map shape {labels_zyx.shape} (z, y, x) does not fit the CT: expected {expected} "
+            "(slices, Rows, Columns)"
+        )
+    if not np.issubdtype(labels_zyx.dtype, np.integer):
+        raise ValueError(f"label map must hold integers 0-{organs.NUM_CLASSES - 1}, got dtype {labels_zyx.dtype}")
+    if labels_zyx.size and (labels_zyx.min() < 0 or labels_zyx.max() >= organs.NUM_CLASSES):
+        raise ValueError(
+            f"label map holds values {labels_zyx.min()}..{labels_zyx.max()}, expected 0-{organs.NUM_CLASSES - 1}"
+        )
+    if len(structure_set_label) > 16:
+        raise ValueError(f"structure_set_label is at most 16 characters, got {structure_set_label!r}")
+    now = now or _dt.datetime.now()
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+
+    sop_instance_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = RT_STRUCTURE_SET_STORAGE
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    # Implicit VR: 32-bit value lengths. In explicit VR a DS value is limited to 64 KiB, which a
+    # long contour (a body outline, a jagged lung) can exceed; every DICOM reader supports it.
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+
+    # SOP common, patient, general study (copied from the CT), RT series, general equipment
+    ds.update(reference.header)
+    for keyword in COPIED_TYPE2:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    ds.SOPClassUID = RT_STRUCTURE_SET_STORAGE
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+    ds.Modality = "RTSTRUCT"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = 1
+    ds.SeriesDate, ds.SeriesTime = date, time
+    ds.SeriesDescription = series_description
+    ds.Manufacturer = "lung-ct-multi-organ"
+    ds.InstanceNumber = 1
+
+    # Structure set: the CT it is drawn on
+    ds.StructureSetLabel = structure_set_label
+    ds.StructureSetDate, ds.StructureSetTime = date, time
+    series_item = Dataset()
+    series_item.SeriesInstanceUID = reference.series_instance_uid
+    series_item.ContourImageSequence = DicomSequence(
+        [_image_reference(reference.sop_class_uid, uid) for uid in reference.sop_instance_uids]
+    )
+    study_item = Dataset()
+    study_item.ReferencedSOPClassUID = STUDY_COMPONENT_MANAGEMENT
+    study_item.ReferencedSOPInstanceUID = reference.study_instance_uid
+    study_item.RTReferencedSeriesSequence = DicomSequence([series_item])
+    frame_item = Dataset()
+    frame_item.FrameOfReferenceUID = reference.frame_of_reference_uid
+    frame_item.RTReferencedStudySequence = DicomSequence([study_item])
+    ds.ReferencedFrameOfReferenceSequence = DicomSequence([frame_item])
+
+    # One ROI per structure present
+    boxes = ndimage.find_objects(labels_zyx.astype(np.int32, copy=False), max_label=organs.NUM_CLASSES - 1)
+    roi_items, contour_items, observation_items = [], [], []
+    for label in labels:
+        if boxes[label - 1] is None:  # a PTV ROI only where the label map has PTV voxels
+            continue
+        members = ROI_MEMBERS[label]
+        box = _union_box(boxes[m - 1] for m in members)
+        struct = organs.structure(label)
+        number = len(roi_items) + 1
+        roi = Dataset()
+        roi.ROINumber = number
+        roi.ReferencedFrameOfReferenceUID = reference.frame_of_reference_uid
+        roi.ROIName = struct.rtstruct_name
+        roi.ROIGenerationAlgorithm = "AUTOMATIC"
+        if algorithm_name:
+            roi.ROIGenerationDescription = algorithm_name[:64]
+        roi_items.append(roi)
+
+        roi_contour = Dataset()
+        roi_contour.ROIDisplayColor = list(struct.color)
+        roi_contour.ContourSequence = DicomSequence(_structure_contours(labels_zyx, members, box, reference))
+        roi_contour.ReferencedROINumber = number
+        contour_items.append(roi_contour)
+
+        observation = Dataset()
+        observation.ObservationNumber = number
+        observation.ReferencedROINumber = number
+        observation.ROIObservationLabel = struct.rtstruct_name
+        observation.RTROIInterpretedType = INTERPRETED_TYPE[label]
+        observation.ROIInterpreter = ""
+        observation_items.append(observation)
+    ds.StructureSetROISequence = DicomSequence(roi_items)
+    ds.ROIContourSequence = DicomSequence(contour_items)
+    ds.RTROIObservationsSequence = DicomSequence(observation_items)
+    ds.ApprovalStatus = "UNAPPROVED"  # automatic contours must be reviewed before planning
+    log.debug("RTSTRUCT: %d ROIs, %d contours", len(roi_items),
+              sum(len(c.ContourSequence) for c in contour_items))
+    return ds
+
+
+def write_rtstruct(rtstruct: FileDataset, path: Path | str) -> None:
+    """Save an RTSTRUCT as a DICOM Part 10 file (preamble, file meta), atomically."""
+    with atomic_output(path) as tmp:
+        rtstruct.save_as(tmp, enforce_file_format=True)
+
+
+def roi_summary(rtstruct: Dataset) -> dict[str, int]:
+    """ROI name -> number of contours, for logs and tests."""
+    numbers = {int(c.ReferencedROINumber): len(getattr(c, "ContourSequence", [])) for c in rtstruct.ROIContourSequence}
+    return {str(r.ROIName): numbers.get(int(r.ROINumber), 0) for r in rtstruct.StructureSetROISequence}
+
+
+def contours_by_roi(rtstruct: Dataset) -> Mapping[str, list[Any]]:
+    """ROI name -> its ContourSequence items (empty list for an ROI without contours)."""
+    by_number = {int(c.ReferencedROINumber): list(getattr(c, "ContourSequence", [])) for c in rtstruct.ROIContourSequence}
+    return {str(r.ROIName): by_number.get(int(r.ROINumber), []) for r in rtstruct.StructureSetROISequence}

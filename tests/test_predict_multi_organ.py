@@ -1,0 +1,392 @@
+"""predict_multi_organ: DICOM or NIfTI in -> label map, RTSTRUCT, volumes and overlay out."""
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+import torch
+from scipy import ndimage
+
+import organs
+import predict_multi_organ as pm
+from extract_multi_organ_masks import Grid, build_structures, combine_labels, read_rois
+from pipeline_io import DONE, FAILED, SKIPPED, PatientError, same_geometry
+from unet_multi_organ import UNetMultiOrgan, build_checkpoint
+
+TINY_SIZE = 32  # network input: 32 x 32 slices (the synthetic CTs are 64 x 64)
+PREPROCESSING = {"window": [-1000, 400], "size": TINY_SIZE, "zscore": "per_patient"}
+
+
+def save_checkpoint(path: Path, *, base_channels: int = 4, seed: int = 1, **changes) -> Path:
+    """An untrained U-Net checkpoint in the training script's format, with ``changes`` applied.
+
+    Its biases are zero: with PyTorch's default initialisation the output bias outweighs the
+    image and every voxel gets the same label; without it this network (seed 1) gives the
+    synthetic CTs all eight labels in speckled regions, which exercises every output path.
+    """
+    torch.manual_seed(seed)
+    model = UNetMultiOrgan(base_channels=base_channels)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) and module.bias is not None:
+                module.bias.zero_()
+    checkpoint = build_checkpoint(model, preprocessing=PREPROCESSING, epoch=0, val_loss=1.0)
+    checkpoint.update(changes)
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on a loaded 2-core machine, OpenMP threads waiting for each other
+    make this tiny network 300x slower (0.8 s instead of 2 ms per batch)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth")
+
+
+@pytest.fixture(scope="module")
+def cohort_prediction(synthetic_cohort, tiny_checkpoint, tmp_path_factory):
+    """The whole synthetic cohort (a folder of patient folders) through main(), default precision."""
+    raw_dir, truth_dir, cohort = synthetic_cohort
+    out = tmp_path_factory.mktemp("predictions")
+    status = pm.main(["--input", str(raw_dir), "--checkpoint", str(tiny_checkpoint), "--output", str(out)])
+    return status, out, raw_dir, truth_dir, cohort
+
+
+def _labels(path: Path) -> tuple[np.ndarray, sitk.Image]:
+    image = sitk.ReadImage(str(path))
+    return sitk.GetArrayFromImage(image), image
+
+
+# --------------------------------------------------------------------------------------------
+# End to end
+# --------------------------------------------------------------------------------------------
+def test_every_patient_of_a_folder_gets_all_four_outputs(cohort_prediction):
+    status, out, _, _, cohort = cohort_prediction
+    assert status == 0
+    expected = {f"{r['patient_id']}{suffix}" for r in cohort for suffix in pm.OUTPUT_SUFFIXES.values()}
+    assert {p.name for p in out.iterdir()} == expected
+
+
+def test_label_map_is_on_the_ct_grid(cohort_prediction):
+    _, out, _, truth_dir, cohort = cohort_prediction
+    for record in cohort:
+        labels, image = _labels(out / f"{record['patient_id']}_labels.nii.gz")
+        truth = sitk.ReadImage(str(truth_dir / record["truth_file"]))  # written on the CT grid
+        assert same_geometry(image, truth)
+        assert image.GetPixelID() == sitk.sitkUInt8
+        assert labels.shape == tuple(record["shape_zyx"]) and labels.max() < organs.NUM_CLASSES
+
+
+def test_rtstruct_references_the_ct_and_holds_the_label_map(cohort_prediction):
+    _, out, raw_dir, _, cohort = cohort_prediction
+    record = cohort[0]
+    pid = record["patient_id"]
+    labels, image = _labels(out / f"{pid}_labels.nii.gz")
+    ds = pydicom.dcmread(out / f"{pid}_RTSTRUCT.dcm")
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.481.3" and ds.PatientID == pid
+    (frame,) = ds.ReferencedFrameOfReferenceSequence
+    assert frame.FrameOfReferenceUID == record["frame_of_reference_uid"]
+    (series,) = frame.RTReferencedStudySequence[0].RTReferencedSeriesSequence
+    assert series.SeriesInstanceUID == record["ct_series_uid"]
+    ct_uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+               for p in (raw_dir / record["ct_folder"]).glob("*.dcm")]
+    assert sorted(i.ReferencedSOPInstanceUID for i in series.ContourImageSequence) == sorted(ct_uids)
+    # phase 2.5 reads the RTSTRUCT back into exactly the label map written beside it
+    grid = Grid.of(image)
+    structures, unmatched = build_structures(read_rois(ds), grid, synthetic_ptv=False)
+    back, _, _ = combine_labels(structures, grid.shape_zyx)
+    assert unmatched == [] and np.array_equal(back, labels)
+    present = [organs.structure(v).rtstruct_name for v in np.unique(labels) if v]
+    assert [r.ROIName for r in ds.StructureSetROISequence] == present
+
+
+def test_volumes_csv_counts_the_label_map(cohort_prediction):
+    _, out, _, _, cohort = cohort_prediction
+    pid = cohort[1]["patient_id"]
+    labels, image = _labels(out / f"{pid}_labels.nii.gz")
+    with open(out / f"{pid}_volumes.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(rows[0]) == pm.VOLUME_COLUMNS
+    assert [r["rtstruct_name"] for r in rows] == [s.rtstruct_name for s in organs.STRUCTURES[1:]]
+    voxel_ml = np.prod(image.GetSpacing()) / 1000
+    for row in rows:
+        label = int(row["label"])
+        own = int((labels == label).sum())
+        expected = int(np.isin(labels, [organs.GTV, organs.PTV]).sum()) if label == organs.PTV and own else own
+        assert (row["patient_id"], int(row["voxels"])) == (pid, expected)
+        assert float(row["volume_ml"]) == pytest.approx(expected * voxel_ml, abs=1e-3)
+
+
+def test_overlay_is_a_png_montage(cohort_prediction):
+    _, out, _, _, cohort = cohort_prediction
+    import matplotlib.image
+
+    path = out / f"{cohort[0]['patient_id']}_overlay.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = matplotlib.image.imread(path)
+    assert pixels.shape[0] >= 300 and pixels.shape[1] == 1200  # 4 tiles of 3 inches at 100 dpi
+
+
+def test_nifti_input_gives_the_same_labels_and_no_rtstruct(cohort_prediction, tiny_checkpoint, tmp_path):
+    _, out, raw_dir, _, cohort = cohort_prediction
+    from convert_dicom_to_nifti import read_ct_series
+
+    record = cohort[2]
+    ct = read_ct_series(sorted((raw_dir / record["ct_folder"]).glob("*.dcm")))
+    nifti = tmp_path / f"{record['patient_id']}.nii.gz"
+    sitk.WriteImage(ct.image, str(nifti))
+    (result,) = pm.run(input_path=nifti, checkpoint=tiny_checkpoint, output_dir=tmp_path / "out")
+    assert result.status == DONE and set(result.info["outputs"]) == {"labels", "volumes", "overlay"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        f"{record['patient_id']}{s}" for s in ("_labels.nii.gz", "_overlay.png", "_volumes.csv")]
+    from_nifti, image = _labels(tmp_path / "out" / f"{record['patient_id']}_labels.nii.gz")
+    from_dicom, _ = _labels(out / f"{record['patient_id']}_labels.nii.gz")
+    assert same_geometry(image, ct.image) and np.array_equal(from_nifti, from_dicom)
+
+
+def test_existing_outputs_are_skipped_unless_overwrite(synthetic_cohort, tiny_checkpoint, tmp_path):
+    raw_dir, _, cohort = synthetic_cohort
+    patient = raw_dir / cohort[0]["patient_id"]
+    kwargs = dict(input_path=patient, checkpoint=tiny_checkpoint, output_dir=tmp_path, precision="float32")
+    (first,) = pm.run(**kwargs)
+    assert first.status == DONE
+    assert set(first.info["seconds"]) == {"read", "preprocess", "predict", "map_back", "rtstruct", "write"}
+    (second,) = pm.run(**kwargs)
+    assert second.status == SKIPPED
+    (third,) = pm.run(**kwargs, overwrite=True)
+    assert third.status == DONE
+
+
+def test_postprocess_keeps_one_component_per_organ(synthetic_cohort, tiny_checkpoint, tmp_path):
+    raw_dir, _, cohort = synthetic_cohort
+    kwargs = dict(input_path=raw_dir / cohort[0]["patient_id"], checkpoint=tiny_checkpoint, precision="float32")
+    (plain,) = pm.run(**kwargs, output_dir=tmp_path / "plain")
+    (result,) = pm.run(**kwargs, output_dir=tmp_path / "post", postprocess=True)
+    assert result.status == DONE and "postprocess" in result.info["seconds"]
+    before, _ = _labels(plain.info["outputs"]["labels"])
+    after, _ = _labels(result.info["outputs"]["labels"])
+    full = ndimage.generate_binary_structure(3, 3)
+    organ_labels = (organs.RIGHT_LUNG, organs.LEFT_LUNG, organs.HEART, organs.ESOPHAGUS, organs.SPINAL_CORD)
+    components = {label: ndimage.label(before == label, structure=full)[1] for label in organ_labels}
+    assert max(components.values()) > 1  # the untrained network leaves scattered islands
+    for label in organ_labels:
+        assert ndimage.label(after == label, structure=full)[1] == min(components[label], 1)
+    changed = before != after
+    assert changed.any() and (after[changed] == organs.BACKGROUND).all()
+    for label in (organs.GTV, organs.PTV):  # tumours may be multifocal: untouched
+        assert np.array_equal(before == label, after == label)
+
+
+def test_predict_maps_back_to_the_ct_grid_with_a_model_that_thresholds_intensity():
+    # A 1x1 convolution whose logits favour label 3 where the z-scored CT is above 0, else 0:
+    # after the resize to 32x32 and back to 64x64 the labels follow the HU threshold but for
+    # the blur of the two resizes at the border.
+    model = torch.nn.Conv2d(1, organs.NUM_CLASSES, kernel_size=1)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.fill_(-10.0)
+        model.weight[organs.RIGHT_LUNG, 0, 0, 0] = 5.0
+        model.bias[organs.BACKGROUND] = 0.0
+        model.bias[organs.RIGHT_LUNG] = 0.0
+    predictor = pm.Predictor(model, Path("threshold.pth"), torch.device("cpu"), torch.float32, batch_size=3,
+                             window=(-1000.0, 400.0), size=TINY_SIZE)
+    hu = np.full((5, 64, 64), -1000, np.int16)
+    hu[:, 16:48, 8:40] = 400  # bright square: half of the in-window mean is -650 HU
+    seconds: dict[str, float] = {}
+    labels = predictor.segment(hu, seconds)
+    assert labels.shape == (5, 64, 64) and labels.dtype == np.uint8
+    expected = np.where(hu > -300, organs.RIGHT_LUNG, organs.BACKGROUND)
+    inner = ndimage.binary_erosion(expected > 0, iterations=2)
+    outer = ndimage.binary_dilation(expected > 0, iterations=2)
+    assert (labels[inner] == organs.RIGHT_LUNG).all() and (labels[~outer] == organs.BACKGROUND).all()
+    assert abs(int((labels > 0).sum()) - int((expected > 0).sum())) <= 5 * 8  # border blur only
+    assert set(seconds) == {"preprocess", "predict", "map_back"}
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (32, 32), (20, 24), (48, 100), (20, 100)])
+def test_map_back_gives_the_labels_of_the_evaluation(shape):
+    from evaluate_multi_organ import probabilities_to_labels
+
+    logits = torch.randn(3, organs.NUM_CLASSES, 32, 32, generator=torch.Generator().manual_seed(0)) * 3
+    expected = probabilities_to_labels(torch.softmax(logits, dim=1), shape)
+    got = pm.logits_to_labels(logits, shape)
+    assert got.dtype == torch.uint8 and got.shape == (3, *shape)
+    assert torch.equal(got, expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Device, precision, batch size
+# --------------------------------------------------------------------------------------------
+def test_precision_auto_follows_the_cpu(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(pm, "cpu_has_fast_bfloat16", lambda: True)
+    assert pm.resolve_precision("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(pm, "cpu_has_fast_bfloat16", lambda: False)
+    assert pm.resolve_precision("auto", cpu) == torch.float32
+    assert pm.resolve_precision("bfloat16", cpu) == torch.bfloat16
+    assert pm.resolve_precision("float32", cpu) == torch.float32
+    with pytest.raises(ValueError, match="precision must be one of auto, float32, bfloat16, got 'half'"):
+        pm.resolve_precision("half", cpu)
+
+
+def test_cpu_bfloat16_detection_reads_the_cpu_flags(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(pm, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    assert pm.cpu_has_fast_bfloat16() is False
+    monkeypatch.setattr(pm, "_cpu_flags", lambda: {"avx2", "amx_bf16"})
+    assert pm.cpu_has_fast_bfloat16() is True
+
+
+def test_auto_batch_size_fits_memory(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(pm, "_available_memory_bytes", lambda device: 64 * 1024**3)
+    assert pm.auto_batch_size(cpu, 256, 64, torch.float32) == pm.MAX_BATCH_SIZE["cpu"]
+    # one float32 slice of the default network needs 8 * 4 * 64 * 256^2 bytes = 128 MiB: 1 GiB free -> 2
+    monkeypatch.setattr(pm, "_available_memory_bytes", lambda device: 1024**3)
+    assert pm.auto_batch_size(cpu, 256, 64, torch.float32) == 2
+    assert pm.auto_batch_size(cpu, 256, 64, torch.bfloat16) == 4
+    monkeypatch.setattr(pm, "_available_memory_bytes", lambda device: 1024**2)
+    assert pm.auto_batch_size(cpu, 256, 64, torch.float32) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+def test_folder_without_ct_series_is_refused(synthetic_cohort, tiny_checkpoint, tmp_path):
+    raw_dir, _, cohort = synthetic_cohort
+    only_rtstruct = tmp_path / "rt_only"
+    only_rtstruct.mkdir()
+    shutil.copy(raw_dir / cohort[0]["rtstruct_file"], only_rtstruct / "rt.dcm")
+    with pytest.raises(ValueError, match=r"no CT image series under .*rt_only \(found: 1 RTSTRUCT\)"):
+        pm.run(input_path=only_rtstruct, checkpoint=tiny_checkpoint, output_dir=tmp_path / "out")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"no CT image series under .*empty \(found: no DICOM files\)"):
+        pm.run(input_path=empty, checkpoint=tiny_checkpoint, output_dir=tmp_path / "out")
+    with pytest.raises(ValueError, match=r"rt\.dcm is not a NIfTI CT"):
+        pm.run(input_path=only_rtstruct / "rt.dcm", checkpoint=tiny_checkpoint, output_dir=tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="missing not found"):
+        pm.run(input_path=tmp_path / "missing", checkpoint=tiny_checkpoint, output_dir=tmp_path / "out")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"format": "something_else"}, "not a unet_multi_organ checkpoint"),
+    ({"model_config": {"in_channels": 1, "out_channels": 8, "base_channels": 8}}, "weights do not match model_config"),
+    ({"labels": {"0": "background", "1": "heart"}}, "differ from organs.py"),
+    ({"preprocessing": None}, "no 'preprocessing' settings"),
+    ({"preprocessing": {"window": [400, -1000], "size": 32}}, "window LOW must be below HIGH"),
+    ({"preprocessing": {"window": [-1000, 400], "size": 32, "zscore": "global"}}, "only 'per_patient'"),
+])
+def test_checkpoint_that_is_not_ours_or_does_not_fit_is_refused(tmp_path, changes, message):
+    checkpoint = save_checkpoint(tmp_path / "bad.pth", **changes)
+    with pytest.raises(pm.CheckpointError, match=message):
+        pm.Predictor.load(checkpoint, device="cpu")
+
+
+def test_checkpoint_of_another_model_shape_or_file_type_is_refused(tmp_path):
+    torch.manual_seed(0)
+    wrong = build_checkpoint(UNetMultiOrgan(in_channels=1, out_channels=3, base_channels=4),
+                             preprocessing=PREPROCESSING, epoch=0, val_loss=1.0)
+    torch.save(wrong, tmp_path / "three.pth")
+    with pytest.raises(pm.CheckpointError, match="maps 1 channel.* to 3 classes; expected 1 CT channel -> 8 labels"):
+        pm.Predictor.load(tmp_path / "three.pth", device="cpu")
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    with pytest.raises(pm.CheckpointError, match="not a unet_multi_organ checkpoint"):
+        pm.Predictor.load(tmp_path / "text.pth", device="cpu")
+
+
+def test_bad_checkpoint_on_the_command_line_is_one_line_error(synthetic_cohort, tmp_path, capsys):
+    raw_dir, _, cohort = synthetic_cohort
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        pm.main(["--input", str(raw_dir / cohort[0]["patient_id"]), "--checkpoint", str(tmp_path / "text.pth"),
+                 "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "text.pth: not a unet_multi_organ checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_without_a_gpu_is_one_line_error(synthetic_cohort, tiny_checkpoint, tmp_path, capsys):
+    raw_dir, _, cohort = synthetic_cohort
+    with pytest.raises(SystemExit) as exit_info:
+        pm.main(["--input", str(raw_dir / cohort[0]["patient_id"]), "--checkpoint", str(tiny_checkpoint),
+                 "--output", str(tmp_path), "--device", "cuda"])
+    assert exit_info.value.code == 2 and "sees no CUDA GPU" in capsys.readouterr().err
+
+
+def _copy_ct(raw_dir: Path, record: dict, dest: Path) -> list[Path]:
+    shutil.copytree(raw_dir / record["ct_folder"], dest)
+    files = sorted(dest.glob("*.dcm"))
+    return sorted(files, key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))
+
+
+def test_ct_with_gantry_tilt_fails_with_phase2_reason(synthetic_cohort, tiny_checkpoint, tmp_path):
+    raw_dir, _, cohort = synthetic_cohort
+    files = _copy_ct(raw_dir, cohort[0], tmp_path / "tilted" / "ct")
+    for k, path in enumerate(files):  # each slice shifted 0.5 mm further posterior: ~9.5 deg tilt
+        ds = pydicom.dcmread(path)
+        ds.ImagePositionPatient[1] = float(ds.ImagePositionPatient[1]) + 0.5 * k
+        ds.save_as(path)
+    (case,) = pm.find_cases(tmp_path / "tilted")
+    with pytest.raises(PatientError, match=r"SYN-001: CT rejected: .*gantry tilt or sheared stack"):
+        pm.read_case(case)
+    status = pm.main(["--input", str(tmp_path / "tilted"), "--checkpoint", str(tiny_checkpoint),
+                      "--output", str(tmp_path / "out"), "--precision", "float32"])
+    assert status == 1 and not (tmp_path / "out" / "SYN-001_labels.nii.gz").exists()
+
+
+def test_ct_with_a_missing_slice_fails_and_says_what_to_do(synthetic_cohort, tiny_checkpoint, tmp_path):
+    raw_dir, _, cohort = synthetic_cohort
+    files = _copy_ct(raw_dir, cohort[0], tmp_path / "gap" / "ct")
+    files[len(files) // 2].unlink()
+    (result,) = pm.run(input_path=tmp_path / "gap", checkpoint=tiny_checkpoint, output_dir=tmp_path / "out")
+    assert result.status == FAILED
+    assert "missing slices" in result.message and "give the NIfTI as --input" in result.message
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark script runs (not timed: it only has to work and write its report)
+# --------------------------------------------------------------------------------------------
+def test_inference_benchmark_runs_and_writes_json(synthetic_cohort, tmp_path, capsys):
+    import importlib.util
+    import json
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_inference.py"
+    spec = importlib.util.spec_from_file_location("bench_inference", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    try:
+        spec.loader.exec_module(bench)
+        raw_dir, _, cohort = synthetic_cohort
+        trained = save_checkpoint(tmp_path / "other.pth", seed=2)
+        output = tmp_path / "bench.json"
+        assert bench.main(["--input", str(raw_dir / cohort[0]["patient_id"]), "--base-channels", "2",
+                           "--size", str(TINY_SIZE), "--batch-size", "12", "--dice-checkpoint", str(trained), "--output", str(output)]) == 0
+    finally:
+        sys.modules.pop(spec.name, None)
+    report = json.loads(output.read_text())
+    assert [(r["precision"], r["channels_last"], r["batch_size"]) for r in report["runs"]] == [
+        ("float32", False, 12), ("bfloat16", True, 12)]
+    assert report["parameters"] == 30_736 and report["runs"][0]["outputs_from"] == "prediction"
+    assert set(report["runs"][0]["seconds"]) == set(bench.BENCH_STAGES)
+    check = report["trained_network_precision_check"]
+    assert set(check["dice_bfloat16_vs_float32"]) <= {s.key for s in organs.STRUCTURES[1:]}
+    assert all(0 <= d <= 1 for d in check["dice_bfloat16_vs_float32"].values())
+    table = capsys.readouterr().out
+    assert "bfloat16+CL (bs 12)" in table and "rtstruct" in table and "Dice bfloat16 vs float32" in table
+

@@ -1,0 +1,439 @@
+"""rtstruct_export: label map -> RTSTRUCT, read back by phase 2.5's rasteriser and by rt-utils."""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+from pydicom.dataset import Dataset
+
+import organs
+import rtstruct_export as rx
+from convert_dicom_to_nifti import read_ct_series
+from extract_multi_organ_masks import Grid, build_structures, combine_labels, masks_from_rtstruct, read_rois
+
+STUDY, SERIES, FRAME = "1.2.826.0.1.3680043.10.1", "1.2.826.0.1.3680043.10.2", "1.2.826.0.1.3680043.10.3"
+FIXED_TIME = dt.datetime(2024, 5, 6, 7, 8, 9)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+def ct_headers(slices: int, rows: int, cols: int, *, spacing=(0.9, 0.8), step=3.0,
+               origin=(-100.0, -50.0, 10.0)) -> list[Dataset]:
+    """Per-slice CT headers (no pixels), z ascending, axial, in the label map's z order."""
+    headers = []
+    for k in range(slices):
+        ds = Dataset()
+        ds.PatientID, ds.PatientName, ds.PatientSex = "PAT-1", "Doe^Jane", "F"
+        ds.PatientBirthDate, ds.AccessionNumber, ds.StudyID = "19600101", "ACC7", "S1"
+        ds.StudyDate, ds.StudyTime, ds.ReferringPhysicianName = "20140101", "101500", "Who^Doctor"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = STUDY, SERIES, FRAME
+        ds.SOPClassUID, ds.SOPInstanceUID = rx.CT_IMAGE_STORAGE, f"1.2.826.0.1.3680043.10.4.{k + 1}"
+        ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + k * step]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = list(spacing)
+        ds.Rows, ds.Columns = rows, cols
+        headers.append(ds)
+    return headers
+
+
+def image_of(reference: rx.CTReference) -> sitk.Image:
+    """An empty SimpleITK image on the reference's grid (for phase 2.5's rasteriser)."""
+    rows, cols = reference.shape_yx
+    image = sitk.Image(cols, rows, reference.num_slices, sitk.sitkUInt8)
+    image.SetOrigin(tuple(reference.image_positions[0]))
+    step = np.linalg.norm(reference.image_positions[1] - reference.image_positions[0]) if reference.num_slices > 1 else 1
+    image.SetSpacing((reference.pixel_spacing[1], reference.pixel_spacing[0], float(step)))
+    normal = np.cross(reference.row_direction, reference.column_direction)
+    image.SetDirection(tuple(np.column_stack([reference.row_direction, reference.column_direction, normal]).ravel()))
+    return image
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else 2.0 * np.logical_and(a, b).sum() / total
+
+
+def roi_masks_back(rtstruct: Dataset, image: sitk.Image) -> dict[str, np.ndarray]:
+    """Phase 2.5's rasterisation of every ROI: name -> bool (Z, Y, X)."""
+    return masks_from_rtstruct(rtstruct, image)
+
+
+def assert_round_trip(labels: np.ndarray, rtstruct: Dataset, image: sitk.Image, min_voxels: int = 1000) -> dict:
+    """Every ROI rasterised back by phase 2.5 equals its labels; returns Dice per ROI name."""
+    back = roi_masks_back(rtstruct, image)
+    scores = {}
+    for label in organs.FOREGROUND_LABELS:
+        truth = np.isin(labels, rx.ROI_MEMBERS[label])
+        name = organs.structure(label).rtstruct_name
+        if not (labels == label).any():
+            assert name not in back
+            continue
+        scores[name] = dice(back[name], truth)
+        if truth.sum() >= min_voxels:
+            assert scores[name] >= 0.97, (name, scores[name])
+        # Same rule both ways (voxel centre inside, even-odd): not one voxel may differ.
+        assert np.array_equal(back[name], truth), (name, int((back[name] != truth).sum()))
+    return scores
+
+
+def phase25_labels(rtstruct: Dataset, image: sitk.Image) -> np.ndarray:
+    """The label map phase 2.5 builds from the RTSTRUCT (names matched, priority applied)."""
+    grid = Grid.of(image)
+    structures, unmatched = build_structures(read_rois(rtstruct), grid, synthetic_ptv=False)
+    assert unmatched == []
+    labels, _, _ = combine_labels(structures, grid.shape_zyx)
+    return labels
+
+
+def reread(rtstruct: Dataset, tmp_path: Path) -> Dataset:
+    path = tmp_path / "rt.dcm"
+    rx.write_rtstruct(rtstruct, path)
+    return pydicom.dcmread(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Contours of one slice
+# --------------------------------------------------------------------------------------------
+def test_square_gives_one_octagon_with_exact_points():
+    mask = np.zeros((8, 8), bool)
+    mask[1:7, 1:7] = True
+    (contour,) = rx.mask_contours(mask)
+    assert not contour.hole
+    expected = {(0.5, 1), (0.5, 6), (1, 6.5), (6, 6.5), (6.5, 6), (6.5, 1), (6, 0.5), (1, 0.5)}
+    assert {tuple(p) for p in contour.points_rc.tolist()} == expected
+    assert len(contour.points_rc) == 8  # collinear points merged: one per corner cut
+
+
+def test_ring_gives_outer_contour_and_inner_hole_contour():
+    mask = np.zeros((12, 12), bool)
+    mask[2:10, 2:10] = True
+    mask[4:8, 4:8] = False
+    contours = rx.mask_contours(mask)
+    assert sorted(c.hole for c in contours) == [False, True]
+    outer = next(c for c in contours if not c.hole).points_rc
+    inner = next(c for c in contours if c.hole).points_rc
+    # the hole lies inside the outer boundary
+    assert outer[:, 0].min() < inner[:, 0].min() and inner[:, 0].max() < outer[:, 0].max()
+    assert rx._signed_area(outer) == pytest.approx(64 - 0.5)
+    assert rx._signed_area(inner) == pytest.approx(-(16 - 0.5))
+
+
+@pytest.mark.parametrize("name, mask", [
+    ("single pixel", np.pad([[1]], 2)),
+    ("diagonal pixels", np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]])),
+    ("checkerboard", np.indices((6, 7)).sum(axis=0) % 2),
+    ("touches every border", np.ones((5, 4))),
+    ("hole with diagonal exit", np.array([[1, 1, 1, 0], [1, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 1]])),
+    ("island in a hole", np.pad(np.pad(np.pad([[1]], 1), 1, constant_values=1), 1)),
+    ("empty", np.zeros((4, 4))),
+])
+def test_contours_rasterise_back_to_the_same_pixels(name, mask):
+    mask = np.asarray(mask, dtype=bool)
+    headers = ct_headers(1, *mask.shape, spacing=(1.0, 1.0))
+    reference = rx.CTReference.from_datasets(headers)
+    contours = [reference.pixel_to_patient(0, c.points_rc) for c in rx.mask_contours(mask)]
+    from extract_multi_organ_masks import rasterize_contours
+
+    back = rasterize_contours(contours, image_of(reference)) if contours else np.zeros((1, *mask.shape), bool)
+    assert np.array_equal(back[0], mask), name
+
+
+def test_random_masks_round_trip_exactly(tmp_path):
+    rng = np.random.default_rng(1)
+    noise = ndimage.gaussian_filter(rng.random((6, 50, 60)), 1.5)
+    labels = np.digitize(noise, [0.47, 0.5, 0.53]).astype(np.uint8) * 2 + 1  # labels 1, 3, 5, 7 with holes
+    labels[labels == 1] = 0
+    reference = rx.CTReference.from_datasets(ct_headers(6, 50, 60))
+    rtstruct = reread(rx.build_rtstruct(labels, reference), tmp_path)
+    assert_round_trip(labels, rtstruct, image_of(reference), min_voxels=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The dataset
+# --------------------------------------------------------------------------------------------
+@pytest.fixture()
+def small_case():
+    """A 4-slice 40x30 label map with every structure (GTV inside PTV; a ring-shaped heart)."""
+    labels = np.zeros((4, 40, 30), np.uint8)
+    labels[:, 5:35, 2:12] = organs.RIGHT_LUNG
+    labels[:, 5:35, 18:28] = organs.LEFT_LUNG
+    labels[1:3, 10:20, 4:10] = organs.PTV
+    labels[1:3, 13:17, 6:8] = organs.GTV
+    labels[:, 20:30, 12:18] = organs.HEART
+    labels[:, 23:27, 14:16] = organs.BACKGROUND  # a hole
+    labels[:, 2:4, 14:16] = organs.ESOPHAGUS
+    labels[:, 36:39, 14:16] = organs.SPINAL_CORD
+    return labels, rx.CTReference.from_datasets(ct_headers(4, 40, 30))
+
+
+def test_rtstruct_has_the_required_attributes_and_passes_pydicom_validation(small_case, tmp_path, monkeypatch):
+    labels, reference = small_case
+    # Raise on any value that does not fit its VR (DS > 16 characters, bad UI, lower-case CS...)
+    monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.RAISE)
+    monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.RAISE)
+    ds = reread(rx.build_rtstruct(labels, reference, now=FIXED_TIME), tmp_path)
+
+    pydicom.dataset.validate_file_meta(ds.file_meta, enforce_standard=True)
+    assert ds.file_meta.MediaStorageSOPClassUID == rx.RT_STRUCTURE_SET_STORAGE == ds.SOPClassUID
+    assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert ds.Modality == "RTSTRUCT"
+    assert ds.SeriesInstanceUID not in (SERIES, STUDY) and ds.SOPInstanceUID not in reference.sop_instance_uids
+    copied = {"PatientID": "PAT-1", "PatientName": "Doe^Jane", "PatientBirthDate": "19600101",
+              "PatientSex": "F", "StudyInstanceUID": STUDY, "StudyDate": "20140101", "StudyTime": "101500",
+              "StudyID": "S1", "AccessionNumber": "ACC7", "ReferringPhysicianName": "Who^Doctor"}
+    assert {k: str(ds[k].value) for k in copied} == copied
+    assert (ds.StructureSetLabel, ds.StructureSetDate, ds.StructureSetTime) == ("AUTOSEG", "20240506", "070809")
+    for item in (it for c in ds.ROIContourSequence for it in c.ContourSequence):
+        assert len(item.ContourData) == 3 * item.NumberOfContourPoints  # DS strings validated as read
+    for keyword in ("ReferencedFrameOfReferenceSequence", "StructureSetROISequence", "ROIContourSequence",
+                    "RTROIObservationsSequence", "SeriesNumber", "InstanceNumber", "Manufacturer"):
+        assert keyword in ds, keyword
+
+    (frame,) = ds.ReferencedFrameOfReferenceSequence
+    assert frame.FrameOfReferenceUID == FRAME
+    (study,) = frame.RTReferencedStudySequence
+    assert study.ReferencedSOPInstanceUID == STUDY
+    (series,) = study.RTReferencedSeriesSequence
+    assert series.SeriesInstanceUID == SERIES
+    assert [i.ReferencedSOPInstanceUID for i in series.ContourImageSequence] == list(reference.sop_instance_uids)
+    assert {i.ReferencedSOPClassUID for i in series.ContourImageSequence} == {rx.CT_IMAGE_STORAGE}
+
+
+def test_rois_are_named_coloured_and_typed_from_organs(small_case, tmp_path):
+    labels, reference = small_case
+    ds = reread(rx.build_rtstruct(labels, reference), tmp_path)
+    names = [r.ROIName for r in ds.StructureSetROISequence]
+    assert names == ["GTV", "PTV", "Lung_R", "Lung_L", "Heart", "Esophagus", "SpinalCord"]
+    assert [organs.match_roi_name(n) for n in names] == list(organs.FOREGROUND_LABELS)  # phase 2.5 reads them
+    assert [int(r.ROINumber) for r in ds.StructureSetROISequence] == list(range(1, 8))
+    assert {r.ReferencedFrameOfReferenceUID for r in ds.StructureSetROISequence} == {FRAME}
+    assert [list(map(int, c.ROIDisplayColor)) for c in ds.ROIContourSequence] == [
+        list(organs.structure(label).color) for label in organs.FOREGROUND_LABELS]
+    assert [int(c.ReferencedROINumber) for c in ds.ROIContourSequence] == list(range(1, 8))
+    assert [o.RTROIInterpretedType for o in ds.RTROIObservationsSequence] == [
+        "GTV", "PTV", "ORGAN", "ORGAN", "ORGAN", "ORGAN", "ORGAN"]
+    assert [int(o.ReferencedROINumber) for o in ds.RTROIObservationsSequence] == list(range(1, 8))
+
+
+def test_every_contour_is_closed_planar_on_its_slice_and_references_it(small_case, tmp_path):
+    labels, reference = small_case
+    ds = reread(rx.build_rtstruct(labels, reference), tmp_path)
+    uids = list(reference.sop_instance_uids)
+    for roi_contour in ds.ROIContourSequence:
+        for item in roi_contour.ContourSequence:
+            assert item.ContourGeometricType == "CLOSED_PLANAR"
+            points = np.array(item.ContourData, dtype=float).reshape(-1, 3)
+            assert len(points) == item.NumberOfContourPoints >= 3
+            (image_ref,) = item.ContourImageSequence
+            k = uids.index(image_ref.ReferencedSOPInstanceUID)
+            assert np.allclose(points[:, 2], reference.image_positions[k][2])
+
+
+def test_holes_are_written_as_separate_inner_contours(small_case, tmp_path):
+    labels, reference = small_case
+    ds = reread(rx.build_rtstruct(labels, reference), tmp_path)
+    heart = rx.contours_by_roi(ds)["Heart"]
+    assert len(heart) == 2 * 4  # outer + hole on each of the 4 slices
+    per_slice = {}
+    for item in heart:
+        per_slice.setdefault(item.ContourImageSequence[0].ReferencedSOPInstanceUID, []).append(
+            np.array(item.ContourData, dtype=float).reshape(-1, 3))
+    for outer, inner in (sorted(c, key=lambda p: -np.ptp(p[:, 0])) for c in per_slice.values()):
+        assert outer[:, 0].min() < inner[:, 0].min() and inner[:, 0].max() < outer[:, 0].max()
+    # the ring has 10x6 - 4x2 = 52 voxels per slice, and that is what comes back
+    back = roi_masks_back(ds, image_of(reference))["Heart"]
+    assert back.sum(axis=(1, 2)).tolist() == [52, 52, 52, 52]
+
+
+def test_ptv_roi_contains_its_gtv_and_phase25_rebuilds_the_label_map(small_case, tmp_path):
+    labels, reference = small_case
+    ds = reread(rx.build_rtstruct(labels, reference), tmp_path)
+    image = image_of(reference)
+    back = roi_masks_back(ds, image)
+    assert back["PTV"].sum() == np.isin(labels, [organs.GTV, organs.PTV]).sum() == 2 * 60
+    assert np.array_equal(phase25_labels(ds, image), labels)
+
+
+def test_a_contour_longer_than_64_kib_is_written_and_read_back(tmp_path):
+    # Explicit VR would cap a DS value at 64 KiB; a comb-shaped outline needs ~4000 points.
+    mask = np.zeros((1, 256, 256), np.uint8)
+    mask[0, 8:248, 8:248] = organs.HEART
+    for teeth in (mask[0, 4:8, 8:248:2], mask[0, 248:252, 8:248:2], mask[0, 8:248:2, 4:8], mask[0, 8:248:2, 248:252]):
+        teeth[...] = organs.HEART
+    reference = rx.CTReference.from_datasets(
+        ct_headers(1, 256, 256, spacing=(0.977, 0.977), origin=(-250.112, -250.112, -179.4)))
+    ds = reread(rx.build_rtstruct(mask, reference), tmp_path)
+    (item,) = rx.contours_by_roi(ds)["Heart"]
+    assert item.NumberOfContourPoints > 2000
+    assert item.get_item(0x30060050).length > 65536  # the value as stored in the file
+    assert_round_trip(mask, ds, image_of(reference))
+
+
+def test_patient_coordinates_follow_orientation_and_spacing():
+    headers = ct_headers(2, 4, 5, spacing=(2.0, 0.5), origin=(10.0, 20.0, 30.0), step=2.5)
+    for ds in headers:  # rows run towards patient left (+x), columns towards anterior (-y)
+        ds.ImageOrientationPatient = [0, -1, 0, 1, 0, 0]
+    reference = rx.CTReference.from_datasets(headers)
+    points = reference.pixel_to_patient(1, np.array([[0, 0], [1, 2], [0.5, -0.5]]))
+    assert points.tolist() == [[10.0, 20.0, 32.5], [12.0, 19.0, 32.5], [11.0, 20.25, 32.5]]
+
+
+def test_empty_structures_are_left_out_and_labels_subset_respected(tmp_path):
+    labels = np.zeros((2, 10, 10), np.uint8)
+    labels[:, 2:5, 2:5] = organs.HEART
+    labels[:, 6:8, 6:8] = organs.ESOPHAGUS
+    reference = rx.CTReference.from_datasets(ct_headers(2, 10, 10))
+    assert rx.roi_summary(rx.build_rtstruct(labels, reference)) == {"Heart": 2, "Esophagus": 2}
+    assert rx.roi_summary(rx.build_rtstruct(labels, reference, labels=[organs.HEART])) == {"Heart": 2}
+    assert rx.roi_summary(rx.build_rtstruct(np.zeros_like(labels), reference)) == {}
+
+
+def test_a_gtv_without_ptv_voxels_makes_no_ptv_roi():
+    labels = np.zeros((1, 10, 10), np.uint8)
+    labels[0, 2:5, 2:5] = organs.GTV
+    reference = rx.CTReference.from_datasets(ct_headers(1, 10, 10))
+    assert rx.roi_summary(rx.build_rtstruct(labels, reference)) == {"GTV": 1}
+
+
+def test_from_image_matches_from_datasets():
+    headers = ct_headers(3, 6, 7, spacing=(0.7, 0.6), step=2.0)
+    by_headers = rx.CTReference.from_datasets(headers)
+    image = image_of(by_headers)
+    by_image = rx.CTReference.from_image(image, headers[0], [h.SOPInstanceUID for h in headers])
+    assert by_image.sop_instance_uids == by_headers.sop_instance_uids
+    assert np.allclose(by_image.image_positions, by_headers.image_positions)
+    assert by_image.pixel_spacing == by_headers.pixel_spacing == (0.7, 0.6)
+    assert by_image.shape_yx == by_headers.shape_yx == (6, 7)
+    assert str(by_image.header.PatientID) == "PAT-1"
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+def test_label_map_that_does_not_fit_the_ct_is_refused():
+    reference = rx.CTReference.from_datasets(ct_headers(3, 8, 9))
+    with pytest.raises(ValueError, match=r"shape \(3, 9, 8\).*expected \(3, 8, 9\)"):
+        rx.build_rtstruct(np.zeros((3, 9, 8), np.uint8), reference)
+    with pytest.raises(ValueError, match="holds values 0..9, expected 0-7"):
+        rx.build_rtstruct(np.full((3, 8, 9), 9, np.uint8) * (np.arange(9) % 2), reference)
+    with pytest.raises(ValueError, match="must hold integers"):
+        rx.build_rtstruct(np.zeros((3, 8, 9), np.float32), reference)
+    with pytest.raises(ValueError, match="at most 16 characters"):
+        rx.build_rtstruct(np.zeros((3, 8, 9), np.uint8), reference, structure_set_label="x" * 17)
+
+
+def test_bad_ct_headers_are_refused():
+    headers = ct_headers(3, 8, 9)
+    with pytest.raises(ValueError, match="not in order along the slice normal"):
+        rx.CTReference.from_datasets([headers[1], headers[0], headers[2]])
+    with pytest.raises(ValueError, match="no CT slices"):
+        rx.CTReference.from_datasets([])
+    del headers[1].FrameOfReferenceUID
+    with pytest.raises(ValueError, match="CT slice 1 of 3 has no FrameOfReferenceUID"):
+        rx.CTReference.from_datasets(headers)
+    other = ct_headers(2, 8, 9)
+    other[1].SeriesInstanceUID = "1.2.3.4"
+    with pytest.raises(ValueError, match="2 different SeriesInstanceUIDs"):
+        rx.CTReference.from_datasets(other)
+    image = image_of(rx.CTReference.from_datasets(ct_headers(2, 8, 9)))
+    with pytest.raises(ValueError, match=r"slices \[1\] have no SOPInstanceUID \(interpolated"):
+        rx.CTReference.from_image(image, other[0], ["1.2.3", None])
+    with pytest.raises(ValueError, match="3 SOPInstanceUIDs for a CT of 2 slices"):
+        rx.CTReference.from_image(image, other[0], ["1.2.3", "1.2.4", "1.2.5"])
+
+
+# --------------------------------------------------------------------------------------------
+# Round trips on DICOM: the synthetic cohort and a real patient
+# --------------------------------------------------------------------------------------------
+def _read_dicom_ct(ct_folder: Path) -> tuple[sitk.Image, rx.CTReference]:
+    ct = read_ct_series(sorted(p for p in ct_folder.rglob("*") if p.is_file()))
+    header = pydicom.dcmread(ct.slices[0].path, stop_before_pixels=True)
+    reference = rx.CTReference.from_image(ct.image, header, [s.sop_instance_uid for s in ct.slices],
+                                          [s.position_lps for s in ct.slices])
+    return ct.image, reference
+
+
+def _rt_utils_masks(ct_folder: Path, rtstruct_path: Path, names) -> dict[str, np.ndarray]:
+    from rt_utils import RTStructBuilder
+
+    rt = RTStructBuilder.create_from(dicom_series_path=str(ct_folder), rt_struct_path=str(rtstruct_path))
+    assert sorted(rt.get_roi_names()) == sorted(names)
+    # rt-utils gives (rows, cols, slices) with slices in ascending position, as SimpleITK orders z
+    return {name: np.transpose(rt.get_roi_mask_by_name(name), (2, 0, 1)) for name in names}
+
+
+def test_synthetic_cohort_round_trip_and_rt_utils(synthetic_cohort, tmp_path):
+    raw_dir, truth_dir, cohort = synthetic_cohort
+    for record in cohort:
+        ct_folder = raw_dir / record["ct_folder"]
+        image, reference = _read_dicom_ct(ct_folder)
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_dir / record["truth_file"])))
+        rtstruct = rx.build_rtstruct(truth, reference)
+        path = tmp_path / f"{record['patient_id']}.dcm"
+        rx.write_rtstruct(rtstruct, path)
+        ds = pydicom.dcmread(path)
+        assert_round_trip(truth, ds, image)
+        assert np.array_equal(phase25_labels(ds, image), truth)
+        ct_uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in ct_folder.rglob("*.dcm")}
+        referenced = {i.ReferencedSOPInstanceUID for c in ds.ROIContourSequence for it in c.ContourSequence
+                      for i in it.ContourImageSequence}
+        assert referenced <= ct_uids and len(referenced) > 0
+
+    # An independent reader. rt-utils rounds contour points to whole pixels and lets OpenCV fill
+    # the polygon *including its boundary pixels*, so it can only add a rim of at most one pixel to
+    # a contour drawn between pixel centres: it must miss no voxel of ours and add none beyond that rim.
+    record = cohort[0]
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_dir / record["truth_file"])))
+    path = tmp_path / f"{record['patient_id']}.dcm"
+    names = list(rx.roi_summary(pydicom.dcmread(path)))
+    masks = _rt_utils_masks(raw_dir / record["ct_folder"], path, names)
+    rim = ndimage.generate_binary_structure(3, 2)
+    rim[0] = rim[2] = False  # in-plane 8-neighbourhood
+    for name in names:
+        label = organs.match_roi_name(name)
+        expected = np.isin(truth, rx.ROI_MEMBERS[label])
+        assert not (expected & ~masks[name]).any(), name
+        assert not (masks[name] & ~ndimage.binary_dilation(expected, rim)).any(), name
+
+
+REAL_PATIENT = "LUNG1-005"
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_real_patient_round_trip_and_rt_utils(real_sample_root, reference_json, reference_masks_dir, tmp_path):
+    ct_folder = real_sample_root / reference_json[REAL_PATIENT]["ct_series_folder"]
+    image, reference = _read_dicom_ct(ct_folder)
+    # plastimatch's masks of the clinical contours, combined with organs.PRIORITY
+    labels = np.zeros(image.GetSize()[::-1], np.uint8)
+    by_label = {}
+    for path in sorted((reference_masks_dir / REAL_PATIENT).glob("*.nii.gz")):
+        label = organs.match_roi_name(path.name[: -len(".nii.gz")])
+        assert label in organs.FOREGROUND_LABELS, path.name
+        by_label[label] = sitk.GetArrayFromImage(sitk.ReadImage(str(path))) > 0
+    for label in reversed(organs.PRIORITY):
+        if label in by_label:
+            labels[by_label[label]] = label
+
+    rtstruct = rx.build_rtstruct(labels, reference)
+    path = tmp_path / "rt.dcm"
+    rx.write_rtstruct(rtstruct, path)
+    ds = pydicom.dcmread(path)
+    scores = assert_round_trip(labels, ds, image)
+    assert sorted(scores) == ["Esophagus", "GTV", "Heart", "Lung_L", "Lung_R", "SpinalCord"]
+    assert np.array_equal(phase25_labels(ds, image), labels)
+    n_points = sum(int(it.NumberOfContourPoints) for c in ds.ROIContourSequence for it in c.ContourSequence)
+    assert n_points < 60_000  # collinear points merged (~50 points per contour on average)
+
+    masks = _rt_utils_masks(ct_folder, path, list(scores))
+    for label in by_label:
+        name = organs.structure(label).rtstruct_name
+        expected = labels == label
+        assert not (expected & ~masks[name]).any(), name  # rt-utils only adds its boundary rim
+        assert dice(masks[name], expected) >= 0.95, (name, dice(masks[name], expected))
