@@ -55,10 +55,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 16
 #: Labels scored, each with the label values that make up the structure (PTV contains its GTV).
-SCORED_LABELS: dict[int, tuple[int, ...]] = {
-    label: ((organs.GTV, organs.PTV) if label == organs.PTV else (label,))
-    for label in organs.FOREGROUND_LABELS
-}
+SCORED_LABELS: dict[int, tuple[int, ...]] = organs.STRUCTURE_MEMBERS
 #: Organs that are one connected body; tumour targets (GTV, PTV) may be multifocal.
 SINGLE_COMPONENT_LABELS: tuple[int, ...] = (
     organs.RIGHT_LUNG, organs.LEFT_LUNG, organs.HEART, organs.ESOPHAGUS, organs.SPINAL_CORD,

@@ -77,6 +77,12 @@ BY_KEY: dict[str, Structure] = {s.key: s for s in STRUCTURES}
 #: GTV > PTV > spinal cord > esophagus > heart > lungs.
 PRIORITY: tuple[int, ...] = (GTV, PTV, SPINAL_CORD, ESOPHAGUS, HEART, RIGHT_LUNG, LEFT_LUNG)
 
+#: Label values that make up each structure when it is scored or exported: the label map holds
+#: a voxel once (GTV wins over PTV), but a PTV contains its GTV, so the whole PTV is 1 + 2.
+STRUCTURE_MEMBERS: dict[int, tuple[int, ...]] = {
+    label: ((GTV, PTV) if label == PTV else (label,)) for label in FOREGROUND_LABELS
+}
+
 
 def structure(label: int) -> Structure:
     """The :class:`Structure` for a label value; ``ValueError`` for anything outside 0-7."""

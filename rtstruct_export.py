@@ -55,10 +55,7 @@ CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 STUDY_COMPONENT_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
 
 #: Label values that make up each ROI: the PTV contains its GTV (see the module docstring).
-ROI_MEMBERS: dict[int, tuple[int, ...]] = {
-    label: ((organs.GTV, organs.PTV) if label == organs.PTV else (label,))
-    for label in organs.FOREGROUND_LABELS
-}
+ROI_MEMBERS: dict[int, tuple[int, ...]] = organs.STRUCTURE_MEMBERS
 #: RTROIInterpretedType of each label (DICOM defined terms).
 INTERPRETED_TYPE: dict[int, str] = {
     label: ("GTV" if label == organs.GTV else "PTV" if label == organs.PTV else "ORGAN")

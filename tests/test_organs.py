@@ -78,3 +78,9 @@ def test_priority_order() -> None:
 def test_unknown_label_is_a_clear_error(bad) -> None:
     with pytest.raises(ValueError, match="unknown label"):
         organs.structure(bad)
+
+
+def test_ptv_is_scored_and_exported_with_its_gtv() -> None:
+    assert organs.STRUCTURE_MEMBERS[organs.PTV] == (organs.GTV, organs.PTV)
+    assert organs.STRUCTURE_MEMBERS[organs.GTV] == (organs.GTV,)
+    assert sorted(organs.STRUCTURE_MEMBERS) == list(organs.FOREGROUND_LABELS)
