@@ -8,13 +8,14 @@ PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 DATA   ?= DATA
 # The demo cohort: small enough for a 2-core CPU, big enough to train a useful small network.
-DEMO_PATIENTS ?= 20
+DEMO_PATIENTS ?= 30
 DEMO_SIZE     ?= 128
 DEMO_SLICES   ?= 40
 SPLITS        := $(DATA)/splits
 RUN           := $(DATA)/runs/demo
 # A small network trained for a few minutes on the CPU (see README, "Training on the collection").
-DEMO_TRAIN_ARGS ?= --base-channels 16 --lr 1e-3 --batch-size 8 --epochs 30 --time-limit 5m --device auto
+DEMO_TRAIN_ARGS ?= --base-channels 16 --lr 1e-3 --lr-schedule cosine --epochs 30 --augment \
+	--time-limit 5m --device auto
 
 .PHONY: all install demo test clean clean-data
 
