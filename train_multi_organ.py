@@ -627,6 +627,10 @@ def _load_resume(path: Path) -> dict[str, Any]:
     return state
 
 
+#: Settings a resumed run must share with the run it continues (``--epochs`` may be raised).
+RESUME_MUST_MATCH = ("batch_size", "lr", "lr_schedule", "augment", "tumour_oversampling")
+
+
 def run(
     *,
     data_root: Path | str = DEFAULT_DATA_ROOT,
@@ -677,10 +681,18 @@ def run(
         if int(resumed["seed"]) != seed:
             raise ValueError(f"--seed {seed} differs from the resumed run's {resumed['seed']} "
                              f"({resumed['_path']}): the data order would not continue")
+        saved = resumed.get("train_config") or {}
+        for name in RESUME_MUST_MATCH:  # what decides the data order and the optimisation
+            if name in saved and saved[name] != _jsonable({name: config[name]})[name]:
+                raise ValueError(f"--{name.replace('_', '-')} {config[name]} differs from the resumed "
+                                 f"run's {saved[name]} ({resumed['_path']}): it would not continue exactly")
         base_channels = saved_channels
         output_dir = output_dir or Path(resumed["_path"]).parent
     base_channels = base_channels or DEFAULT_BASE_CHANNELS
     output_dir = Path(output_dir or default_output_dir())
+    if resumed is None and (output_dir / LAST_CHECKPOINT).exists():
+        raise ValueError(f"{output_dir} already holds a training run: continue it with --resume "
+                         f"{output_dir / LAST_CHECKPOINT}, or choose another --output-dir")
     config.update(base_channels=base_channels, output_dir=output_dir)
 
     runtime = setup_runtime(device, amp)

@@ -307,6 +307,10 @@ def test_resume_refuses_a_best_checkpoint_and_another_width(cache):
         tm.run(data_root=root, splits_dir=splits, epochs=2, resume=out / "best_unet_multi_organ.pth")
     with pytest.raises(ValueError, match="--base-channels 8 differs from the resumed checkpoint's 4"):
         tm.run(data_root=root, splits_dir=splits, epochs=2, resume=out, **(TINY | {"base_channels": 8}))
+    with pytest.raises(ValueError, match=r"--lr 0.5 differs from the resumed run's .*would not continue"):
+        tm.run(data_root=root, splits_dir=splits, epochs=2, resume=out, **(TINY | {"lr": 0.5}))
+    with pytest.raises(ValueError, match="already holds a training run: continue it with --resume"):
+        tm.run(data_root=root, splits_dir=splits, output_dir=out, epochs=2, **TINY)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cache, monkeypatch):
