@@ -13,7 +13,7 @@ DEMO_SIZE     ?= 128
 DEMO_SLICES   ?= 40
 SPLITS        := $(DATA)/splits
 RUN           := $(DATA)/runs/demo
-# A small network trained for a few minutes on the CPU (see README, "Training on the collection").
+# A small network trained for a few minutes on the CPU (see README, "Training on the full collection").
 DEMO_TRAIN_ARGS ?= --base-channels 16 --lr 1e-3 --lr-schedule cosine --epochs 30 --augment \
 	--time-limit 5m --device auto
 

@@ -505,7 +505,7 @@ def train_one_epoch(
     bar.close()
     totals = _all_reduce(torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64,
                                                              device=runtime.device)]), runtime)
-    if bad:  # a bad step after the last check
+    if _agree(bad, runtime):  # a bad step after the last check (all ranks stop together)
         _raise_non_finite("training", epoch, len(loader), last_good)
     return float(totals[0] / totals[1].clamp(min=1)), int(totals[1]), partial
 
