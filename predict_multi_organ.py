@@ -76,6 +76,8 @@ log = logging.getLogger(__name__)
 
 PHASE = "Predict"
 PRECISIONS = ("auto", "float32", "bfloat16")
+#: Voxel order of phase 2's volumes (axial DICOM, head first supine): the network learned it.
+TRAINING_ORIENTATION = "LPS"
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 OUTPUT_SUFFIXES = {
     "labels": "_labels.nii.gz",
@@ -354,6 +356,9 @@ class LoadedCT:
     image: sitk.Image
     reference: CTReference | None = None
     notes: list[str] = field(default_factory=list)
+    #: A NIfTI input stored in another orientation than the DICOM one the network was trained
+    #: on (e.g. RAS from dcm2niix): ``image`` is reoriented to it, labels are written back on this.
+    source: sitk.Image | None = None
 
 
 def is_nifti(path: Path) -> bool:
@@ -395,6 +400,11 @@ def read_case(case: Case) -> LoadedCT:
         if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
             raise PatientError(f"{case.patient_id}: {case.nifti} is not a 3D single-channel CT "
                                f"({image.GetDimension()}D, {image.GetNumberOfComponentsPerPixel()} components)")
+        orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+        if orientation != TRAINING_ORIENTATION:  # phase 2 arrays: rows posterior, columns left
+            return LoadedCT(case.patient_id, sitk.DICOMOrient(image, TRAINING_ORIENTATION),
+                            notes=[f"{orientation} NIfTI reoriented to {TRAINING_ORIENTATION} to predict"],
+                            source=image)
         return LoadedCT(case.patient_id, image)
     if case.dicom is None:
         raise ValueError(f"{case.patient_id}: a case needs a DICOM patient or a NIfTI file")
@@ -520,6 +530,10 @@ def write_outputs(ct: LoadedCT, hu_zyx: np.ndarray, labels_zyx: np.ndarray, outp
     with _timer(seconds, "write"):
         image = labels_image(labels_zyx, ct.image)
         check_same_geometry(image, ct.image, f"{ct.patient_id}: label map vs CT")
+        if ct.source is not None:  # back onto the input NIfTI's own voxel order
+            original = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(ct.source.GetDirection())
+            image = sitk.DICOMOrient(image, original)
+            check_same_geometry(image, ct.source, f"{ct.patient_id}: label map vs input NIfTI")
         write_nifti(image, outputs["labels"])
         if rtstruct is not None:
             write_rtstruct(rtstruct, outputs["rtstruct"])

@@ -427,6 +427,7 @@ def build_rtstruct(
     ds.SeriesNumber = 1
     ds.SeriesDate, ds.SeriesTime = date, time
     ds.SeriesDescription = series_description
+    ds.OperatorsName = ""  # type 2 in the RT Series module: present, unknown (software wrote it)
     ds.Manufacturer = "lung-ct-multi-organ"
     ds.InstanceNumber = 1
 

@@ -17,6 +17,7 @@ import SimpleITK as sitk
 import torch
 
 import convert_dicom_to_nifti
+import organs
 import evaluate_multi_organ
 import extract_multi_organ_masks
 import normalize_ct_and_masks
@@ -59,13 +60,16 @@ def _check_outputs(data_root: Path, run_dir: Path, test_ids: list[str]) -> None:
             assert image.GetSize() == ct.GetSize()
             np.testing.assert_allclose(image.GetOrigin(), ct.GetOrigin(), atol=1e-3)
             np.testing.assert_allclose(image.GetSpacing(), ct.GetSpacing(), atol=1e-5)
-        labels = np.unique(sitk.GetArrayViewFromImage(predicted))
-        assert labels.min() >= 0 and labels.max() <= 7
+            np.testing.assert_allclose(image.GetDirection(), ct.GetDirection(), atol=1e-6)
+        assert set(np.unique(sitk.GetArrayViewFromImage(predicted))) <= set(range(8))
     with open(run_dir / "evaluation" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["patient_id"] for r in rows} == set(test_ids)
+    assert {r["structure"] for r in rows} == {organs.structure(label).key for label in range(1, 8)}
     summary = json.loads((run_dir / "evaluation" / "summary.json").read_text())
-    assert summary  # per-organ statistics exist
+    assert summary["n_patients"] == len(test_ids) and summary["failed"] == []
+    lungs = summary["structures"]["lung_right"]["dice"]
+    assert lungs["n"] == len(test_ids) and 0 <= lungs["mean"] <= 1
     for name in ("history.csv", "training_curves.png", "train.log", "last_checkpoint.pth"):
         assert (run_dir / name).is_file(), name
 

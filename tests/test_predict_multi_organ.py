@@ -390,3 +390,23 @@ def test_inference_benchmark_runs_and_writes_json(synthetic_cohort, tmp_path, ca
     table = capsys.readouterr().out
     assert "bfloat16+CL (bs 12)" in table and "rtstruct" in table and "Dice bfloat16 vs float32" in table
 
+
+
+def test_ras_nifti_is_segmented_in_the_training_orientation(cohort_prediction, tiny_checkpoint, tmp_path):
+    """A NIfTI stored RAS (as dcm2niix writes it) is predicted in phase 2's voxel order and its
+    labels come back on the input's own grid: the same labels as from the DICOM, flipped."""
+    _, out, raw_dir, _, cohort = cohort_prediction
+    from convert_dicom_to_nifti import read_ct_series
+
+    record = cohort[2]
+    ct = read_ct_series(sorted((raw_dir / record["ct_folder"]).glob("*.dcm")))
+    ras = sitk.DICOMOrient(ct.image, "RAS")
+    nifti = tmp_path / "ras.nii.gz"
+    sitk.WriteImage(ras, str(nifti))
+    (result,) = pm.run(input_path=nifti, checkpoint=tiny_checkpoint, output_dir=tmp_path / "out")
+    assert result.status == DONE and "RAS NIfTI reoriented to LPS" in result.message
+    from_nifti, image = _labels(tmp_path / "out" / f"{result.patient_id}_labels.nii.gz")
+    assert same_geometry(image, ras)
+    from_dicom, _ = _labels(out / f"{record['patient_id']}_labels.nii.gz")
+    assert np.array_equal(from_nifti, from_dicom[:, ::-1, ::-1])  # RAS flips rows and columns
+    assert from_dicom.any() and not np.array_equal(from_nifti, from_dicom)

@@ -172,6 +172,13 @@ def small_case():
     return labels, rx.CTReference.from_datasets(ct_headers(4, 40, 30))
 
 
+TYPE_1 = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "Modality", "SeriesInstanceUID",
+          "StructureSetLabel", "StructureSetROISequence", "ROIContourSequence", "RTROIObservationsSequence")
+TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "ReferringPhysicianName", "StudyID", "AccessionNumber", "SeriesNumber", "OperatorsName",
+          "Manufacturer", "StructureSetDate", "StructureSetTime")
+
+
 def test_rtstruct_has_the_required_attributes_and_passes_pydicom_validation(small_case, tmp_path, monkeypatch):
     labels, reference = small_case
     # Raise on any value that does not fit its VR (DS > 16 characters, bad UI, lower-case CS...)
@@ -194,6 +201,11 @@ def test_rtstruct_has_the_required_attributes_and_passes_pydicom_validation(smal
     for keyword in ("ReferencedFrameOfReferenceSequence", "StructureSetROISequence", "ROIContourSequence",
                     "RTROIObservationsSequence", "SeriesNumber", "InstanceNumber", "Manufacturer"):
         assert keyword in ds, keyword
+    # The RT Structure Set IOD's modules (PS3.3 A.19): type 1 present and non-empty, type 2 present.
+    for keyword in TYPE_1:
+        assert keyword in ds and ds[keyword].value not in (None, "", []), f"type 1 {keyword}"
+    for keyword in TYPE_2:
+        assert keyword in ds, f"type 2 {keyword}"
 
     (frame,) = ds.ReferencedFrameOfReferenceSequence
     assert frame.FrameOfReferenceUID == FRAME
