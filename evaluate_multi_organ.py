@@ -49,7 +49,7 @@ from pipeline_io import (
     atomic_output, check_same_geometry, exit_status, positive_int, read_nifti, run_batch,
     setup_logging, summary_line, write_nifti, write_text_atomic,
 )
-from unet_multi_organ import load_checkpoint_model
+from unet_multi_organ import load_checkpoint_model, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -537,16 +537,6 @@ def _check_provenance(predictions_dir: Path, provenance: dict[str, Any], overwri
 # --------------------------------------------------------------------------------------------
 # Batch
 # --------------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; ``ValueError`` when CUDA is asked for but absent."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: torch {torch.__version__} sees no CUDA GPU")
-    return device
-
-
 def default_output_dir(checkpoint: Path, postprocess: bool) -> Path:
     return Path(checkpoint).parent / ("evaluation_postprocessed" if postprocess else "evaluation")
 

@@ -69,6 +69,7 @@ from unet_multi_organ import (
     build_checkpoint,
     count_parameters,
     preprocessing_from_cache,
+    resolve_device as resolve_model_device,
 )
 
 log = logging.getLogger(__name__)
@@ -223,10 +224,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` (CUDA when available), ``cuda`` or ``cpu``; under torchrun, ``cuda:<local rank>``."""
     if name not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device must be auto, cuda or cpu, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
+    device = resolve_model_device(name)
+    if device.type == "cpu":
+        return device
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 

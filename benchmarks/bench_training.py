@@ -35,7 +35,7 @@ if str(REPO_ROOT) not in sys.path:  # `python benchmarks/bench_training.py` from
     sys.path.insert(0, str(REPO_ROOT))
 
 from losses_multi_organ import multi_organ_loss  # noqa: E402  (imports only torch)
-from unet_multi_organ import UNetMultiOrgan  # noqa: E402
+from unet_multi_organ import UNetMultiOrgan, resolve_device  # noqa: E402
 
 DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "bench_training.json"
 DEFAULT_BATCH_SIZES = (8, 16, 32, 64)
@@ -60,16 +60,6 @@ class Setting:
 # --------------------------------------------------------------------------------------------
 # Device helpers
 # --------------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; ``ValueError`` for a missing CUDA."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} requested but torch {torch.__version__} sees no CUDA GPU")
-    return device
-
-
 def amp_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 where the device supports it (CPU, Ampere and newer GPUs), float16 otherwise."""
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():

@@ -161,3 +161,16 @@ def test_preprocessing_is_read_from_the_cache_meta(tmp_path):
         "window": [-900.0, 300.0], "size": 96, "zscore": "per_patient"}
     with pytest.raises(ValueError, match="no <patient>/meta.json in training cache"):
         preprocessing_from_cache(tmp_path / "empty")
+
+
+def test_resolve_device_never_falls_back_silently(monkeypatch):
+    from unet_multi_organ import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device cuda:1: torch .* sees no CUDA GPU; use --device cpu"):
+        resolve_device("cuda:1")
+    for bad in ("gpu", "mps"):
+        with pytest.raises(ValueError, match=f"device must be auto, cpu, cuda or cuda:N, got '{bad}'"):
+            resolve_device(bad)
