@@ -5,7 +5,7 @@ found anywhere under each patient's DICOM folder -> ``<data-root>/processed/mask
 <PatientID>.nii.gz`` (uint8 labels 0-7 from ``organs.py``, exactly the CT's grid and affine)
 + ``structures.csv`` (what each label holds, per patient) + ``unmatched_roi_names.csv``.
 
-    python extract_multi_organ_masks.py --data-root DATA [--ptv-margin-mm 10] [--no-synthetic-ptv]
+    python extract_multi_organ_masks.py --data-root DATA [--ptv-margin-mm 10] [--no-derived-ptv]
 
 How a mask is made:
 
@@ -17,9 +17,17 @@ How a mask is made:
   goes to the slice within half a slice thickness of its z; contours are placed by their
   coordinates only, so references to SOP instances missing from the series do not matter.
 * All GTVs are fused into label 1; ``Lungs-Total`` is split into right and left lung at the
-  patient's midline (spinal cord centre per slice, else the lungs' centroid); without a PTV ROI the
-  PTV is synthesised as the fused GTV grown by ``--ptv-margin-mm`` in 3D (millimetres, anisotropic
-  grid) and marked synthetic. Overlaps are resolved with ``organs.PRIORITY``.
+  patient's midline (spinal cord centre per slice, else the lungs' centroid). Overlaps are resolved
+  with ``organs.PRIORITY``.
+* The PTV, as in the clinic, is *made*, not segmented: without a PTV ROI (no NSCLC-Radiomics patient
+  has one) the label map holds the contoured structures only, and ``structures.csv`` and the record
+  ``<PatientID>.json`` mark the PTV *derived* (``GTV + 10 mm``, ``--ptv-margin-mm``): training does
+  not teach label 2 for that patient, and evaluation and prediction grow the GTV with
+  :func:`ptv_from_gtv` (the one GTV -> PTV function of the repository). A contoured PTV ROI stays
+  label 2 and is trained and scored as a label.
+* ``<PatientID>.json`` beside each label map records the annotated flags, how the PTV is made and a
+  fingerprint of the inputs (CT NIfTI, RTSTRUCT files, settings): a run without ``--overwrite``
+  redoes a patient whose inputs or settings changed, and phase 3 reads its flags from it.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ import argparse
 import csv
 import functools
 import io
+import json
 import logging
 import math
 import re
@@ -44,12 +53,15 @@ from pipeline_io import (
     FAILED,
     SKIPPED,
     DataLayout,
+    PROCESSED_FORMAT,
     PatientError,
     PatientResult,
     add_common_arguments,
     check_same_geometry,
     check_writable,
     exit_status,
+    file_sha256,
+    fingerprint,
     run_batch,
     setup_logging,
     summary_line,
@@ -63,9 +75,13 @@ DEFAULT_PTV_MARGIN_MM = 10.0
 CONVERSION_REPORT = "conversion_report.csv"
 STRUCTURES_CSV = "structures.csv"
 UNMATCHED_CSV = "unmatched_roi_names.csv"
-STRUCTURES_COLUMNS = ("patient_id", "label", "structure", "annotated", "source_rois", "synthetic",
+STRUCTURES_COLUMNS = ("patient_id", "label", "structure", "annotated", "source_rois", "derived",
                       "voxels", "volume_ml", "voxels_lost")
 UNMATCHED_COLUMNS = ("roi_name", "patients", "patient_ids")
+RECORD_SUFFIX = ".json"  # <PatientID>.json beside <PatientID>.nii.gz: what phase 2.5 decided and read
+#: How a patient's PTV is made (``record["ptv"]["source"]``): grown from the GTV, a contoured ROI
+#: painted as label 2, or nothing (no GTV, or ``--no-derived-ptv``).
+PTV_DERIVED, PTV_CONTOURED, PTV_NONE = "derived", "contoured", "none"
 
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 # The File Meta group (first few hundred bytes of a Part-10 file) names the SOP class, so most files
@@ -424,7 +440,7 @@ def masks_from_rtstruct(rtstruct: Any, image: Any) -> dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------------------------
-# Structures: ROIs -> labels, lung split, synthetic PTV, priority overlay
+# Structures: ROIs -> labels, lung split, derived PTV, priority overlay
 # --------------------------------------------------------------------------------------------
 @dataclass
 class StructureMask:
@@ -433,9 +449,9 @@ class StructureMask:
     label: int
     mask: BoxMask = field(default_factory=BoxMask.empty)
     annotated: bool = False
-    synthetic: bool = False
+    derived: str = ""  # "GTV + 10 mm": made from other structures, never painted into the label map
     source_rois: list[str] = field(default_factory=list)
-    how: str = ""  # recorded next to the ROI names: "split at the midline (...)", "+ 10 mm margin"
+    how: str = ""  # recorded next to the ROI names: "split at the midline (...)"
 
     @property
     def source_text(self) -> str:
@@ -500,17 +516,20 @@ def split_at_midline(lungs: BoxMask, grid: Grid, cord_centres: tuple[np.ndarray,
             BoxMask(lungs.offset, lungs.array & ~right_side), method)
 
 
-def expand_mm(mask: BoxMask, margin_mm: float, grid: Grid) -> BoxMask:
+def expand_mm(mask: BoxMask, margin_mm: float, grid: Grid | Any) -> BoxMask:
     """Isotropic 3D expansion by ``margin_mm`` on the (anisotropic) grid: every voxel whose centre is
     within ``margin_mm`` (Euclidean, mm) of a voxel of ``mask``. Computed with a distance transform
-    on the mask's bounding box grown by the margin, clipped to the grid."""
+    on the mask's bounding box grown by the margin, clipped to the grid. ``grid`` needs only
+    ``spacing_zyx`` and ``shape_zyx``; :func:`ptv_from_gtv` is the same on whole arrays."""
     from scipy.ndimage import distance_transform_edt
 
-    if margin_mm < 0:
-        raise ValueError(f"margin must be >= 0 mm, got {margin_mm}")
+    if not (margin_mm >= 0 and math.isfinite(margin_mm)):
+        raise ValueError(f"margin must be a finite number >= 0 mm, got {margin_mm}")
     if not mask.count():
         return BoxMask.empty()
-    spacing = np.asarray(grid.spacing_zyx)
+    spacing = np.asarray(grid.spacing_zyx, dtype=np.float64)
+    if spacing.shape != (3,) or not np.all(spacing > 0):
+        raise ValueError(f"spacing must be 3 positive numbers (z, y, x) in mm, got {grid.spacing_zyx}")
     pad = np.ceil(margin_mm / spacing).astype(int)
     lo = np.maximum(np.asarray(mask.offset) - pad, 0)
     hi = np.minimum(np.add(mask.offset, mask.array.shape) + pad, grid.shape_zyx)
@@ -521,12 +540,51 @@ def expand_mm(mask: BoxMask, margin_mm: float, grid: Grid) -> BoxMask:
     return BoxMask(tuple(int(v) for v in lo), distance <= margin_mm + _COORD_TOLERANCE)
 
 
+@dataclass(frozen=True)
+class _ArrayGrid:
+    shape_zyx: tuple[int, int, int]
+    spacing_zyx: tuple[float, float, float]
+
+
+def ptv_from_gtv(gtv_zyx: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float) -> np.ndarray:
+    """The PTV of a GTV mask: bool (Z, Y, X), every voxel whose centre lies within ``margin_mm``
+    (Euclidean, in mm on the anisotropic grid ``spacing_zyx`` = (z, y, x) mm) of a GTV voxel.
+
+    The one GTV -> PTV function of the repository: phase 2.5 (the volume in ``structures.csv``),
+    evaluation (PTV scored as margin(predicted GTV) vs margin(true GTV)) and prediction (the PTV ROI
+    of the RTSTRUCT) call it. ``gtv_zyx`` is any array, non-zero = GTV. A single voxel grown by
+    10 mm on a 1 x 1 x 3 mm grid (x, y, z) gives 317 + 2 x (293 + 197 + 61) = 1,419 voxels.
+    """
+    gtv = np.asarray(gtv_zyx) != 0
+    if gtv.ndim != 3:
+        raise ValueError(f"expected a (Z, Y, X) GTV mask, got shape {gtv.shape}")
+    spacing = tuple(float(v) for v in spacing_zyx)
+    if len(spacing) != 3:
+        raise ValueError(f"spacing must be (z, y, x) mm, got {spacing_zyx}")
+    out = np.zeros(gtv.shape, dtype=bool)
+    occupied = np.argwhere(gtv)
+    if not len(occupied):
+        expand_mm(BoxMask.empty(), margin_mm, _ArrayGrid(gtv.shape, spacing))  # validates the margin
+        return out
+    lo, hi = occupied.min(axis=0), occupied.max(axis=0) + 1
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    grown = expand_mm(BoxMask(tuple(int(v) for v in lo), gtv[box]), margin_mm,
+                      _ArrayGrid(tuple(gtv.shape), spacing))
+    out[grown.box] = grown.array
+    return out
+
+
+def ptv_description(margin_mm: float) -> str:
+    """How a derived PTV is made, as ``structures.csv`` and ``summary.md`` say it: ``GTV + 10 mm``."""
+    return f"GTV + {margin_mm:g} mm"
+
+
 def build_structures(
     rois: Sequence[Roi],
     grid: Grid,
     *,
     ptv_margin_mm: float = DEFAULT_PTV_MARGIN_MM,
-    synthetic_ptv: bool = True,
+    derive_ptv: bool = True,
     notes: _Notes | None = None,
 ) -> tuple[dict[int, StructureMask], list[str]]:
     """Turn ROIs into one mask per label 1-7 (before the priority overlay).
@@ -534,6 +592,8 @@ def build_structures(
     Returns ``({label: StructureMask}, unmatched ROI names)``. ROI names are matched with
     ``organs.match_roi_name``; several ROIs of one label (all GTVs, duplicate names) are merged by
     union. A ROI without a usable contour provides nothing (its structure may stay not annotated).
+    Without a PTV ROI and with ``derive_ptv``, the PTV is the GTV grown by ``ptv_margin_mm``: its
+    mask is kept for the record (volume) but it stays *not annotated* and is never painted.
     """
     notes = notes if notes is not None else _Notes()
     structures = {label: StructureMask(label) for label in organs.FOREGROUND_LABELS}
@@ -578,27 +638,42 @@ def build_structures(
             notes.add(f"{'|'.join(both_lungs.source_rois)} split into right and left lung at the midline ({method})")
 
     ptv, gtv = structures[organs.PTV], structures[organs.GTV]
-    if not ptv.annotated and synthetic_ptv and gtv.annotated:
+    if not ptv.annotated and derive_ptv and gtv.annotated:
         ptv.mask = expand_mm(gtv.mask, ptv_margin_mm, grid)
-        ptv.annotated, ptv.synthetic = True, True
-        ptv.source_rois, ptv.how = list(gtv.source_rois), f"+ {ptv_margin_mm:g} mm margin"
+        ptv.derived = ptv_description(ptv_margin_mm)
+        ptv.source_rois = list(gtv.source_rois)
     return structures, unmatched
+
+
+def ptv_record(structures: Mapping[int, StructureMask], ptv_margin_mm: float) -> dict[str, Any]:
+    """``{"source": derived|contoured|none[, "margin_mm": m]}``: how this patient's PTV is made."""
+    ptv = structures[organs.PTV]
+    if ptv.annotated:
+        return {"source": PTV_CONTOURED}
+    if ptv.derived:
+        return {"source": PTV_DERIVED, "margin_mm": float(ptv_margin_mm)}
+    return {"source": PTV_NONE}
 
 
 def combine_labels(structures: Mapping[int, StructureMask], shape_zyx: Sequence[int]
                    ) -> tuple[np.ndarray, dict[int, int], dict[int, int]]:
     """Paint the structures into one uint8 (Z, Y, X) label map, higher ``organs.PRIORITY`` winning.
 
-    Returns ``(labels, voxels per label in the map, voxels each structure lost to higher priority)``.
+    Derived structures (a PTV grown from the GTV) are not painted: the map holds contoured
+    structures only. Returns ``(labels, voxels per label, voxels each structure lost to higher
+    priority)``; a derived structure's voxels are its own (it overlaps freely, it loses nothing).
     """
     labels = np.zeros(tuple(shape_zyx), dtype=np.uint8)
     for label in reversed(organs.PRIORITY):
         mask = structures[label].mask
-        if mask.array.size:
+        if mask.array.size and not structures[label].derived:
             labels[mask.box][mask.array] = label
     voxels, lost = {}, {}
     for label in organs.FOREGROUND_LABELS:
         mask = structures[label].mask
+        if structures[label].derived:
+            voxels[label], lost[label] = mask.count(), 0
+            continue
         voxels[label] = int(np.count_nonzero(labels[mask.box][mask.array] == label)) if mask.array.size else 0
         lost[label] = mask.count() - voxels[label]
     return labels, voxels, lost
@@ -624,7 +699,8 @@ class PatientJob:
 @dataclass(frozen=True)
 class Settings:
     ptv_margin_mm: float = DEFAULT_PTV_MARGIN_MM
-    synthetic_ptv: bool = True
+    derive_ptv: bool = True
+    overwrite: bool = True  # False: skip a patient whose record says the same inputs and settings
 
 
 def select_rtstructs(candidates: Sequence[tuple[Path, Any]], series_uid: str, frame_uid: str,
@@ -673,12 +749,83 @@ def _read_grid(ct_path: Path) -> Any:
     return reader
 
 
+def record_path(mask_path: Path) -> Path:
+    """``<PatientID>.json`` beside the label map ``<PatientID>.nii.gz``."""
+    return mask_path.with_name(mask_path.name[: -len(".nii.gz")] + RECORD_SUFFIX)
+
+
+def inputs_fingerprint(job: PatientJob, settings: Settings) -> str:
+    """Fingerprint of what a patient's label map is made from: the CT NIfTI's and RTSTRUCT files'
+    bytes (SHA-256; RTSTRUCTs named relative to the patient folder, so moving ``DATA`` changes
+    nothing), the phase 2.5 settings and the output format."""
+    def name(path: Path) -> str:
+        try:
+            return str(path.relative_to(job.patient_folder))
+        except ValueError:
+            return path.name
+    return fingerprint({
+        "format": PROCESSED_FORMAT,
+        "ct_nifti": file_sha256(job.ct_path),
+        "rtstructs": sorted((name(p), file_sha256(p)) for p in job.rtstruct_files),
+        "ptv_margin_mm": float(settings.ptv_margin_mm), "derive_ptv": bool(settings.derive_ptv),
+    })
+
+
+def read_mask_record(mask_path: Path | str) -> dict[str, Any]:
+    """The record phase 2.5 wrote beside a label map (flags, PTV, fingerprints).
+
+    Raises ``FileNotFoundError`` when the label map or its record is missing and ``ValueError`` for
+    a record of another format; both messages name the file and say to re-run phase 2.5.
+    """
+    mask_path = Path(mask_path)
+    path = record_path(mask_path)
+    again = "re-run extract_multi_organ_masks.py --overwrite for this patient"
+    if not path.is_file():
+        if mask_path.is_file():
+            raise ValueError(f"{mask_path} was written by an earlier version of extract_multi_organ_masks.py "
+                             f"(no {path.name}: its PTV may be painted into the label map); {again}")
+        raise FileNotFoundError(f"no label map {mask_path}; run extract_multi_organ_masks.py")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable ({exc}); {again}") from None
+    if not isinstance(record, dict) or record.get("format") != PROCESSED_FORMAT:
+        found = record.get("format") if isinstance(record, dict) else None
+        raise ValueError(f"{path} has format {found!r}, this version reads format {PROCESSED_FORMAT}; {again}")
+    return record
+
+
+def _up_to_date(job: PatientJob, fingerprint_now: str) -> tuple[bool, str]:
+    """(skip?, why it is redone) for a patient whose outputs may exist."""
+    if not job.output_path.is_file():
+        return False, ""
+    try:
+        record = read_mask_record(job.output_path)
+    except ValueError:
+        return False, "redone: its label map was written by an earlier version (or its record is unreadable)"
+    except FileNotFoundError:
+        return False, ""
+    if record.get("inputs_fingerprint") == fingerprint_now:
+        return True, ""
+    return False, "redone: its CT, RTSTRUCT or phase 2.5 settings changed since it was made"
+
+
 def extract_patient(job: PatientJob, settings: Settings = Settings()) -> PatientResult:
-    """Make one patient's label map and its structures.csv rows (in ``result.info``)."""
+    """Make one patient's label map, its record and its structures.csv rows (in ``result.info``).
+
+    With ``settings.overwrite`` False, a patient whose record holds the same inputs fingerprint is
+    skipped; one whose inputs or settings changed (or written by an earlier version) is redone.
+    """
     import pydicom
     import SimpleITK as sitk
 
     pid = job.patient_id
+    fingerprint_now = inputs_fingerprint(job, settings)
+    redo_reason = ""
+    if not settings.overwrite:
+        skip, redo_reason = _up_to_date(job, fingerprint_now)
+        if skip:
+            return PatientResult(pid, SKIPPED, f"{job.output_path.name} is up to date (use --overwrite to redo it)")
     reader = _read_grid(job.ct_path)
     grid = Grid.of(reader)
     candidates, notes = [], _Notes()
@@ -706,24 +853,37 @@ def extract_patient(job: PatientJob, settings: Settings = Settings()) -> Patient
             raise PatientError(f"{pid}: RTSTRUCT {path}: {exc}") from None
 
     structures, unmatched = build_structures(rois, grid, ptv_margin_mm=settings.ptv_margin_mm,
-                                             synthetic_ptv=settings.synthetic_ptv, notes=notes)
+                                             derive_ptv=settings.derive_ptv, notes=notes)
     labels, voxels, lost = combine_labels(structures, grid.shape_zyx)
     image = sitk.GetImageFromArray(labels)
     image.SetSpacing(grid.spacing)
     image.SetOrigin(grid.origin)
     image.SetDirection(grid.direction)
     check_same_geometry(image, reader, f"{pid}: mask vs CT {job.ct_path}")
+    record_file = record_path(job.output_path)
+    record_file.unlink(missing_ok=True)  # a run killed after the map and before its record is redone
     write_nifti(image, job.output_path)
+    record = {
+        "format": PROCESSED_FORMAT, "patient_id": pid,
+        "annotated": [True] + [bool(structures[label].annotated) for label in organs.FOREGROUND_LABELS],
+        "ptv": ptv_record(structures, settings.ptv_margin_mm),
+        "settings": {"ptv_margin_mm": float(settings.ptv_margin_mm), "derive_ptv": bool(settings.derive_ptv)},
+        "inputs_fingerprint": fingerprint_now,
+        "mask_sha256": file_sha256(job.output_path),
+    }
+    write_text_atomic(record_file, json.dumps(record, indent=2) + "\n")
 
     rows = [{
         "patient_id": pid, "label": label, "structure": organs.structure(label).key,
         "annotated": "yes" if s.annotated else "no", "source_rois": s.source_text,
-        "synthetic": "yes" if s.synthetic else "no", "voxels": voxels[label],
+        "derived": s.derived, "voxels": voxels[label],
         "volume_ml": f"{voxels[label] * grid.voxel_ml:.3f}", "voxels_lost": lost[label],
     } for label, s in structures.items()]
     lines = notes.all()  # run_batch logs the message with the patient id
-    missing = [organs.structure(label).key for label, s in structures.items() if not s.annotated]
-    message = "; ".join(lines + ([f"not annotated: {', '.join(missing)}"] if missing else []))
+    missing = [organs.structure(label).key for label, s in structures.items() if not s.annotated and not s.derived]
+    derived = [f"{organs.structure(label).key} derived ({s.derived})" for label, s in structures.items() if s.derived]
+    message = "; ".join(([redo_reason] if redo_reason else []) + lines + derived
+                        + ([f"not annotated: {', '.join(missing)}"] if missing else []))
     return PatientResult(pid, DONE, message, {"rows": rows, "unmatched": unmatched, "notes": lines})
 
 
@@ -748,14 +908,20 @@ def _csv_text(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> str:
 def read_structures_csv(path: Path | str) -> dict[str, list[bool]]:
     """``structures.csv`` -> {patient id: annotated flags indexed by label 0..7} (label 0 always True).
 
-    Labels without a row count as not annotated. Raises ``ValueError`` naming the file when columns
-    are missing or a value is not yes/no or a label is outside 1-7.
+    Labels without a row count as not annotated (a derived PTV is not annotated). Raises
+    ``ValueError`` naming the file when columns are missing, when the table was written by an
+    earlier version (a ``synthetic`` column: its PTV was painted into the label maps), or a value is
+    not yes/no or a label is outside 1-7.
     """
     path = Path(path)
     rows = _read_csv(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (written by extract_multi_organ_masks.py)")
-    missing = {"patient_id", "label", "annotated"} - set(rows[0] if rows else _header(path))
+    columns = set(rows[0] if rows else _header(path))
+    if "synthetic" in columns and "derived" not in columns:
+        raise ValueError(f"{path} was written by an earlier version of extract_multi_organ_masks.py (its PTV is "
+                         "painted into the label maps); re-run extract_multi_organ_masks.py --overwrite")
+    missing = {"patient_id", "label", "annotated"} - columns
     if missing:
         raise ValueError(f"{path}: missing columns {sorted(missing)}; expected {', '.join(STRUCTURES_COLUMNS)}")
     flags: dict[str, list[bool]] = {}
@@ -842,13 +1008,14 @@ def run(
     workers: int = 1,
     overwrite: bool = False,
     ptv_margin_mm: float = DEFAULT_PTV_MARGIN_MM,
-    synthetic_ptv: bool = True,
+    derive_ptv: bool = True,
 ) -> list[PatientResult]:
     """Extract the label map of every converted CT (or of ``patients``); returns one result per patient.
 
     Patients come from ``<data-root>/processed/ct_nifti/*.nii.gz``; their DICOM folder, series and
-    frame-of-reference UIDs from phase 2's ``conversion_report.csv``. Raises ``PermissionError`` when
-    the output folder is not writable and ``ValueError`` for a negative margin.
+    frame-of-reference UIDs from phase 2's ``conversion_report.csv``. Without ``overwrite``, a
+    patient is skipped only when its record says the same inputs and settings. Raises
+    ``PermissionError`` when the output folder is not writable and ``ValueError`` for a negative margin.
     """
     if ptv_margin_mm < 0 or not math.isfinite(ptv_margin_mm):
         raise ValueError(f"ptv_margin_mm must be a finite number >= 0, got {ptv_margin_mm}")
@@ -868,8 +1035,6 @@ def run(
         if pid not in available:
             results[pid] = PatientResult(pid, FAILED, f"no converted CT {layout.ct_nifti / (pid + '.nii.gz')} "
                                                       "(run convert_dicom_to_nifti.py first)")
-        elif output.exists() and not overwrite:
-            results[pid] = PatientResult(pid, SKIPPED, f"{output.name} exists (use --overwrite to redo it)")
         elif row is None or not row.get("patient_folder"):
             results[pid] = PatientResult(pid, FAILED, f"no row for {pid} in {layout.ct_nifti / CONVERSION_REPORT} "
                                                       "(re-run convert_dicom_to_nifti.py)")
@@ -881,7 +1046,7 @@ def run(
                 continue
             jobs.append(PatientJob(pid, layout.ct_nifti / f"{pid}.nii.gz", row.get("series_uid", "") or "",
                                    row.get("frame_of_reference_uid", "") or "", rtstructs, output, folder))
-    batch = run_batch(jobs, functools.partial(_task, settings=Settings(ptv_margin_mm, synthetic_ptv)),
+    batch = run_batch(jobs, functools.partial(_task, settings=Settings(ptv_margin_mm, derive_ptv, overwrite)),
                       workers=workers, desc="Phase 2.5 masks", patient_id_of=lambda job: job.patient_id)
     results.update((r.patient_id, r) for r in batch)
     ordered = [results[pid] for pid in wanted]
@@ -898,9 +1063,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="raw DICOM collection (default: <data-root>/raw); relative patient folders "
                              "of conversion_report.csv are resolved against it")
     parser.add_argument("--ptv-margin-mm", type=float, default=DEFAULT_PTV_MARGIN_MM,
-                        help="margin of the synthetic PTV around the fused GTV, mm (default: %(default)s)")
-    parser.add_argument("--no-synthetic-ptv", action="store_true",
-                        help="leave PTV not annotated when the RTSTRUCT has none")
+                        help="margin of the derived PTV around the fused GTV, mm (default: %(default)s); "
+                             "recorded in structures.csv and <PatientID>.json")
+    parser.add_argument("--no-derived-ptv", "--no-synthetic-ptv", dest="no_derived_ptv", action="store_true",
+                        help="no PTV at all when the RTSTRUCT has none (default: derived from the GTV)")
     return parser
 
 
@@ -913,7 +1079,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         results = run(data_root=args.data_root, dicom_root=args.dicom_root, patients=args.patients,
                       workers=args.workers, overwrite=args.overwrite, ptv_margin_mm=args.ptv_margin_mm,
-                      synthetic_ptv=not args.no_synthetic_ptv)
+                      derive_ptv=not args.no_derived_ptv)
     except PermissionError as exc:
         log.error("%s", exc)
         return 1

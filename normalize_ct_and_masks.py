@@ -1,7 +1,7 @@
 """Phase 3: window, z-score and resize every CT and label map to SIZE x SIZE slices, and write a
 memory-mappable training cache.
 
-``processed/ct_nifti/`` + ``processed/masks_multi_organ/`` (+ its ``structures.csv``) ->
+``processed/ct_nifti/`` + ``processed/masks_multi_organ/`` (+ each patient's ``<PatientID>.json``) ->
 ``processed/normalized_ct/`` (float32 NIfTI + ``normalization.json``),
 ``processed/normalized_masks/`` (uint8 NIfTI) and ``processed/training_cache/<PatientID>/``
 (``ct.npy`` float16 (Z, S, S), ``mask.npy`` uint8 (Z, S, S), ``meta.json``).
@@ -14,6 +14,11 @@ windowed volume (recorded in ``normalization.json``), and every axial slice is r
 value can appear). Slices are kept one for one, so z never changes. The NIfTI geometry is updated
 so that the normalized volumes overlay the originals voxel corner for voxel corner; the original
 shape, spacing, origin and direction are recorded so predictions can be mapped back.
+
+``meta.json`` records the annotated flags and how the PTV is made (from phase 2.5's record) and a
+fingerprint of the inputs (CT and label-map bytes, phase 2.5's flags and PTV margin): a run without
+``--overwrite`` redoes a patient whose inputs changed and says so; the dataset, training and
+evaluation refuse a cache written by an earlier version (:func:`read_cache_meta`).
 """
 from __future__ import annotations
 
@@ -30,10 +35,11 @@ import torch
 import torch.nn.functional as F
 
 import organs
-from extract_multi_organ_masks import read_structures_csv
+from extract_multi_organ_masks import read_mask_record
 from pipeline_io import (
     DEFAULT_DATA_ROOT,
     DONE,
+    PROCESSED_FORMAT,
     SKIPPED,
     DataLayout,
     PatientError,
@@ -42,6 +48,8 @@ from pipeline_io import (
     atomic_output,
     check_same_geometry,
     exit_status,
+    file_sha256,
+    fingerprint,
     list_patients,
     read_nifti,
     run_batch,
@@ -285,13 +293,26 @@ def cache_dir(data_root: Path | str, patient_id: str) -> Path:
 
 
 def read_cache_meta(data_root: Path | str, patient_id: str) -> dict[str, Any]:
-    """The ``meta.json`` of a patient's training cache; ``FileNotFoundError`` says to run phase 3."""
+    """The ``meta.json`` of a patient's training cache.
+
+    Raises ``FileNotFoundError`` (run phase 3) when it is missing and ``ValueError`` when it was
+    written by an earlier version (format 1 painted a synthetic PTV into the label map, so its
+    annotated flags and masks would teach the PTV as a label): the message names the phases to re-run.
+    """
     path = cache_dir(data_root, patient_id) / CACHE_META
     if not path.is_file():
         raise FileNotFoundError(
             f"{patient_id}: no training cache ({path} is missing); run normalize_ct_and_masks.py"
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    if meta.get("format") != PROCESSED_FORMAT:
+        raise ValueError(
+            f"{patient_id}: {path} was written by an earlier version of this pipeline (format "
+            f"{meta.get('format', 1)}, this version reads {PROCESSED_FORMAT}: the PTV was painted into the "
+            "label map); re-run extract_multi_organ_masks.py --overwrite, then normalize_ct_and_masks.py "
+            "--overwrite"
+        )
+    return meta
 
 
 def slice_label_bits(mask_zyx: np.ndarray) -> list[int]:
@@ -338,11 +359,35 @@ def _normalization_record(meta: dict[str, Any]) -> dict[str, Any]:
     return {k: meta[k] for k in keys}
 
 
+def _inputs_fingerprint(ct_path: Path, mask_path: Path, record: dict[str, Any]) -> str:
+    """What phase 3 reads for a patient: the CT and label-map bytes and phase 2.5's decisions."""
+    return fingerprint({"format": PROCESSED_FORMAT, "ct_nifti": file_sha256(ct_path),
+                        "mask": file_sha256(mask_path), "annotated": record.get("annotated"),
+                        "ptv": record.get("ptv")})
+
+
+def _skip_or_why(out: dict[str, Path], fingerprint_now: str, window: tuple[float, float],
+                 size: int, patient_id: str) -> tuple[dict[str, Any] | None, str]:
+    """(meta of up-to-date outputs, or None and why they are redone) when all outputs exist."""
+    meta = json.loads(out["meta"].read_text(encoding="utf-8"))
+    if meta.get("format") != PROCESSED_FORMAT:
+        return None, "redone: its training cache was written by an earlier version"
+    if meta.get("inputs_fingerprint") != fingerprint_now:
+        return None, "redone: its CT, label map or phase 2.5 record changed since it was normalised"
+    wanted = {"window": [_plain_number(v) for v in window], "size": size}
+    if any(meta.get(key) != value for key, value in wanted.items()):
+        raise PatientError(  # a cohort must never mix two preprocessings
+            f"{patient_id}: outputs exist with window {meta.get('window')} and size "
+            f"{meta.get('size')}, this run asks for window {wanted['window']} and size "
+            f"{size}; pass --overwrite to redo them"
+        )
+    return meta, ""
+
+
 def normalize_patient(
     patient_id: str,
     *,
     data_root: Path,
-    annotated: Sequence[bool] | None,
     window: tuple[float, float],
     size: int,
     overwrite: bool,
@@ -350,42 +395,36 @@ def normalize_patient(
 ) -> PatientResult:
     """Phase 3 for one patient; returns its :class:`PatientResult` (``info["normalization"]``).
 
-    Every input is checked before anything is written; ``meta.json`` is written last, so a
-    patient is either complete or reprocessed by the next run.
+    The annotated flags and the PTV's making come from phase 2.5's record ``<PatientID>.json``.
+    Without ``overwrite``, existing outputs are kept only when ``meta.json`` holds the fingerprint
+    of the current inputs; otherwise the patient is redone and the message says why. Every input
+    is checked before anything is written; ``meta.json`` is written last, so a patient is either
+    complete or reprocessed by the next run.
     """
     if torch_threads:
         torch.set_num_threads(torch_threads)  # worker processes: one thread each, no oversubscription
     layout = DataLayout(Path(data_root))
     out = _outputs(layout, patient_id)
-    if not overwrite and all(p.is_file() for p in out.values()):
-        meta = json.loads(out["meta"].read_text(encoding="utf-8"))
-        wanted = {"window": [_plain_number(v) for v in window], "size": size}
-        if any(meta.get(key) != value for key, value in wanted.items()):
-            raise PatientError(  # a cohort must never mix two preprocessings
-                f"{patient_id}: outputs exist with window {meta.get('window')} and size "
-                f"{meta.get('size')}, this run asks for window {wanted['window']} and size "
-                f"{size}; pass --overwrite to redo them"
-            )
-        return PatientResult(patient_id, SKIPPED, "", {"normalization": _normalization_record(meta)})
-
     ct_path = layout.ct_nifti / f"{patient_id}.nii.gz"
     mask_path = layout.masks / f"{patient_id}.nii.gz"
     if not ct_path.is_file():
         raise PatientError(f"{patient_id}: no CT NIfTI at {ct_path}; run convert_dicom_to_nifti.py")
-    if not mask_path.is_file():
+    try:
+        record = read_mask_record(mask_path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise PatientError(f"{patient_id}: {exc}") from None
+    annotated = record.get("annotated")
+    if not isinstance(annotated, list) or len(annotated) != organs.NUM_CLASSES:
         raise PatientError(
-            f"{patient_id}: no label map at {mask_path}; run extract_multi_organ_masks.py"
+            f"{patient_id}: {mask_path.name[:-7]}.json has annotated flags {annotated!r}, expected "
+            f"{organs.NUM_CLASSES}; re-run extract_multi_organ_masks.py --overwrite for this patient"
         )
-    if annotated is None:
-        raise PatientError(
-            f"{patient_id}: not listed in {layout.masks / STRUCTURES_CSV}; rerun "
-            "extract_multi_organ_masks.py for this patient"
-        )
-    if len(annotated) != organs.NUM_CLASSES:
-        raise PatientError(
-            f"{patient_id}: {len(annotated)} annotated flags in {STRUCTURES_CSV}, "
-            f"expected {organs.NUM_CLASSES}"
-        )
+    fingerprint_now = _inputs_fingerprint(ct_path, mask_path, record)
+    redo_reason = ""
+    if not overwrite and all(p.is_file() for p in out.values()):
+        meta, redo_reason = _skip_or_why(out, fingerprint_now, window, size, patient_id)
+        if meta is not None:
+            return PatientResult(patient_id, SKIPPED, "", {"normalization": _normalization_record(meta)})
 
     ct = read_nifti(ct_path)
     mask = read_nifti(mask_path)
@@ -413,9 +452,12 @@ def normalize_patient(
     mask_image = image_on_resized_grid(mask_small, ct)
     check_same_geometry(ct_image, mask_image, f"{patient_id}: normalized label map vs CT")
     meta = {
+        "format": PROCESSED_FORMAT,
         "patient_id": patient_id,
         "shape_zyx": list(ct_small.shape),
         "annotated": [bool(a) for a in annotated],
+        "ptv": record.get("ptv", {}),
+        "inputs_fingerprint": fingerprint_now,
         "window": [_plain_number(v) for v in window],
         "mean": mean,
         "std": std,
@@ -436,20 +478,14 @@ def normalize_patient(
     _save_npy(mask_small, out["mask_npy"])
     _write_json(meta, out["meta"])
     message = f"{labels.shape} -> {ct_small.shape}, mean {mean:.1f} HU, std {std:.1f} HU"
+    if redo_reason:
+        message = f"{redo_reason}; {message}"
     return PatientResult(patient_id, DONE, message, {"normalization": _normalization_record(meta)})
 
 
 # --------------------------------------------------------------------------------------------
 # Batch
 # --------------------------------------------------------------------------------------------
-def _read_annotated(structures_csv: Path) -> dict[str, list[bool]]:
-    if not structures_csv.is_file():
-        log.warning("%s not found: every patient will fail; run extract_multi_organ_masks.py",
-                    structures_csv)
-        return {}
-    return read_structures_csv(structures_csv)
-
-
 def run(
     *,
     data_root: Path | str = DEFAULT_DATA_ROOT,
@@ -468,21 +504,14 @@ def run(
     if not patient_ids:
         log.warning("no CT NIfTI in %s; run convert_dicom_to_nifti.py first", layout.ct_nifti)
         return []
-    annotated = _read_annotated(layout.masks / STRUCTURES_CSV)
-    tasks = [(pid, annotated.get(pid)) for pid in patient_ids]
     task = functools.partial(
-        _normalize_task, data_root=layout.root, window=window, size=size, overwrite=overwrite,
+        normalize_patient, data_root=layout.root, window=window, size=size, overwrite=overwrite,
         torch_threads=1 if workers > 1 else None,
     )
-    results = run_batch(tasks, task, workers=workers, desc="Phase 3 normalize",
-                        patient_id_of=lambda t: t[0])
+    results = run_batch(patient_ids, task, workers=workers, desc="Phase 3 normalize",
+                        patient_id_of=lambda pid: pid)
     _update_normalization_json(layout.normalized_ct / NORMALIZATION_JSON, results)
     return results
-
-
-def _normalize_task(item: tuple[str, list[bool] | None], **kwargs: Any) -> PatientResult:
-    patient_id, annotated = item
-    return normalize_patient(patient_id, annotated=annotated, **kwargs)
 
 
 def _update_normalization_json(path: Path, results: Sequence[PatientResult]) -> None:

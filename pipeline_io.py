@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import re
@@ -129,6 +131,29 @@ def list_patients(folder: Path, suffix: str = ".nii.gz") -> list[str]:
     if not folder.is_dir():
         return []
     return sorted(p.name[: -len(suffix)] for p in folder.glob(f"*{suffix}") if p.is_file())
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprints: a phase records what it read, so a later run redoes a patient whose inputs changed
+# --------------------------------------------------------------------------------------------
+#: Format of the per-patient records that phases 2.5 and 3 write beside their outputs. Version 2:
+#: a derived PTV is no longer painted into the label map (issue 12); older outputs are refused.
+PROCESSED_FORMAT = 2
+
+
+def file_sha256(path: Path | str, chunk_bytes: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a file's bytes (read in 1 MiB chunks: a CT NIfTI costs ~0.1 s)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(record: Any) -> str:
+    """SHA-256 hex digest of a JSON-serialisable record (keys sorted, so dict order never matters)."""
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 @contextlib.contextmanager

@@ -18,9 +18,13 @@ voxels back exactly. Collinear points are merged, so straight runs cost two poin
 
 Structures and labels. One ROI per structure present in the label map, named and coloured from
 ``organs.py`` (``GTV``, ``PTV``, ``Lung_R``, ``Lung_L``, ``Heart``, ``Esophagus``,
-``SpinalCord``). The PTV ROI is written as labels GTV + PTV together, because a PTV contains
-its GTV (the label map gives overlapping voxels to the GTV); reading the RTSTRUCT back with the
-same priority gives the same label map.
+``SpinalCord``). A PTV in the label map (a contoured PTV the network learnt as label 2) is written
+as labels GTV + PTV together, because a PTV contains its GTV. A structure passed in
+``overlapping`` (the PTV grown from the predicted GTV) is written from its own mask: ROIs overlap
+freely, as real contours do, so the lungs keep the voxels the PTV covers.
+
+The Frame of Reference module is written at the top level (FrameOfReferenceUID, and the CT's
+PositionReferenceIndicator, empty when it has none), so the file passes ``dciodvfy``.
 
 Coordinates: pixel (column c, row r) of slice k is at
 ``ImagePositionPatient[k] + c * PixelSpacing[1] * row_direction + r * PixelSpacing[0] * column_direction``
@@ -67,7 +71,7 @@ INTERPRETED_TYPE: dict[int, str] = {
 COPIED_TYPE2 = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
     "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
-    "ReferringPhysicianName",
+    "ReferringPhysicianName", "PositionReferenceIndicator",  # the last: Frame of Reference module
 )
 COPIED_IF_PRESENT = ("SpecificCharacterSet", "StudyDescription", "PatientAge", "IssuerOfPatientID")
 
@@ -324,12 +328,12 @@ def _image_reference(sop_class_uid: str, sop_instance_uid: str) -> Dataset:
 
 
 def _structure_contours(
-    labels_zyx: np.ndarray, members: Sequence[int], box: tuple[slice, slice, slice], reference: CTReference,
+    inside: np.ndarray, box: tuple[slice, slice, slice], reference: CTReference,
 ) -> list[Dataset]:
-    """ContourSequence items of one ROI: every contour of every slice in ``box``."""
+    """ContourSequence items of one ROI: every contour of every slice of ``inside`` (bool, the
+    ROI's mask cut to ``box``)."""
     items = []
     z0, y0, x0 = (s.start for s in box)
-    inside = np.isin(labels_zyx[box], members)
     for dz in range(inside.shape[0]):
         if not inside[dz].any():
             continue
@@ -364,9 +368,10 @@ def build_rtstruct(
     series_description: str = DEFAULT_SERIES_DESCRIPTION,
     algorithm_name: str = "",
     labels: Sequence[int] = organs.FOREGROUND_LABELS,
+    overlapping: Mapping[int, np.ndarray] | None = None,
     now: _dt.datetime | None = None,
 ) -> FileDataset:
-    """An RT Structure Set of the structures present in ``labels_zyx``.
+    """An RT Structure Set of the structures present in ``labels_zyx`` (and in ``overlapping``).
 
     Args:
         labels_zyx: (Z, Y, X) integer label map (values 0-7, ``organs.py``) on the CT grid:
@@ -376,6 +381,8 @@ def build_rtstruct(
         series_description: SeriesDescription of the new RTSTRUCT series.
         algorithm_name: ROIGenerationDescription of every ROI (e.g. the checkpoint's name).
         labels: which structures to write (those with no voxel of their own label are left out).
+        overlapping: label -> bool (Z, Y, X) mask of a structure that overlaps the others (the
+            derived PTV): written from this mask instead of the label map, in ``labels``' order.
         now: StructureSetDate/Time, SeriesDate/Time (default: the current local time).
 
     Returns:
@@ -383,8 +390,8 @@ def build_rtstruct(
         Instance UIDs; save it with :func:`write_rtstruct`.
 
     Raises:
-        ValueError: a label map that is not 3D, does not fit the CT's slices/rows/columns, holds
-            values outside 0-7, or a structure set label that is too long.
+        ValueError: a label map (or overlapping mask) that is not 3D, does not fit the CT's
+            slices/rows/columns, holds values outside 0-7, or a structure set label that is too long.
     """
     labels_zyx = np.asarray(labels_zyx)
     expected = (reference.num_slices, *reference.shape_yx)
@@ -393,6 +400,12 @@ def build_rtstruct(
             f"label map shape {labels_zyx.shape} (z, y, x) does not fit the CT: expected {expected} "
             "(slices, Rows, Columns)"
         )
+    overlapping = {int(k): np.asarray(v, dtype=bool) for k, v in (overlapping or {}).items()}
+    for label, mask in overlapping.items():
+        organs.structure(label)  # ValueError for a label outside 0-7
+        if mask.shape != expected:
+            raise ValueError(f"overlapping {organs.label_name(label)} mask shape {mask.shape} does not fit "
+                             f"the CT: expected {expected} (slices, Rows, Columns)")
     if not np.issubdtype(labels_zyx.dtype, np.integer):
         raise ValueError(f"label map must hold integers 0-{organs.NUM_CLASSES - 1}, got dtype {labels_zyx.dtype}")
     if labels_zyx.size and (labels_zyx.min() < 0 or labels_zyx.max() >= organs.NUM_CLASSES):
@@ -447,15 +460,23 @@ def build_rtstruct(
     frame_item.FrameOfReferenceUID = reference.frame_of_reference_uid
     frame_item.RTReferencedStudySequence = DicomSequence([study_item])
     ds.ReferencedFrameOfReferenceSequence = DicomSequence([frame_item])
+    ds.FrameOfReferenceUID = reference.frame_of_reference_uid  # Frame of Reference module (type 1)
 
     # One ROI per structure present
     boxes = ndimage.find_objects(labels_zyx.astype(np.int32, copy=False), max_label=organs.NUM_CLASSES - 1)
     roi_items, contour_items, observation_items = [], [], []
     for label in labels:
-        if boxes[label - 1] is None:  # a PTV ROI only where the label map has PTV voxels
-            continue
-        members = ROI_MEMBERS[label]
-        box = _union_box(boxes[m - 1] for m in members)
+        if label in overlapping:
+            found = ndimage.find_objects(overlapping[label].astype(np.uint8))
+            if not found:
+                continue
+            box = found[0]
+            inside = overlapping[label][box]
+        else:
+            if boxes[label - 1] is None:  # a PTV ROI only where the label map has PTV voxels
+                continue
+            box = _union_box(boxes[m - 1] for m in ROI_MEMBERS[label])
+            inside = np.isin(labels_zyx[box], ROI_MEMBERS[label])
         struct = organs.structure(label)
         number = len(roi_items) + 1
         roi = Dataset()
@@ -469,7 +490,7 @@ def build_rtstruct(
 
         roi_contour = Dataset()
         roi_contour.ROIDisplayColor = list(struct.color)
-        roi_contour.ContourSequence = DicomSequence(_structure_contours(labels_zyx, members, box, reference))
+        roi_contour.ContourSequence = DicomSequence(_structure_contours(inside, box, reference))
         roi_contour.ReferencedROINumber = number
         contour_items.append(roi_contour)
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 import organs  # noqa: E402
 from dataset_multi_organ import MultiOrganDataset, batch_to_device  # noqa: E402
 from normalize_ct_and_masks import CACHE_CT, CACHE_MASK, CACHE_META, slice_label_bits  # noqa: E402
-from pipeline_io import DataLayout  # noqa: E402
+from pipeline_io import PROCESSED_FORMAT, DataLayout  # noqa: E402
 
 BATCH_SIZE = 16
 TARGET_SLICES_PER_S = 3000
@@ -67,7 +67,7 @@ def write_cache_patient(root: Path, pid: str, ct: np.ndarray, mask: np.ndarray) 
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / CACHE_CT, ct.astype(np.float16))
     np.save(folder / CACHE_MASK, mask)
-    meta = {"patient_id": pid, "shape_zyx": list(ct.shape), "annotated": [True] * 8,
+    meta = {"format": PROCESSED_FORMAT, "patient_id": pid, "shape_zyx": list(ct.shape), "annotated": [True] * 8,
             "slice_labels": slice_label_bits(mask)}
     (folder / CACHE_META).write_text(json.dumps(meta))
 
@@ -93,7 +93,8 @@ def write_header_only_patient(root: Path, pid: str, slices: int, size: int) -> N
             handle.truncate(handle.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize)
     bits = [0b11001] * slices
     (folder / CACHE_META).write_text(json.dumps(
-        {"patient_id": pid, "shape_zyx": list(shape), "annotated": [True] * 8, "slice_labels": bits}))
+        {"format": PROCESSED_FORMAT, "patient_id": pid, "shape_zyx": list(shape), "annotated": [True] * 8,
+         "slice_labels": bits}))
 
 
 class SeedStyleDataset(Dataset):

@@ -21,7 +21,7 @@ from dataset_multi_organ import (
     read_npy_header,
 )
 from normalize_ct_and_masks import slice_label_bits
-from pipeline_io import DataLayout
+from pipeline_io import PROCESSED_FORMAT, DataLayout
 
 SIZE = 32
 
@@ -41,7 +41,7 @@ def write_cache(root: Path, pid: str, slices: int, annotated=None, seed: int = 0
     folder.mkdir(parents=True)
     np.save(folder / "ct.npy", ct)
     np.save(folder / "mask.npy", mask)
-    meta = {"patient_id": pid, "shape_zyx": [slices, SIZE, SIZE],
+    meta = {"format": PROCESSED_FORMAT, "patient_id": pid, "shape_zyx": [slices, SIZE, SIZE],
             "annotated": annotated or [True] * 8, "slice_labels": slice_label_bits(mask)}
     (folder / "meta.json").write_text(json.dumps(meta))
     return ct, mask

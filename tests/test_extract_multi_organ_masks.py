@@ -137,7 +137,7 @@ def test_expand_mm_is_isotropic_in_mm_on_an_anisotropic_grid() -> None:
 
 def test_expand_mm_rejects_a_negative_margin() -> None:
     grid = em.Grid.of(make_image())
-    with pytest.raises(ValueError, match="margin must be >= 0 mm, got -1"):
+    with pytest.raises(ValueError, match="margin must be a finite number >= 0 mm, got -1"):
         em.expand_mm(em.BoxMask((0, 0, 0), np.ones((1, 1, 1), bool)), -1, grid)
 
 
@@ -280,7 +280,7 @@ def assert_failed_cleanly(root: Path, results: dict, pid: str, match: str) -> No
     assert re.search(match, results[pid].message), results[pid].message
     assert results["SYN-002"].status == DONE
     masks = DataLayout(root).masks
-    assert sorted(p.name for p in masks.iterdir()) == ["SYN-002.nii.gz", em.STRUCTURES_CSV, em.UNMATCHED_CSV]
+    assert sorted(p.name for p in masks.iterdir()) == ["SYN-002.json", "SYN-002.nii.gz", em.STRUCTURES_CSV, em.UNMATCHED_CSV]
     assert {r["patient_id"] for r in em._read_csv(masks / em.STRUCTURES_CSV)} == {"SYN-002"}
 
 
@@ -292,7 +292,7 @@ def test_run_reproduces_the_synthetic_truth(synthetic_cohort, tmp_path) -> None:
 
     raw_dir, truth_dir, records = synthetic_cohort
     assert all(r.status == DONE for r in convert_dicom_to_nifti.run(data_root=tmp_path, dicom_root=raw_dir, workers=1))
-    results = em.run(data_root=tmp_path, dicom_root=raw_dir, workers=1, synthetic_ptv=False)
+    results = em.run(data_root=tmp_path, dicom_root=raw_dir, workers=1, derive_ptv=False)
     assert [r.status for r in results] == [DONE] * len(records)
     flags = em.read_structures_csv(DataLayout(tmp_path).masks / em.STRUCTURES_CSV)
     checked = 0
@@ -323,13 +323,13 @@ def test_structures_csv_says_uncontoured_heart_and_esophagus_are_not_annotated(t
         assert (rows["SYN-001", key]["annotated"], rows["SYN-001", key]["voxels"]) == ("no", "0")
     assert rows["SYN-001", "gtv"]["annotated"] == "yes"
     flags = em.read_structures_csv(DataLayout(tmp_path).masks / em.STRUCTURES_CSV)["SYN-001"]
-    assert flags == [True, True, True, True, True, False, False, True]  # PTV: synthetic
+    assert flags == [True, True, False, True, True, False, False, True]  # PTV: derived, not a label
     assert records["SYN-001"]["annotated"][organs.HEART] is False
 
 
 def test_lungs_total_is_split_at_the_midline_and_recorded(tmp_path) -> None:
     records = make_patients(tmp_path, {"SYN-001": {"lungs_total": True, "size": 48}})
-    results = run_phase(tmp_path, synthetic_ptv=False)
+    results = run_phase(tmp_path, derive_ptv=False)
     assert "Lungs-Total split into right and left lung at the midline (spinal cord centre per slice)" \
         in results["SYN-001"].message
     rows = structure_rows(tmp_path)
@@ -343,21 +343,95 @@ def test_lungs_total_is_split_at_the_midline_and_recorded(tmp_path) -> None:
         assert a.sum() > 300 and 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.97
 
 
-def test_ptv_synthetic_by_default_from_the_rtstruct_when_given_and_optional(tmp_path) -> None:
+def test_ptv_derived_by_default_contoured_when_given_and_optional(tmp_path) -> None:
+    """Without a PTV ROI the PTV is derived (recorded, never painted); a PTV ROI stays label 2."""
     make_patients(tmp_path, {"SYN-001": {"extra_gtvs": 1}, "SYN-002": {"with_ptv": True}})
-    run_phase(tmp_path, ptv_margin_mm=0.0)
+    results = run_phase(tmp_path, ptv_margin_mm=0.0)
     rows = structure_rows(tmp_path)
     gtv, ptv = rows["SYN-001", "gtv"], rows["SYN-001", "ptv"]
-    assert (ptv["annotated"], ptv["synthetic"]) == ("yes", "yes")
-    assert ptv["source_rois"] == f"{gtv['source_rois']} + 0 mm margin" and "|" in gtv["source_rois"]
-    # A 0 mm margin gives exactly the fused GTV, which wins every one of those voxels.
-    assert (int(ptv["voxels"]), int(ptv["voxels_lost"])) == (0, int(gtv["voxels"]))
-    assert (rows["SYN-002", "ptv"]["synthetic"], rows["SYN-002", "ptv"]["source_rois"]) == ("no", "PTV")
+    assert (ptv["annotated"], ptv["derived"]) == ("no", "GTV + 0 mm")
+    assert ptv["source_rois"] == gtv["source_rois"] and "|" in gtv["source_rois"]
+    assert "ptv derived (GTV + 0 mm)" in results["SYN-001"].message
+    # A 0 mm margin gives exactly the fused GTV; a derived PTV overlaps freely and loses nothing.
+    assert (int(ptv["voxels"]), int(ptv["voxels_lost"])) == (int(gtv["voxels"]), 0)
+    assert organs.PTV not in np.unique(mask_of(tmp_path, "SYN-001"))
+    assert (rows["SYN-002", "ptv"]["annotated"], rows["SYN-002", "ptv"]["derived"],
+            rows["SYN-002", "ptv"]["source_rois"]) == ("yes", "", "PTV")
+    assert organs.PTV in np.unique(mask_of(tmp_path, "SYN-002"))
+    masks = DataLayout(tmp_path).masks
+    assert em.read_mask_record(masks / "SYN-001.nii.gz")["ptv"] == {"source": "derived", "margin_mm": 0.0}
+    assert em.read_mask_record(masks / "SYN-002.nii.gz")["ptv"] == {"source": "contoured"}
 
-    run_phase(tmp_path, overwrite=True, synthetic_ptv=False)
+    run_phase(tmp_path, overwrite=True, derive_ptv=False)
     rows = structure_rows(tmp_path)
-    assert (rows["SYN-001", "ptv"]["annotated"], rows["SYN-001", "ptv"]["voxels"]) == ("no", "0")
+    assert (rows["SYN-001", "ptv"]["annotated"], rows["SYN-001", "ptv"]["derived"],
+            rows["SYN-001", "ptv"]["voxels"]) == ("no", "", "0")
+    assert em.read_mask_record(masks / "SYN-001.nii.gz")["ptv"] == {"source": "none"}
     assert rows["SYN-002", "ptv"]["annotated"] == "yes"
+
+
+def test_ptv_from_gtv_single_voxel_on_a_1x1x3_mm_grid() -> None:
+    """Hand count: voxel centres (i, j, k) with i^2 + j^2 + (3k)^2 <= 100 mm^2 (x, y 1 mm, z 3 mm).
+    k = 0: 317 lattice points in the disc of radius 10; k = +-1: 293 (r^2 = 91); k = +-2: 197
+    (r^2 = 64); k = +-3: 61 (r^2 = 19); |k| = 4 is 12 mm away. 317 + 2 * (293 + 197 + 61) = 1419."""
+    gtv = np.zeros((11, 25, 25), dtype=np.uint8)
+    gtv[5, 12, 12] = 1
+    ptv = em.ptv_from_gtv(gtv, (3.0, 1.0, 1.0), 10.0)
+    assert ptv.dtype == bool and ptv.shape == gtv.shape
+    assert ptv.sum() == 1419
+    assert ptv[5, 12, 2] and ptv[5, 12, 22] and not ptv[5, 12, 1]  # 10 mm along x, not 11
+    assert ptv[2, 12, 12] and not ptv[1, 12, 12]  # 9 mm along z, not 12
+    assert ptv.sum(axis=(1, 2)).tolist() == [0, 0, 61, 197, 293, 317, 293, 197, 61, 0, 0]
+    # 0 mm is the GTV itself; an empty GTV gives an empty PTV; the edge of the grid clips.
+    assert (em.ptv_from_gtv(gtv, (3.0, 1.0, 1.0), 0.0) == gtv.astype(bool)).all()
+    assert not em.ptv_from_gtv(np.zeros((3, 4, 4)), (3.0, 1.0, 1.0), 10.0).any()
+    corner = np.zeros((2, 3, 3), dtype=bool)
+    corner[0, 0, 0] = True
+    assert em.ptv_from_gtv(corner, (3.0, 1.0, 1.0), 1.0).sum() == 3
+
+
+@pytest.mark.parametrize("margin,spacing,match", [
+    (-1.0, (3, 1, 1), "margin must be a finite number >= 0 mm, got -1.0"),
+    (float("nan"), (3, 1, 1), "margin must be a finite number >= 0 mm, got nan"),
+    (5.0, (3, 0, 1), r"spacing must be 3 positive numbers \(z, y, x\) in mm"),
+])
+def test_ptv_from_gtv_rejects_bad_arguments(margin, spacing, match) -> None:
+    gtv = np.zeros((3, 3, 3), dtype=bool)
+    gtv[1, 1, 1] = True
+    with pytest.raises(ValueError, match=match):
+        em.ptv_from_gtv(gtv, spacing, margin)
+
+
+def test_rerun_skips_unchanged_and_redoes_changed_inputs_or_settings(tmp_path) -> None:
+    make_patients(tmp_path, {"SYN-001": {}})
+    masks = DataLayout(tmp_path).masks
+    assert run_phase(tmp_path)["SYN-001"].status == DONE
+    first = em.read_mask_record(masks / "SYN-001.nii.gz")
+    assert run_phase(tmp_path)["SYN-001"].status == SKIPPED
+    result = run_phase(tmp_path, ptv_margin_mm=5.0)["SYN-001"]  # another margin: redone, and said so
+    assert result.status == DONE and "settings changed" in result.message
+    record = em.read_mask_record(masks / "SYN-001.nii.gz")
+    assert record["ptv"] == {"source": "derived", "margin_mm": 5.0}
+    assert record["inputs_fingerprint"] != first["inputs_fingerprint"]
+    assert record["mask_sha256"] == first["mask_sha256"]  # the label map itself holds no PTV
+    assert structure_rows(tmp_path)["SYN-001", "ptv"]["derived"] == "GTV + 5 mm"
+    assert run_phase(tmp_path, ptv_margin_mm=5.0)["SYN-001"].status == SKIPPED
+
+
+def test_outputs_of_an_earlier_version_are_redone_or_refused(tmp_path) -> None:
+    make_patients(tmp_path, {"SYN-001": {}})
+    masks = DataLayout(tmp_path).masks
+    run_phase(tmp_path)
+    (masks / "SYN-001.json").unlink()  # what the previous version left: a label map without a record
+    with pytest.raises(ValueError, match="written by an earlier version of extract_multi_organ_masks.py"):
+        em.read_mask_record(masks / "SYN-001.nii.gz")
+    result = run_phase(tmp_path)["SYN-001"]
+    assert result.status == DONE and "earlier version" in result.message
+    old_csv = masks / "old_structures.csv"
+    old_csv.write_text("patient_id,label,structure,annotated,source_rois,synthetic,voxels,volume_ml,voxels_lost\n"
+                       "P1,2,ptv,yes,GTV-1 + 10 mm margin,yes,10,0.1,0\n")
+    with pytest.raises(ValueError, match="earlier version.*re-run extract_multi_organ_masks.py --overwrite"):
+        em.read_structures_csv(old_csv)
 
 
 def test_rtstruct_in_another_frame_of_reference_fails_that_patient_only(cohort) -> None:
@@ -448,7 +522,7 @@ def test_hand_made_square_ring_keeps_its_hole_through_the_whole_phase(cohort) ->
         ring.append(item)
     roi_contours(ds, "Heart").ContourSequence = ring
     ds.save_as(path)
-    results = run_phase(root, synthetic_ptv=False)
+    results = run_phase(root, derive_ptv=False)
     assert results["SYN-001"].status == DONE
     heart = structure_rows(root)["SYN-001", "heart"]
     assert int(heart["voxels"]) + int(heart["voxels_lost"]) == 84
@@ -498,7 +572,7 @@ def test_duplicate_roi_names_are_merged_and_reported(cohort) -> None:
     before = em.masks_from_rtstruct(ds, ct_image(root, "SYN-001"))
     next(r for r in ds.StructureSetROISequence if r.ROIName == "Esophagus").ROIName = "Heart"
     ds.save_as(path)
-    results = run_phase(root, synthetic_ptv=False)
+    results = run_phase(root, derive_ptv=False)
     assert "ROI name 'Heart' appears 2 times: its contours were merged (union)" in results["SYN-001"].message
     rows = structure_rows(root)
     merged = before["Heart"] | before["Esophagus"]
@@ -589,7 +663,7 @@ def real_run(real_sample_root, reference_json, tmp_path_factory) -> Path:
                                             "ct_series_uid": first.SeriesInstanceUID,
                                             "frame_of_reference_uid": first.FrameOfReferenceUID})
     results = em.run(data_root=root, dicom_root=real_sample_root, workers=1)
-    assert [(r.status, r.message) for r in results] == [(DONE, "")] * 2
+    assert [(r.status, r.message) for r in results] == [(DONE, "ptv derived (GTV + 10 mm)")] * 2
     return root
 
 
@@ -628,9 +702,12 @@ def test_real_label_maps_and_structures_csv(real_run, reference_json) -> None:
         counts = np.bincount(labels.ravel(), minlength=8)
         for label in organs.FOREGROUND_LABELS:
             row = rows[pid, organs.structure(label).key]
+            if label == organs.PTV:
+                continue
             assert row["annotated"] == "yes" and int(row["voxels"]) == counts[label]
             assert float(row["volume_ml"]) == pytest.approx(counts[label] * np.prod(ct.GetSpacing()) / 1000, abs=1e-3)
-        assert rows[pid, "ptv"]["synthetic"] == "yes"
+        assert (rows[pid, "ptv"]["annotated"], rows[pid, "ptv"]["derived"]) == ("no", "GTV + 10 mm")
+        assert counts[organs.PTV] == 0  # a derived PTV is never painted: no label-map voxel is 2
         # The GTV has the top priority: it keeps every voxel of the reference GTV(s).
         gtv_reference = sum(v["voxels"] for roi, v in reference_json[pid]["reference_masks"].items()
                             if organs.match_roi_name(roi) == organs.GTV)

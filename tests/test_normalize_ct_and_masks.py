@@ -11,9 +11,20 @@ import SimpleITK as sitk
 
 import normalize_ct_and_masks as n3
 import organs
-from pipeline_io import DONE, FAILED, PARTIAL_DIR_NAME, SKIPPED, DataLayout, exit_status, write_nifti
+from pipeline_io import (
+    DONE,
+    FAILED,
+    PARTIAL_DIR_NAME,
+    PROCESSED_FORMAT,
+    SKIPPED,
+    DataLayout,
+    exit_status,
+    file_sha256,
+    write_nifti,
+)
 
-STRUCTURES_HEADER = "patient_id,label,structure,annotated,source_rois,synthetic,voxels,volume_ml,voxels_lost"
+STRUCTURES_HEADER = "patient_id,label,structure,annotated,source_rois,derived,voxels,volume_ml,voxels_lost"
+DERIVED_PTV = {"source": "derived", "margin_mm": 10.0}
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,8 +61,17 @@ def structures_rows(patient_id: str, annotated: list[bool]) -> list[str]:
         key = organs.structure(label).key
         flag = "yes" if annotated[label] else "no"
         rows.append(f"{patient_id},{label},{key},{flag},{key.upper() if annotated[label] else ''},"
-                    f"no,10,0.02,0")
+                    f",10,0.02,0")
     return rows
+
+
+def write_record(masks: Path, patient_id: str, annotated: list[bool], ptv: dict = DERIVED_PTV) -> None:
+    """Phase 2.5's per-patient record, as extract_multi_organ_masks.py writes it."""
+    mask = masks / f"{patient_id}.nii.gz"
+    record = {"format": PROCESSED_FORMAT, "patient_id": patient_id, "annotated": list(annotated), "ptv": ptv,
+              "settings": {"ptv_margin_mm": 10.0, "derive_ptv": True}, "inputs_fingerprint": "hand-made",
+              "mask_sha256": file_sha256(mask)}
+    (masks / f"{patient_id}.json").write_text(json.dumps(record))
 
 
 def make_data_root(root: Path, patients: dict[str, dict]) -> Path:
@@ -70,6 +90,7 @@ def make_data_root(root: Path, patients: dict[str, dict]) -> Path:
                     layout.masks / f"{pid}.nii.gz")
         if spec.get("in_csv", True):
             rows += structures_rows(pid, spec.get("annotated", [True] * 8))
+            write_record(layout.masks, pid, spec.get("annotated", [True] * 8))
     (layout.masks / "structures.csv").write_text("\n".join(rows) + "\n")
     return root
 
@@ -239,6 +260,8 @@ def test_run_writes_normalized_volumes_and_cache(data_root) -> None:
         np.testing.assert_allclose(ct_npy, ct_array, atol=2e-3)
         np.testing.assert_array_equal(mask_npy, mask_array)
         meta = json.loads((cache / "meta.json").read_text())
+        assert meta == n3.read_cache_meta(data_root, pid)
+        assert meta["format"] == PROCESSED_FORMAT and meta["ptv"] == DERIVED_PTV
         assert meta["annotated"] == annotated
         assert meta["shape_zyx"] == [6, 32, 32] and meta["original_shape_zyx"] == [6, 40, 48]
         assert meta["window"] == [-1000, 400] and meta["size"] == 32
@@ -281,6 +304,41 @@ def test_rerun_skips_and_overwrite_redoes(data_root) -> None:
                                   "asks for window [-1000, 400] and size 64; pass --overwrite to redo them")
 
 
+def test_changed_inputs_are_redone_without_overwrite_and_said(data_root) -> None:
+    """Phase 2.5 re-run with another margin (only its record changes) or a new label map: phase 3
+    without --overwrite recomputes that patient and says why; the run after skips it."""
+    masks, cache = DataLayout(data_root).masks, DataLayout(data_root).training_cache
+    n3.run(data_root=data_root, size=32)
+    write_record(masks, "P1", [True] * 8, {"source": "derived", "margin_mm": 5.0})
+    results = n3.run(data_root=data_root, size=32)
+    assert [r.status for r in results] == [DONE, SKIPPED]
+    assert results[0].message.startswith("redone: its CT, label map or phase 2.5 record changed")
+    assert n3.read_cache_meta(data_root, "P1")["ptv"] == {"source": "derived", "margin_mm": 5.0}
+    assert [r.status for r in n3.run(data_root=data_root, size=32)] == [SKIPPED, SKIPPED]
+    _, labels = phantom(seed=1)
+    labels[0, 10:14, 10:14] = organs.SPINAL_CORD
+    mask = sitk.ReadImage(str(masks / "P2.nii.gz"))
+    write_nifti(make_image(labels, direction=mask.GetDirection()), masks / "P2.nii.gz")
+    results = n3.run(data_root=data_root, size=32)
+    assert [r.status for r in results] == [SKIPPED, DONE] and "changed" in results[1].message
+    assert organs.SPINAL_CORD in np.load(cache / "P2" / "mask.npy")
+
+
+def test_a_cache_of_an_earlier_version_is_redone_here_and_refused_downstream(data_root) -> None:
+    n3.run(data_root=data_root, size=32)
+    meta_path = DataLayout(data_root).training_cache / "P1" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["format"], meta["ptv"], meta["inputs_fingerprint"]  # what the previous version wrote
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"P1: .*meta.json was written by an earlier version of this pipeline "
+                                         r"\(format 1.*re-run extract_multi_organ_masks.py --overwrite, then "
+                                         r"normalize_ct_and_masks.py --overwrite"):
+        n3.read_cache_meta(data_root, "P1")
+    results = n3.run(data_root=data_root, size=32)
+    assert [r.status for r in results] == [DONE, SKIPPED] and "earlier version" in results[0].message
+    assert n3.read_cache_meta(data_root, "P1")["format"] == PROCESSED_FORMAT
+
+
 def test_bad_patient_fails_cleanly_and_others_are_done(tmp_path) -> None:
     bad_labels = phantom()[1].copy()
     bad_labels[0, 0, 0] = 9
@@ -297,8 +355,9 @@ def test_bad_patient_fails_cleanly_and_others_are_done(tmp_path) -> None:
     expected = {
         "GRID": r"GRID: label map .*GRID\.nii\.gz vs CT .*: geometry mismatch",
         "LABEL9": r"LABEL9: .* holds label values \[0, 1, 3, 4, 5, 9\], expected 0-7",
-        "NOCSV": r"NOCSV: not listed in .*structures\.csv",
-        "NOMASK": r"NOMASK: no label map at .*NOMASK\.nii\.gz; run extract_multi_organ_masks\.py",
+        "NOCSV": r"NOCSV: .*NOCSV\.nii\.gz was written by an earlier version of extract_multi_organ_masks\.py "
+                 r"\(no NOCSV\.json.*re-run extract_multi_organ_masks\.py --overwrite",
+        "NOMASK": r"NOMASK: no label map .*NOMASK\.nii\.gz; run extract_multi_organ_masks\.py",
     }
     for pid, pattern in expected.items():
         assert results[pid].status == FAILED

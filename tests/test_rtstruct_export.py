@@ -1,6 +1,9 @@
 """rtstruct_export: label map -> RTSTRUCT, read back by phase 2.5's rasteriser and by rt-utils."""
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import datetime as dt
 from pathlib import Path
 
@@ -85,7 +88,7 @@ def assert_round_trip(labels: np.ndarray, rtstruct: Dataset, image: sitk.Image, 
 def phase25_labels(rtstruct: Dataset, image: sitk.Image) -> np.ndarray:
     """The label map phase 2.5 builds from the RTSTRUCT (names matched, priority applied)."""
     grid = Grid.of(image)
-    structures, unmatched = build_structures(read_rois(rtstruct), grid, synthetic_ptv=False)
+    structures, unmatched = build_structures(read_rois(rtstruct), grid, derive_ptv=False)
     assert unmatched == []
     labels, _, _ = combine_labels(structures, grid.shape_zyx)
     return labels
@@ -173,10 +176,10 @@ def small_case():
 
 
 TYPE_1 = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "Modality", "SeriesInstanceUID",
-          "StructureSetLabel", "StructureSetROISequence", "ROIContourSequence", "RTROIObservationsSequence")
+          "FrameOfReferenceUID", "StructureSetLabel", "StructureSetROISequence", "ROIContourSequence", "RTROIObservationsSequence")
 TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
           "ReferringPhysicianName", "StudyID", "AccessionNumber", "SeriesNumber", "OperatorsName",
-          "Manufacturer", "StructureSetDate", "StructureSetTime")
+          "Manufacturer", "StructureSetDate", "StructureSetTime", "PositionReferenceIndicator")
 
 
 def test_rtstruct_has_the_required_attributes_and_passes_pydicom_validation(small_case, tmp_path, monkeypatch):
@@ -207,6 +210,9 @@ def test_rtstruct_has_the_required_attributes_and_passes_pydicom_validation(smal
     for keyword in TYPE_2:
         assert keyword in ds, f"type 2 {keyword}"
 
+    # Frame of Reference module at the top level (dciodvfy's two errors before): the CT's frame,
+    # and its PositionReferenceIndicator (these CT headers have none: present and empty).
+    assert ds.FrameOfReferenceUID == FRAME and ds.PositionReferenceIndicator in (None, "")
     (frame,) = ds.ReferencedFrameOfReferenceSequence
     assert frame.FrameOfReferenceUID == FRAME
     (study,) = frame.RTReferencedStudySequence
@@ -270,6 +276,49 @@ def test_ptv_roi_contains_its_gtv_and_phase25_rebuilds_the_label_map(small_case,
     back = roi_masks_back(ds, image)
     assert back["PTV"].sum() == np.isin(labels, [organs.GTV, organs.PTV]).sum() == 2 * 60
     assert np.array_equal(phase25_labels(ds, image), labels)
+
+
+def test_position_reference_indicator_is_copied_from_the_ct(tmp_path):
+    headers = ct_headers(2, 8, 8)
+    for ds in headers:
+        ds.PositionReferenceIndicator = "SN"
+    labels = np.zeros((2, 8, 8), np.uint8)
+    labels[:, 2:5, 2:5] = organs.HEART
+    ds = reread(rx.build_rtstruct(labels, rx.CTReference.from_datasets(headers)), tmp_path)
+    assert (ds.FrameOfReferenceUID, ds.PositionReferenceIndicator) == (FRAME, "SN")
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian package dicom3tools) not installed")
+def test_dciodvfy_reports_no_error(small_case, tmp_path):
+    """The reference IOD validator of the DICOM standard's editor: no error (warnings allowed)."""
+    labels, reference = small_case
+    path = tmp_path / "rt.dcm"
+    ptv = np.zeros(labels.shape, dtype=bool)
+    ptv[1:3, 2:9, 2:9] = True
+    rx.write_rtstruct(rx.build_rtstruct(labels, reference, overlapping={organs.PTV: ptv}), path)
+    report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    errors = [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
+    assert errors == [] and report.returncode == 0, report.stderr
+
+
+def test_overlapping_ptv_is_its_own_roi_and_the_organs_keep_their_voxels(small_case, tmp_path):
+    """A derived PTV passed as an overlapping mask: its ROI is exactly that mask, read back by phase
+    2.5's reader; the lung under it keeps all its voxels (real contours overlap)."""
+    labels, reference = small_case
+    labels = np.where(labels == organs.PTV, organs.RIGHT_LUNG, labels).astype(np.uint8)
+    gtv = labels == organs.GTV
+    ptv = np.zeros(labels.shape, dtype=bool)
+    ptv[1:3, 1:10, 1:10] = True
+    ptv |= gtv
+    assert (ptv & (labels == organs.RIGHT_LUNG)).any()
+    ds = reread(rx.build_rtstruct(labels, reference, overlapping={organs.PTV: ptv}), tmp_path)
+    back = roi_masks_back(ds, image_of(reference))
+    assert np.array_equal(back["PTV"], ptv)
+    assert np.array_equal(back["Lung_R"], labels == organs.RIGHT_LUNG)
+    assert (back["PTV"] & back["Lung_R"]).any() and not (back["GTV"] & ~back["PTV"]).any()
+    assert [r.ROIName for r in ds.StructureSetROISequence][:2] == ["GTV", "PTV"]
+    with pytest.raises(ValueError, match=r"overlapping PTV mask shape \(1, 2, 3\) does not fit the CT"):
+        rx.build_rtstruct(labels, reference, overlapping={organs.PTV: np.zeros((1, 2, 3), bool)})
 
 
 def test_a_contour_longer_than_64_kib_is_written_and_read_back(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 import organs
 import prepare_train_val_test_splits as sp
-from pipeline_io import DataLayout
+from pipeline_io import PROCESSED_FORMAT, DataLayout
 
 ALL = [True] * 8
 
@@ -26,7 +26,7 @@ def write_cohort(root: Path, patients: dict[str, tuple[int, list[bool]]]) -> Pat
         folder = DataLayout(root).training_cache / pid
         folder.mkdir(parents=True)
         (folder / "meta.json").write_text(json.dumps(
-            {"patient_id": pid, "shape_zyx": [slices, 32, 32], "annotated": annotated}))
+            {"format": PROCESSED_FORMAT, "patient_id": pid, "shape_zyx": [slices, 32, 32], "annotated": annotated}))
     return root
 
 

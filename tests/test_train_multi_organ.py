@@ -25,6 +25,7 @@ from losses_multi_organ import (
     soft_dice_loss,
 )
 from normalize_ct_and_masks import slice_label_bits
+from pipeline_io import PROCESSED_FORMAT
 from unet_multi_organ import load_checkpoint_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +72,8 @@ def write_patient(root: Path, pid: str, seed: int, annotated: list[bool]) -> Non
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "ct.npy", image)
     np.save(folder / "mask.npy", mask)
-    meta = {"patient_id": pid, "shape_zyx": list(mask.shape), "annotated": annotated,
+    meta = {"format": PROCESSED_FORMAT, "patient_id": pid, "shape_zyx": list(mask.shape), "annotated": annotated,
+            "ptv": {"source": "contoured"},
             "window": [-1000, 400], "mean": -500.0, "std": 400.0, "size": SIZE,
             "original_shape_zyx": list(mask.shape), "original_spacing_xyz": [1.0, 1.0, 2.5],
             "original_origin_xyz": [0.0, 0.0, 0.0], "original_direction": [1, 0, 0, 0, 1, 0, 0, 0, 1],
