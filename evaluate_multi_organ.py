@@ -21,6 +21,8 @@ in 3D at the CT's own anisotropic resolution against ``masks_multi_organ``:
   summary's HD95 statistics are over the finite values and count the infinite ones (``n_inf``).
 * ``--postprocess`` keeps only the largest 3D connected component (26-connectivity) of each
   organ; GTV and PTV are left alone because a tumour can be multifocal (primary plus nodes).
+
+Precision (mixed on CUDA, float32 on CPU) comes from the policy in ``precision.py``.
 """
 from __future__ import annotations
 
@@ -31,7 +33,6 @@ import io
 import json
 import logging
 import math
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -49,6 +50,7 @@ from pipeline_io import (
     atomic_output, check_same_geometry, exit_status, positive_int, read_nifti, run_batch,
     setup_logging, summary_line, write_nifti, write_text_atomic,
 )
+from precision import evaluation_precision
 from unet_multi_organ import load_checkpoint_model, resolve_device
 
 log = logging.getLogger(__name__)
@@ -201,14 +203,6 @@ def score_structures(
 # --------------------------------------------------------------------------------------------
 # Inference and the way back to the original grid
 # --------------------------------------------------------------------------------------------
-def _autocast(device: torch.device):
-    """bfloat16 autocast on GPUs that support it, float16 on older ones, none on CPU."""
-    if device.type != "cuda":
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
-
-
 def probabilities_to_labels(probabilities: torch.Tensor, output_shape_yx: Sequence[int]) -> torch.Tensor:
     """(B, C, S, S) class probabilities -> (B, H, W) uint8 labels on an H x W grid.
 
@@ -273,7 +267,7 @@ def predict_probabilities(
     device = torch.device(device)
     model.eval()
     out = np.empty((ct_normalized.shape[0], organs.NUM_CLASSES, *ct_normalized.shape[1:]), np.float32)
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), evaluation_precision(device).autocast(device):
         for start in range(0, len(ct_normalized), batch_size):
             logits = model(_slices_to_tensor(ct_normalized, start, start + batch_size, device))
             out[start:start + len(logits)] = torch.softmax(logits.float(), dim=1).cpu().numpy()
@@ -295,7 +289,7 @@ def predict_volume(
     shape = tuple(output_shape_yx) if output_shape_yx is not None else ct_normalized.shape[1:]
     model.eval()
     labels = np.empty((ct_normalized.shape[0], *shape), dtype=np.uint8)
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), evaluation_precision(device).autocast(device):
         for start in range(0, len(ct_normalized), batch_size):
             logits = model(_slices_to_tensor(ct_normalized, start, start + batch_size, device))
             probs = torch.softmax(logits.float(), dim=1)

@@ -20,12 +20,9 @@ For each patient, exactly as in training and evaluation:
 4. the outputs are written atomically; existing ones are kept unless ``--overwrite``.
 
 Precision: float32 by default. ``--precision auto`` takes the fast path — bfloat16 autocast
-with channels-last tensors — on a CPU with native bfloat16 instructions (AVX512-BF16 or AMX)
-and on CUDA GPUs that support bfloat16 (2.6x faster on a 2-core CPU). It is not the default
-because it failed the "labels do not change" check once: with the demo network, bfloat16 vs
-float32 labels agree at Dice >= 0.994 on every synthetic patient, but only 0.978 for the
-esophagus of a real CT the network never learned (see ``benchmarks/RESULTS.md``).
-``benchmarks/bench_inference.py`` measures both and the Dice between their labels.
+with channels-last tensors — where the CPU/GPU runs bfloat16 natively. The precision policy, and
+the measured reason why prediction defaults to float32 while training does not, lives in
+``precision.py``; ``benchmarks/bench_inference.py`` measures both and the Dice between their labels.
 """
 from __future__ import annotations
 
@@ -69,13 +66,13 @@ from pipeline_io import (
     write_nifti,
     write_text_atomic,
 )
+from precision import DEFAULT_PREDICTION_PRECISION, PREDICTION_PRECISIONS, Precision, prediction_precision
 from rtstruct_export import ROI_MEMBERS, CTReference, build_rtstruct, roi_summary, write_rtstruct
 from unet_multi_organ import label_table, load_checkpoint_model
 
 log = logging.getLogger(__name__)
 
 PHASE = "Predict"
-PRECISIONS = ("auto", "float32", "bfloat16")
 #: Voxel order of phase 2's volumes (axial DICOM, head first supine): the network learned it.
 TRAINING_ORIENTATION = "LPS"
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -94,7 +91,6 @@ STAGES = ("read", "preprocess", "predict", "map_back", "postprocess", "rtstruct"
 _FEATURE_MAPS_PER_SLICE = 8
 MAX_BATCH_SIZE = {"cpu": 8, "cuda": 64}  # beyond these, larger batches are no faster
 _MONTAGE_TILES = 12
-_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 class CheckpointError(ValueError):
@@ -104,51 +100,6 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------------------------
 # Device, precision, batch size
 # --------------------------------------------------------------------------------------------
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def cpu_has_fast_bfloat16() -> bool:
-    """True when this CPU runs bfloat16 convolutions natively (AVX512-BF16 or AMX-BF16) with oneDNN.
-
-    Without those instructions bfloat16 is emulated and slower than float32.
-    """
-    if not torch.backends.mkldnn.is_available():
-        return False
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        check = getattr(torch.cpu, probe, None)
-        if check is not None and check():
-            return True
-    return bool(set(_CPU_BF16_FLAGS) & _cpu_flags())
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> bfloat16 where it is fast (see module docstring), else float32.
-
-    Raises:
-        ValueError: an unknown precision, or ``bfloat16`` on a CUDA GPU without bfloat16 support.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-        if precision == "bfloat16" and not supported:
-            raise ValueError(f"--precision bfloat16: the GPU {torch.cuda.get_device_name(device)} has no bfloat16")
-        fast = supported
-    else:
-        fast = cpu_has_fast_bfloat16()
-    if precision == "auto":
-        return torch.bfloat16 if fast else torch.float32
-    return torch.bfloat16 if precision == "bfloat16" else torch.float32
-
-
 def _available_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -184,7 +135,7 @@ class Predictor:
     model: torch.nn.Module
     checkpoint_path: Path
     device: torch.device
-    dtype: torch.dtype
+    precision: Precision
     batch_size: int
     window: tuple[float, float]
     size: int
@@ -196,11 +147,12 @@ class Predictor:
         checkpoint: Path | str,
         *,
         device: str = "auto",
-        precision: str = "float32",
+        precision: str = DEFAULT_PREDICTION_PRECISION,
         batch_size: int | None = None,
         postprocess: bool = False,
     ) -> "Predictor":
-        """Load ``checkpoint`` onto ``device`` (``auto``/``cpu``/``cuda``) in ``precision``.
+        """Load ``checkpoint`` onto ``device`` (``auto``/``cpu``/``cuda``) in ``precision``
+        (``precision.prediction_precision``: float32, bfloat16 or auto).
 
         Raises:
             FileNotFoundError: no such checkpoint file.
@@ -210,7 +162,7 @@ class Predictor:
             ValueError: an unknown device/precision or CUDA asked for but absent.
         """
         torch_device = resolve_device(device)
-        dtype = resolve_precision(precision, torch_device)
+        policy = prediction_precision(precision, torch_device)
         try:
             model, record = load_checkpoint_model(checkpoint, torch_device)
         except ValueError as exc:
@@ -228,27 +180,27 @@ class Predictor:
                 f"{checkpoint}: its labels {labels} differ from organs.py {label_table()}; "
                 "the label values would be misread"
             )
-        if dtype == torch.bfloat16:
+        if policy.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if batch_size is None:
-            batch_size = auto_batch_size(torch_device, size, int(config.get("base_channels", 64)), dtype)
-        return cls(model.eval(), Path(checkpoint), torch_device, dtype, int(batch_size), window, size, postprocess)
+            batch_size = auto_batch_size(torch_device, size, int(config.get("base_channels", 64)), policy.dtype)
+        return cls(model.eval(), Path(checkpoint), torch_device, policy, int(batch_size), window, size, postprocess)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: ``torch.float32`` or ``torch.bfloat16``."""
+        return self.precision.dtype
 
     @property
     def channels_last(self) -> bool:
-        return self.dtype == torch.bfloat16
+        return self.precision.channels_last
 
     def describe(self) -> str:
         """One line for the log: device, precision, batch size, preprocessing."""
         layout = " + channels-last" if self.channels_last else ""
-        return (f"{self.checkpoint_path.name} on {self.device} ({str(self.dtype).replace('torch.', '')}{layout}), "
+        return (f"{self.checkpoint_path.name} on {self.device} ({self.precision.name}{layout}), "
                 f"batch {self.batch_size}, window {list(self.window)} HU, {self.size}x{self.size} slices"
                 + (", largest component per organ" if self.postprocess else ""))
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     def preprocess(self, hu_zyx: np.ndarray) -> np.ndarray:
         """HU (Z, Y, X) -> network input (Z, S, S) float32: window, per-patient z-score, resize (phase 3)."""
@@ -275,7 +227,7 @@ class Predictor:
                     batch = batch.unsqueeze(1).to(self.device)
                     if self.channels_last:
                         batch = batch.contiguous(memory_format=torch.channels_last)
-                    with self._autocast():
+                    with self.precision.autocast(self.device):
                         logits = self.model(batch)
                 with _timer(seconds, "map_back", self.device):
                     labels[start:start + len(batch)] = logits_to_labels(logits, shape).cpu().numpy()
@@ -578,7 +530,7 @@ def run(
     checkpoint: Path | str,
     output_dir: Path | str,
     device: str = "auto",
-    precision: str = "float32",
+    precision: str = DEFAULT_PREDICTION_PRECISION,
     batch_size: int | None = None,
     postprocess: bool = False,
     overwrite: bool = False,
@@ -615,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto = CUDA when available (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="slices per forward pass (default: chosen from free memory)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="float32",
+    parser.add_argument("--precision", choices=PREDICTION_PRECISIONS, default=DEFAULT_PREDICTION_PRECISION,
                         help="auto = bfloat16 + channels-last where the CPU/GPU runs it natively, "
                              "2.6x faster on CPU, labels not always identical (default: %(default)s)")
     parser.add_argument("--postprocess", action="store_true",

@@ -18,11 +18,11 @@ persistent workers, no host synchronisation inside a step except every ``--log-e
 optional ``--compile``. Under ``torchrun`` (``WORLD_SIZE`` > 1) the script trains data-parallel
 (DistributedDataParallel, nccl on CUDA, gloo on CPU); ``--batch-size`` is per process; only rank 0
 writes files; validation sums are reduced across ranks, so the results have the same format.
+The precision policy (dtype per device, channels-last, autocast) lives in ``precision.py``.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import hashlib
 import io
@@ -63,6 +63,7 @@ from pipeline_io import (
     setup_logging,
     write_text_atomic,
 )
+from precision import Precision, training_precision
 from unet_multi_organ import (
     CHECKPOINT_FORMAT,
     UNetMultiOrgan,
@@ -100,9 +101,6 @@ COSINE_FINAL_FRACTION = 0.01
 CLASS_WEIGHT_POWER = 0.5
 MAX_CLASS_WEIGHT = 10.0
 CLASS_WEIGHTS_METHOD = "inverse-frequency-power-0.5-max-10-v1"
-#: channels_last feeds tensor cores on CUDA; on CPU (oneDNN) it was measured 1.3x faster for
-#: this network too (base 16, 128 px, batch 8, AMD EPYC with AVX-512: 47 -> 62 slices/s).
-CHANNELS_LAST_ON_CPU = True
 FOREGROUND_KEYS: tuple[str, ...] = tuple(organs.structure(l).key for l in organs.FOREGROUND_LABELS)
 
 
@@ -198,9 +196,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    amp_dtype: torch.dtype | None = None  # autocast dtype, None = full float32
-    use_grad_scaler: bool = False  # float16 needs loss scaling; bfloat16 does not
-    channels_last: bool = False
+    precision: Precision = Precision()  # autocast dtype, gradient scaler, channels-last
 
     @property
     def distributed(self) -> bool:
@@ -230,30 +226,6 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def cpu_has_native_bfloat16() -> bool:
-    """True on CPUs with bfloat16 instructions (AVX512-BF16 or AMX), where oneDNN runs bfloat16
-    convolutions natively; elsewhere bfloat16 is emulated and slower than float32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def choose_precision(device: torch.device, amp: bool | None) -> tuple[torch.dtype | None, bool]:
-    """``(autocast dtype or None, use a gradient scaler)`` for a device.
-
-    CUDA (``amp`` None or True): bfloat16 where supported (Ampere and newer), else float16 with a
-    gradient scaler (T4, V100). CPU: bfloat16 autocast when ``amp=True``, or when ``amp`` is None
-    and the CPU has native bfloat16 (measured 1.5x faster there, same Dice); float32 otherwise.
-    """
-    if amp is False:
-        return None, False
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16, False
-        return torch.float16, True
-    use_bf16 = amp if amp is not None else cpu_has_native_bfloat16()
-    return (torch.bfloat16, False) if use_bf16 else (None, False)
-
-
 def setup_runtime(device: str, amp: bool | None) -> Runtime:
     """Pick the device and precision; join the process group when launched by torchrun."""
     rank, world_size, local_rank = distributed_env()
@@ -271,9 +243,7 @@ def setup_runtime(device: str, amp: bool | None) -> Runtime:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(max(1, (cores or 1) // max(1, local_world)))
-    amp_dtype, scaler = choose_precision(torch_device, amp)
-    channels_last = torch_device.type == "cuda" or CHANNELS_LAST_ON_CPU
-    return Runtime(torch_device, rank, world_size, local_rank, amp_dtype, scaler, channels_last)
+    return Runtime(torch_device, rank, world_size, local_rank, training_precision(torch_device, amp))
 
 
 def _all_reduce(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
@@ -431,15 +401,9 @@ def _to_device(batch: dict[str, Any], runtime: Runtime) -> tuple[torch.Tensor, t
     bytes than float32 / int64) and are widened on the device."""
     batch = batch_to_device(batch, runtime.device)
     image = batch["image"]
-    if runtime.channels_last:
+    if runtime.precision.channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
     return image, batch["mask"], batch["annotated"]
-
-
-def _autocast(runtime: Runtime) -> Any:
-    if runtime.amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(runtime.device.type, dtype=runtime.amp_dtype)
 
 
 def _raise_non_finite(what: str, epoch: int, step: int, last_good: str) -> None:
@@ -476,7 +440,7 @@ def train_one_epoch(
                leave=False, disable=not runtime.is_main)
     for step, batch in enumerate(loader, start=1):
         image, mask, annotated = _to_device(batch, runtime)
-        with _autocast(runtime):
+        with runtime.precision.autocast(runtime.device):
             logits = model(image)
         loss = multi_organ_loss(logits, mask, annotated, class_weights)
         optimizer.zero_grad(set_to_none=True)
@@ -526,7 +490,7 @@ def validate(
     counts = torch.zeros((3, n_classes), dtype=torch.float64, device=runtime.device)
     for batch in loader:
         image, mask, annotated = _to_device(batch, runtime)
-        with _autocast(runtime):
+        with runtime.precision.autocast(runtime.device):
             logits = model(image)
         loss = multi_organ_loss(logits, mask, annotated, class_weights)
         sums[0] += loss.double() * image.shape[0]
@@ -823,10 +787,10 @@ def _train(config: dict[str, Any], runtime: Runtime, resumed: dict[str, Any] | N
     train_loader, val_loader, sampler, workers = _make_loaders(config, runtime, train_set, val_set)
 
     model = UNetMultiOrgan(1, organs.NUM_CLASSES, config["base_channels"]).to(runtime.device)
-    if runtime.channels_last:
+    if runtime.precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_grad_scaler)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision.grad_scaler)
     progress = Progress()
     if resumed is not None:
         progress = _restore(resumed, model, optimizer, scaler)
@@ -840,8 +804,8 @@ def _train(config: dict[str, Any], runtime: Runtime, resumed: dict[str, Any] | N
         shown = _jsonable(config) | {
             "device": str(runtime.device), "world_size": runtime.world_size,
             "global_batch_size": int(config["batch_size"]) * runtime.world_size, "workers": workers,
-            "amp": str(runtime.amp_dtype).replace("torch.", "") if runtime.amp_dtype else "off",
-            "grad_scaler": runtime.use_grad_scaler, "channels_last": runtime.channels_last,
+            "amp": runtime.precision.name if runtime.precision.autocast_dtype else "off",
+            "grad_scaler": runtime.precision.grad_scaler, "channels_last": runtime.precision.channels_last,
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "parameters": count_parameters(plain_model), "train_patients": len(train_set.patients),
             "train_slices": len(train_set), "val_patients": len(val_set.patients) if val_set else 0,

@@ -4,7 +4,7 @@ Runs ``predict_multi_organ.py``'s own functions (find the CT series, read it, pr
 checkpoint says, predict every slice, map back to the CT grid, build the RTSTRUCT, write the
 label map, RTSTRUCT, volumes CSV and overlay) once per precision and times every stage. The fast
 path is bfloat16 autocast + channels-last tensors, what ``--precision auto`` picks on a CPU with
-AVX512-BF16/AMX or a bfloat16 GPU.
+AVX512-BF16/AMX or a bfloat16 GPU; the precision policy lives in ``precision.py``.
 
 Input: a patient's DICOM folder (``--input``), by default LUNG1-005 (91 slices of 512 x 512)
 unpacked from ``../shared/data/nsclc-radiomics-sample.tar.xz`` into a temporary folder.
@@ -51,6 +51,7 @@ if str(REPO_ROOT) not in sys.path:  # `python benchmarks/bench_inference.py` fro
 import organs  # noqa: E402
 import predict_multi_organ as pm  # noqa: E402
 from normalize_ct_and_masks import DEFAULT_SIZE, DEFAULT_WINDOW  # noqa: E402
+from precision import cpu_has_native_bfloat16  # noqa: E402
 from unet_multi_organ import UNetMultiOrgan, build_checkpoint, count_parameters  # noqa: E402
 
 DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "bench_inference.json"
@@ -78,7 +79,7 @@ def machine_description(device: torch.device) -> dict[str, Any]:
         pass
     info: dict[str, Any] = {
         "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "cpu_fast_bfloat16": pm.cpu_has_fast_bfloat16(),
+        "torch": torch.__version__, "cpu_fast_bfloat16": cpu_has_native_bfloat16(),
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     if device.type == "cuda":
@@ -172,7 +173,7 @@ def run_once(input_dir: Path, checkpoint: Path, output_dir: Path, *, device: str
     output_dir.mkdir(parents=True, exist_ok=True)
     written = pm.write_outputs(ct, hu, labels if clinical is None else clinical, outputs, predictor, seconds)
     return {
-        "precision": str(predictor.dtype).replace("torch.", ""),
+        "precision": predictor.precision.name,
         "channels_last": predictor.channels_last,
         "device": str(predictor.device),
         "batch_size": predictor.batch_size,

@@ -6,8 +6,10 @@ training slices/s (forward + cross-entropy + backward + Adam step), inference sl
 slices, host array in -> uint8 labels back on the host). Warm-up steps are excluded and CUDA is
 synchronised around every timed section, never inside it.
 
-Imports only torch, the standard library and ``unet_multi_organ`` (no DICOM/NIfTI stack), so it
-runs as-is on a bare GPU machine that has only PyTorch:
+The AMP setting is what training uses (``precision.training_precision`` with ``amp=True``), the
+reference is float32 in the default layout; the precision policy lives in ``precision.py``.
+Imports only torch, the standard library, ``unet_multi_organ``, ``losses_multi_organ`` and
+``precision`` (no DICOM/NIfTI stack), so it runs as-is on a bare GPU machine that has only PyTorch:
 
     python benchmarks/bench_training.py --device cuda                       # the GPU table
     python benchmarks/bench_training.py --device cpu --size 64 --batch-sizes 2 4 --base-channels 8 --steps 3
@@ -23,7 +25,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -35,48 +37,43 @@ if str(REPO_ROOT) not in sys.path:  # `python benchmarks/bench_training.py` from
     sys.path.insert(0, str(REPO_ROOT))
 
 from losses_multi_organ import multi_organ_loss  # noqa: E402  (imports only torch)
+from precision import FLOAT32, Precision, training_precision  # noqa: E402  (imports only torch)
 from unet_multi_organ import UNetMultiOrgan, resolve_device  # noqa: E402
 
 DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "bench_training.json"
 DEFAULT_BATCH_SIZES = (8, 16, 32, 64)
 NUM_CLASSES = 8
 PRECISIONS = ("fp32", "amp")
+#: Names of the autocast dtypes in the table and the JSON (None = float32 throughout).
+SHORT_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One way of running the network: ``precision`` is ``fp32``, ``bf16`` or ``fp16``."""
+    """One way of running the network: a :class:`precision.Precision` (autocast dtype, gradient
+    scaler, channels-last) and whether the model is compiled."""
 
-    precision: str
-    channels_last: bool
+    precision: Precision
     compile: bool
 
     @property
     def name(self) -> str:
-        parts = [self.precision] + (["channels_last"] if self.channels_last else [])
+        parts = [SHORT_NAMES[self.precision.autocast_dtype]]
+        parts += ["channels_last"] if self.precision.channels_last else []
         return "+".join(parts + (["compile"] if self.compile else []))
+
+    def record(self) -> dict[str, Any]:
+        """The JSON fields: ``precision`` (``fp32``, ``bf16`` or ``fp16``), ``channels_last``, ``compile``."""
+        return {"precision": SHORT_NAMES[self.precision.autocast_dtype],
+                "channels_last": self.precision.channels_last, "compile": self.compile}
 
 
 # --------------------------------------------------------------------------------------------
 # Device helpers
 # --------------------------------------------------------------------------------------------
-def amp_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 where the device supports it (CPU, Ampere and newer GPUs), float16 otherwise."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def machine_description(device: torch.device) -> dict[str, Any]:
@@ -110,7 +107,7 @@ def machine_description(device: torch.device) -> dict[str, Any]:
 def build_model(base_channels: int, setting: Setting, device: torch.device) -> torch.nn.Module:
     model = UNetMultiOrgan(in_channels=1, out_channels=NUM_CLASSES, base_channels=base_channels)
     model = model.to(device)
-    if setting.channels_last:
+    if setting.precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if setting.compile:
         # dynamic=False: one specialised graph per batch size, as training with a fixed batch has.
@@ -148,7 +145,7 @@ def measure(
 ) -> dict[str, Any]:
     """Training and inference throughput of one (batch size, setting); one result row."""
     torch.manual_seed(0)
-    memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
+    memory_format = setting.precision.memory_format
     images = torch.randn(batch_size, 1, size, size, device=device).to(memory_format=memory_format)
     targets = torch.randint(0, NUM_CLASSES, (batch_size, size, size), device=device)
     # The training loss as train_multi_organ.py computes it, with one unannotated class per
@@ -159,11 +156,11 @@ def measure(
     class_weights = torch.ones(NUM_CLASSES, device=device)
     model = build_model(base_channels, setting, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=setting.precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=setting.precision.grad_scaler)
 
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device, setting.precision):
+        with setting.precision.autocast(device):
             logits = model(images)
         loss = multi_organ_loss(logits, targets, annotated, class_weights)
         scaler.scale(loss).backward()
@@ -171,7 +168,7 @@ def measure(
         scaler.update()
 
     def infer_step() -> None:
-        with torch.inference_mode(), autocast(device, setting.precision):
+        with torch.inference_mode(), setting.precision.autocast(device):
             model(images).argmax(dim=1)
 
     reset_peak_memory(device)
@@ -189,7 +186,7 @@ def measure(
     return {
         "batch_size": batch_size,
         "setting": setting.name,
-        **asdict(setting),
+        **setting.record(),
         "train_slices_per_s": round(slices / train_s, 2),
         "train_step_ms": round(1000 * train_s / steps, 2),
         "infer_slices_per_s": round(slices / infer_s, 2),
@@ -210,11 +207,11 @@ def measure_volume(
     torch.manual_seed(0)
     model = build_model(base_channels, setting, device).eval()
     volume = torch.randn(slices, 1, size, size)  # on the host, as a loaded CT would be
-    memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
+    memory_format = setting.precision.memory_format
 
     def predict() -> torch.Tensor:
         labels = torch.empty(slices, size, size, dtype=torch.uint8)
-        with torch.inference_mode(), autocast(device, setting.precision):
+        with torch.inference_mode(), setting.precision.autocast(device):
             for start in range(0, slices, batch_size):
                 batch = volume[start:start + batch_size].to(device, non_blocking=True)
                 logits = model(batch.to(memory_format=memory_format))
@@ -229,7 +226,7 @@ def measure_volume(
         predict()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return {"setting": setting.name, **asdict(setting), "slices": slices, "batch_size": batch_size,
+    return {"setting": setting.name, **setting.record(), "slices": slices, "batch_size": batch_size,
             "seconds": round(min(times), 3), "slices_per_s": round(slices / min(times), 2)}
 
 
@@ -237,16 +234,11 @@ def measure_volume(
 # Report
 # --------------------------------------------------------------------------------------------
 def settings_for(device: torch.device, precisions: Sequence[str], compile_modes: Sequence[bool]) -> list[Setting]:
-    """``fp32`` runs in the default memory format; ``amp`` runs in the device's AMP dtype with channels-last."""
-    amp_name = "bf16" if amp_dtype(device) == torch.bfloat16 else "fp16"
-    out = []
-    for compiled in compile_modes:
-        for precision in precisions:
-            if precision == "fp32":
-                out.append(Setting("fp32", channels_last=False, compile=compiled))
-            else:
-                out.append(Setting(amp_name, channels_last=True, compile=compiled))
-    return out
+    """``fp32`` runs in float32 in the default memory format; ``amp`` runs as training does with
+    mixed precision on (``training_precision(device, amp=True)``: bfloat16, or float16 + gradient
+    scaler on GPUs without bfloat16; channels-last)."""
+    policies = {"fp32": FLOAT32, "amp": training_precision(device, amp=True)}
+    return [Setting(policies[precision], compile=compiled) for compiled in compile_modes for precision in precisions]
 
 
 def format_table(rows: Sequence[dict[str, Any]], volumes: Sequence[dict[str, Any]]) -> str:
@@ -301,7 +293,7 @@ def run(
             except RuntimeError as exc:
                 if not is_out_of_memory(exc):
                     raise
-                row = {"batch_size": batch_size, "setting": setting.name, **asdict(setting),
+                row = {"batch_size": batch_size, "setting": setting.name, **setting.record(),
                        "error": "out of memory"}
             rows.append(row)
             print(f"  {setting.name:<28} batch {batch_size:>3}: "

@@ -16,6 +16,7 @@ from scipy.spatial.distance import cdist
 import evaluate_multi_organ as ev
 import normalize_ct_and_masks as phase3
 import organs
+import precision
 from pipeline_io import DONE, FAILED, DataLayout, exit_status, same_geometry
 
 STRUCTURE_COLUMNS = ("patient_id", "label", "structure", "annotated", "source_rois", "synthetic",
@@ -439,3 +440,30 @@ def test_main_bad_arguments_give_one_line_errors(argv, message, capsys, tmp_path
         ev.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Precision (the policy is precision.evaluation_precision; its table is in test_precision.py)
+# --------------------------------------------------------------------------------------------
+class _AutocastRecorder(torch.nn.Conv2d):
+    """A 1x1 convolution to 8 classes that records whether autocast was on in each forward."""
+
+    def __init__(self) -> None:
+        super().__init__(1, organs.NUM_CLASSES, kernel_size=1)
+        self.autocast_seen: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.autocast_seen.append(torch.is_autocast_enabled("cpu"))
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("predict, shape, dtype", [
+    (ev.predict_volume, (5, 16, 16), np.uint8),
+    (ev.predict_probabilities, (5, organs.NUM_CLASSES, 16, 16), np.float32),
+])
+def test_evaluation_runs_float32_on_cpu_even_with_native_bfloat16(monkeypatch, predict, shape, dtype):
+    monkeypatch.setattr(precision, "cpu_has_native_bfloat16", lambda: True)
+    model = _AutocastRecorder()
+    out = predict(model, np.zeros((5, 16, 16), np.float32), "cpu", batch_size=2)
+    assert model.autocast_seen == [False, False, False]  # batches of 2, 2 and 1 slices
+    assert out.shape == shape and out.dtype == dtype

@@ -13,6 +13,7 @@ import torch
 from scipy import ndimage
 
 import organs
+import precision
 import predict_multi_organ as pm
 from extract_multi_organ_masks import Grid, build_structures, combine_labels, read_rois
 from pipeline_io import DONE, FAILED, SKIPPED, PatientError, same_geometry
@@ -201,7 +202,7 @@ def test_predict_maps_back_to_the_ct_grid_with_a_model_that_thresholds_intensity
         model.weight[organs.RIGHT_LUNG, 0, 0, 0] = 5.0
         model.bias[organs.BACKGROUND] = 0.0
         model.bias[organs.RIGHT_LUNG] = 0.0
-    predictor = pm.Predictor(model, Path("threshold.pth"), torch.device("cpu"), torch.float32, batch_size=3,
+    predictor = pm.Predictor(model, Path("threshold.pth"), torch.device("cpu"), precision.FLOAT32, batch_size=3,
                              window=(-1000.0, 400.0), size=TINY_SIZE)
     hu = np.full((5, 64, 64), -1000, np.int16)
     hu[:, 16:48, 8:40] = 400  # bright square: half of the in-window mean is -650 HU
@@ -230,25 +231,27 @@ def test_map_back_gives_the_labels_of_the_evaluation(shape):
 # --------------------------------------------------------------------------------------------
 # Device, precision, batch size
 # --------------------------------------------------------------------------------------------
-def test_precision_auto_follows_the_cpu(monkeypatch):
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(pm, "cpu_has_fast_bfloat16", lambda: True)
-    assert pm.resolve_precision("auto", cpu) == torch.bfloat16
-    monkeypatch.setattr(pm, "cpu_has_fast_bfloat16", lambda: False)
-    assert pm.resolve_precision("auto", cpu) == torch.float32
-    assert pm.resolve_precision("bfloat16", cpu) == torch.bfloat16
-    assert pm.resolve_precision("float32", cpu) == torch.float32
+@pytest.mark.parametrize("request_, native, dtype, channels_last", [
+    ("float32", True, torch.float32, False),
+    ("auto", True, torch.bfloat16, True),
+    ("auto", False, torch.float32, False),
+    ("bfloat16", False, torch.bfloat16, True),
+])
+def test_predictor_takes_the_prediction_precision_policy(tiny_checkpoint, monkeypatch, request_, native, dtype,
+                                                         channels_last):
+    """The table of the policy itself is in test_precision.py; here: the model follows it."""
+    monkeypatch.setattr(precision, "cpu_has_native_bfloat16", lambda: native)
+    predictor = pm.Predictor.load(tiny_checkpoint, device="cpu", precision=request_, batch_size=2)
+    assert predictor.precision == precision.prediction_precision(request_, torch.device("cpu"))
+    assert (predictor.dtype, predictor.channels_last) == (dtype, channels_last)
+    weight = predictor.model.inc[3].weight  # 4 -> 4 channels: the layouts differ
+    assert weight.is_contiguous(memory_format=torch.channels_last) is channels_last
+    assert f"({str(dtype)[6:]}{' + channels-last' if channels_last else ''})" in predictor.describe()
+
+
+def test_unknown_precision_is_refused(tiny_checkpoint):
     with pytest.raises(ValueError, match="precision must be one of auto, float32, bfloat16, got 'half'"):
-        pm.resolve_precision("half", cpu)
-
-
-def test_cpu_bfloat16_detection_reads_the_cpu_flags(monkeypatch):
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    monkeypatch.setattr(pm, "_cpu_flags", lambda: {"avx2", "avx512f"})
-    assert pm.cpu_has_fast_bfloat16() is False
-    monkeypatch.setattr(pm, "_cpu_flags", lambda: {"avx2", "amx_bf16"})
-    assert pm.cpu_has_fast_bfloat16() is True
+        pm.Predictor.load(tiny_checkpoint, device="cpu", precision="half")
 
 
 def test_auto_batch_size_fits_memory(monkeypatch):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import organs
+import precision
 import train_multi_organ as tm
 from losses_multi_organ import (
     dice_counts,
@@ -26,6 +27,7 @@ from losses_multi_organ import (
 )
 from normalize_ct_and_masks import slice_label_bits
 from pipeline_io import PROCESSED_FORMAT
+from precision import Precision
 from unet_multi_organ import load_checkpoint_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -372,7 +374,9 @@ def test_max_steps_stops_mid_epoch_and_still_saves_with_bfloat16_on_cpu(cache):
     root, splits = cache
     result = tm.run(data_root=root, splits_dir=splits, output_dir=splits.parent / "r", epochs=5,
                     max_steps=2, **(TINY | {"amp": True}))
-    assert '"amp": "bfloat16"' in (splits.parent / "r" / "train.log").read_text()
+    log_text = (splits.parent / "r" / "train.log").read_text()
+    assert '"amp": "bfloat16"' in log_text
+    assert '"grad_scaler": false' in log_text and '"channels_last": true' in log_text
     assert math.isfinite(result.history[0]["train_loss"])
     assert len(result.history) == 1 and result.history[0]["partial_epoch"] is True
     assert result.history[0]["train_slices"] == 8 and "--max-steps" in result.stop_reason
@@ -421,13 +425,21 @@ def test_learning_rate_schedules():
     assert tm.training_progress(5, 1) == 0.0
 
 
-def test_duration_and_precision_choices():
+def test_duration_choices():
     assert tm._seconds("90") == 90 and tm._seconds("5m") == 300 and tm._seconds("1.5h") == 5400
-    cpu = torch.device("cpu")
-    native = tm.cpu_has_native_bfloat16()
-    assert tm.choose_precision(cpu, None) == ((torch.bfloat16, False) if native else (None, False))
-    assert tm.choose_precision(cpu, True) == (torch.bfloat16, False)
-    assert tm.choose_precision(cpu, False) == (None, False)
+
+
+@pytest.mark.parametrize("amp, native, expected", [
+    (None, True, Precision(torch.bfloat16, False, True)),
+    (None, False, Precision(None, False, True)),
+    (True, False, Precision(torch.bfloat16, False, True)),
+    (False, True, Precision(None, False, True)),
+])
+def test_runtime_takes_the_training_precision_policy(monkeypatch, amp, native, expected):
+    """The table of the policy itself is in test_precision.py; here: setup_runtime follows it."""
+    monkeypatch.setattr(precision, "cpu_has_native_bfloat16", lambda: native)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # leave the thread count alone
+    assert tm.setup_runtime("cpu", amp).precision == expected
 
 
 # --------------------------------------------------------------------------------------------
