@@ -52,6 +52,7 @@ from dataset_multi_organ import (
     load_split,
     make_tumour_oversampling_sampler,
 )
+from extract_multi_organ_masks import PTV_CONTOURED, PTV_DERIVED, PTV_NONE
 from losses_multi_organ import dice_counts, dice_from_counts, multi_organ_loss
 from normalize_ct_and_masks import CACHE_MASK, cache_dir, read_cache_meta
 from pipeline_io import (
@@ -183,6 +184,33 @@ def load_or_compute_class_weights(
     if write:
         write_text_atomic(path, json.dumps(record, indent=2) + "\n")
     return record["weights"], False
+
+
+def ptv_of_patients(data_root: Path | str, patients: Sequence[str]) -> dict[str, Any]:
+    """How the model's PTV is made, from the training patients' phase 3 records (stored in the
+    checkpoint as ``ptv``, so evaluation and prediction grow the GTV by the margin of the run).
+
+    ``{"source": "derived", "margin_mm": m}`` when no training patient has a contoured PTV (label 2
+    is then never taught: it is not annotated for them); ``{"source": "contoured"}`` (plus the
+    margin of the derived ones, if any) when some have one, so the network learns label 2.
+    Raises ``ValueError`` when derived PTVs use different margins (re-run phase 2.5 with one).
+    """
+    sources: dict[str, list[str]] = {}
+    margins: dict[float, list[str]] = {}
+    for pid in patients:
+        record = read_cache_meta(data_root, pid).get("ptv") or {}
+        sources.setdefault(str(record.get("source", PTV_NONE)), []).append(pid)
+        if record.get("source") == PTV_DERIVED:
+            margins.setdefault(float(record["margin_mm"]), []).append(pid)
+    if len(margins) > 1:
+        shown = "; ".join(f"{m:g} mm: {', '.join(sorted(p)[:3])}" for m, p in sorted(margins.items()))
+        raise ValueError(f"the training patients' PTVs are derived with different margins ({shown}); "
+                         "re-run extract_multi_organ_masks.py --overwrite with one --ptv-margin-mm")
+    ptv: dict[str, Any] = {"source": PTV_CONTOURED if PTV_CONTOURED in sources
+                           else PTV_DERIVED if margins else PTV_NONE}
+    if margins:
+        ptv["margin_mm"] = next(iter(margins))
+    return ptv
 
 
 # --------------------------------------------------------------------------------------------
@@ -747,12 +775,12 @@ def _epoch_row(epoch: int, train_loss: float, val_loss: float, dice: list[float]
 
 def _write_epoch_outputs(plain_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                          scaler: torch.amp.GradScaler, progress: Progress, config: dict[str, Any],
-                         preprocessing: dict[str, Any]) -> None:
+                         preprocessing: dict[str, Any], ptv: dict[str, Any]) -> None:
     """Rank 0, after each epoch: best checkpoint (when improved), last checkpoint, history, curves."""
     output_dir: Path = config["output_dir"]
     row = progress.history[-1]
     val_dice = {key: row[f"dice_{key}"] for key in FOREGROUND_KEYS}
-    common = dict(preprocessing=preprocessing, epoch=row["epoch"], val_loss=row["val_loss"],
+    common = dict(preprocessing=preprocessing, ptv=ptv, epoch=row["epoch"], val_loss=row["val_loss"],
                   val_dice=val_dice)
     if row["best"]:
         _save(build_checkpoint(plain_model, **common), output_dir / BEST_CHECKPOINT)
@@ -781,6 +809,7 @@ def _train(config: dict[str, Any], runtime: Runtime, resumed: dict[str, Any] | N
         log.warning("%s lists no patient: the best checkpoint and early stopping use the training "
                     "loss, validation columns are NaN", Path(splits_dir) / "val.txt")
     preprocessing = preprocessing_from_cache(DataLayout(data_root).training_cache)
+    ptv = ptv_of_patients(data_root, train_set.patients)
     weights, reused = load_or_compute_class_weights(data_root, splits_dir, train_set.patients,
                                                     write=runtime.is_main)
     class_weights = torch.tensor(weights, dtype=torch.float32, device=runtime.device)
@@ -810,7 +839,7 @@ def _train(config: dict[str, Any], runtime: Runtime, resumed: dict[str, Any] | N
             "parameters": count_parameters(plain_model), "train_patients": len(train_set.patients),
             "train_slices": len(train_set), "val_patients": len(val_set.patients) if val_set else 0,
             "val_slices": len(val_set) if val_set else 0, "class_weights": weights, "class_weights_reused": reused,
-            "preprocessing": preprocessing, "start_epoch": progress.next_epoch,
+            "preprocessing": preprocessing, "ptv": ptv, "start_epoch": progress.next_epoch,
         }
         log.info("training configuration:\n%s", json.dumps(shown, indent=2))
 
@@ -855,7 +884,7 @@ def _train(config: dict[str, Any], runtime: Runtime, resumed: dict[str, Any] | N
                          time.monotonic() - epoch_start, partial)
         progress.history.append(row)
         if runtime.is_main:
-            _write_epoch_outputs(plain_model, optimizer, scaler, progress, config, preprocessing)
+            _write_epoch_outputs(plain_model, optimizer, scaler, progress, config, preprocessing, ptv)
             log.info("epoch %d: train loss %.4f, val loss %.4f%s, Dice %s, %.1f slices/s, %.0f s",
                      epoch, train_loss, val_loss, " (best)" if improved else "",
                      ", ".join(f"{k} {row[f'dice_{k}']:.3f}" for k in FOREGROUND_KEYS),

@@ -187,6 +187,7 @@ def build_checkpoint(
     model: nn.Module,
     *,
     preprocessing: Mapping[str, Any],
+    ptv: Mapping[str, Any] | None = None,
     epoch: int,
     val_loss: float,
     val_dice: Mapping[str, float] | None = None,
@@ -196,6 +197,8 @@ def build_checkpoint(
 
     ``model`` may be wrapped (DDP, ``torch.compile``); the plain module's state is stored, on
     CPU, so the file loads anywhere. ``val_dice`` maps structure keys to Dice (NaN allowed).
+    ``ptv`` says how the model's PTV is made (``{"source": "derived", "margin_mm": 10.0}``: grown from
+    the predicted GTV; ``{"source": "contoured"}``: label 2); see :func:`checkpoint_ptv`.
     ``extra`` entries (e.g. optimizer state for the last checkpoint) are added as they are.
     """
     plain = unwrap_model(model)
@@ -208,12 +211,28 @@ def build_checkpoint(
         "model_config": dict(plain.config),
         "labels": label_table(),
         "preprocessing": dict(preprocessing),
+        "ptv": dict(ptv) if ptv is not None else {"source": "contoured"},
         "epoch": int(epoch),
         "val_loss": float(val_loss),
         "val_dice": {str(k): float(v) for k, v in (val_dice or {}).items()},
     }
     checkpoint.update(extra or {})
     return checkpoint
+
+
+def checkpoint_ptv(checkpoint: Mapping[str, Any], margin_mm: float | None = None) -> dict[str, Any]:
+    """How a checkpoint's PTV is made: ``{"source": "derived", "margin_mm": m}`` (grow the predicted
+    GTV by ``m`` mm) or ``{"source": "contoured"}`` (the network predicts label 2; the PTV is
+    labels GTV + PTV). Checkpoints of earlier versions (no ``ptv``) learnt the PTV as label 2.
+    ``margin_mm`` (prediction's ``--ptv-margin-mm``) overrides the margin and asks for a derived PTV.
+    Raises ``ValueError`` for a negative or non-finite margin.
+    """
+    ptv = dict(checkpoint.get("ptv") or {"source": "contoured"})
+    if margin_mm is not None:
+        if not (margin_mm >= 0 and math.isfinite(margin_mm)):
+            raise ValueError(f"PTV margin must be a finite number >= 0 mm, got {margin_mm}")
+        ptv = {"source": "derived", "margin_mm": float(margin_mm)}
+    return ptv
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
