@@ -38,12 +38,12 @@ from typing import Any, Sequence
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 import organs
 from dataset_multi_organ import load_split
 from extract_multi_organ_masks import read_structures_csv
+from normalize_ct_and_masks import probabilities_to_ct_labels
 from pipeline_io import (
     DEFAULT_DATA_ROOT, DEFAULT_SPLITS_DIR, DONE, FAILED, DataLayout, PatientError, PatientResult,
     atomic_output, check_same_geometry, exit_status, positive_int, read_nifti, run_batch,
@@ -209,47 +209,6 @@ def _autocast(device: torch.device):
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
-def probabilities_to_labels(probabilities: torch.Tensor, output_shape_yx: Sequence[int]) -> torch.Tensor:
-    """(B, C, S, S) class probabilities -> (B, H, W) uint8 labels on an H x W grid.
-
-    The probabilities are resized bilinearly before the argmax, with pixel centres aligned and
-    anti-aliasing when shrinking, the convention of the phase-3 resize (same labels as
-    ``normalize_ct_and_masks.resize_probabilities_to_shape``, but batch by batch on the model's
-    device). Smoother borders than nearest neighbour on labels. Exact inverse of the phase-3
-    nearest-neighbour shrink when H x W is S x S or 2S x 2S (512 -> 256, the usual case): every
-    pixel of a 2x2 block takes 9/16 of its weight from its own block. For larger factors the
-    outer corners of the blocks are rounded off.
-    """
-    if probabilities.ndim != 4:
-        raise ValueError(f"expected (B, C, S, S) probabilities, got shape {tuple(probabilities.shape)}")
-    shape = tuple(int(n) for n in output_shape_yx)
-    if tuple(probabilities.shape[-2:]) != shape:
-        probabilities = F.interpolate(probabilities.float(), size=shape, mode="bilinear",
-                                      align_corners=False, antialias=True)
-    return probabilities.argmax(dim=1).to(torch.uint8)
-
-
-def map_to_original_grid(
-    probabilities: np.ndarray | torch.Tensor, output_shape_yx: Sequence[int], batch_size: int = DEFAULT_BATCH_SIZE,
-) -> np.ndarray:
-    """(Z, C, S, S) per-class probabilities (or logits) -> (Z, H, W) uint8 labels on the CT grid.
-
-    ``output_shape_yx`` is the original CT's in-plane size (rows, columns); z is unchanged (phase 3
-    resizes in plane only). Processed ``batch_size`` slices at a time to bound memory.
-    """
-    probs = torch.as_tensor(probabilities)
-    if probs.ndim != 4:
-        raise ValueError(f"expected (Z, C, S, S) probabilities, got shape {tuple(probs.shape)}")
-    out = np.empty((probs.shape[0], *output_shape_yx), dtype=np.uint8)
-    for start in range(0, probs.shape[0], batch_size):
-        chunk = probs[start:start + batch_size]
-        out[start:start + len(chunk)] = probabilities_to_labels(chunk, output_shape_yx).cpu().numpy()
-    return out
-
-
-labels_on_original_grid = map_to_original_grid
-
-
 def _slices_to_tensor(ct: np.ndarray, start: int, stop: int, device: torch.device) -> torch.Tensor:
     batch = torch.from_numpy(np.ascontiguousarray(ct[start:stop], dtype=np.float32))
     return batch.unsqueeze(1).to(device, non_blocking=True)
@@ -287,8 +246,8 @@ def predict_volume(
     """Labels (Z, H, W) uint8 of a normalised CT (Z, S, S) float, predicted ``batch_size`` slices at a time.
 
     ``output_shape_yx`` = (H, W), the original CT's in-plane size, maps the prediction back to
-    the CT grid on the device (see :func:`probabilities_to_labels`); None keeps S x S. Runs
-    under ``torch.inference_mode`` with ``model.eval()``, in mixed precision on CUDA.
+    the CT grid on the device (``normalize_ct_and_masks.probabilities_to_ct_labels``); None keeps
+    S x S. Runs under ``torch.inference_mode`` with ``model.eval()``, in mixed precision on CUDA.
     """
     _check_volume(ct_normalized)
     device = torch.device(device)
@@ -299,7 +258,7 @@ def predict_volume(
         for start in range(0, len(ct_normalized), batch_size):
             logits = model(_slices_to_tensor(ct_normalized, start, start + batch_size, device))
             probs = torch.softmax(logits.float(), dim=1)
-            labels[start:start + len(logits)] = probabilities_to_labels(probs, shape).cpu().numpy()
+            labels[start:start + len(logits)] = probabilities_to_ct_labels(probs, shape)
     return labels
 
 
