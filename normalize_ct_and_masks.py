@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import organs
-from extract_multi_organ_masks import read_structures_csv
+from extract_multi_organ_masks import STRUCTURES_CSV, read_structures_csv
 from pipeline_io import (
     DEFAULT_DATA_ROOT,
     DONE,
@@ -62,7 +62,6 @@ SIZE_MULTIPLE = 16  # the U-Net halves the slice four times
 MIN_SIZE = 32
 
 NORMALIZATION_JSON = "normalization.json"
-STRUCTURES_CSV = "structures.csv"
 CACHE_CT = "ct.npy"
 CACHE_MASK = "mask.npy"
 CACHE_META = "meta.json"
