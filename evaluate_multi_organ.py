@@ -23,6 +23,9 @@ in 3D at the CT's own anisotropic resolution against ``masks_multi_organ``:
   organ; GTV and PTV are left alone because a tumour can be multifocal (primary plus nodes).
 
 Precision (mixed on CUDA, float32 on CPU) comes from the policy in ``precision.py``.
+Imported, not re-typed: the way back to the CT grid (``normalize_ct_and_masks.probabilities_to_ct_labels``),
+the Dice box plot (``visualize_all_phases.dice_boxplot_figure``) and the file names of phases 2.5, 3
+and training (``STRUCTURES_CSV``, ``CACHE_*``, ``BEST_CHECKPOINT``).
 """
 from __future__ import annotations
 
@@ -39,19 +42,21 @@ from typing import Any, Sequence
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 import organs
 from dataset_multi_organ import load_split
-from extract_multi_organ_masks import read_structures_csv
+from extract_multi_organ_masks import STRUCTURES_CSV, read_structures_csv
+from normalize_ct_and_masks import CACHE_CT, CACHE_META, NORMALIZATION_JSON, probabilities_to_ct_labels
 from pipeline_io import (
     DEFAULT_DATA_ROOT, DEFAULT_SPLITS_DIR, DONE, FAILED, DataLayout, PatientError, PatientResult,
-    atomic_output, check_same_geometry, exit_status, positive_int, read_nifti, run_batch,
+    check_same_geometry, exit_status, positive_int, read_nifti, run_batch,
     setup_logging, summary_line, write_nifti, write_text_atomic,
 )
 from precision import evaluation_precision
+from train_multi_organ import BEST_CHECKPOINT
 from unet_multi_organ import load_checkpoint_model, resolve_device
+from visualize_all_phases import FIGURES, dice_boxplot_figure, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -203,45 +208,6 @@ def score_structures(
 # --------------------------------------------------------------------------------------------
 # Inference and the way back to the original grid
 # --------------------------------------------------------------------------------------------
-def probabilities_to_labels(probabilities: torch.Tensor, output_shape_yx: Sequence[int]) -> torch.Tensor:
-    """(B, C, S, S) class probabilities -> (B, H, W) uint8 labels on an H x W grid.
-
-    The probabilities are resized bilinearly before the argmax, with pixel centres aligned and
-    anti-aliasing when shrinking, the convention of the phase-3 resize (same labels as
-    ``normalize_ct_and_masks.resize_probabilities_to_shape``, but batch by batch on the model's
-    device). Smoother borders than nearest neighbour on labels. Exact inverse of the phase-3
-    nearest-neighbour shrink when H x W is S x S or 2S x 2S (512 -> 256, the usual case): every
-    pixel of a 2x2 block takes 9/16 of its weight from its own block. For larger factors the
-    outer corners of the blocks are rounded off.
-    """
-    if probabilities.ndim != 4:
-        raise ValueError(f"expected (B, C, S, S) probabilities, got shape {tuple(probabilities.shape)}")
-    shape = tuple(int(n) for n in output_shape_yx)
-    if tuple(probabilities.shape[-2:]) != shape:
-        probabilities = F.interpolate(probabilities.float(), size=shape, mode="bilinear",
-                                      align_corners=False, antialias=True)
-    return probabilities.argmax(dim=1).to(torch.uint8)
-
-
-def map_to_original_grid(
-    probabilities: np.ndarray | torch.Tensor, output_shape_yx: Sequence[int], batch_size: int = DEFAULT_BATCH_SIZE,
-) -> np.ndarray:
-    """(Z, C, S, S) per-class probabilities (or logits) -> (Z, H, W) uint8 labels on the CT grid.
-
-    ``output_shape_yx`` is the original CT's in-plane size (rows, columns); z is unchanged (phase 3
-    resizes in plane only). Processed ``batch_size`` slices at a time to bound memory.
-    """
-    probs = torch.as_tensor(probabilities)
-    if probs.ndim != 4:
-        raise ValueError(f"expected (Z, C, S, S) probabilities, got shape {tuple(probs.shape)}")
-    out = np.empty((probs.shape[0], *output_shape_yx), dtype=np.uint8)
-    for start in range(0, probs.shape[0], batch_size):
-        chunk = probs[start:start + batch_size]
-        out[start:start + len(chunk)] = probabilities_to_labels(chunk, output_shape_yx).cpu().numpy()
-    return out
-
-
-labels_on_original_grid = map_to_original_grid
 
 
 def _slices_to_tensor(ct: np.ndarray, start: int, stop: int, device: torch.device) -> torch.Tensor:
@@ -281,8 +247,8 @@ def predict_volume(
     """Labels (Z, H, W) uint8 of a normalised CT (Z, S, S) float, predicted ``batch_size`` slices at a time.
 
     ``output_shape_yx`` = (H, W), the original CT's in-plane size, maps the prediction back to
-    the CT grid on the device (see :func:`probabilities_to_labels`); None keeps S x S. Runs
-    under ``torch.inference_mode`` with ``model.eval()``, in mixed precision on CUDA.
+    the CT grid on the device (``normalize_ct_and_masks.probabilities_to_ct_labels``); None keeps
+    S x S. Runs under ``torch.inference_mode`` with ``model.eval()``, in mixed precision on CUDA.
     """
     _check_volume(ct_normalized)
     device = torch.device(device)
@@ -293,7 +259,7 @@ def predict_volume(
         for start in range(0, len(ct_normalized), batch_size):
             logits = model(_slices_to_tensor(ct_normalized, start, start + batch_size, device))
             probs = torch.softmax(logits.float(), dim=1)
-            labels[start:start + len(logits)] = probabilities_to_labels(probs, shape).cpu().numpy()
+            labels[start:start + len(logits)] = probabilities_to_ct_labels(probs, shape)
     return labels
 
 
@@ -303,25 +269,25 @@ def predict_volume(
 def load_normalized_ct(layout: DataLayout, patient_id: str) -> tuple[np.ndarray, dict[str, Any]]:
     """The network input (Z, S, S) float32 and its phase-3 record (meta.json or normalization.json)."""
     cache = layout.training_cache / patient_id
-    if (cache / "ct.npy").is_file() and (cache / "meta.json").is_file():
-        meta = json.loads((cache / "meta.json").read_text(encoding="utf-8"))
-        return np.load(cache / "ct.npy", mmap_mode="r"), meta
+    if (cache / CACHE_CT).is_file() and (cache / CACHE_META).is_file():
+        meta = json.loads((cache / CACHE_META).read_text(encoding="utf-8"))
+        return np.load(cache / CACHE_CT, mmap_mode="r"), meta
     nifti = layout.normalized_ct / f"{patient_id}.nii.gz"
-    table = layout.normalized_ct / "normalization.json"
+    table = layout.normalized_ct / NORMALIZATION_JSON
     if nifti.is_file() and table.is_file():
         records = json.loads(table.read_text(encoding="utf-8"))
         if patient_id not in records:
             raise PatientError(f"{patient_id}: no entry in {table}; rerun phase 3 for this patient")
         return sitk.GetArrayFromImage(read_nifti(nifti)).astype(np.float32, copy=False), records[patient_id]
     raise PatientError(
-        f"{patient_id}: no normalised CT: neither {cache}/ct.npy + meta.json nor {nifti} + {table.name}; "
+        f"{patient_id}: no normalised CT: neither {cache}/{CACHE_CT} + {CACHE_META} nor {nifti} + {table.name}; "
         "run phase 3 (normalize_ct_and_masks.py)"
     )
 
 
 def annotated_flags(layout: DataLayout, patient_id: str, meta: dict[str, Any]) -> list[bool]:
     """8 flags (index = label) from phase 2.5's ``structures.csv``, else the cache's ``annotated``."""
-    table = layout.masks / "structures.csv"
+    table = layout.masks / STRUCTURES_CSV
     if table.is_file():
         flags = read_structures_csv(table).get(patient_id)
         if flags is not None:
@@ -476,36 +442,6 @@ def format_summary_md(summary: dict[str, dict[str, Any]], context: dict[str, Any
     return "\n".join(lines) + "\n"
 
 
-def plot_dice_boxplot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    """Box plot of per-patient Dice per structure, boxes in the colours of ``organs``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    data, names, colours = [], [], []
-    for label in SCORED_LABELS:
-        s = organs.structure(label)
-        values = [r["dice"] for r in rows if r["structure"] == s.key and r["annotated"]
-                  and r["dice"] is not None and not math.isnan(r["dice"])]
-        if values:
-            data.append(values), names.append(s.name), colours.append(s.color_float)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    if data:
-        boxes = ax.boxplot(data, patch_artist=True, medianprops={"color": "black"})
-        for patch, colour in zip(boxes["boxes"], colours):
-            patch.set(facecolor=colour, alpha=0.7, edgecolor="black")
-        ax.set_xticks(range(1, len(names) + 1), names, rotation=20)
-    else:
-        ax.text(0.5, 0.5, "no scored structures", ha="center", va="center", transform=ax.transAxes)
-    ax.set(ylim=(-0.02, 1.02), ylabel="3D Dice", title=title)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -582,15 +518,15 @@ def run(
     write_text_atomic(output_dir / "summary.json",
                       json.dumps({**context, "structures": summary}, indent=2) + "\n")
     write_text_atomic(output_dir / "summary.md", format_summary_md(summary, context))
-    plot_dice_boxplot(rows, output_dir / "dice_boxplot.png",
-                      f"3D Dice per structure, {context['split']} ({context['n_patients']} patients)")
+    save_figure(dice_boxplot_figure(rows, f"3D Dice per structure, {context['split']} "
+                                          f"({context['n_patients']} patients)"), output_dir / FIGURES["dice"])
     return results
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="best_unet_multi_organ.pth of a run")
+    parser.add_argument("--checkpoint", type=Path, required=True, help=f"{BEST_CHECKPOINT} of a run")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
                         help="data folder holding processed/ (default: %(default)s)")
     parser.add_argument("--split", default="test", help="split name, reads <splits-dir>/<split>.txt (default: test)")

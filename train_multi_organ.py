@@ -19,6 +19,9 @@ optional ``--compile``. Under ``torchrun`` (``WORLD_SIZE`` > 1) the script train
 (DistributedDataParallel, nccl on CUDA, gloo on CPU); ``--batch-size`` is per process; only rank 0
 writes files; validation sums are reduced across ranks, so the results have the same format.
 The precision policy (dtype per device, channels-last, autocast) lives in ``precision.py``.
+
+The run folder's file names live here (``BEST_CHECKPOINT``, ``HISTORY_CSV``, ...; evaluation and the
+figures import them); the curves are drawn by ``visualize_all_phases.training_curves_figure``.
 """
 from __future__ import annotations
 
@@ -73,6 +76,7 @@ from unet_multi_organ import (
     preprocessing_from_cache,
     resolve_device as resolve_model_device,
 )
+from visualize_all_phases import FIGURES, save_figure, training_curves_figure
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +84,7 @@ BEST_CHECKPOINT = "best_unet_multi_organ.pth"
 LAST_CHECKPOINT = "last_checkpoint.pth"
 HISTORY_CSV = "history.csv"
 HISTORY_JSON = "history.json"
-CURVES_PNG = "training_curves.png"
+CURVES_PNG = FIGURES["curves"]
 LOG_FILE = "train.log"
 CLASS_WEIGHTS_JSON = "class_weights.json"
 
@@ -546,36 +550,6 @@ def write_history(history: list[dict[str, Any]], output_dir: Path) -> None:
     write_text_atomic(output_dir / HISTORY_CSV, buffer.getvalue())
 
 
-def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """Two panels: training and validation loss; validation Dice per organ (organ colours)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    epochs = [row["epoch"] for row in history]
-    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(12, 4.5))
-    ax_loss.plot(epochs, [row["train_loss"] for row in history], "o-", label="train")
-    ax_loss.plot(epochs, [row["val_loss"] for row in history], "o-", label="validation")
-    ax_loss.set(xlabel="epoch", ylabel="loss (0.5 CE + 0.5 Dice)", title="Loss")
-    ax_loss.legend()
-    ax_loss.grid(alpha=0.3)
-    for label in organs.FOREGROUND_LABELS:
-        s = organs.structure(label)
-        ax_dice.plot(epochs, [row[f"dice_{s.key}"] for row in history], "o-", label=s.name,
-                     color=[c * 0.85 for c in s.color_float])  # darker: yellow/cyan on white
-    ax_dice.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1), title="Validation Dice per organ")
-    ax_dice.legend(fontsize=8, loc="lower right")
-    ax_dice.grid(alpha=0.3)
-    for ax in (ax_loss, ax_dice):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-
-
 def _save(checkpoint: dict[str, Any], path: Path) -> None:
     with atomic_output(path) as tmp:
         torch.save(checkpoint, tmp)
@@ -792,7 +766,8 @@ def _write_epoch_outputs(plain_model: torch.nn.Module, optimizer: torch.optim.Op
         "epochs_without_improvement": progress.epochs_without_improvement,
         "history": progress.history, "train_config": _jsonable(config)}), output_dir / LAST_CHECKPOINT)
     write_history(progress.history, output_dir)
-    plot_training_curves(progress.history, output_dir / CURVES_PNG)
+    save_figure(training_curves_figure(progress.history, f"Training curves, run {output_dir.name}"),
+                output_dir / CURVES_PNG)
 
 
 def _train(config: dict[str, Any], runtime: Runtime, resumed: dict[str, Any] | None,

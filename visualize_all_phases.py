@@ -21,6 +21,10 @@ Label colours come from ``organs.py``. Images are shown as stored (z-y-x arrays 
 rows run anterior to posterior, columns patient right to left, the radiological view). Figures are
 drawn on :class:`matplotlib.figure.Figure` objects with the Agg canvas, so no global backend is set
 and the module is safe to import in a notebook.
+
+The one drawing of each figure lives here: training writes its curves with
+:func:`training_curves_figure` and evaluation its box plot with :func:`dice_boxplot_figure`
+(file names from :data:`FIGURES`); the run folder's file names are imported from ``train_multi_organ``.
 """
 from __future__ import annotations
 
@@ -73,7 +77,6 @@ FIGURES = {
 }
 PHASE_FIGURES = ("phase2", "phase2_5", "phase3", "phase4", "statistics")
 RUN_FIGURES = ("curves", "predictions", "dice")
-HISTORY_FILES = ("history.json", "history.csv")
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,8 +523,10 @@ def _number(text: Any) -> float | None:
 def read_history(run_dir: Path | str) -> list[dict[str, Any]]:
     """Per-epoch records of a training run: ``history.json`` (a list of dicts, or a dict holding
     one under ``"epochs"``/``"history"``) or ``history.csv``. Raises ``FileNotFoundError``."""
+    from train_multi_organ import HISTORY_CSV, HISTORY_JSON
+
     run_dir = Path(run_dir)
-    json_path, csv_path = (run_dir / name for name in HISTORY_FILES)
+    json_path, csv_path = run_dir / HISTORY_JSON, run_dir / HISTORY_CSV
     if json_path.is_file():
         data = json.loads(json_path.read_text(encoding="utf-8"))
         if isinstance(data, dict):
@@ -533,7 +538,7 @@ def read_history(run_dir: Path | str) -> list[dict[str, Any]]:
         with open(csv_path, newline="", encoding="utf-8") as handle:
             return [{k: (_number(v) if _number(v) is not None else v) for k, v in row.items()}
                     for row in csv.DictReader(handle)]
-    raise FileNotFoundError(f"no {' or '.join(HISTORY_FILES)} in run folder {run_dir}; "
+    raise FileNotFoundError(f"no {HISTORY_JSON} or {HISTORY_CSV} in run folder {run_dir}; "
                             "train_multi_organ.py writes it")
 
 
@@ -566,7 +571,8 @@ def training_curves_figure(history: Sequence[dict[str, Any]], title: str = "") -
         if any(v is not None for v in values):
             ax_loss.plot(epochs, [math.nan if v is None else v for v in values], "o-", ms=3,
                          color=colour, label=key.replace("_", " "))
-    best = [i for i, r in enumerate(history) if _number(r.get("val_loss")) is not None]
+    best = [i for i, r in enumerate(history)  # NaN: an epoch without validation (train_multi_organ)
+            if _number(r.get("val_loss")) is not None and math.isfinite(_number(r.get("val_loss")))]
     if best:
         i = min(best, key=lambda j: _number(history[j]["val_loss"]))
         ax_loss.axvline(epochs[i], color="gray", linestyle=":", linewidth=1,
@@ -812,11 +818,13 @@ def _statistics(layout: DataLayout, splits_dir: Path) -> Figure:
 
 def evaluation_dir(run_dir: Path) -> Path:
     """``<run>/evaluation`` (or ``evaluation_postprocessed`` when only that exists)."""
+    from train_multi_organ import BEST_CHECKPOINT
+
     for name in ("evaluation", "evaluation_postprocessed"):
         if (run_dir / name).is_dir():
             return run_dir / name
     raise FileNotFoundError(f"no evaluation/ in run folder {run_dir}; run evaluate_multi_organ.py "
-                            f"--checkpoint {run_dir}/best_unet_multi_organ.pth")
+                            f"--checkpoint {run_dir}/{BEST_CHECKPOINT}")
 
 
 def prediction_samples(layout: DataLayout, predictions_dir: Path, patients: Sequence[str],

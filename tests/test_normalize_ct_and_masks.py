@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
 
 import normalize_ct_and_masks as n3
 import organs
@@ -193,12 +195,105 @@ def test_resize_labels_to_shape_inverts_the_resize() -> None:
     assert n3.resize_labels_to_shape(labels, (40, 50)).shape == (3, 40, 50)
 
 
-def test_resize_probabilities_to_shape() -> None:
+# --------------------------------------------------------------------------------------------
+# Back to the CT grid: probabilities_to_ct_labels (the inverse of the resize)
+# --------------------------------------------------------------------------------------------
+def _one_hot(labels: np.ndarray) -> np.ndarray:
+    """(Z, S, S) labels -> (Z, 8, S, S) float32 probabilities of a certain model."""
+    return np.moveaxis(np.eye(organs.NUM_CLASSES, dtype=np.float32)[labels], -1, 1)
+
+
+def _random_labels(shape, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, organs.NUM_CLASSES, shape).astype(np.uint8)
+
+
+def _labels_of_evaluate(probabilities: torch.Tensor, shape) -> np.ndarray:
+    """The former ``evaluate_multi_organ.probabilities_to_labels`` / ``map_to_original_grid``:
+    bilinear, always anti-aliased, ``argmax``."""
+    if tuple(probabilities.shape[-2:]) != tuple(shape):
+        probabilities = F.interpolate(probabilities.float(), size=tuple(shape), mode="bilinear",
+                                      align_corners=False, antialias=True)
+    return probabilities.argmax(dim=1).to(torch.uint8).numpy()
+
+
+def _labels_of_phase3(probabilities: np.ndarray, shape) -> np.ndarray:
+    """The former ``resize_probabilities_to_shape``: every class plane resized on its own, numpy argmax."""
+    return n3._bilinear_resize(probabilities.astype(np.float32), tuple(shape)).argmax(axis=1).astype(np.uint8)
+
+
+def _labels_of_predict(logits: torch.Tensor, shape) -> np.ndarray:
+    """The former ``predict_multi_organ.logits_to_labels``: softmax, anti-aliased only when
+    shrinking, ``max(dim=1).indices``."""
+    probabilities = torch.softmax(logits.float(), dim=1)
+    if tuple(probabilities.shape[-2:]) != tuple(shape):
+        shrinking = shape[0] < probabilities.shape[-2] or shape[1] < probabilities.shape[-1]
+        probabilities = F.interpolate(probabilities, size=tuple(shape), mode="bilinear", align_corners=False,
+                                      antialias=shrinking)
+    return probabilities.max(dim=1).indices.to(torch.uint8).numpy()
+
+
+def test_probabilities_to_ct_labels_of_one_hot_blocks() -> None:
     labels = np.kron(np.array([[0, 5], [3, 4]], dtype=np.uint8), np.ones((2, 2), np.uint8))[None]
     probs = np.eye(8, dtype=np.float32)[labels].transpose(0, 3, 1, 2)  # one-hot (1, 8, 4, 4)
-    out = n3.resize_probabilities_to_shape(probs, (8, 8))
+    out = n3.probabilities_to_ct_labels(probs, (8, 8))
     assert out.dtype == np.uint8
     np.testing.assert_array_equal(out, n3.resize_labels_to_shape(labels, (8, 8)))
+
+
+def test_probabilities_to_ct_labels_same_size_is_identity() -> None:
+    small = _random_labels((3, 16, 16))
+    np.testing.assert_array_equal(n3.probabilities_to_ct_labels(_one_hot(small), (16, 16)), small)
+
+
+def test_probabilities_to_ct_labels_inverts_a_2x_shrink() -> None:
+    """512 -> 256 -> 512, the usual case, is exact even for the worst case: a new label every pixel.
+
+    (Each pixel of a 2x2 block takes 9/16 of its bilinear weight from its own block. For larger
+    factors bilinear rounds the outer corners of the blocks, by design.)"""
+    small = _random_labels((3, 16, 16), seed=2)
+    original = np.kron(small, np.ones((1, 2, 2), np.uint8))
+    np.testing.assert_array_equal(n3.resize_mask_slices(original, 16), small)   # phase 3 down
+    np.testing.assert_array_equal(n3.probabilities_to_ct_labels(_one_hot(small), original.shape[1:], batch_size=2),
+                                  original)                                     # and back up
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (64, 64), (80, 72), (20, 24), (10, 12), (48, 100), (20, 100)],
+                         ids=["identity", "enlarge-2x", "enlarge", "shrink", "shrink-3x", "enlarge-uneven",
+                              "shrink-one-axis"])
+def test_probabilities_to_ct_labels_gives_the_labels_of_the_three_former_versions(shape) -> None:
+    """Evaluation, phase 3 and prediction each had their own map back; the one that is left gives
+    the labels of all three, on softmax outputs and on random scores, numpy or torch, in any batch."""
+    logits = torch.randn(5, organs.NUM_CLASSES, 32, 32, generator=torch.Generator().manual_seed(0)) * 3
+    probabilities = torch.softmax(logits, dim=1)
+    got = n3.probabilities_to_ct_labels(probabilities, shape)
+    assert got.dtype == np.uint8 and got.shape == (5, *shape)
+    np.testing.assert_array_equal(got, _labels_of_evaluate(probabilities, shape))
+    np.testing.assert_array_equal(got, _labels_of_phase3(probabilities.numpy(), shape))
+    np.testing.assert_array_equal(got, _labels_of_predict(logits, shape))
+    np.testing.assert_array_equal(n3.probabilities_to_ct_labels(probabilities.numpy(), shape, batch_size=2), got)
+    scores = np.random.default_rng(3).random((5, organs.NUM_CLASSES, 32, 32), dtype=np.float32)
+    np.testing.assert_array_equal(n3.probabilities_to_ct_labels(scores, shape),
+                                  _labels_of_phase3(scores, shape))
+    np.testing.assert_array_equal(n3.probabilities_to_ct_labels(torch.from_numpy(scores).double(), shape),
+                                  _labels_of_evaluate(torch.from_numpy(scores), shape))
+
+
+def test_probabilities_to_ct_labels_ties_go_to_the_first_class() -> None:
+    probs = np.zeros((1, organs.NUM_CLASSES, 2, 2), np.float32)
+    probs[:, [2, 5]] = 0.5
+    np.testing.assert_array_equal(n3.probabilities_to_ct_labels(probs, (2, 2)), np.full((1, 2, 2), 2))
+    np.testing.assert_array_equal(n3.probabilities_to_ct_labels(probs, (4, 3)), np.full((1, 4, 3), 2))
+
+
+@pytest.mark.parametrize("probs, shape, batch_size, match", [
+    (np.zeros((8, 4, 4)), (4, 4), None, r"expected \(B, C, S, S\) class probabilities, got shape \(8, 4, 4\)"),
+    (np.zeros((1, 8, 4, 4)), (4,), None, r"output_shape_yx must be two positive integers \(H, W\), got \(4,\)"),
+    (np.zeros((1, 8, 4, 4)), (0, 4), None, r"two positive integers \(H, W\), got \(0, 4\)"),
+    (np.zeros((1, 8, 4, 4)), (4, 4), 0, "batch_size must be a positive integer or None, got 0"),
+])
+def test_probabilities_to_ct_labels_bad_arguments(probs, shape, batch_size, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        n3.probabilities_to_ct_labels(probs, shape, batch_size=batch_size)
 
 
 # --------------------------------------------------------------------------------------------

@@ -217,15 +217,36 @@ def test_predict_maps_back_to_the_ct_grid_with_a_model_that_thresholds_intensity
     assert set(seconds) == {"preprocess", "predict", "map_back"}
 
 
+class FixedLogits(torch.nn.Module):
+    """Returns ``logits[z]`` for an input slice filled with the value z."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits[x[:, 0, 0, 0].long()]
+
+
 @pytest.mark.parametrize("shape", [(64, 64), (32, 32), (20, 24), (48, 100), (20, 100)])
 def test_map_back_gives_the_labels_of_the_evaluation(shape):
-    from evaluate_multi_organ import probabilities_to_labels
+    """Softmax first, then phase 3's ``probabilities_to_ct_labels`` (evaluation's way back; its
+    tests compare it with the former formulations): the labels of a direct anti-aliased
+    bilinear resize of the probabilities and argmax."""
+    from normalize_ct_and_masks import probabilities_to_ct_labels
 
     logits = torch.randn(3, organs.NUM_CLASSES, 32, 32, generator=torch.Generator().manual_seed(0)) * 3
-    expected = probabilities_to_labels(torch.softmax(logits, dim=1), shape)
-    got = pm.logits_to_labels(logits, shape)
-    assert got.dtype == torch.uint8 and got.shape == (3, *shape)
-    assert torch.equal(got, expected)
+    predictor = pm.Predictor(FixedLogits(logits), Path("fixed.pth"), torch.device("cpu"), torch.float32,
+                             batch_size=2, window=(-1000.0, 400.0), size=32)
+    seconds: dict[str, float] = {}
+    got = predictor.predict(np.arange(3, dtype=np.float32)[:, None, None].repeat(32, 1).repeat(32, 2), shape, seconds)
+    assert got.dtype == np.uint8 and got.shape == (3, *shape) and set(seconds) == {"predict", "map_back"}
+    probabilities = torch.softmax(logits, dim=1)
+    np.testing.assert_array_equal(got, probabilities_to_ct_labels(probabilities, shape))
+    if shape != (32, 32):
+        probabilities = torch.nn.functional.interpolate(probabilities, size=shape, mode="bilinear",
+                                                        align_corners=False, antialias=True)
+    np.testing.assert_array_equal(got, probabilities.argmax(dim=1).to(torch.uint8).numpy())
 
 
 # --------------------------------------------------------------------------------------------
