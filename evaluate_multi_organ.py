@@ -14,8 +14,12 @@ in 3D at the CT's own anisotropic resolution against ``masks_multi_organ``:
 * Dice; the 95th-percentile Hausdorff distance in mm (HD95: the larger of the two directed 95th
   percentiles of surface-to-surface distances, as MONAI and medpy compute it); predicted and
   true volume in ml and their difference.
-* Structures not annotated for a patient (``structures.csv`` of phase 2.5) are not scored.
-* PTV is scored as the whole PTV, labels GTV + PTV together, since a PTV contains its GTV.
+* Structures not annotated for a patient (phase 2.5's record ``<PatientID>.json``) are not scored.
+* PTV: a *derived* PTV (no PTV contour, NSCLC-Radiomics) is scored as margin(predicted GTV) against
+  margin(true GTV), both grown by the patient's phase 2.5 margin with
+  ``extract_multi_organ_masks.ptv_from_gtv``; a *contoured* PTV is scored as labels GTV + PTV
+  together, since a PTV contains its GTV. ``summary.md`` says which. The organs are scored against
+  the label map, which holds no derived PTV (no PTV holes in the lungs).
 * Empty masks: truth and prediction both empty -> Dice and HD95 are NaN (nothing to find and
   nothing found; left out of the summary). Exactly one empty -> Dice 0 and HD95 infinite; the
   summary's HD95 statistics are over the finite values and count the infinite ones (``n_inf``).
@@ -25,7 +29,8 @@ in 3D at the CT's own anisotropic resolution against ``masks_multi_organ``:
 Precision (mixed on CUDA, float32 on CPU) comes from the policy in ``precision.py``.
 Imported, not re-typed: the way back to the CT grid (``normalize_ct_and_masks.probabilities_to_ct_labels``),
 the Dice box plot (``visualize_all_phases.dice_boxplot_figure``) and the file names of phases 2.5, 3
-and training (``STRUCTURES_CSV``, ``CACHE_*``, ``BEST_CHECKPOINT``).
+and training (``CACHE_*``, ``BEST_CHECKPOINT``), the GTV -> PTV margin
+(``extract_multi_organ_masks.ptv_from_gtv``).
 """
 from __future__ import annotations
 
@@ -46,8 +51,10 @@ from scipy import ndimage
 
 import organs
 from dataset_multi_organ import load_split
-from extract_multi_organ_masks import STRUCTURES_CSV, read_structures_csv
-from normalize_ct_and_masks import CACHE_CT, CACHE_META, NORMALIZATION_JSON, probabilities_to_ct_labels
+from extract_multi_organ_masks import PTV_DERIVED, ptv_description, ptv_from_gtv, read_mask_record
+from normalize_ct_and_masks import (
+    CACHE_CT, CACHE_META, NORMALIZATION_JSON, probabilities_to_ct_labels, read_cache_meta,
+)
 from pipeline_io import (
     DEFAULT_DATA_ROOT, DEFAULT_SPLITS_DIR, DONE, FAILED, DataLayout, PatientError, PatientResult,
     check_same_geometry, exit_status, positive_int, read_nifti, run_batch,
@@ -172,24 +179,35 @@ def keep_largest_component(labels: np.ndarray, only: Sequence[int] = SINGLE_COMP
 
 def score_structures(
     predicted: np.ndarray, truth: np.ndarray, spacing_zyx: Sequence[float], annotated: Sequence[bool],
+    ptv: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Metrics of every structure 1-7 of one patient: one dict per structure.
 
     ``predicted`` and ``truth`` are (z, y, x) label maps (0-7) on the same grid; ``annotated``
     holds 8 flags indexed by label. Unannotated structures get ``annotated=False`` and no
-    metrics (None). PTV is scored on labels GTV + PTV together.
+    metrics (None). A contoured PTV is scored on labels GTV + PTV together; with ``ptv`` =
+    ``{"source": "derived", "margin_mm": m}`` (phase 2.5's record) the PTV is scored as
+    margin(predicted GTV) against margin(true GTV), whenever the GTV is annotated.
     """
     if len(annotated) != organs.NUM_CLASSES:
         raise ValueError(f"annotated needs {organs.NUM_CLASSES} flags (labels 0-7), got {len(annotated)}")
+    derived = ptv is not None and ptv.get("source") == PTV_DERIVED and bool(annotated[organs.GTV])
     rows = []
     for label, members in SCORED_LABELS.items():
+        scored = bool(annotated[label]) or (label == organs.PTV and derived)
         row: dict[str, Any] = {
             "structure": organs.structure(label).key,
             "labels": "+".join(str(m) for m in members),
-            "annotated": bool(annotated[label]),
+            "annotated": scored,
         }
-        if annotated[label]:
+        if label == organs.PTV and derived:
+            margin = float(ptv["margin_mm"])  # type: ignore[index]
+            row["labels"], row["ptv_source"] = ptv_description(margin), PTV_DERIVED
+            pred_mask = ptv_from_gtv(np.asarray(predicted) == organs.GTV, spacing_zyx, margin)
+            truth_mask = ptv_from_gtv(np.asarray(truth) == organs.GTV, spacing_zyx, margin)
+        elif scored:
             pred_mask, truth_mask = np.isin(predicted, members), np.isin(truth, members)
+        if scored:
             truth_ml, pred_ml = volume_ml(truth_mask, spacing_zyx), volume_ml(pred_mask, spacing_zyx)
             row.update(
                 dice=dice_3d(pred_mask, truth_mask),
@@ -267,10 +285,16 @@ def predict_volume(
 # One patient
 # --------------------------------------------------------------------------------------------
 def load_normalized_ct(layout: DataLayout, patient_id: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """The network input (Z, S, S) float32 and its phase-3 record (meta.json or normalization.json)."""
+    """The network input (Z, S, S) float32 and its phase-3 record (meta.json or normalization.json).
+
+    A training cache written by an earlier version is refused (:class:`PatientError` naming the
+    phases to re-run)."""
     cache = layout.training_cache / patient_id
     if (cache / CACHE_CT).is_file() and (cache / CACHE_META).is_file():
-        meta = json.loads((cache / CACHE_META).read_text(encoding="utf-8"))
+        try:
+            meta = read_cache_meta(layout.root, patient_id)
+        except ValueError as exc:
+            raise PatientError(str(exc)) from None
         return np.load(cache / CACHE_CT, mmap_mode="r"), meta
     nifti = layout.normalized_ct / f"{patient_id}.nii.gz"
     table = layout.normalized_ct / NORMALIZATION_JSON
@@ -285,17 +309,18 @@ def load_normalized_ct(layout: DataLayout, patient_id: str) -> tuple[np.ndarray,
     )
 
 
-def annotated_flags(layout: DataLayout, patient_id: str, meta: dict[str, Any]) -> list[bool]:
-    """8 flags (index = label) from phase 2.5's ``structures.csv``, else the cache's ``annotated``."""
-    table = layout.masks / STRUCTURES_CSV
-    if table.is_file():
-        flags = read_structures_csv(table).get(patient_id)
-        if flags is not None:
-            return [bool(f) for f in flags]
-    if "annotated" in meta:
-        return [bool(f) for f in meta["annotated"]]
-    raise PatientError(f"{patient_id}: not in {table} and no 'annotated' in its phase-3 record: "
-                       "cannot tell which structures were contoured; rerun phase 2.5")
+def truth_record(layout: DataLayout, patient_id: str) -> tuple[list[bool], dict[str, Any]]:
+    """(8 annotated flags indexed by label, how the PTV is made) from phase 2.5's record of the
+    truth label map; a label map of an earlier version (PTV painted in) is refused."""
+    try:
+        record = read_mask_record(layout.masks / f"{patient_id}.nii.gz")
+    except (FileNotFoundError, ValueError) as exc:
+        raise PatientError(f"{patient_id}: {exc}") from None
+    flags = record.get("annotated")
+    if not isinstance(flags, list) or len(flags) != organs.NUM_CLASSES:
+        raise PatientError(f"{patient_id}: phase 2.5's record has annotated flags {flags!r}; "
+                           "re-run extract_multi_organ_masks.py --overwrite for this patient")
+    return [bool(f) for f in flags], dict(record.get("ptv") or {})
 
 
 def _read_header(path: Path) -> sitk.ImageFileReader:
@@ -324,7 +349,7 @@ def evaluate_patient(
     ct_shape_zyx = (depth, height, width)
     truth_image = read_nifti(truth_path)
     ct_normalized, meta = load_normalized_ct(layout, patient_id)
-    annotated = annotated_flags(layout, patient_id, meta)
+    annotated, ptv = truth_record(layout, patient_id)
 
     original = tuple(meta.get("original_shape_zyx", ct_shape_zyx))
     if original != ct_shape_zyx or ct_normalized.shape[0] != depth:
@@ -357,10 +382,10 @@ def evaluate_patient(
 
     spacing_zyx = tuple(reversed(truth_image.GetSpacing()))
     rows = score_structures(sitk.GetArrayViewFromImage(predicted_image),
-                            sitk.GetArrayViewFromImage(truth_image), spacing_zyx, annotated)
+                            sitk.GetArrayViewFromImage(truth_image), spacing_zyx, annotated, ptv)
     for row in rows:
         row["patient_id"] = patient_id
-    return PatientResult(patient_id, DONE, message, {"rows": rows})
+    return PatientResult(patient_id, DONE, message, {"rows": rows, "ptv": ptv})
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,7 +451,8 @@ def format_summary_md(summary: dict[str, dict[str, Any]], context: dict[str, Any
         f"# Evaluation: {context['split']} split ({context['n_patients']} patients)", "",
         f"- checkpoint: `{context['checkpoint']}`",
         f"- post-processing (largest component per organ): {'yes' if context['postprocess'] else 'no'}",
-        "- 3D metrics on each CT's original grid; PTV = labels GTV + PTV; unannotated structures not scored;",
+        f"- PTV: {context.get('ptv_scoring', 'labels GTV + PTV')}",
+        "- 3D metrics on each CT's original grid; unannotated structures not scored;",
         "  HD95 statistics over finite values (`HD95 inf`: truth or prediction empty, Dice 0).", "",
         "| Structure | n | Dice mean ± std | Dice median | HD95 mean (mm) | HD95 median (mm) | HD95 inf "
         "| Volume diff mean (%) | not annotated |",
@@ -440,6 +466,19 @@ def format_summary_md(summary: dict[str, dict[str, Any]], context: dict[str, Any
             f"| {s['n_not_annotated']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def ptv_scoring(ptv_rows: Sequence[dict[str, Any]]) -> str:
+    """How the PTV rows were scored, for ``summary.md``: derived (margin of the GTV) and/or contoured."""
+    derived = sorted({r["labels"] for r in ptv_rows if r.get("ptv_source") == PTV_DERIVED})
+    n_derived = sum(1 for r in ptv_rows if r.get("ptv_source") == PTV_DERIVED)
+    parts = []
+    if n_derived:
+        parts.append(f"derived ({', '.join(derived)}) in {n_derived} patient(s): margin(predicted GTV) "
+                     "vs margin(true GTV)")
+    if len(ptv_rows) - n_derived:
+        parts.append(f"contoured in {len(ptv_rows) - n_derived} patient(s): labels GTV + PTV")
+    return "; ".join(parts) or "not scored (no PTV, contoured or derived)"
 
 
 def _sha256(path: Path) -> str:
@@ -509,10 +548,12 @@ def run(
     results = run_batch(patient_ids, task, workers=1, desc="evaluating")
     rows = [row for r in results if r.status == DONE for row in r.info["rows"]]
     summary = summarize(rows)
+    ptv_rows = [row for row in rows if row["structure"] == organs.structure(organs.PTV).key and row["annotated"]]
     context = {
         "checkpoint": str(checkpoint), "split": split if not patients else "given patients",
         "n_patients": sum(r.status == DONE for r in results), "postprocess": postprocess,
         "failed": [r.patient_id for r in results if r.status == FAILED],
+        "ptv_scoring": ptv_scoring(ptv_rows),
     }
     write_metrics_csv(rows, output_dir / "metrics.csv")
     write_text_atomic(output_dir / "summary.json",

@@ -59,3 +59,16 @@ def synthetic_cohort(tmp_path_factory: pytest.TempPathFactory):
     raw_dir, truth_dir = root / "raw" / "synthetic", root / "synthetic_truth"
     cohort = generate_cohort(raw_dir, truth_dir, n_patients=4, seed=7, size=64, slices=24)
     return raw_dir, truth_dir, cohort
+
+
+def write_mask_record(masks_dir: Path, patient_id: str, annotated, ptv=None) -> None:
+    """Phase 2.5's per-patient record ``<PatientID>.json`` for a label map a test wrote by hand, as
+    extract_multi_organ_masks.py writes it (``ptv`` default: derived, 10 mm)."""
+    from pipeline_io import PROCESSED_FORMAT, file_sha256
+
+    mask = Path(masks_dir) / f"{patient_id}.nii.gz"
+    record = {"format": PROCESSED_FORMAT, "patient_id": patient_id, "annotated": [bool(a) for a in annotated],
+              "ptv": ptv if ptv is not None else {"source": "derived", "margin_mm": 10.0},
+              "settings": {"ptv_margin_mm": 10.0, "derive_ptv": True}, "inputs_fingerprint": "written by a test",
+              "mask_sha256": file_sha256(mask)}
+    (Path(masks_dir) / f"{patient_id}.json").write_text(json.dumps(record))

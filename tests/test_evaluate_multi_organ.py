@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +19,13 @@ import evaluate_multi_organ as ev
 import normalize_ct_and_masks as phase3
 import organs
 import precision
+from conftest import write_mask_record
+from extract_multi_organ_masks import ptv_from_gtv
 from pipeline_io import DONE, FAILED, DataLayout, exit_status, same_geometry
 
-STRUCTURE_COLUMNS = ("patient_id", "label", "structure", "annotated", "source_rois", "synthetic",
+STRUCTURE_COLUMNS = ("patient_id", "label", "structure", "annotated", "source_rois", "derived",
                      "voxels", "volume_ml", "voxels_lost")
+CONTOURED = {"source": "contoured"}
 SIZE = 64  # phase-3 slice size of the test data
 
 
@@ -152,6 +157,42 @@ def test_score_structures_ptv_union_and_unannotated_skipped():
     assert all(heart[c] is None for c in ("dice", "hd95_mm", "truth_ml", "volume_diff_pct"))
 
 
+def test_score_structures_derived_ptv_is_the_margin_of_each_gtv():
+    """A derived PTV: margin(predicted GTV) vs margin(true GTV), on the anisotropic grid; a label 2
+    the network might predict is ignored, and the lung under the PTV is scored as a whole."""
+    truth = np.zeros((8, 16, 16), np.uint8)
+    truth[:, 2:14, 2:14] = organs.RIGHT_LUNG
+    truth[3:5, 6:9, 6:9] = organs.GTV
+    predicted = truth.copy()
+    predicted[3:5, 6:9, 6:9] = organs.RIGHT_LUNG
+    predicted[3:5, 7:10, 6:9] = organs.GTV                   # the GTV one row off
+    predicted[0, 0, 0] = organs.PTV                          # never counted for a derived PTV
+    spacing = (3.0, 1.0, 1.0)
+    annotated = [True, True, False, True, False, False, False, False]
+    rows = {r["structure"]: r for r in ev.score_structures(predicted, truth, spacing, annotated,
+                                                            {"source": "derived", "margin_mm": 4.0})}
+    ptv = rows["ptv"]
+    pred_ptv = ptv_from_gtv(predicted == organs.GTV, spacing, 4.0)
+    true_ptv = ptv_from_gtv(truth == organs.GTV, spacing, 4.0)
+    assert (ptv["annotated"], ptv["labels"]) == (True, "GTV + 4 mm")
+    assert ptv["dice"] == pytest.approx(ev.dice_3d(pred_ptv, true_ptv)) and 0.8 < ptv["dice"] < 1
+    assert ptv["truth_ml"] == pytest.approx(true_ptv.sum() * 3.0 / 1000)
+    assert rows["gtv"]["dice"] == pytest.approx(2 * 12 / 36)
+    # Without a GTV contour there is nothing to grow: PTV not scored. A contoured PTV: labels 1 + 2.
+    annotated[organs.GTV] = False
+    no_gtv = {r["structure"]: r for r in ev.score_structures(predicted, truth, spacing, annotated,
+                                                              {"source": "derived", "margin_mm": 4.0})}
+    assert no_gtv["ptv"]["annotated"] is False and no_gtv["ptv"]["dice"] is None
+    assert ev.score_structures(predicted, truth, spacing, annotated, CONTOURED)[1]["labels"] == "1+2"
+
+
+def test_ptv_scoring_line_of_the_summary():
+    rows = [{"labels": "GTV + 10 mm", "ptv_source": "derived"}] * 2 + [{"labels": "1+2"}]
+    assert ev.ptv_scoring(rows) == ("derived (GTV + 10 mm) in 2 patient(s): margin(predicted GTV) vs "
+                                    "margin(true GTV); contoured in 1 patient(s): labels GTV + PTV")
+    assert ev.ptv_scoring([]) == "not scored (no PTV, contoured or derived)"
+
+
 def test_score_structures_needs_8_flags():
     with pytest.raises(ValueError, match="annotated needs 8 flags .*got 7"):
         ev.score_structures(np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), (1, 1, 1), [True] * 7)
@@ -264,8 +305,10 @@ def _phantom(shape_zyx: tuple[int, int, int], block: int = 1) -> np.ndarray:
     return np.kron(labels, np.ones((1, block, block), np.uint8))
 
 
-def _write_patient(root: Path, patient_id: str, labels: np.ndarray, spacing_xyz, annotated) -> None:
-    """CT + label map on the same grid, as phases 2 and 2.5 write them, and a structures.csv row."""
+def _write_patient(root: Path, patient_id: str, labels: np.ndarray, spacing_xyz, annotated,
+                   ptv: dict = CONTOURED) -> None:
+    """CT + label map on the same grid, as phases 2 and 2.5 write them, phase 2.5's record and a
+    structures.csv row."""
     layout = DataLayout(root)
     rng = np.random.default_rng(len(patient_id) + labels.shape[1])
     hu = np.array([-1000, 40, 30, -850, -850, 35, 20, 30], np.int16)[labels]
@@ -286,7 +329,8 @@ def _write_patient(root: Path, patient_id: str, labels: np.ndarray, spacing_xyz,
         for label in range(1, organs.NUM_CLASSES):
             voxels = int((labels == label).sum()) if annotated[label] else 0
             writer.writerow([patient_id, label, organs.structure(label).key, "yes" if annotated[label] else "no",
-                             "", "no", voxels, voxels * np.prod(spacing_xyz) / 1000, 0])
+                             "", "", voxels, voxels * np.prod(spacing_xyz) / 1000, 0])
+    write_mask_record(layout.masks, patient_id, annotated, ptv)
 
 
 ALL = [True] * 8
@@ -303,8 +347,13 @@ def data_root(tmp_path_factory) -> Path:
     labels[labels == organs.HEART] = organs.BACKGROUND   # no heart contour: not annotated, never scored
     _write_patient(root, "P-DOUBLE", labels, (0.7, 0.7, 2.5), NO_HEART)
     _write_patient(root, "P-ODD", _phantom((10, 80, 72)), (0.8, 0.6, 3.0), ALL)
+    labels = _phantom((10, 64, 64))  # NSCLC-Radiomics-like: no PTV contour, the PTV is derived
+    labels[labels == organs.PTV] = organs.RIGHT_LUNG
+    derived = list(ALL)
+    derived[organs.PTV] = False
+    _write_patient(root, "P-DERIVED", labels, (0.9, 0.9, 3.0), derived, {"source": "derived", "margin_mm": 5.0})
     results = phase3.run(data_root=root, size=SIZE, workers=1)
-    assert [r.status for r in results] == [DONE] * 3, [r.message for r in results]
+    assert [r.status for r in results] == [DONE] * 4, [r.message for r in results]
     splits = root / "splits"
     splits.mkdir()
     (splits / "test.txt").write_text("P-SAME\nP-DOUBLE\nP-ODD\n")
@@ -318,7 +367,7 @@ def _read_metrics(path: Path) -> dict[tuple[str, str], dict[str, str]]:
 
 def test_perfect_model_scores_dice_one_on_the_original_grid(data_root, tmp_path, monkeypatch):
     layout = DataLayout(data_root)
-    model = PerfectModel([layout.training_cache / p for p in ("P-SAME", "P-DOUBLE", "P-ODD")])
+    model = PerfectModel([layout.training_cache / p for p in ("P-SAME", "P-DOUBLE", "P-ODD", "P-DERIVED")])
     checkpoint = tmp_path / "run" / "best.pth"
     checkpoint.parent.mkdir()
     checkpoint.write_bytes(b"stand-in: load_checkpoint_model is replaced below")
@@ -357,7 +406,42 @@ def test_perfect_model_scores_dice_one_on_the_original_grid(data_root, tmp_path,
     assert summary["structures"]["heart"]["n_not_annotated"] == 1
     assert summary["structures"]["lung_left"]["dice"]["n"] == 3
     assert "| Heart | 2 |" in (out / "summary.md").read_text()
+    assert "- PTV: contoured in 3 patient(s): labels GTV + PTV" in (out / "summary.md").read_text()
     assert (out / "dice_boxplot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_derived_ptv_is_scored_as_the_margin_of_the_gtv_end_to_end(data_root, tmp_path, monkeypatch):
+    layout = DataLayout(data_root)
+    model = PerfectModel([layout.training_cache / "P-DERIVED"])
+    checkpoint = tmp_path / "run" / "best.pth"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"stand-in")
+    monkeypatch.setattr(ev, "load_checkpoint_model", lambda path, device: (model, {"preprocessing": {"size": SIZE}}))
+    [result] = ev.run(checkpoint=checkpoint, data_root=data_root, patients=["P-DERIVED"], device="cpu")
+    assert result.status == DONE
+    out = tmp_path / "run" / "evaluation"
+    metrics = _read_metrics(out / "metrics.csv")
+    ptv = metrics[("P-DERIVED", "ptv")]
+    assert (ptv["annotated"], ptv["labels"], ptv["dice"], ptv["hd95_mm"]) == ("yes", "GTV + 5 mm", "1", "0")
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.masks / "P-DERIVED.nii.gz")))
+    assert float(ptv["truth_ml"]) == pytest.approx(
+        ptv_from_gtv(truth == organs.GTV, (3.0, 0.9, 0.9), 5.0).sum() * 0.9 * 0.9 * 3.0 / 1000, rel=1e-5)
+    assert metrics[("P-DERIVED", "lung_right")]["dice"] == "1"  # no PTV hole in the lung
+    assert ("- PTV: derived (GTV + 5 mm) in 1 patient(s): margin(predicted GTV) vs margin(true GTV)"
+            in (out / "summary.md").read_text())
+
+
+def test_a_label_map_of_an_earlier_version_is_refused(data_root, tmp_path):
+    root = tmp_path / "old"
+    (root / "processed").mkdir(parents=True)
+    for folder in ("ct_nifti", "masks_multi_organ", "training_cache"):
+        shutil.copytree(data_root / "processed" / folder, root / "processed" / folder)
+    (root / "processed" / "masks_multi_organ" / "P-SAME.json").unlink()
+    [result] = ev.run(checkpoint=_tiny_checkpoint(tmp_path / "best.pth"), data_root=root, patients=["P-SAME"],
+                      output_dir=tmp_path / "eval", device="cpu")
+    assert result.status == FAILED
+    assert re.search(r"P-SAME: .*P-SAME.nii.gz was written by an earlier version of extract_multi_organ_masks.py"
+                     r".*re-run extract_multi_organ_masks.py --overwrite", result.message), result.message
 
 
 def _tiny_checkpoint(path: Path, seed: int = 0) -> Path:

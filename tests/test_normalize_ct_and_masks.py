@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import normalize_ct_and_masks as n3
 import organs
+from conftest import write_mask_record
 from pipeline_io import (
     DONE,
     FAILED,
@@ -21,7 +22,6 @@ from pipeline_io import (
     SKIPPED,
     DataLayout,
     exit_status,
-    file_sha256,
     write_nifti,
 )
 
@@ -67,15 +67,6 @@ def structures_rows(patient_id: str, annotated: list[bool]) -> list[str]:
     return rows
 
 
-def write_record(masks: Path, patient_id: str, annotated: list[bool], ptv: dict = DERIVED_PTV) -> None:
-    """Phase 2.5's per-patient record, as extract_multi_organ_masks.py writes it."""
-    mask = masks / f"{patient_id}.nii.gz"
-    record = {"format": PROCESSED_FORMAT, "patient_id": patient_id, "annotated": list(annotated), "ptv": ptv,
-              "settings": {"ptv_margin_mm": 10.0, "derive_ptv": True}, "inputs_fingerprint": "hand-made",
-              "mask_sha256": file_sha256(mask)}
-    (masks / f"{patient_id}.json").write_text(json.dumps(record))
-
-
 def make_data_root(root: Path, patients: dict[str, dict]) -> Path:
     """Write ct_nifti/, masks_multi_organ/ and structures.csv for ``patients``:
     ``{pid: {"shape": (z, y, x), "annotated": [8 bools], "mask_spacing": optional, ...}}``."""
@@ -92,7 +83,7 @@ def make_data_root(root: Path, patients: dict[str, dict]) -> Path:
                     layout.masks / f"{pid}.nii.gz")
         if spec.get("in_csv", True):
             rows += structures_rows(pid, spec.get("annotated", [True] * 8))
-            write_record(layout.masks, pid, spec.get("annotated", [True] * 8))
+            write_mask_record(layout.masks, pid, spec.get("annotated", [True] * 8))
     (layout.masks / "structures.csv").write_text("\n".join(rows) + "\n")
     return root
 
@@ -404,7 +395,7 @@ def test_changed_inputs_are_redone_without_overwrite_and_said(data_root) -> None
     without --overwrite recomputes that patient and says why; the run after skips it."""
     masks, cache = DataLayout(data_root).masks, DataLayout(data_root).training_cache
     n3.run(data_root=data_root, size=32)
-    write_record(masks, "P1", [True] * 8, {"source": "derived", "margin_mm": 5.0})
+    write_mask_record(masks, "P1", [True] * 8, {"source": "derived", "margin_mm": 5.0})
     results = n3.run(data_root=data_root, size=32)
     assert [r.status for r in results] == [DONE, SKIPPED]
     assert results[0].message.startswith("redone: its CT, label map or phase 2.5 record changed")
