@@ -62,7 +62,7 @@ from pipeline_io import (
 )
 from precision import evaluation_precision
 from train_multi_organ import BEST_CHECKPOINT
-from unet_multi_organ import load_checkpoint_model, resolve_device
+from unet_multi_organ import checkpoint_ptv, fold_derived_ptv, load_checkpoint_model, resolve_device
 from visualize_all_phases import FIGURES, dice_boxplot_figure, save_figure
 
 log = logging.getLogger(__name__)
@@ -261,12 +261,15 @@ def predict_probabilities(
 def predict_volume(
     model: torch.nn.Module, ct_normalized: np.ndarray, device: torch.device | str,
     batch_size: int = DEFAULT_BATCH_SIZE, output_shape_yx: Sequence[int] | None = None,
+    ptv: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """Labels (Z, H, W) uint8 of a normalised CT (Z, S, S) float, predicted ``batch_size`` slices at a time.
 
     ``output_shape_yx`` = (H, W), the original CT's in-plane size, maps the prediction back to
     the CT grid on the device (``normalize_ct_and_masks.probabilities_to_ct_labels``); None keeps
     S x S. Runs under ``torch.inference_mode`` with ``model.eval()``, in mixed precision on CUDA.
+    ``ptv`` (the checkpoint's, ``unet_multi_organ.checkpoint_ptv``): a derived-PTV model never
+    predicts label 2 (``fold_derived_ptv``).
     """
     _check_volume(ct_normalized)
     device = torch.device(device)
@@ -276,7 +279,7 @@ def predict_volume(
     with torch.inference_mode(), evaluation_precision(device).autocast(device):
         for start in range(0, len(ct_normalized), batch_size):
             logits = model(_slices_to_tensor(ct_normalized, start, start + batch_size, device))
-            probs = torch.softmax(logits.float(), dim=1)
+            probs = fold_derived_ptv(torch.softmax(logits.float(), dim=1), ptv or {})
             labels[start:start + len(logits)] = probabilities_to_ct_labels(probs, shape)
     return labels
 
@@ -333,7 +336,7 @@ def _read_header(path: Path) -> sitk.ImageFileReader:
 def evaluate_patient(
     patient_id: str, *, model: torch.nn.Module, layout: DataLayout, predictions_dir: Path,
     device: torch.device, batch_size: int = DEFAULT_BATCH_SIZE, postprocess: bool = False,
-    overwrite: bool = False, expected_size: int | None = None,
+    overwrite: bool = False, expected_size: int | None = None, model_ptv: dict[str, Any] | None = None,
 ) -> PatientResult:
     """Predict (or reuse the saved prediction of) one patient, write it on the CT grid, score it.
 
@@ -368,7 +371,8 @@ def evaluate_patient(
         predicted_image = read_nifti(prediction_path)
         message = "reused saved prediction"
     else:
-        labels = predict_volume(model, ct_normalized, device, batch_size, output_shape_yx=(height, width))
+        labels = predict_volume(model, ct_normalized, device, batch_size, output_shape_yx=(height, width),
+                                ptv=model_ptv)
         if postprocess:
             labels = keep_largest_component(labels)
         predicted_image = sitk.GetImageFromArray(labels)
@@ -536,6 +540,7 @@ def run(
     torch_device = resolve_device(device)
     model, ckpt = load_checkpoint_model(checkpoint, torch_device)
     expected_size = (ckpt.get("preprocessing") or {}).get("size")
+    model_ptv = checkpoint_ptv(ckpt)
     log.info("evaluating %s on %d patients (%s) on %s, batch %d, postprocess=%s -> %s",
              checkpoint, len(patient_ids), split if not patients else "given ids", torch_device,
              batch_size, postprocess, output_dir)
@@ -543,7 +548,7 @@ def run(
     def task(patient_id: str) -> PatientResult:
         return evaluate_patient(patient_id, model=model, layout=layout, predictions_dir=predictions_dir,
                                 device=torch_device, batch_size=batch_size, postprocess=postprocess,
-                                overwrite=overwrite, expected_size=expected_size)
+                                overwrite=overwrite, expected_size=expected_size, model_ptv=model_ptv)
 
     results = run_batch(patient_ids, task, workers=1, desc="evaluating")
     rows = [row for r in results if r.status == DONE for row in r.info["rows"]]

@@ -2,9 +2,11 @@
 
 ``--input`` (a patient's DICOM folder at any nesting, a folder of patient folders, or a CT NIfTI
 file) -> ``--output DIR``: ``<PatientID>_labels.nii.gz`` (uint8 labels 0-7 of ``organs.py`` on the
-CT's own grid and geometry), ``<PatientID>_RTSTRUCT.dcm`` (DICOM input only: references the CT's
-study, series, frame of reference and slices), ``<PatientID>_volumes.csv`` (ml per structure) and
-``<PatientID>_overlay.png`` (a montage for a quick look).
+CT's own grid and geometry: the non-overlapping structures), ``<PatientID>_PTV.nii.gz`` (uint8 0/1:
+the PTV, which overlaps the organs), ``<PatientID>_RTSTRUCT.dcm`` (DICOM input only: references the
+CT's study, series, frame of reference and slices; the PTV is its own ROI, overlapping the lungs as
+real contours do), ``<PatientID>_volumes.csv`` (ml per structure) and ``<PatientID>_overlay.png``
+(a montage for a quick look; the PTV drawn as an outline over the organs).
 
     python predict_multi_organ.py --input DICOM_DIR --checkpoint best_unet_multi_organ.pth --output OUT
 
@@ -18,7 +20,11 @@ For each patient, exactly as in training and evaluation:
    are resized back to the CT's own in-plane size and arg-maxed (phase 3's
    ``probabilities_to_ct_labels``, as the evaluation does);
    ``--postprocess`` keeps the largest connected component of each organ, as the evaluation does;
-4. the outputs are written atomically; existing ones are kept unless ``--overwrite``.
+4. the PTV is made as the checkpoint says (``ptv`` of the run): the predicted GTV grown by the
+   run's margin (``extract_multi_organ_masks.ptv_from_gtv``; ``--ptv-margin-mm`` overrides it), or,
+   for a network that learnt a contoured PTV as label 2 (and checkpoints of earlier versions),
+   labels GTV + PTV;
+5. the outputs are written atomically; existing ones are kept unless ``--overwrite``.
 
 Precision: float32 by default. ``--precision auto`` takes the fast path — bfloat16 autocast
 with channels-last tensors — where the CPU/GPU runs bfloat16 natively. The precision policy, and
@@ -47,6 +53,7 @@ import torch
 import organs
 from convert_dicom_to_nifti import PatientDicom, choose_ct_series, find_dicom_series, read_ct_series
 from evaluate_multi_organ import keep_largest_component, resolve_device
+from extract_multi_organ_masks import PTV_DERIVED, ptv_description, ptv_from_gtv
 from normalize_ct_and_masks import (
     check_size, check_window, probabilities_to_ct_labels, resize_ct_slices, window_and_zscore,
 )
@@ -70,7 +77,7 @@ from pipeline_io import (
 )
 from precision import DEFAULT_PREDICTION_PRECISION, PREDICTION_PRECISIONS, Precision, prediction_precision
 from rtstruct_export import ROI_MEMBERS, CTReference, build_rtstruct, roi_summary, write_rtstruct
-from unet_multi_organ import label_table, load_checkpoint_model
+from unet_multi_organ import checkpoint_ptv, fold_derived_ptv, label_table, load_checkpoint_model
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +87,7 @@ TRAINING_ORIENTATION = "LPS"
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 OUTPUT_SUFFIXES = {
     "labels": "_labels.nii.gz",
+    "ptv": "_PTV.nii.gz",
     "rtstruct": "_RTSTRUCT.dcm",
     "volumes": "_volumes.csv",
     "overlay": "_overlay.png",
@@ -142,6 +150,9 @@ class Predictor:
     window: tuple[float, float]
     size: int
     postprocess: bool = False
+    #: How the PTV is made: ``{"source": "derived", "margin_mm": m}`` or ``{"source": "contoured"}``
+    #: (``unet_multi_organ.checkpoint_ptv``).
+    ptv: dict[str, Any] = field(default_factory=lambda: {"source": "contoured"})
 
     @classmethod
     def load(
@@ -152,16 +163,18 @@ class Predictor:
         precision: str = DEFAULT_PREDICTION_PRECISION,
         batch_size: int | None = None,
         postprocess: bool = False,
+        ptv_margin_mm: float | None = None,
     ) -> "Predictor":
         """Load ``checkpoint`` onto ``device`` (``auto``/``cpu``/``cuda``) in ``precision``
-        (``precision.prediction_precision``: float32, bfloat16 or auto).
+        (``precision.prediction_precision``: float32, bfloat16 or auto). ``ptv_margin_mm``
+        overrides the run's PTV margin (and derives the PTV from the GTV whatever the run did).
 
         Raises:
             FileNotFoundError: no such checkpoint file.
             CheckpointError: not one of our checkpoints, weights that do not fit its model
                 configuration, a model that does not predict the labels of ``organs.py`` from one
                 CT channel, or missing/invalid preprocessing settings.
-            ValueError: an unknown device/precision or CUDA asked for but absent.
+            ValueError: an unknown device/precision, CUDA asked for but absent, or a negative margin.
         """
         torch_device = resolve_device(device)
         policy = prediction_precision(precision, torch_device)
@@ -170,6 +183,7 @@ class Predictor:
         except ValueError as exc:
             raise CheckpointError(str(exc)) from None
         window, size = preprocessing_of(record, checkpoint)
+        ptv = checkpoint_ptv(record, ptv_margin_mm)
         config = record.get("model_config", {})
         if config.get("in_channels") != 1 or config.get("out_channels") != organs.NUM_CLASSES:
             raise CheckpointError(
@@ -186,7 +200,8 @@ class Predictor:
             model = model.to(memory_format=torch.channels_last)
         if batch_size is None:
             batch_size = auto_batch_size(torch_device, size, int(config.get("base_channels", 64)), policy.dtype)
-        return cls(model.eval(), Path(checkpoint), torch_device, policy, int(batch_size), window, size, postprocess)
+        return cls(model.eval(), Path(checkpoint), torch_device, policy, int(batch_size), window, size, postprocess,
+                   ptv)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -201,8 +216,21 @@ class Predictor:
         """One line for the log: device, precision, batch size, preprocessing."""
         layout = " + channels-last" if self.channels_last else ""
         return (f"{self.checkpoint_path.name} on {self.device} ({self.precision.name}{layout}), "
-                f"batch {self.batch_size}, window {list(self.window)} HU, {self.size}x{self.size} slices"
-                + (", largest component per organ" if self.postprocess else ""))
+                f"batch {self.batch_size}, window {list(self.window)} HU, {self.size}x{self.size} slices, "
+                f"PTV = {self.ptv_text}" + (", largest component per organ" if self.postprocess else ""))
+
+    @property
+    def ptv_text(self) -> str:
+        """``GTV + 10 mm`` (derived) or ``labels GTV + PTV`` (a network that learnt the PTV)."""
+        if self.ptv.get("source") == PTV_DERIVED:
+            return ptv_description(float(self.ptv["margin_mm"]))
+        return "labels GTV + PTV"
+
+    def ptv_mask(self, labels_zyx: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
+        """bool (Z, Y, X): the PTV of a predicted label map on its grid (``spacing_zyx`` mm)."""
+        if self.ptv.get("source") == PTV_DERIVED:
+            return ptv_from_gtv(labels_zyx == organs.GTV, spacing_zyx, float(self.ptv["margin_mm"]))
+        return np.isin(labels_zyx, ROI_MEMBERS[organs.PTV]) & (labels_zyx == organs.PTV).any()
 
     def preprocess(self, hu_zyx: np.ndarray) -> np.ndarray:
         """HU (Z, Y, X) -> network input (Z, S, S) float32: window, per-patient z-score, resize (phase 3)."""
@@ -233,7 +261,7 @@ class Predictor:
                     with self.precision.autocast(self.device):
                         logits = self.model(batch)
                 with _timer(seconds, "map_back", self.device):
-                    probabilities = torch.softmax(logits.float(), dim=1)
+                    probabilities = fold_derived_ptv(torch.softmax(logits.float(), dim=1), self.ptv)
                     labels[start:start + len(batch)] = probabilities_to_ct_labels(probabilities, shape)
         return labels
 
@@ -376,21 +404,26 @@ def output_paths(output_dir: Path, patient_id: str, dicom: bool) -> dict[str, Pa
             if dicom or kind != "rtstruct"}
 
 
-def structure_volumes(labels_zyx: np.ndarray, spacing_zyx: Sequence[float]) -> list[dict[str, Any]]:
-    """One row per structure 1-7 as written to the RTSTRUCT (PTV = labels GTV + PTV): voxels, ml.
+def structure_volumes(labels_zyx: np.ndarray, spacing_zyx: Sequence[float], ptv_zyx: np.ndarray | None = None,
+                      ptv_text: str = "") -> list[dict[str, Any]]:
+    """One row per structure 1-7 as written to the RTSTRUCT: voxels, ml.
 
-    A structure without a voxel of its own label has 0 voxels (a GTV alone makes no PTV).
+    The PTV row counts ``ptv_zyx`` (bool, the overlapping PTV mask; ``labels`` column ``ptv_text``,
+    e.g. ``GTV + 10 mm``); without it, labels GTV + PTV, and a GTV alone makes no PTV.
     """
     counts = np.bincount(np.asarray(labels_zyx).ravel(), minlength=organs.NUM_CLASSES)
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
     rows = []
     for label in organs.FOREGROUND_LABELS:
         members = ROI_MEMBERS[label]
-        voxels = int(sum(counts[m] for m in members)) if counts[label] else 0  # no PTV without PTV voxels
+        described = "+".join(map(str, members))
+        if label == organs.PTV and ptv_zyx is not None:
+            voxels, described = int(np.count_nonzero(ptv_zyx)), ptv_text or described
+        else:
+            voxels = int(sum(counts[m] for m in members)) if counts[label] else 0  # no PTV without PTV voxels
         struct = organs.structure(label)
         rows.append({"label": label, "structure": struct.key, "rtstruct_name": struct.rtstruct_name,
-                     "labels": "+".join(map(str, members)), "voxels": voxels,
-                     "volume_ml": round(voxels * voxel_ml, 3)})
+                     "labels": described, "voxels": voxels, "volume_ml": round(voxels * voxel_ml, 3)})
     return rows
 
 
@@ -411,13 +444,15 @@ def montage_slices(labels_zyx: np.ndarray, count: int = _MONTAGE_TILES) -> list[
 
 
 def write_overlay_png(hu_zyx: np.ndarray, labels_zyx: np.ndarray, path: Path, title: str,
-                      window: Sequence[float] = (-1000, 400)) -> None:
-    """A montage of axial slices: CT in grey (``window`` HU), structures filled in their ``organs.py`` colours."""
+                      window: Sequence[float] = (-1000, 400), ptv_zyx: np.ndarray | None = None) -> None:
+    """A montage of axial slices: CT in grey (``window`` HU), structures filled in their ``organs.py``
+    colours; ``ptv_zyx`` (bool, overlapping the organs) drawn as a 1-pixel outline in the PTV colour."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
+    from scipy import ndimage
 
-    indices = montage_slices(labels_zyx)
+    indices = montage_slices(labels_zyx if ptv_zyx is None else np.where(ptv_zyx, organs.PTV, labels_zyx))
     cols = min(4, len(indices))
     rows = int(np.ceil(len(indices) / cols))
     fig = Figure(figsize=(3 * cols, 3 * rows + 0.6), dpi=100)
@@ -429,11 +464,14 @@ def write_overlay_png(hu_zyx: np.ndarray, labels_zyx: np.ndarray, path: Path, ti
         rgb = np.repeat(grey, 3, axis=2)
         inside = labels_zyx[k] > 0
         rgb[inside] = 0.55 * rgb[inside] + 0.45 * colours[labels_zyx[k][inside]]
+        if ptv_zyx is not None and ptv_zyx[k].any():
+            rgb[ptv_zyx[k] & ~ndimage.binary_erosion(ptv_zyx[k])] = colours[organs.PTV]
         ax = fig.add_subplot(rows, cols, n + 1)
         ax.imshow(rgb, interpolation="nearest")
         ax.set_title(f"slice {k}", fontsize=8)
         ax.axis("off")
-    present = sorted(set(np.unique(labels_zyx).tolist()) - {0})
+    present = sorted(set(np.unique(labels_zyx).tolist()) - {0}
+                     | ({organs.PTV} if ptv_zyx is not None and ptv_zyx.any() else set()))
     handles = [Patch(color=organs.structure(lb).color_float, label=organs.structure(lb).name) for lb in present]
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=8, frameon=False)
@@ -457,30 +495,34 @@ def write_outputs(ct: LoadedCT, hu_zyx: np.ndarray, labels_zyx: np.ndarray, outp
                   predictor: Predictor, seconds: dict[str, float] | None = None) -> dict[str, Any]:
     """Write one patient's outputs for a label map (Z, Y, X) on ``ct``'s grid.
 
-    Builds the RTSTRUCT when ``ct`` came from DICOM (timed as ``rtstruct``), then writes the label
-    map, RTSTRUCT, volumes CSV and overlay (timed as ``write``). Returns ``{"volumes": rows,
+    Makes the PTV (:meth:`Predictor.ptv_mask`), builds the RTSTRUCT when ``ct`` came from DICOM
+    (timed as ``rtstruct``; the PTV an overlapping ROI), then writes the label map, the PTV mask,
+    RTSTRUCT, volumes CSV and overlay (timed as ``write``). Returns ``{"volumes": rows,
     "rois": {ROI name: contours}}``.
     """
     seconds = seconds if seconds is not None else {}
     rtstruct = None
-    if ct.reference is not None:
-        with _timer(seconds, "rtstruct"):
-            rtstruct = build_rtstruct(labels_zyx, ct.reference,
+    spacing_zyx = ct.image.GetSpacing()[::-1]
+    with _timer(seconds, "rtstruct"):
+        ptv = predictor.ptv_mask(labels_zyx, spacing_zyx)
+        if ct.reference is not None:
+            rtstruct = build_rtstruct(labels_zyx, ct.reference, overlapping={organs.PTV: ptv},
                                       algorithm_name=f"U-Net {predictor.checkpoint_path.name}")
     with _timer(seconds, "write"):
-        image = labels_image(labels_zyx, ct.image)
-        check_same_geometry(image, ct.image, f"{ct.patient_id}: label map vs CT")
-        if ct.source is not None:  # back onto the input NIfTI's own voxel order
-            original = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(ct.source.GetDirection())
-            image = sitk.DICOMOrient(image, original)
-            check_same_geometry(image, ct.source, f"{ct.patient_id}: label map vs input NIfTI")
-        write_nifti(image, outputs["labels"])
+        for key, array in (("labels", labels_zyx), ("ptv", ptv.astype(np.uint8))):
+            image = labels_image(array, ct.image)
+            check_same_geometry(image, ct.image, f"{ct.patient_id}: {key} vs CT")
+            if ct.source is not None:  # back onto the input NIfTI's own voxel order
+                original = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(ct.source.GetDirection())
+                image = sitk.DICOMOrient(image, original)
+                check_same_geometry(image, ct.source, f"{ct.patient_id}: {key} vs input NIfTI")
+            write_nifti(image, outputs[key])
         if rtstruct is not None:
             write_rtstruct(rtstruct, outputs["rtstruct"])
-        volumes = structure_volumes(labels_zyx, ct.image.GetSpacing()[::-1])
+        volumes = structure_volumes(labels_zyx, spacing_zyx, ptv, predictor.ptv_text)
         write_text_atomic(outputs["volumes"], volumes_csv_text(ct.patient_id, volumes))
         write_overlay_png(hu_zyx, labels_zyx, outputs["overlay"],
-                          f"{ct.patient_id}: {predictor.checkpoint_path.name}", predictor.window)
+                          f"{ct.patient_id}: {predictor.checkpoint_path.name}", predictor.window, ptv)
     return {"volumes": volumes, "rois": roi_summary(rtstruct) if rtstruct is not None else {}}
 
 
@@ -522,8 +564,10 @@ def run(
     batch_size: int | None = None,
     postprocess: bool = False,
     overwrite: bool = False,
+    ptv_margin_mm: float | None = None,
 ) -> list[PatientResult]:
     """Segment every patient under ``input_path`` with ``checkpoint``; write into ``output_dir``.
+    ``ptv_margin_mm`` overrides the run's PTV margin (see :meth:`Predictor.load`).
 
     Patients are processed one after another (one tqdm bar); a patient whose CT is rejected is
     reported as failed and the others go on.
@@ -536,7 +580,7 @@ def run(
     """
     cases = find_cases(input_path)
     predictor = Predictor.load(checkpoint, device=device, precision=precision, batch_size=batch_size,
-                               postprocess=postprocess)
+                               postprocess=postprocess, ptv_margin_mm=ptv_margin_mm)
     output_dir = Path(output_dir)
     check_writable(output_dir)
     log.info("%s: %d patient(s) from %s with %s", PHASE, len(cases), input_path, predictor.describe())
@@ -560,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "2.6x faster on CPU, labels not always identical (default: %(default)s)")
     parser.add_argument("--postprocess", action="store_true",
                         help="keep the largest connected component of each organ (as the evaluation's --postprocess)")
+    parser.add_argument("--ptv-margin-mm", type=float, default=None, metavar="MM",
+                        help="grow the predicted GTV by MM mm into the PTV (default: the training run's "
+                             "margin, stored in the checkpoint)")
     parser.add_argument("--overwrite", action="store_true", help="redo patients whose outputs exist")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
@@ -572,7 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         results = run(input_path=args.input, checkpoint=args.checkpoint, output_dir=args.output,
                       device=args.device, precision=args.precision, batch_size=args.batch_size,
-                      postprocess=args.postprocess, overwrite=args.overwrite)
+                      postprocess=args.postprocess, overwrite=args.overwrite, ptv_margin_mm=args.ptv_margin_mm)
     except (FileNotFoundError, PermissionError, ValueError) as exc:
         parser.error(str(exc))
     for result in results:

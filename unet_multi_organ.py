@@ -235,6 +235,19 @@ def checkpoint_ptv(checkpoint: Mapping[str, Any], margin_mm: float | None = None
     return ptv
 
 
+def fold_derived_ptv(probabilities: torch.Tensor, ptv: Mapping[str, Any]) -> torch.Tensor:
+    """(B, C, H, W) softmax probabilities -> the same with label 2 folded into background when the
+    model's PTV is derived (``checkpoint_ptv``): such a network never learnt label 2 (the loss
+    merged it with background for every training patient), so p(background or PTV) is the
+    probability of background and label 2 is never predicted. Other models: unchanged."""
+    if ptv.get("source") != "derived":
+        return probabilities
+    folded = probabilities.clone()
+    folded[:, organs.BACKGROUND] += folded[:, organs.PTV]
+    folded[:, organs.PTV] = 0
+    return folded
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The plain module under ``DistributedDataParallel`` and/or ``torch.compile`` wrappers."""
     while True:

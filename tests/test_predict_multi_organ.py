@@ -15,9 +15,9 @@ from scipy import ndimage
 import organs
 import precision
 import predict_multi_organ as pm
-from extract_multi_organ_masks import Grid, build_structures, combine_labels, read_rois
+from extract_multi_organ_masks import Grid, build_structures, combine_labels, ptv_from_gtv, read_rois
 from pipeline_io import DONE, FAILED, SKIPPED, PatientError, same_geometry
-from unet_multi_organ import UNetMultiOrgan, build_checkpoint
+from unet_multi_organ import UNetMultiOrgan, build_checkpoint, checkpoint_ptv, fold_derived_ptv
 
 TINY_SIZE = 32  # network input: 32 x 32 slices (the synthetic CTs are 64 x 64)
 PREPROCESSING = {"window": [-1000, 400], "size": TINY_SIZE, "zscore": "per_patient"}
@@ -107,7 +107,7 @@ def test_rtstruct_references_the_ct_and_holds_the_label_map(cohort_prediction):
     assert sorted(i.ReferencedSOPInstanceUID for i in series.ContourImageSequence) == sorted(ct_uids)
     # phase 2.5 reads the RTSTRUCT back into exactly the label map written beside it
     grid = Grid.of(image)
-    structures, unmatched = build_structures(read_rois(ds), grid, synthetic_ptv=False)
+    structures, unmatched = build_structures(read_rois(ds), grid, derive_ptv=False)
     back, _, _ = combine_labels(structures, grid.shape_zyx)
     assert unmatched == [] and np.array_equal(back, labels)
     present = [organs.structure(v).rtstruct_name for v in np.unique(labels) if v]
@@ -150,9 +150,9 @@ def test_nifti_input_gives_the_same_labels_and_no_rtstruct(cohort_prediction, ti
     nifti = tmp_path / f"{record['patient_id']}.nii.gz"
     sitk.WriteImage(ct.image, str(nifti))
     (result,) = pm.run(input_path=nifti, checkpoint=tiny_checkpoint, output_dir=tmp_path / "out")
-    assert result.status == DONE and set(result.info["outputs"]) == {"labels", "volumes", "overlay"}
+    assert result.status == DONE and set(result.info["outputs"]) == {"labels", "ptv", "volumes", "overlay"}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        f"{record['patient_id']}{s}" for s in ("_labels.nii.gz", "_overlay.png", "_volumes.csv")]
+        f"{record['patient_id']}{s}" for s in ("_PTV.nii.gz", "_labels.nii.gz", "_overlay.png", "_volumes.csv")]
     from_nifti, image = _labels(tmp_path / "out" / f"{record['patient_id']}_labels.nii.gz")
     from_dicom, _ = _labels(out / f"{record['patient_id']}_labels.nii.gz")
     assert same_geometry(image, ct.image) and np.array_equal(from_nifti, from_dicom)
@@ -236,7 +236,7 @@ def test_map_back_gives_the_labels_of_the_evaluation(shape):
     from normalize_ct_and_masks import probabilities_to_ct_labels
 
     logits = torch.randn(3, organs.NUM_CLASSES, 32, 32, generator=torch.Generator().manual_seed(0)) * 3
-    predictor = pm.Predictor(FixedLogits(logits), Path("fixed.pth"), torch.device("cpu"), torch.float32,
+    predictor = pm.Predictor(FixedLogits(logits), Path("fixed.pth"), torch.device("cpu"), precision.FLOAT32,
                              batch_size=2, window=(-1000.0, 400.0), size=32)
     seconds: dict[str, float] = {}
     got = predictor.predict(np.arange(3, dtype=np.float32)[:, None, None].repeat(32, 1).repeat(32, 2), shape, seconds)
@@ -434,3 +434,146 @@ def test_ras_nifti_is_segmented_in_the_training_orientation(cohort_prediction, t
     from_dicom, _ = _labels(out / f"{record['patient_id']}_labels.nii.gz")
     assert np.array_equal(from_nifti, from_dicom[:, ::-1, ::-1])  # RAS flips rows and columns
     assert from_dicom.any() and not np.array_equal(from_nifti, from_dicom)
+
+
+# --------------------------------------------------------------------------------------------
+# The PTV: grown from the predicted GTV by the run's margin, its own overlapping ROI
+# --------------------------------------------------------------------------------------------
+DERIVED_10MM = {"source": "derived", "margin_mm": 10.0}
+
+
+def test_fold_derived_ptv_hand_values():
+    probabilities = torch.tensor([0.1, 0.05, 0.5, 0.2, 0.05, 0.04, 0.03, 0.03]).reshape(1, 8, 1, 1)
+    folded = fold_derived_ptv(probabilities, DERIVED_10MM)
+    assert folded[0, :, 0, 0].tolist() == pytest.approx([0.6, 0.05, 0.0, 0.2, 0.05, 0.04, 0.03, 0.03])
+    assert fold_derived_ptv(probabilities, {"source": "contoured"}) is probabilities
+    assert probabilities[0, 2, 0, 0] == pytest.approx(0.5)  # the input is not modified
+
+
+@pytest.mark.parametrize("record, margin, expected", [
+    ({}, None, {"source": "contoured"}),                      # checkpoints of earlier versions
+    ({"ptv": DERIVED_10MM}, None, DERIVED_10MM),
+    ({"ptv": DERIVED_10MM}, 5, {"source": "derived", "margin_mm": 5.0}),
+    ({"ptv": {"source": "contoured"}}, 0, {"source": "derived", "margin_mm": 0.0}),
+])
+def test_checkpoint_ptv(record, margin, expected):
+    assert checkpoint_ptv(record, margin) == expected
+
+
+def test_checkpoint_ptv_refuses_a_negative_margin():
+    with pytest.raises(ValueError, match="PTV margin must be a finite number >= 0 mm, got -1"):
+        checkpoint_ptv({}, -1)
+
+
+def lookup_predictor(case: "pm.Case", truth: np.ndarray, size: int, ptv: dict) -> "pm.Predictor":
+    """A Predictor whose network answers ``truth`` (resized to the network grid as phase 3 does)."""
+    from normalize_ct_and_masks import resize_labels_to_shape
+
+    predictor = pm.Predictor(torch.nn.Identity(), Path("lookup.pth"), torch.device("cpu"), precision.FLOAT32,
+                             batch_size=8, window=(-1000.0, 400.0), size=size, ptv=dict(ptv))
+    inputs = predictor.preprocess(sitk.GetArrayFromImage(pm.read_case(case).image))
+    predictor.model = _LookupModel(inputs, resize_labels_to_shape(truth, (size, size)))
+    return predictor
+
+
+@pytest.fixture(scope="module")
+def derived_prediction(synthetic_cohort, tmp_path_factory):
+    """One synthetic patient segmented by a derived-PTV (10 mm) model answering its true labels."""
+    raw_dir, truth_dir, cohort = synthetic_cohort
+    out = tmp_path_factory.mktemp("derived")
+    record = cohort[0]
+    (case,) = pm.find_cases(raw_dir / record["patient_id"])
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_dir / record["truth_file"])))
+    result = pm.predict_case(case, lookup_predictor(case, truth, TINY_SIZE, DERIVED_10MM), out)
+    return result, out, raw_dir, record
+
+
+def test_derived_ptv_is_the_grown_gtv_written_beside_the_label_map(derived_prediction):
+    result, out, _, record = derived_prediction
+    pid = record["patient_id"]
+    assert result.status == DONE
+    labels, image = _labels(out / f"{pid}_labels.nii.gz")
+    ptv, ptv_image = _labels(out / f"{pid}_PTV.nii.gz")
+    assert same_geometry(ptv_image, image) and ptv_image.GetPixelID() == sitk.sitkUInt8
+    assert (labels == organs.GTV).sum() > 50 and organs.PTV not in np.unique(labels)  # label 2 folded away
+    expected = ptv_from_gtv(labels == organs.GTV, image.GetSpacing()[::-1], 10.0)
+    assert np.array_equal(ptv.astype(bool), expected) and set(np.unique(ptv)) == {0, 1}
+    with open(out / f"{pid}_volumes.csv", newline="") as handle:
+        row = next(r for r in csv.DictReader(handle) if r["structure"] == "ptv")
+    assert (row["labels"], int(row["voxels"])) == ("GTV + 10 mm", int(expected.sum()))
+
+
+def test_derived_ptv_is_its_own_rtstruct_roi_overlapping_the_lungs(derived_prediction):
+    """Phase 2.5's reader gives the PTV ROI back voxel for voxel; the lung ROIs are the label map's
+    lungs, whole, so the PTV overlaps them (real contours overlap)."""
+    from extract_multi_organ_masks import masks_from_rtstruct
+
+    _, out, _, record = derived_prediction
+    pid = record["patient_id"]
+    labels, image = _labels(out / f"{pid}_labels.nii.gz")
+    ptv, _ = _labels(out / f"{pid}_PTV.nii.gz")
+    back = masks_from_rtstruct(out / f"{pid}_RTSTRUCT.dcm", image)
+    assert np.array_equal(back["PTV"], ptv.astype(bool))
+    lungs = back["Lung_R"] | back["Lung_L"]
+    assert np.array_equal(lungs, np.isin(labels, (organs.RIGHT_LUNG, organs.LEFT_LUNG)))
+    assert (back["PTV"] & lungs).any() and not (back["GTV"] & ~back["PTV"]).any()
+
+
+def test_ptv_margin_on_the_command_line_overrides_the_run(synthetic_cohort, tmp_path, capsys):
+    checkpoint = save_checkpoint(tmp_path / "derived.pth", ptv=DERIVED_10MM)
+    assert pm.Predictor.load(checkpoint, device="cpu").ptv == DERIVED_10MM
+    assert pm.Predictor.load(checkpoint, device="cpu", ptv_margin_mm=4).ptv == {"source": "derived", "margin_mm": 4.0}
+    assert "PTV = GTV + 4 mm" in pm.Predictor.load(checkpoint, device="cpu", ptv_margin_mm=4).describe()
+    with pytest.raises(SystemExit):
+        pm.main(["--input", str(synthetic_cohort[0]), "--checkpoint", str(checkpoint), "--output", str(tmp_path),
+                 "--ptv-margin-mm", "-1"])
+    assert "PTV margin must be a finite number >= 0 mm, got -1.0" in capsys.readouterr().err
+
+
+class _LookupModel(torch.nn.Module):
+    """Confident logits of a known label map for each (exactly known) network input slice."""
+
+    def __init__(self, inputs: np.ndarray, labels: np.ndarray):
+        super().__init__()
+        self.inputs, self.labels = inputs, labels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        images = x[:, 0].numpy()
+        index = np.abs(images[:, None] - self.inputs[None]).sum(axis=(2, 3)).argmin(axis=1)
+        one_hot = np.moveaxis(np.eye(organs.NUM_CLASSES, dtype=np.float32)[self.labels[index]], -1, 1)
+        return 20.0 * torch.from_numpy(one_hot)
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_real_patient_rtstruct_ptv_overlaps_the_lung_and_contains_the_gtv(real_sample_root, reference_json,
+                                                                          reference_masks_dir, tmp_path):
+    """LUNG1-005 segmented by a model that answers plastimatch's reference labels (resized to the
+    network grid as phase 3 does): the RTSTRUCT, read back by rt-utils (an independent reader),
+    holds a PTV ROI that overlaps the right lung's ROI and contains the GTV's."""
+    import rtstruct_export as rx
+
+    pid = "LUNG1-005"
+    ct_folder = real_sample_root / reference_json[pid]["ct_series_folder"]
+    shape = tuple(reference_json[pid]["shape_zyx"])
+    truth = np.zeros(shape, np.uint8)
+    for label in reversed(organs.PRIORITY):
+        for path in sorted((reference_masks_dir / pid).glob("*.nii.gz")):
+            if organs.match_roi_name(path.name[: -len(".nii.gz")]) == label:
+                truth[sitk.GetArrayFromImage(sitk.ReadImage(str(path))) > 0] = label
+    (case,) = pm.find_cases(real_sample_root / pid)
+    result = pm.predict_case(case, lookup_predictor(case, truth, 256, DERIVED_10MM), tmp_path)
+    assert result.status == DONE, result.message
+    labels, _ = _labels(tmp_path / f"{pid}_labels.nii.gz")
+    assert organs.PTV not in np.unique(labels) and (labels == organs.GTV).sum() > 1000
+
+    from rt_utils import RTStructBuilder
+
+    rt = RTStructBuilder.create_from(dicom_series_path=str(ct_folder),
+                                     rt_struct_path=str(tmp_path / f"{pid}_RTSTRUCT.dcm"))
+    assert {"GTV", "PTV", "Lung_R", "Lung_L"} <= set(rt.get_roi_names())
+    mask = {name: rt.get_roi_mask_by_name(name) for name in ("GTV", "PTV", "Lung_R")}
+    assert (mask["PTV"] & mask["Lung_R"]).sum() > 1000  # the PTV lies in the right lung, as contours do
+    assert not (mask["GTV"] & ~mask["PTV"]).any()
+    assert mask["PTV"].sum() > 2 * mask["GTV"].sum()
+    assert rx.ROI_MEMBERS[organs.PTV] == (organs.GTV, organs.PTV)
