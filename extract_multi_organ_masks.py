@@ -20,6 +20,8 @@ How a mask is made:
   patient's midline (spinal cord centre per slice, else the lungs' centroid); without a PTV ROI the
   PTV is synthesised as the fused GTV grown by ``--ptv-margin-mm`` in 3D (millimetres, anisotropic
   grid) and marked synthetic. Overlaps are resolved with ``organs.PRIORITY``.
+
+Shared from here: :func:`referenced_uids` (the one RTSTRUCT reference reader, also phase 2's).
 """
 from __future__ import annotations
 
@@ -228,19 +230,30 @@ def read_rois(rtstruct: Any) -> list[Roi]:
 
 
 def referenced_uids(rtstruct: Any) -> tuple[set[str], set[str]]:
-    """(series UIDs, frame-of-reference UIDs) an RTSTRUCT says its contours were drawn on."""
+    """(series UIDs, frame-of-reference UIDs) an RTSTRUCT says its contours were drawn on.
+
+    The one reader of an RTSTRUCT's references: phase 2 (``convert_dicom_to_nifti``) uses it to choose
+    the CT series, phase 2.5 to pair the RTSTRUCT with the converted CT. Series come from
+    ReferencedFrameOfReferenceSequence > RTReferencedStudySequence > RTReferencedSeriesSequence; frames
+    from ReferencedFrameOfReferenceSequence[].FrameOfReferenceUID and, because that sequence is optional
+    (type 3) and some exporters leave it out, StructureSetROISequence[].ReferencedFrameOfReferenceUID
+    (type 1; the standard requires it to be one of the former when both are present). ``rtstruct`` is a
+    pydicom Dataset, possibly read with ``specific_tags`` holding just these two sequences. Values are
+    ``str`` with surrounding spaces stripped (pydicom already strips the trailing NUL/space padding of
+    UI values), so they compare equal to the UIDs phase 2 writes to ``conversion_report.csv``.
+    """
     series: set[str] = set()
     frames: set[str] = set()
     for frame in rtstruct.get("ReferencedFrameOfReferenceSequence", []):
         if frame.get("FrameOfReferenceUID"):
-            frames.add(str(frame.FrameOfReferenceUID))
+            frames.add(str(frame.FrameOfReferenceUID).strip())
         for study in frame.get("RTReferencedStudySequence", []):
             for ser in study.get("RTReferencedSeriesSequence", []):
                 if ser.get("SeriesInstanceUID"):
-                    series.add(str(ser.SeriesInstanceUID))
+                    series.add(str(ser.SeriesInstanceUID).strip())
     for item in rtstruct.get("StructureSetROISequence", []):
         if item.get("ReferencedFrameOfReferenceUID"):
-            frames.add(str(item.ReferencedFrameOfReferenceUID))
+            frames.add(str(item.ReferencedFrameOfReferenceUID).strip())
     return series, frames
 
 

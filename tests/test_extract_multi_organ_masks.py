@@ -93,6 +93,40 @@ def test_fill_agrees_with_point_in_polygon_on_random_polygons() -> None:
         np.testing.assert_array_equal(mask, expected)
 
 
+def _rtstruct_references(series=(), frames=(), roi_frames=()) -> pydicom.Dataset:
+    """An RTSTRUCT header holding only the reference sequences. ``frames=None`` leaves
+    ReferencedFrameOfReferenceSequence out; a ``None`` in ``roi_frames`` leaves that ROI's UID out."""
+    ds = pydicom.Dataset()
+    if frames is not None:
+        study = pydicom.Dataset()
+        study.RTReferencedSeriesSequence = [pydicom.Dataset() for _ in series]
+        for item, uid in zip(study.RTReferencedSeriesSequence, series):
+            item.SeriesInstanceUID = uid
+        ds.ReferencedFrameOfReferenceSequence = [pydicom.Dataset() for _ in frames or [None]]
+        for item, uid in zip(ds.ReferencedFrameOfReferenceSequence, frames or [None]):
+            if uid is not None:
+                item.FrameOfReferenceUID = uid
+        ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence = [study]
+    ds.StructureSetROISequence = [pydicom.Dataset() for _ in roi_frames]
+    for item, uid in zip(ds.StructureSetROISequence, roi_frames):
+        if uid is not None:
+            item.ReferencedFrameOfReferenceUID = uid
+    return ds
+
+
+@pytest.mark.parametrize("kwargs, series, frames", [
+    ({"series": ["1.1"], "frames": ["9.1"], "roi_frames": ["9.1", "9.1"]}, {"1.1"}, {"9.1"}),
+    # the ROI level may name a frame the (optional) top-level sequence leaves out
+    ({"series": ["1.1"], "frames": None, "roi_frames": ["9.1"]}, set(), {"9.1"}),
+    ({"series": ["1.1", "1.2"], "frames": ["9.1"], "roi_frames": ["9.2", None]}, {"1.1", "1.2"}, {"9.1", "9.2"}),
+    ({"series": [], "frames": [], "roi_frames": []}, set(), set()),
+    pytest.param({"series": ["1.1 "], "frames": ["9.1 "], "roi_frames": ["9.1 "]}, {"1.1"}, {"9.1"},
+                 marks=pytest.mark.filterwarnings("ignore:Invalid value for VR UI"), id="padding-stripped"),
+])
+def test_referenced_uids_reads_series_and_both_frame_of_reference_places(kwargs, series, frames) -> None:
+    assert em.referenced_uids(_rtstruct_references(**kwargs)) == (series, frames)
+
+
 def test_contours_go_to_the_slice_within_half_a_thickness_and_bad_ones_are_reported(caplog) -> None:
     image = make_image()  # slices at z = -30, -27.5, -25, -22.5 (spacing 2.5 mm)
     square = rectangle(image, 2.5, 6.5, 2.5, 6.5, 0)
