@@ -21,7 +21,8 @@ How a mask is made:
   PTV is synthesised as the fused GTV grown by ``--ptv-margin-mm`` in 3D (millimetres, anisotropic
   grid) and marked synthetic. Overlaps are resolved with ``organs.PRIORITY``.
 
-Shared from here: :func:`referenced_uids` (the one RTSTRUCT reference reader, also phase 2's).
+Shared from here: :func:`referenced_uids` (the one RTSTRUCT reference reader, also phase 2's) and the
+one even-odd rasteriser (:func:`fill_polygons_2d` per slice, also the synthetic cohort's truth maps).
 """
 from __future__ import annotations
 
@@ -333,6 +334,32 @@ def _even_odd_fill(polygons: Sequence[tuple[int, np.ndarray]], shape_zyx: Sequen
     # inside[c] = XOR of toggles at columns > c: a reversed cumulative XOR along x.
     inside = np.bitwise_xor.accumulate(toggles[..., ::-1], axis=2)[..., ::-1][..., 1:]
     return BoxMask((k_lo, row_lo, col_lo), inside.astype(bool))
+
+
+def fill_polygons_2d(polygons_xy: Sequence[np.ndarray], shape_yx: Sequence[int]) -> np.ndarray:
+    """Even-odd fill of the closed polygons of one slice: bool (rows, cols), voxel centre inside.
+
+    ``polygons_xy`` are (N, 2) float arrays of (x = column, y = row) in voxel-index units (voxel
+    centres at integers), not closed (the last point joins the first). This is :func:`_even_odd_fill`,
+    the rasteriser of every RTSTRUCT ROI of this phase, on a one-slice grid, for callers that work
+    slice by slice (``make_synthetic_cohort`` paints its HU images and true label maps with it). A
+    polygon inside another is a hole; parts outside the grid are clipped; a centre exactly on an edge
+    follows the half-open rule (inside on a left or top edge, outside on a right or bottom one).
+    Raises ``ValueError`` for a ``shape_yx`` that is not two non-negative integers or a polygon that is
+    not (N, 2).
+    """
+    shape = tuple(shape_yx)
+    if len(shape) != 2 or any(int(n) != n or n < 0 for n in shape):
+        raise ValueError(f"shape_yx must be (rows, cols), two non-negative integers; got {shape_yx!r}")
+    polygons = []
+    for polygon in polygons_xy:
+        xy = np.asarray(polygon, dtype=np.float64)
+        if xy.ndim != 2 or xy.shape[1] != 2:
+            raise ValueError(f"each polygon must be an (N, 2) array of (x, y); got shape {xy.shape}")
+        if len(xy):
+            polygons.append((0, xy))
+    shape_zyx = (1, int(shape[0]), int(shape[1]))
+    return _even_odd_fill(polygons, shape_zyx).to_full(shape_zyx)[0]
 
 
 @dataclass
