@@ -21,7 +21,8 @@ cohort has variant ``i % 6`` of :data:`VARIANT_CYCLE` for ``i < 6`` (so any coho
 every variant) and random variants after that. Everything is a function of the seed: the same
 arguments give byte-identical files.
 
-Shared, not defined here: the polygon fill is phase 2.5's (``extract_multi_organ_masks.fill_polygons_2d``).
+Shared, not defined here: the polygon fill is phase 2.5's (``extract_multi_organ_masks.fill_polygons_2d``),
+the ContourData encoding ``rtstruct_export.contour_data_element``.
 
 Usage: python make_synthetic_cohort.py --data-root DATA --patients 20 --size 128 --slices 40
 """
@@ -44,7 +45,6 @@ from typing import Any, Sequence
 import numpy as np
 import pydicom
 from pydicom.charset import default_encoding
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import Tag
 from pydicom.sequence import Sequence as DicomSequence
@@ -54,6 +54,7 @@ from tqdm import tqdm
 import organs
 from extract_multi_organ_masks import fill_polygons_2d
 from pipeline_io import DataLayout, write_nifti, write_text_atomic
+from rtstruct_export import contour_data_element
 
 log = logging.getLogger(__name__)
 
@@ -705,16 +706,6 @@ def _ds_text(value: float) -> str:
     return "0" if text in ("", "-0") else text
 
 
-def _contour_data(poly: np.ndarray, z_text: str) -> RawDataElement:
-    """ContourData (x1\\y1\\z\\x2...) as the encoded DS text, ready to write.
-
-    Building it as a pydicom DS list validates each of the ~10^5 numbers of a structure set one
-    by one, which took most of the generator's time; the file is the same either way."""
-    text = "\\".join(f"{x:.2f}\\{y:.2f}\\{z_text}" for x, y in poly)
-    value = (text + " " * (len(text) % 2)).encode("ascii")  # DICOM values have even length
-    return RawDataElement(CONTOUR_DATA_TAG, "DS", len(value), value, 0, False, True)
-
-
 def _uid(*parts: object) -> str:
     """A deterministic ``2.25.<UUID>`` UID (name-based UUID version 5, PS3.5 B.2).
 
@@ -857,14 +848,15 @@ def write_rtstruct(path: Path, an: Anatomy, rois: list[Roi], uids: dict[str, str
 
         contours = []
         for k, polys in enumerate(roi.contours):
-            z_text = _ds_text(float(g.z_positions[k]))
+            z = float(g.z_positions[k])
             for poly in polys:
                 c = Dataset()
                 c.ContourImageSequence = DicomSequence([image_ref(k)])
                 c.ContourGeometricType = "CLOSED_PLANAR"
                 c.NumberOfContourPoints = len(poly)
                 c.ContourNumber = len(contours) + 1
-                c[CONTOUR_DATA_TAG] = _contour_data(poly, z_text)
+                c[CONTOUR_DATA_TAG] = contour_data_element(np.column_stack([poly, np.full(len(poly), z)]),
+                                                           implicit_vr=False)
                 # Declared as already explicit little endian, so dcmwrite keeps the raw value.
                 c.set_original_encoding(False, True, default_encoding)
                 contours.append(c)
