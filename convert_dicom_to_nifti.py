@@ -11,7 +11,9 @@ How a patient is converted:
    groups the CT image files by DICOM PatientID and SeriesInstanceUID. RTSTRUCT / RTPLAN / RTDOSE /
    SEG / SR / PR and other non-CT objects are set aside; unreadable or non-DICOM files are reported.
 2. :func:`choose_ct_series` takes the series the patient's RTSTRUCT references, else the one with the
-   most slices, and says why when there was a choice.
+   most slices, and says why when there was a choice. The references are read by phase 2.5's
+   ``extract_multi_organ_masks.referenced_uids`` (the one RTSTRUCT reference reader), so both phases
+   see the same series and frames of reference.
 3. :func:`read_ct_series` sorts the slices along the slice normal (never by file name or
    InstanceNumber), drops exact duplicates, refuses gantry tilt / shear / non-axial stacks, detects
    missing slices (fails, or with ``fill_gaps`` interpolates them linearly onto the nominal
@@ -42,6 +44,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
+from extract_multi_organ_masks import referenced_uids
 from pipeline_io import (
     DEFAULT_DATA_ROOT,
     DONE,
@@ -77,10 +80,11 @@ REPORT_COLUMNS = (
 )
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-#: Header elements read while scanning a collection (everything but these is skipped).
+#: Header elements read while scanning a collection (everything but these is skipped); the two
+#: RTSTRUCT sequences are what :func:`extract_multi_organ_masks.referenced_uids` reads.
 SCAN_TAGS = (
     "PatientID", "SOPClassUID", "Modality", "SeriesInstanceUID", "StudyInstanceUID",
-    "FrameOfReferenceUID", "NumberOfFrames", "ReferencedFrameOfReferenceSequence",
+    "FrameOfReferenceUID", "NumberOfFrames", "ReferencedFrameOfReferenceSequence", "StructureSetROISequence",
 )
 #: Header elements :func:`read_ct_series` needs to place a slice before decoding any pixels.
 GEOMETRY_TAGS = (
@@ -216,19 +220,6 @@ def _walk_files(root: Path) -> Iterable[Path]:
                 yield Path(folder) / name
 
 
-def _referenced_series(ds: pydicom.Dataset) -> tuple[set[str], set[str]]:
-    """(series UIDs, frame-of-reference UIDs) an RTSTRUCT header points to."""
-    series, frames = set(), set()
-    for frame in ds.get("ReferencedFrameOfReferenceSequence", []):
-        if frame.get("FrameOfReferenceUID"):
-            frames.add(_text(frame.FrameOfReferenceUID))
-        for study in frame.get("RTReferencedStudySequence", []):
-            for ref in study.get("RTReferencedSeriesSequence", []):
-                if ref.get("SeriesInstanceUID"):
-                    series.add(_text(ref.SeriesInstanceUID))
-    return series, frames
-
-
 def find_dicom_series(root: Path | str) -> list[PatientDicom]:
     """Scan ``root`` (any nesting) and group its CT image files by patient and series.
 
@@ -266,7 +257,7 @@ def find_dicom_series(root: Path | str) -> list[PatientDicom]:
         modality = _text(ds.get("Modality", "")) or "unknown modality"
         sop_class = _text(ds.get("SOPClassUID", ""))
         if modality == "RTSTRUCT":
-            group["rtstructs"].append(RTStructInfo(path, *_referenced_series(ds)))
+            group["rtstructs"].append(RTStructInfo(path, *referenced_uids(ds)))
             group["ignored"][modality] += 1
         elif sop_class == CT_IMAGE_STORAGE and int(ds.get("NumberOfFrames", 1) or 1) == 1:
             uid = _text(ds.get("SeriesInstanceUID", "")) or f"(no SeriesInstanceUID) {path.parent}"

@@ -28,6 +28,9 @@ How a mask is made:
 * ``<PatientID>.json`` beside each label map records the annotated flags, how the PTV is made and a
   fingerprint of the inputs (CT NIfTI, RTSTRUCT files, settings): a run without ``--overwrite``
   redoes a patient whose inputs or settings changed, and phase 3 reads its flags from it.
+
+Shared from here: :func:`referenced_uids` (the one RTSTRUCT reference reader, also phase 2's) and the
+one even-odd rasteriser (:func:`fill_polygons_2d` per slice, also the synthetic cohort's truth maps).
 """
 from __future__ import annotations
 
@@ -244,19 +247,30 @@ def read_rois(rtstruct: Any) -> list[Roi]:
 
 
 def referenced_uids(rtstruct: Any) -> tuple[set[str], set[str]]:
-    """(series UIDs, frame-of-reference UIDs) an RTSTRUCT says its contours were drawn on."""
+    """(series UIDs, frame-of-reference UIDs) an RTSTRUCT says its contours were drawn on.
+
+    The one reader of an RTSTRUCT's references: phase 2 (``convert_dicom_to_nifti``) uses it to choose
+    the CT series, phase 2.5 to pair the RTSTRUCT with the converted CT. Series come from
+    ReferencedFrameOfReferenceSequence > RTReferencedStudySequence > RTReferencedSeriesSequence; frames
+    from ReferencedFrameOfReferenceSequence[].FrameOfReferenceUID and, because that sequence is optional
+    (type 3) and some exporters leave it out, StructureSetROISequence[].ReferencedFrameOfReferenceUID
+    (type 1; the standard requires it to be one of the former when both are present). ``rtstruct`` is a
+    pydicom Dataset, possibly read with ``specific_tags`` holding just these two sequences. Values are
+    ``str`` with surrounding spaces stripped (pydicom already strips the trailing NUL/space padding of
+    UI values), so they compare equal to the UIDs phase 2 writes to ``conversion_report.csv``.
+    """
     series: set[str] = set()
     frames: set[str] = set()
     for frame in rtstruct.get("ReferencedFrameOfReferenceSequence", []):
         if frame.get("FrameOfReferenceUID"):
-            frames.add(str(frame.FrameOfReferenceUID))
+            frames.add(str(frame.FrameOfReferenceUID).strip())
         for study in frame.get("RTReferencedStudySequence", []):
             for ser in study.get("RTReferencedSeriesSequence", []):
                 if ser.get("SeriesInstanceUID"):
-                    series.add(str(ser.SeriesInstanceUID))
+                    series.add(str(ser.SeriesInstanceUID).strip())
     for item in rtstruct.get("StructureSetROISequence", []):
         if item.get("ReferencedFrameOfReferenceUID"):
-            frames.add(str(item.ReferencedFrameOfReferenceUID))
+            frames.add(str(item.ReferencedFrameOfReferenceUID).strip())
     return series, frames
 
 
@@ -336,6 +350,32 @@ def _even_odd_fill(polygons: Sequence[tuple[int, np.ndarray]], shape_zyx: Sequen
     # inside[c] = XOR of toggles at columns > c: a reversed cumulative XOR along x.
     inside = np.bitwise_xor.accumulate(toggles[..., ::-1], axis=2)[..., ::-1][..., 1:]
     return BoxMask((k_lo, row_lo, col_lo), inside.astype(bool))
+
+
+def fill_polygons_2d(polygons_xy: Sequence[np.ndarray], shape_yx: Sequence[int]) -> np.ndarray:
+    """Even-odd fill of the closed polygons of one slice: bool (rows, cols), voxel centre inside.
+
+    ``polygons_xy`` are (N, 2) float arrays of (x = column, y = row) in voxel-index units (voxel
+    centres at integers), not closed (the last point joins the first). This is :func:`_even_odd_fill`,
+    the rasteriser of every RTSTRUCT ROI of this phase, on a one-slice grid, for callers that work
+    slice by slice (``make_synthetic_cohort`` paints its HU images and true label maps with it). A
+    polygon inside another is a hole; parts outside the grid are clipped; a centre exactly on an edge
+    follows the half-open rule (inside on a left or top edge, outside on a right or bottom one).
+    Raises ``ValueError`` for a ``shape_yx`` that is not two non-negative integers or a polygon that is
+    not (N, 2).
+    """
+    shape = tuple(shape_yx)
+    if len(shape) != 2 or any(int(n) != n or n < 0 for n in shape):
+        raise ValueError(f"shape_yx must be (rows, cols), two non-negative integers; got {shape_yx!r}")
+    polygons = []
+    for polygon in polygons_xy:
+        xy = np.asarray(polygon, dtype=np.float64)
+        if xy.ndim != 2 or xy.shape[1] != 2:
+            raise ValueError(f"each polygon must be an (N, 2) array of (x, y); got shape {xy.shape}")
+        if len(xy):
+            polygons.append((0, xy))
+    shape_zyx = (1, int(shape[0]), int(shape[1]))
+    return _even_odd_fill(polygons, shape_zyx).to_full(shape_zyx)[0]
 
 
 @dataclass

@@ -21,6 +21,9 @@ cohort has variant ``i % 6`` of :data:`VARIANT_CYCLE` for ``i < 6`` (so any coho
 every variant) and random variants after that. Everything is a function of the seed: the same
 arguments give byte-identical files.
 
+Shared, not defined here: the polygon fill is phase 2.5's (``extract_multi_organ_masks.fill_polygons_2d``),
+the ContourData encoding ``rtstruct_export.contour_data_element``.
+
 Usage: python make_synthetic_cohort.py --data-root DATA --patients 20 --size 128 --slices 40
 """
 from __future__ import annotations
@@ -42,7 +45,6 @@ from typing import Any, Sequence
 import numpy as np
 import pydicom
 from pydicom.charset import default_encoding
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import Tag
 from pydicom.sequence import Sequence as DicomSequence
@@ -50,7 +52,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RTStructureSetSt
 from tqdm import tqdm
 
 import organs
+from extract_multi_organ_masks import fill_polygons_2d
 from pipeline_io import DataLayout, write_nifti, write_text_atomic
+from rtstruct_export import contour_data_element
 
 log = logging.getLogger(__name__)
 
@@ -156,33 +160,6 @@ class Grid:
     def to_index(self, polygon_mm: np.ndarray) -> np.ndarray:
         """(N, 2) x, y in mm -> (N, 2) column, row in voxel-index units (voxel centres at integers)."""
         return (polygon_mm - np.asarray(self.origin[:2])) / self.spacing
-
-
-def fill_polygons(polygons_px: Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
-    """Even-odd fill of closed polygons, voxel centre inside, as a bool (rows, cols) mask.
-
-    ``polygons_px`` are (N, 2) arrays of (column, row) in voxel-index units, not closed (the
-    last point joins the first). A voxel is inside when a ray from its centre crosses the
-    polygons' edges an odd number of times, so a contour inside another is a hole. Centres
-    exactly on an edge follow the half-open rule (``ymin <= row < ymax``, ``x < column``).
-    """
-    rows_n, cols_n = shape
-    toggles = np.zeros((rows_n, cols_n + 1), np.int32)
-    for poly in polygons_px:
-        x0, y0 = poly[:, 0], poly[:, 1]
-        x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
-        first = np.clip(np.ceil(np.minimum(y0, y1)), 0, rows_n).astype(np.int64)
-        stop = np.clip(np.ceil(np.maximum(y0, y1)), 0, rows_n).astype(np.int64)
-        counts = stop - first
-        if counts.sum() == 0:
-            continue
-        edge = np.repeat(np.arange(len(x0)), counts)
-        rows = first[edge] + np.arange(edge.size) - np.repeat(np.cumsum(counts) - counts, counts)
-        t = (rows - y0[edge]) / (y1[edge] - y0[edge])
-        x_cross = x0[edge] + t * (x1[edge] - x0[edge])
-        cols = np.clip(np.floor(x_cross) + 1, 0, cols_n).astype(np.int64)
-        np.add.at(toggles, (rows, cols), 1)
-    return (np.cumsum(toggles[:, :cols_n], axis=1) & 1).astype(bool)
 
 
 def _star_polygon(center: tuple[float, float], radius: np.ndarray, theta: np.ndarray) -> np.ndarray:
@@ -603,7 +580,7 @@ def render_slice(an: Anatomy, shapes: dict[str, Any], rng: np.random.Generator) 
     def paint(polys: list, tissue: str, where: np.ndarray | None = None, value: float | None = None):
         if not polys:
             return
-        mask = fill_polygons([g.to_index(p) for p in polys], shape)
+        mask = fill_polygons_2d([g.to_index(p) for p in polys], shape)
         if where is not None:
             mask &= where
         hu[mask] = (HU[tissue] + an.hu_offsets[tissue]) if value is None else value
@@ -616,7 +593,7 @@ def render_slice(an: Anatomy, shapes: dict[str, Any], rng: np.random.Generator) 
     for side in ("lung_right", "lung_left"):
         if not shapes[side]:
             continue
-        mask = fill_polygons([g.to_index(p) for p in shapes[side][:1]], shape)
+        mask = fill_polygons_2d([g.to_index(p) for p in shapes[side][:1]], shape)
         # Gravity: the posterior lung is denser.
         gradient = 60.0 * (rows - an.lung_y) / an.lungs[side].ay
         lung_hu = HU["lung"] + an.hu_offsets["lung"] + np.broadcast_to(gradient[:, None], shape)
@@ -662,9 +639,9 @@ def label_slice(an: Anatomy, shapes: dict[str, Any], with_ptv: bool) -> np.ndarr
             mask = np.zeros(shape, bool)
             for tumour_polys in shapes["gtv"]:
                 if tumour_polys:
-                    mask |= fill_polygons([g.to_index(p) for p in tumour_polys], shape)
+                    mask |= fill_polygons_2d([g.to_index(p) for p in tumour_polys], shape)
         elif polys:
-            mask = fill_polygons([g.to_index(p) for p in polys], shape)
+            mask = fill_polygons_2d([g.to_index(p) for p in polys], shape)
         else:
             continue
         labels[mask] = label
@@ -727,16 +704,6 @@ def _ds_text(value: float) -> str:
     """A decimal string (VR DS, at most 16 characters) that parses back to ``value``'s digits."""
     text = f"{value:.4f}".rstrip("0").rstrip(".")
     return "0" if text in ("", "-0") else text
-
-
-def _contour_data(poly: np.ndarray, z_text: str) -> RawDataElement:
-    """ContourData (x1\\y1\\z\\x2...) as the encoded DS text, ready to write.
-
-    Building it as a pydicom DS list validates each of the ~10^5 numbers of a structure set one
-    by one, which took most of the generator's time; the file is the same either way."""
-    text = "\\".join(f"{x:.2f}\\{y:.2f}\\{z_text}" for x, y in poly)
-    value = (text + " " * (len(text) % 2)).encode("ascii")  # DICOM values have even length
-    return RawDataElement(CONTOUR_DATA_TAG, "DS", len(value), value, 0, False, True)
 
 
 def _uid(*parts: object) -> str:
@@ -881,14 +848,15 @@ def write_rtstruct(path: Path, an: Anatomy, rois: list[Roi], uids: dict[str, str
 
         contours = []
         for k, polys in enumerate(roi.contours):
-            z_text = _ds_text(float(g.z_positions[k]))
+            z = float(g.z_positions[k])
             for poly in polys:
                 c = Dataset()
                 c.ContourImageSequence = DicomSequence([image_ref(k)])
                 c.ContourGeometricType = "CLOSED_PLANAR"
                 c.NumberOfContourPoints = len(poly)
                 c.ContourNumber = len(contours) + 1
-                c[CONTOUR_DATA_TAG] = _contour_data(poly, z_text)
+                c[CONTOUR_DATA_TAG] = contour_data_element(np.column_stack([poly, np.full(len(poly), z)]),
+                                                           implicit_vr=False)
                 # Declared as already explicit little endian, so dcmwrite keeps the raw value.
                 c.set_original_encoding(False, True, default_encoding)
                 contours.append(c)

@@ -29,6 +29,8 @@ PositionReferenceIndicator, empty when it has none), so the file passes ``dciodv
 Coordinates: pixel (column c, row r) of slice k is at
 ``ImagePositionPatient[k] + c * PixelSpacing[1] * row_direction + r * PixelSpacing[0] * column_direction``
 in DICOM patient coordinates (LPS, mm), with the directions from ``ImageOrientationPatient``.
+
+Shared from here: :func:`contour_data_element`, the one ContourData encoder (also the synthetic cohort's).
 """
 from __future__ import annotations
 
@@ -307,17 +309,22 @@ def _format_ds(values_mm: np.ndarray) -> list[str]:
     return [t.rstrip("0").rstrip(".") if "." in t else t for t in text.tolist()]
 
 
-def _contour_data(points_mm: np.ndarray) -> RawDataElement:
-    """ContourData (3006,0050) as an already encoded DS value.
+def contour_data_element(points_mm: np.ndarray, *, implicit_vr: bool = True) -> RawDataElement:
+    """ContourData (3006,0050) of (N, 3) LPS mm points as an already encoded DS value.
 
-    Encoding the numbers ourselves is 10x faster than letting pydicom build and validate one
-    ``DSfloat`` per coordinate (100 000s on a real patient). pydicom writes the bytes as they
-    are in Implicit VR Little Endian (the items are marked so) and decodes them when read.
+    The one ContourData encoder: this module's RTSTRUCTs and the synthetic cohort's
+    (``make_synthetic_cohort``) use it. Values ``x1\\y1\\z1\\x2...`` are rounded to 6 decimals
+    with trailing zeros dropped (:func:`_format_ds`), so coordinates already on a 0.01 or 0.001 mm
+    grid are written with their own digits. Encoding the numbers ourselves is 10x faster than letting
+    pydicom build and validate one ``DSfloat`` per coordinate (100 000s on a real patient). The item
+    holding the element must be marked with the file's encoding (``set_original_encoding``) so
+    pydicom writes the bytes as they are; ``implicit_vr`` records that encoding in the element too
+    (Implicit VR here, Explicit VR in the synthetic files; the value bytes are the same).
     """
     text = "\\".join(_format_ds(points_mm)).encode("ascii")
     if len(text) % 2:
         text += b" "  # DICOM values have even length; DS is padded with a space
-    return RawDataElement(Tag(_CONTOUR_DATA_TAG), "DS", len(text), text, 0, True, True, True, False)
+    return RawDataElement(Tag(_CONTOUR_DATA_TAG), "DS", len(text), text, 0, implicit_vr, True, True, False)
 
 
 def _image_reference(sop_class_uid: str, sop_instance_uid: str) -> Dataset:
@@ -347,7 +354,7 @@ def _structure_contours(
             item.ContourGeometricType = "CLOSED_PLANAR"
             item.NumberOfContourPoints = len(points_mm)
             item.ContourNumber = len(items) + 1
-            item[_CONTOUR_DATA_TAG] = _contour_data(points_mm)
+            item[_CONTOUR_DATA_TAG] = contour_data_element(points_mm)
             item.set_original_encoding(True, True, "iso8859")  # lets the raw value be written as is
             items.append(item)
     return items

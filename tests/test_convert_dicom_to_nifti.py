@@ -431,6 +431,33 @@ def test_two_ct_series_in_one_patient_folder(tmp_path, template, rtstruct_refers
     assert row["message"] == results["TWO"].message and results["GOOD"].status == DONE
 
 
+def test_rtstruct_frame_of_reference_is_also_read_from_the_roi_sequence(tmp_path, template):
+    """ReferencedFrameOfReferenceSequence is optional (type 3); an RTSTRUCT without it still names its
+    frame in StructureSetROISequence, which phase 2 reads through the reader phase 2.5 pairs with
+    (``extract_multi_organ_masks.referenced_uids``): the smaller series in that frame is chosen."""
+    raw = tmp_path / "raw"
+    write_patient(raw, "TWO", template, folder="01-study/1.000-full")
+    small_uid, small_frame = generate_uid(), generate_uid()
+
+    def other_frame(datasets):
+        for ds in datasets:
+            ds.FrameOfReferenceUID = small_frame
+        return datasets[2:]
+
+    write_patient(raw, "TWO", template, folder="01-study/2.000-partial", series_uid=small_uid, edit=other_frame)
+    path = write_rtstruct(raw, "TWO", template, "1.2.3")
+    ds = pydicom.dcmread(path)
+    del ds.ReferencedFrameOfReferenceSequence
+    for item in ds.StructureSetROISequence:
+        item.ReferencedFrameOfReferenceUID = small_frame
+    ds.save_as(path)
+    (patient,) = conv.find_dicom_series(raw)
+    (rtstruct,) = patient.rtstructs
+    assert (rtstruct.referenced_series_uids, rtstruct.frame_of_reference_uids) == (set(), {small_frame})
+    chosen, note = conv.choose_ct_series(patient)
+    assert chosen.series_uid == small_uid and "because it is in the RTSTRUCT's frame of reference" in note
+
+
 def test_duplicate_slice_is_dropped_with_a_warning(tmp_path, template, caplog):
     raw = tmp_path / "raw"
     write_patient(raw, "GOOD", template)

@@ -93,6 +93,90 @@ def test_fill_agrees_with_point_in_polygon_on_random_polygons() -> None:
         np.testing.assert_array_equal(mask, expected)
 
 
+def test_fill_polygons_2d_counts_voxel_centres_and_makes_holes() -> None:
+    square = np.array([[0.5, 0.5], [3.5, 0.5], [3.5, 3.5], [0.5, 3.5]])  # centres 1, 2, 3 inside
+    hole = np.array([[1.5, 1.5], [2.5, 1.5], [2.5, 2.5], [1.5, 2.5]])  # centre (2, 2) inside
+    assert em.fill_polygons_2d([square], (6, 6)).sum() == 9
+    filled = em.fill_polygons_2d([square, hole], (6, 6))
+    assert filled.dtype == bool and filled.shape == (6, 6)
+    assert filled.sum() == 8 and not filled[2, 2] and filled[1, 1]
+    # x is the column, y the row: a wide, short rectangle fills a row band
+    wide = np.array([[0.5, 0.5], [4.5, 0.5], [4.5, 1.5], [0.5, 1.5]])
+    assert np.array_equal(np.nonzero(em.fill_polygons_2d([wide], (6, 6)))[0], [1, 1, 1, 1])
+    # polygons reaching outside the grid are clipped, not wrapped
+    assert em.fill_polygons_2d([square - 2.0], (6, 6)).sum() == 4  # centres 0 and 1 on each axis
+    assert not em.fill_polygons_2d([], (6, 6)).any()
+
+
+def test_fill_polygons_2d_centres_on_an_edge_follow_the_half_open_rule() -> None:
+    """Centres on the left or top edge are inside, on the right or bottom edge outside: x in [1, 3), y in [1, 3)."""
+    square = np.array([[1.0, 1.0], [3.0, 1.0], [3.0, 3.0], [1.0, 3.0]])
+    expected = np.zeros((5, 5), dtype=bool)
+    expected[1:3, 1:3] = True
+    np.testing.assert_array_equal(em.fill_polygons_2d([square], (5, 5)), expected)
+    np.testing.assert_array_equal(em.fill_polygons_2d([square[::-1]], (5, 5)), expected)  # either winding
+
+
+def test_fill_polygons_2d_agrees_with_matplotlib_on_random_star_shapes() -> None:
+    from matplotlib.path import Path as MplPath
+
+    rng = np.random.default_rng(3)
+    cols, rows = np.meshgrid(np.arange(40), np.arange(30))
+    centres = np.stack([cols.ravel(), rows.ravel()], axis=1)
+    for _ in range(20):
+        theta = np.sort(rng.uniform(0, 2 * np.pi, 15))
+        r = rng.uniform(3, 14, 15)
+        poly = np.stack([20 + r * np.cos(theta), 15 + r * np.sin(theta)], axis=1)
+        expected = MplPath(poly).contains_points(centres).reshape(30, 40)
+        np.testing.assert_array_equal(em.fill_polygons_2d([poly], (30, 40)), expected)
+
+
+@pytest.mark.parametrize("polygons, shape, match", [
+    ([np.zeros((4, 3))], (6, 6), r"each polygon must be an \(N, 2\) array of \(x, y\); got shape \(4, 3\)"),
+    ([np.zeros(4)], (6, 6), r"got shape \(4,\)"),
+    ([], (6,), r"shape_yx must be \(rows, cols\), two non-negative integers; got \(6,\)"),
+    ([], (6.5, 6), r"got \(6.5, 6\)"),
+    ([], (-1, 6), r"got \(-1, 6\)"),
+])
+def test_fill_polygons_2d_rejects_bad_arguments(polygons, shape, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        em.fill_polygons_2d(polygons, shape)
+
+
+def _rtstruct_references(series=(), frames=(), roi_frames=()) -> pydicom.Dataset:
+    """An RTSTRUCT header holding only the reference sequences. ``frames=None`` leaves
+    ReferencedFrameOfReferenceSequence out; a ``None`` in ``roi_frames`` leaves that ROI's UID out."""
+    ds = pydicom.Dataset()
+    if frames is not None:
+        study = pydicom.Dataset()
+        study.RTReferencedSeriesSequence = [pydicom.Dataset() for _ in series]
+        for item, uid in zip(study.RTReferencedSeriesSequence, series):
+            item.SeriesInstanceUID = uid
+        ds.ReferencedFrameOfReferenceSequence = [pydicom.Dataset() for _ in frames or [None]]
+        for item, uid in zip(ds.ReferencedFrameOfReferenceSequence, frames or [None]):
+            if uid is not None:
+                item.FrameOfReferenceUID = uid
+        ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence = [study]
+    ds.StructureSetROISequence = [pydicom.Dataset() for _ in roi_frames]
+    for item, uid in zip(ds.StructureSetROISequence, roi_frames):
+        if uid is not None:
+            item.ReferencedFrameOfReferenceUID = uid
+    return ds
+
+
+@pytest.mark.parametrize("kwargs, series, frames", [
+    ({"series": ["1.1"], "frames": ["9.1"], "roi_frames": ["9.1", "9.1"]}, {"1.1"}, {"9.1"}),
+    # the ROI level may name a frame the (optional) top-level sequence leaves out
+    ({"series": ["1.1"], "frames": None, "roi_frames": ["9.1"]}, set(), {"9.1"}),
+    ({"series": ["1.1", "1.2"], "frames": ["9.1"], "roi_frames": ["9.2", None]}, {"1.1", "1.2"}, {"9.1", "9.2"}),
+    ({"series": [], "frames": [], "roi_frames": []}, set(), set()),
+    pytest.param({"series": ["1.1 "], "frames": ["9.1 "], "roi_frames": ["9.1 "]}, {"1.1"}, {"9.1"},
+                 marks=pytest.mark.filterwarnings("ignore:Invalid value for VR UI"), id="padding-stripped"),
+])
+def test_referenced_uids_reads_series_and_both_frame_of_reference_places(kwargs, series, frames) -> None:
+    assert em.referenced_uids(_rtstruct_references(**kwargs)) == (series, frames)
+
+
 def test_contours_go_to_the_slice_within_half_a_thickness_and_bad_ones_are_reported(caplog) -> None:
     image = make_image()  # slices at z = -30, -27.5, -25, -22.5 (spacing 2.5 mm)
     square = rectangle(image, 2.5, 6.5, 2.5, 6.5, 0)
@@ -287,7 +371,13 @@ def assert_failed_cleanly(root: Path, results: dict, pid: str, match: str) -> No
 def test_run_reproduces_the_synthetic_truth(synthetic_cohort, tmp_path) -> None:
     """Phase 2 then phase 2.5 on the shared synthetic cohort: every annotated structure with >= 1000
     true voxels at Dice >= 0.97. Voxels whose true label has no ROI (an uncontoured heart) cannot be
-    known from the RTSTRUCT and are left out of both sides."""
+    known from the RTSTRUCT and are left out of both sides.
+
+    Not an independent check of the rasteriser: the generator makes its truth with this phase's own
+    fill (``fill_polygons_2d``) from the polygons it writes, so a fill error would be on both sides.
+    This checks UIDs, geometry, ROI names, the lung split and the overlay; the rasteriser's
+    independent checks are the matplotlib / scikit-image tests above and the real patients against
+    plastimatch's reference masks below."""
     import convert_dicom_to_nifti
 
     raw_dir, truth_dir, records = synthetic_cohort

@@ -345,6 +345,19 @@ def test_patient_coordinates_follow_orientation_and_spacing():
     assert points.tolist() == [[10.0, 20.0, 32.5], [12.0, 19.0, 32.5], [11.0, 20.25, 32.5]]
 
 
+@pytest.mark.parametrize("points, text", [
+    ([[1.5, -0.0, 2.5]], b"1.5\\0\\2.5 "),  # -0 written as 0; odd length padded with a space
+    ([[12.30, 0.0000004, -102.5], [-0.0000004, 1e3, 7.1234564]], b"12.3\\0\\-102.5\\0\\1000\\7.123456 "),
+    ([[-250.112, 4.56, -179.4]], b"-250.112\\4.56\\-179.4"),  # 0.01 / 0.001 mm values keep their digits
+])
+def test_contour_data_element_is_the_exact_ds_text(points, text):
+    """The one ContourData encoder (also the synthetic cohort's): 6 decimals, trailing zeros dropped."""
+    elem = rx.contour_data_element(np.array(points))
+    assert (elem.tag, elem.VR, elem.value, elem.length) == (0x30060050, "DS", text, len(text))
+    assert elem.is_implicit_VR is True
+    assert rx.contour_data_element(np.array(points), implicit_vr=False).is_implicit_VR is False
+
+
 def test_empty_structures_are_left_out_and_labels_subset_respected(tmp_path):
     labels = np.zeros((2, 10, 10), np.uint8)
     labels[:, 2:5, 2:5] = organs.HEART

@@ -1,6 +1,16 @@
 """make_synthetic_cohort.py: real DICOM that reads back, RTSTRUCT linked by UIDs only, contours on
 the slices, truth maps on the CT grid, left/right, Hounsfield ranges, ROI variants, determinism,
-refusal to overwrite and one-line argument errors."""
+refusal to overwrite and one-line argument errors.
+
+The truth maps are not an independent check of phase 2.5's rasteriser: the generator fills the very
+polygons it writes to the RTSTRUCT with phase 2.5's own even-odd fill
+(``extract_multi_organ_masks.fill_polygons_2d``, one fill algorithm in the repository), so phase 2.5
+reproducing the truth (``test_run_reproduces_the_synthetic_truth``) checks geometry, pairing, ROI names
+and the priority overlay, while a rasterisation error would sit on both sides and cancel. The
+rasteriser is checked independently by its own tests against matplotlib and scikit-image
+(tests/test_extract_multi_organ_masks.py), by :func:`mpl_rasterise` below, and on real patients against
+plastimatch's reference masks.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +25,7 @@ from matplotlib.path import Path as MplPath
 
 import organs
 from make_synthetic_cohort import (
-    VARIANT_CYCLE, Variant, fill_polygons, generate_cohort, generate_patient, main,
+    VARIANT_CYCLE, Variant, generate_cohort, generate_patient, main,
 )
 from pipeline_io import same_geometry
 
@@ -73,34 +83,6 @@ def patients(synthetic_cohort):
         truth = sitk.ReadImage(str(truth_dir / record["truth_file"]))
         out.append((record, cts, rt, truth))
     return raw_dir, truth_dir, out
-
-
-# --------------------------------------------------------------------------------------------
-# the rasteriser
-# --------------------------------------------------------------------------------------------
-def test_fill_polygons_counts_voxel_centres_and_makes_holes() -> None:
-    square = np.array([[0.5, 0.5], [3.5, 0.5], [3.5, 3.5], [0.5, 3.5]])  # centres 1, 2, 3 inside
-    hole = np.array([[1.5, 1.5], [2.5, 1.5], [2.5, 2.5], [1.5, 2.5]])  # centre (2, 2) inside
-    assert fill_polygons([square], (6, 6)).sum() == 9
-    filled = fill_polygons([square, hole], (6, 6))
-    assert filled.sum() == 8 and not filled[2, 2] and filled[1, 1]
-    # x is the column, y the row: a wide, short rectangle fills a row band
-    wide = np.array([[0.5, 0.5], [4.5, 0.5], [4.5, 1.5], [0.5, 1.5]])
-    assert np.array_equal(np.nonzero(fill_polygons([wide], (6, 6)))[0], [1, 1, 1, 1])
-    # polygons reaching outside the grid are clipped, not wrapped
-    assert fill_polygons([square - 2.0], (6, 6)).sum() == 4  # centres 0 and 1 on each axis
-
-
-def test_fill_polygons_agrees_with_matplotlib_on_random_star_shapes() -> None:
-    rng = np.random.default_rng(3)
-    cols, rows = np.meshgrid(np.arange(40), np.arange(30))
-    centres = np.stack([cols.ravel(), rows.ravel()], axis=1)
-    for _ in range(20):
-        theta = np.sort(rng.uniform(0, 2 * np.pi, 15))
-        r = rng.uniform(3, 14, 15)
-        poly = np.stack([20 + r * np.cos(theta), 15 + r * np.sin(theta)], axis=1)
-        expected = MplPath(poly).contains_points(centres).reshape(30, 40)
-        assert np.array_equal(fill_polygons([poly], (30, 40)), expected)
 
 
 # --------------------------------------------------------------------------------------------
