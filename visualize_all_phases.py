@@ -170,25 +170,31 @@ def show_labels(ax, labels: np.ndarray, title: str = "") -> None:
 
 def show_overlay(ax, image: np.ndarray, labels: np.ndarray, title: str = "",
                  vmin: float | None = None, vmax: float | None = None,
-                 outline: np.ndarray | None = None) -> None:
+                 outline: np.ndarray | None = None, ptv: np.ndarray | None = None) -> None:
     """CT in grey with the label map on top at :data:`OVERLAY_ALPHA` (background transparent);
-    optional white outlines of a second label map (e.g. the truth under a prediction)."""
+    optional white outlines of a second label map (e.g. the truth under a prediction) and the
+    outline of a PTV that overlaps the organs (bool, drawn in the PTV colour)."""
     ax.imshow(image, cmap="gray", vmin=vmin, vmax=vmax)
     ax.imshow(labels, cmap=label_colormap(transparent_background=True), vmin=-0.5,
               vmax=organs.NUM_CLASSES - 0.5, alpha=OVERLAY_ALPHA, interpolation="nearest")
     if outline is not None:
         for label in present_labels(outline):
             ax.contour(outline == label, levels=[0.5], colors="white", linewidths=0.8)
+    if ptv is not None and ptv.any():
+        ax.contour(ptv, levels=[0.5], colors=[organs.structure(organs.PTV).color_float], linewidths=1.2)
     ax.set_title(title, fontsize=10)
     _axis_off(ax)
 
 
 def structure_legend(fig: Figure, labels: Sequence[int], not_annotated: Sequence[int] = (),
-                     synthetic: Sequence[int] = (), **kwargs: Any) -> None:
-    """A figure legend with one colour patch per structure in ``labels`` (in label order, marked
-    when phase 2.5 synthesised it) and a note naming the structures that were not annotated."""
-    handles = [Patch(facecolor=organs.structure(k).color_float, edgecolor="black", linewidth=0.5,
-                     label=organs.structure(k).name + (" (synthesised)" if k in synthetic else ""))
+                     derived: Sequence[int] = (), **kwargs: Any) -> None:
+    """A figure legend with one colour patch per structure in ``labels`` (in label order; a
+    structure phase 2.5 derived, the PTV grown from the GTV, is an outline) and a note naming the
+    structures that were not annotated."""
+    handles = [Patch(facecolor="none" if k in derived else organs.structure(k).color_float,
+                     edgecolor=organs.structure(k).color_float if k in derived else "black",
+                     linewidth=1.5 if k in derived else 0.5,
+                     label=organs.structure(k).name + (" (derived, outline)" if k in derived else ""))
                for k in sorted(set(labels))]
     if not_annotated:
         names = ", ".join(organs.structure(k).name for k in sorted(not_annotated))
@@ -336,9 +342,10 @@ def levels_around(labels_zyx: np.ndarray, z: int, n: int = 3) -> list[int]:
 
 
 def multi_organ_figure(patient_id: str, ct_zyx: np.ndarray, labels_zyx: np.ndarray, z: int,
-                       annotated: Sequence[bool] | None = None, synthetic: Sequence[int] = ()) -> Figure:
+                       annotated: Sequence[bool] | None = None, ptv_zyx: np.ndarray | None = None) -> Figure:
     """Three rows (CT, label map, overlay at :data:`OVERLAY_ALPHA`) at slice ``z`` and two other
-    levels; ``annotated`` (8 flags) and ``synthetic`` (labels) come from ``structures.csv``."""
+    levels; ``annotated`` (8 flags) comes from phase 2.5's record; ``ptv_zyx`` (bool), a derived
+    PTV, is drawn as an outline over the organs in the overlay row (it is not in the label map)."""
     levels = levels_around(labels_zyx, z)
     fig = new_figure(3.3 * len(levels) + 0.4, 10.6)
     axes = fig.subplots(3, len(levels), squeeze=False)
@@ -347,9 +354,12 @@ def multi_organ_figure(patient_id: str, ct_zyx: np.ndarray, labels_zyx: np.ndarr
         mark = " (selected)" if level == z else ""
         show_image(axes[0, col], ct, f"CT, slice {level}{mark}", vmin=-1000, vmax=400)
         show_labels(axes[1, col], labels, f"label map: {len(present_labels(labels))} structures")
-        show_overlay(axes[2, col], ct, labels, f"overlay (alpha {OVERLAY_ALPHA})", vmin=-1000, vmax=400)
+        show_overlay(axes[2, col], ct, labels, f"overlay (alpha {OVERLAY_ALPHA})", vmin=-1000, vmax=400,
+                     ptv=None if ptv_zyx is None else ptv_zyx[level])
     shown = present_labels(labels_zyx[levels])
-    structure_legend(fig, shown, _not_annotated(annotated), synthetic, ncol=4, loc="outside lower center")
+    derived = [organs.PTV] if ptv_zyx is not None and ptv_zyx[levels].any() else []
+    not_annotated = [k for k in _not_annotated(annotated) if k not in derived]
+    structure_legend(fig, shown + derived, not_annotated, derived, ncol=4, loc="outside lower center")
     fig.suptitle(f"Phase 2.5, RTSTRUCT to label map: {patient_id} (CT window [-1000, 400] HU)",
                  fontsize=12)
     return fig
@@ -730,18 +740,17 @@ def default_patient(layout: DataLayout, splits_dir: Path | str) -> str:
     return patients[0]
 
 
-def structure_flags(layout: DataLayout, patient_id: str) -> tuple[list[bool] | None, list[int]]:
-    """``(annotated flags (8,) or None, synthesised labels)`` of a patient from phase 2.5's
-    ``structures.csv`` (None and [] when the table or the patient is missing)."""
-    from extract_multi_organ_masks import STRUCTURES_CSV, read_structures_csv
+def structure_flags(layout: DataLayout, patient_id: str) -> tuple[list[bool] | None, dict[str, Any]]:
+    """``(annotated flags (8,) or None, how the PTV is made)`` of a patient from phase 2.5's record
+    ``<PatientID>.json`` (None and {} when it is missing or of an earlier version)."""
+    from extract_multi_organ_masks import read_mask_record
 
-    table = layout.masks / STRUCTURES_CSV
-    if not table.is_file():
-        return None, []
-    with open(table, newline="", encoding="utf-8") as handle:
-        synthetic = [int(row["label"]) for row in csv.DictReader(handle)
-                     if row.get("patient_id") == patient_id and row.get("synthetic", "").strip() == "yes"]
-    return read_structures_csv(table).get(patient_id), synthetic
+    try:
+        record = read_mask_record(layout.masks / f"{patient_id}.nii.gz")
+    except (FileNotFoundError, ValueError) as exc:
+        log.warning("%s: no structure flags (%s)", patient_id, exc)
+        return None, {}
+    return [bool(a) for a in record["annotated"]], dict(record.get("ptv") or {})
 
 
 def _read_volume(path: Path, what: str) -> tuple[sitk.Image, np.ndarray]:
@@ -758,8 +767,13 @@ def load_patient(layout: DataLayout, patient_id: str) -> dict[str, Any]:
     if labels.shape != hu.shape:
         raise ValueError(f"{patient_id}: label map {labels.shape} and CT {hu.shape} differ in shape; "
                          "rerun extract_multi_organ_masks.py --overwrite")
-    annotated, synthetic = structure_flags(layout, patient_id)
-    return {"ct_image": ct_image, "hu": hu, "labels": labels, "annotated": annotated, "synthetic": synthetic}
+    annotated, ptv = structure_flags(layout, patient_id)
+    from extract_multi_organ_masks import PTV_DERIVED, ptv_from_gtv
+
+    ptv_mask = None
+    if ptv.get("source") == PTV_DERIVED:
+        ptv_mask = ptv_from_gtv(labels == organs.GTV, ct_image.GetSpacing()[::-1], float(ptv["margin_mm"]))
+    return {"ct_image": ct_image, "hu": hu, "labels": labels, "annotated": annotated, "ptv": ptv_mask}
 
 
 def _phase2(layout: DataLayout, patient_id: str, z: int, data: dict[str, Any]) -> Figure:
@@ -883,7 +897,7 @@ def run(
     makers: dict[str, Callable[[], Figure]] = {
         "phase2": lambda: _phase2(layout, patient_id, z, data),
         "phase2_5": lambda: multi_organ_figure(patient_id, data["hu"], data["labels"], z, data["annotated"],
-                                               data["synthetic"]),
+                                               data["ptv"]),
         "phase3": lambda: _phase3(layout, patient_id, z, data),
         "phase4": lambda: _phase4(layout, splits_dir),
         "statistics": lambda: _statistics(layout, splits_dir),

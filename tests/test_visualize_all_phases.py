@@ -193,8 +193,11 @@ def test_label_map_and_overlay_use_the_organ_colours(demo, figures):
     patient = viz.default_patient(layout, splits)
     assert patient == (splits / "test.txt").read_text().split()[0]
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.masks / f"{patient}.nii.gz")))
-    shown = viz.present_labels(labels[viz.levels_around(labels, viz.best_slice(labels))])
+    levels = viz.levels_around(labels, viz.best_slice(labels))
+    shown = viz.present_labels(labels[levels])
     assert {organs.HEART, organs.RIGHT_LUNG} <= set(shown)  # the synthetic default slice has both
+    if viz.load_patient(layout, patient)["ptv"][levels].any():
+        shown.append(organs.PTV)  # the derived PTV: an outline in its colour, not in the label map
 
     rgb = _rgb(out / viz.FIGURES["phase2_5"])
     height = rgb.shape[0]
@@ -221,17 +224,29 @@ def test_figures_of_a_chosen_patient_and_slice(demo, tmp_path):
     assert all(r.path is not None and r.path.is_file() for r in results)
 
 
-def test_structure_flags_read_annotated_and_synthesised_structures(demo, synthetic_cohort):
+def test_structure_flags_read_annotated_and_derived_structures(demo, synthetic_cohort):
     root, _, _ = demo
     layout = DataLayout(root)
     for record in synthetic_cohort[2]:
-        annotated, synthetic = viz.structure_flags(layout, record["patient_id"])
-        truth = list(record["annotated"])
-        truth[organs.PTV] = True  # no PTV ROI in the cohort: phase 2.5 grows one from the GTV
-        assert annotated == truth
-        assert synthetic == [organs.PTV]
-    assert viz.structure_flags(layout, "NOPE") == (None, [])
-    assert viz.structure_flags(DataLayout(root / "nowhere"), "SYN-001") == (None, [])
+        annotated, ptv = viz.structure_flags(layout, record["patient_id"])
+        assert annotated == list(record["annotated"])  # no PTV ROI: not a label, derived from the GTV
+        assert annotated[organs.PTV] is False and ptv == {"source": "derived", "margin_mm": 10.0}
+    assert viz.structure_flags(layout, "NOPE") == (None, {})
+    assert viz.structure_flags(DataLayout(root / "nowhere"), "SYN-001") == (None, {})
+
+
+def test_phase2_5_figure_draws_the_derived_ptv_as_an_outline(demo):
+    root, _, _ = demo
+    layout = DataLayout(root)
+    patient = sorted(p.name[: -len(".nii.gz")] for p in layout.masks.glob("*.nii.gz"))[0]
+    data = viz.load_patient(layout, patient)
+    assert data["ptv"] is not None and data["ptv"].sum() > (data["labels"] == organs.GTV).sum() > 0
+    z = int(np.argmax((data["labels"] == organs.GTV).sum(axis=(1, 2))))
+    fig = viz.multi_organ_figure(patient, data["hu"], data["labels"], z, data["annotated"], data["ptv"])
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "PTV (derived, outline)" in legend and not any("not annotated: PTV" in t for t in legend)
+    overlays = fig.axes[2 * len(fig.axes) // 3:]  # third row: the overlays
+    assert any(len(ax.collections) for ax in overlays)  # the PTV contour drawn over the organs
 
 
 @pytest.mark.parametrize("args, message", [
