@@ -565,3 +565,25 @@ def test_real_patients_split_and_load(real_processed, tmp_path) -> None:
         np.testing.assert_array_equal(item["image"][0].numpy(), ct[i].astype(np.float32))
         np.testing.assert_array_equal(item["mask"].numpy(), mask[i])
     assert ds.slice_has_label(organs.GTV).sum() == np.count_nonzero((mask == organs.GTV).any(axis=(1, 2)))
+
+
+def test_phase_2_5_rerun_with_another_margin_then_phase_3_recomputes_once(synthetic_cohort, tmp_path) -> None:
+    """The real chain: phase 2.5 re-run with another margin (the label map is the same, its record
+    is not) and phase 3 without --overwrite redoes the patient, says so, and skips it the next time."""
+    import convert_dicom_to_nifti
+    import extract_multi_organ_masks
+
+    raw_dir, _, _ = synthetic_cohort
+    root = tmp_path / "DATA"
+    assert convert_dicom_to_nifti.run(data_root=root, dicom_root=raw_dir, patients=None)[0].status == DONE
+    extract_multi_organ_masks.run(data_root=root, dicom_root=raw_dir, patients=["SYN-001"])
+    assert [r.status for r in n3.run(data_root=root, size=32, patients=["SYN-001"])] == [DONE]
+    assert n3.read_cache_meta(root, "SYN-001")["ptv"] == {"source": "derived", "margin_mm": 10.0}
+
+    [again] = extract_multi_organ_masks.run(data_root=root, dicom_root=raw_dir, patients=["SYN-001"],
+                                            ptv_margin_mm=7.5)
+    assert again.status == DONE and "settings changed" in again.message
+    [redone] = n3.run(data_root=root, size=32, patients=["SYN-001"])
+    assert redone.status == DONE and redone.message.startswith("redone: its CT, label map or phase 2.5 record")
+    assert n3.read_cache_meta(root, "SYN-001")["ptv"] == {"source": "derived", "margin_mm": 7.5}
+    assert [r.status for r in n3.run(data_root=root, size=32, patients=["SYN-001"])] == [SKIPPED]

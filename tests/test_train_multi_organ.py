@@ -482,3 +482,75 @@ def test_torchrun_two_processes_end_with_identical_weights_and_one_checkpoint(ca
     # 12 training slices, 2 ranks x batch 2: 3 steps = 12 slices in total, seen once
     history = json.loads((out / "history.json").read_text())
     assert len(history) == 1 and history[0]["train_slices"] == 12
+
+
+# --------------------------------------------------------------------------------------------
+# The PTV: derived (not taught, its margin stored with the run) or contoured (a label)
+# --------------------------------------------------------------------------------------------
+def _set_ptv(root: Path, pid: str, ptv: dict, ptv_annotated: bool, paint_ptv: bool = False) -> None:
+    """Rewrite a cached patient as phase 3 would for a derived or a contoured PTV."""
+    folder = root / "processed" / "training_cache" / pid
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["ptv"], meta["annotated"][organs.PTV] = ptv, ptv_annotated
+    if paint_ptv:  # a PTV contour around the GTV: a ring of label 2, the GTV keeps its voxels
+        mask = np.load(folder / "mask.npy")
+        ring = np.zeros(mask.shape, dtype=bool)
+        ring[1:3, 9:13, 5:9] = True
+        mask[ring & (mask != organs.GTV)] = organs.PTV
+        np.save(folder / "mask.npy", mask)
+        meta["slice_labels"] = slice_label_bits(mask)
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+DERIVED = {"source": "derived", "margin_mm": 10.0}
+
+
+def test_ptv_of_patients(cache):
+    root, _ = cache
+    assert tm.ptv_of_patients(root, ["P1", "P2"]) == {"source": "contoured"}
+    for pid in ("P1", "P2", "P3"):
+        _set_ptv(root, pid, DERIVED, False)
+    assert tm.ptv_of_patients(root, ["P1", "P2", "P3"]) == DERIVED
+    assert tm.ptv_of_patients(root, ["P1", "P4"]) == {"source": "contoured", "margin_mm": 10.0}  # mixed
+    _set_ptv(root, "P5", {"source": "none"}, False)
+    assert tm.ptv_of_patients(root, ["P5"]) == {"source": "none"}
+    _set_ptv(root, "P3", {"source": "derived", "margin_mm": 5.0}, False)
+    with pytest.raises(ValueError, match=r"derived with different margins \(5 mm: P3; 10 mm: P1, P2\); "
+                                         "re-run extract_multi_organ_masks.py --overwrite"):
+        tm.ptv_of_patients(root, ["P1", "P2", "P3"])
+
+
+def test_derived_ptv_is_not_taught_and_its_margin_travels_with_the_run(cache):
+    root, splits = cache
+    for pid in ("P1", "P2", "P3", "P4", "P5"):
+        _set_ptv(root, pid, DERIVED, False)
+    out = splits.parent / "derived"
+    result = tm.run(data_root=root, splits_dir=splits, output_dir=out, epochs=1, **TINY)
+    best = torch.load(out / "best_unet_multi_organ.pth", weights_only=True)
+    assert best["ptv"] == DERIVED and math.isnan(result.history[-1]["dice_ptv"])  # not scored: not annotated
+    weights = json.loads((splits / "class_weights.json").read_text())
+    assert weights["annotated_pixels"][organs.PTV] == 0 and weights["weights"][organs.PTV] == 1.0
+
+
+def test_a_contoured_ptv_is_still_trained_and_scored_as_a_label(cache):
+    root, splits = cache
+    for pid in ("P1", "P4"):
+        _set_ptv(root, pid, {"source": "contoured"}, True, paint_ptv=True)
+    out = splits.parent / "contoured"
+    result = tm.run(data_root=root, splits_dir=splits, output_dir=out, epochs=1, **TINY)
+    best = torch.load(out / "best_unet_multi_organ.pth", weights_only=True)
+    assert best["ptv"]["source"] == "contoured"
+    assert not math.isnan(result.history[-1]["dice_ptv"])  # P4 (validation) has a PTV label: scored
+    weights = json.loads((splits / "class_weights.json").read_text())
+    assert weights["pixel_counts"][organs.PTV] == 2 * (16 - 4)  # P1's ring: 2 slices x (4x4 - GTV 2x2)
+
+
+def test_a_cache_of_an_earlier_version_is_refused(cache):
+    root, splits = cache
+    meta_path = root / "processed" / "training_cache" / "P2" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["format"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="P2: .*earlier version.*re-run extract_multi_organ_masks.py --overwrite, "
+                                         "then normalize_ct_and_masks.py --overwrite"):
+        tm.run(data_root=root, splits_dir=splits, output_dir=splits.parent / "old", epochs=1, **TINY)
