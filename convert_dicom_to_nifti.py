@@ -60,6 +60,7 @@ from pipeline_io import (
     safe_patient_id,
     setup_logging,
     summary_line,
+    walk_files,
     write_nifti,
     write_text_atomic,
 )
@@ -211,15 +212,6 @@ def _read_scan_header(path: Path) -> pydicom.Dataset:
         return ds
 
 
-def _walk_files(root: Path) -> Iterable[Path]:
-    """Every regular file below ``root`` in a stable order, skipping hidden files and folders."""
-    for folder, subfolders, names in os.walk(root):
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-        for name in sorted(names):
-            if not name.startswith("."):
-                yield Path(folder) / name
-
-
 def find_dicom_series(root: Path | str) -> list[PatientDicom]:
     """Scan ``root`` (any nesting) and group its CT image files by patient and series.
 
@@ -237,7 +229,7 @@ def find_dicom_series(root: Path | str) -> list[PatientDicom]:
     root = Path(root)
     groups: dict[str, dict] = {}
     bad_files: list[tuple[Path, str]] = []
-    for path in _walk_files(root):
+    for path in walk_files(root):
         try:
             ds = _read_scan_header(path)
         except InvalidDicomError:
@@ -697,6 +689,10 @@ def run(*, data_root: Path | str = DEFAULT_DATA_ROOT, dicom_root: Path | str | N
     check_writable(out_dir)
 
     found = find_dicom_series(dicom_root)
+    if not found and patients is None:
+        raise FileNotFoundError(
+            f"no DICOM CT series found under {dicom_root.resolve()} (searched every file below it, following "
+            "symbolic links); put the collection there or pass --dicom-root")
     by_id: dict[str, list[PatientDicom]] = defaultdict(list)
     for patient in found:
         by_id[patient.patient_id].append(patient)
@@ -755,6 +751,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PermissionError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
+    except FileNotFoundError as exc:  # nothing to convert: say where we looked, exit non-zero
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
     print(summary_line(PHASE, results))
     return exit_status(results)
 

@@ -68,6 +68,7 @@ from pipeline_io import (
     run_batch,
     setup_logging,
     summary_line,
+    walk_files,
     write_nifti,
     write_text_atomic,
 )
@@ -290,7 +291,7 @@ def find_rtstruct_files(folder: Path) -> list[tuple[Path, str]]:
     non-DICOM files are ignored.
     """
     found = []
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+    for path in walk_files(folder):
         try:
             with open(path, "rb") as fh:
                 head = fh.read(_HEADER_BYTES)
@@ -1064,6 +1065,9 @@ def run(
     check_writable(layout.masks)
     report = _conversion_rows(layout.ct_nifti)
     available = sorted(p.name[: -len(".nii.gz")] for p in layout.ct_nifti.glob("*.nii.gz"))
+    if not available and not patients:
+        raise FileNotFoundError(f"no converted CT (<PatientID>.nii.gz) in {layout.ct_nifti.resolve()}; "
+                                "run convert_dicom_to_nifti.py first")
     wanted = list(dict.fromkeys(patients)) if patients else available
 
     results: dict[str, PatientResult] = {}
@@ -1120,7 +1124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = run(data_root=args.data_root, dicom_root=args.dicom_root, patients=args.patients,
                       workers=args.workers, overwrite=args.overwrite, ptv_margin_mm=args.ptv_margin_mm,
                       derive_ptv=not args.no_derived_ptv)
-    except PermissionError as exc:
+    except (PermissionError, FileNotFoundError) as exc:  # FileNotFoundError: no patient at all
         log.error("%s", exc)
         return 1
     print(summary_line("Phase 2.5", results, done_word="extracted"))

@@ -531,8 +531,8 @@ def run(
     layout = DataLayout(Path(data_root))
     patient_ids = list(patients) if patients else list_patients(layout.ct_nifti)
     if not patient_ids:
-        log.warning("no CT NIfTI in %s; run convert_dicom_to_nifti.py first", layout.ct_nifti)
-        return []
+        raise FileNotFoundError(f"no CT NIfTI (<PatientID>.nii.gz) in {layout.ct_nifti.resolve()}; "
+                                "run convert_dicom_to_nifti.py first")
     task = functools.partial(
         normalize_patient, data_root=layout.root, window=window, size=size, overwrite=overwrite,
         torch_threads=1 if workers > 1 else None,
@@ -592,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         results = run(data_root=args.data_root, patients=args.patients, workers=args.workers,
                       overwrite=args.overwrite, window=window, size=args.size)
-    except ValueError as exc:  # a malformed structures.csv
+    except (ValueError, FileNotFoundError) as exc:  # FileNotFoundError: no patient at all
         log.error("%s", exc)
         return 1
     print(summary_line("Phase 3", results, done_word="normalized"))

@@ -44,7 +44,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from tqdm import tqdm
 
 import organs
 from dataset_multi_organ import (
@@ -64,6 +63,7 @@ from pipeline_io import (
     DataLayout,
     atomic_output,
     positive_int,
+    progress_bar,
     setup_logging,
     write_text_atomic,
 )
@@ -468,8 +468,7 @@ def train_one_epoch(
     loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
     bad = torch.zeros((), dtype=torch.bool, device=runtime.device)
     seen, partial = 0, False
-    bar = tqdm(total=len(loader.sampler), desc=f"epoch {epoch}", unit="slice", dynamic_ncols=True,
-               leave=False, disable=not runtime.is_main)
+    bar = progress_bar(len(loader.sampler), f"epoch {epoch}", "slice", leave=False, disable=not runtime.is_main)
     for step, batch in enumerate(loader, start=1):
         image, mask, annotated = _to_device(batch, runtime)
         with runtime.precision.autocast(runtime.device):

@@ -757,3 +757,25 @@ def test_main_exit_status_and_summary_line(tmp_path, template, capsys):
     assert "Phase 2: 1 converted, 1 skipped, 0 failed" in capsys.readouterr().out
     assert conv.main(argv + ["--patients", "NOBODY"]) == 1
     assert "Phase 2: 0 converted, 0 skipped, 1 failed (NOBODY)" in capsys.readouterr().out
+
+
+def test_a_collection_linked_under_raw_is_converted(synthetic_cohort, tmp_path, capsys):
+    """Users link their downloaded collection: ``ln -s /path/to/collection DATA/raw/NSCLC``."""
+    raw_dir, _, cohort = synthetic_cohort
+    (tmp_path / "DATA" / "raw").mkdir(parents=True)
+    (tmp_path / "DATA" / "raw" / "NSCLC").symlink_to(raw_dir, target_is_directory=True)
+    assert conv.main(["--data-root", str(tmp_path / "DATA"), "--workers", "1"]) == 0
+    assert f"Phase 2: {len(cohort)} converted, 0 skipped, 0 failed" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "DATA" / "processed" / "ct_nifti").glob("*.nii.gz")) == [
+        f"{r['patient_id']}.nii.gz" for r in cohort]
+
+
+def test_a_folder_without_any_ct_says_so_and_exits_non_zero(tmp_path, capsys):
+    empty = tmp_path / "DATA" / "raw"
+    empty.mkdir(parents=True)
+    (empty / "README.txt").write_text("not DICOM")
+    assert conv.main(["--data-root", str(tmp_path / "DATA")]) == 1
+    err = capsys.readouterr().err
+    assert f"no DICOM CT series found under {empty.resolve()}" in err and "Traceback" not in err
+    with pytest.raises(FileNotFoundError, match="no DICOM CT series found under"):
+        conv.run(data_root=tmp_path / "DATA")

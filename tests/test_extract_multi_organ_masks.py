@@ -803,3 +803,15 @@ def test_real_label_maps_and_structures_csv(real_run, reference_json) -> None:
                             if organs.match_roi_name(roi) == organs.GTV)
         assert counts[organs.GTV] == gtv_reference
     assert rows["LUNG1-010", "gtv"]["source_rois"] == "gtv-2|GTV-1"
+
+
+def test_phases_2_5_and_3_without_any_patient_exit_non_zero_naming_the_folder(tmp_path, capsys) -> None:
+    import normalize_ct_and_masks
+
+    (tmp_path / "processed" / "ct_nifti").mkdir(parents=True)
+    assert em.main(["--data-root", str(tmp_path)]) == 1
+    assert normalize_ct_and_masks.main(["--data-root", str(tmp_path)]) == 1
+    folder = (tmp_path / "processed" / "ct_nifti").resolve()
+    err = capsys.readouterr().err
+    assert f"no converted CT (<PatientID>.nii.gz) in {folder}; run convert_dicom_to_nifti.py first" in err
+    assert f"no CT NIfTI (<PatientID>.nii.gz) in {folder}; run convert_dicom_to_nifti.py first" in err

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 
 import numpy as np
 import pytest
@@ -110,3 +111,54 @@ def test_common_arguments() -> None:
     assert str(args.data_root) == "DATA"
     with pytest.raises(SystemExit):
         parser.parse_args(["--workers", "0"])
+
+
+# --------------------------------------------------------------------------------------------
+# Walking a DICOM tree: links followed once; progress that suits a log file
+# --------------------------------------------------------------------------------------------
+def test_walk_files_follows_links_once_and_survives_loops(tmp_path) -> None:
+    collection = tmp_path / "elsewhere" / "NSCLC"
+    (collection / "P1" / "study").mkdir(parents=True)
+    (collection / "P1" / "study" / "1.dcm").write_bytes(b"x")
+    (collection / "P1" / ".hidden.dcm").write_bytes(b"x")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "NSCLC").symlink_to(collection, target_is_directory=True)  # ln -s /path/to/collection raw/NSCLC
+    (collection / "P1" / "loop").symlink_to(collection, target_is_directory=True)  # a link loop
+    (raw / "again").symlink_to(collection, target_is_directory=True)  # the same folder twice
+    found = list(pio.walk_files(raw))
+    assert [p.relative_to(raw).as_posix() for p in found] == ["NSCLC/P1/study/1.dcm"]
+
+
+def test_plain_progress_writes_bounded_lines_without_carriage_returns(capsys) -> None:
+    now = [0.0]
+    bar = pio.PlainProgress(840, "epoch 3", "slice", interval=30.0, clock=lambda: now[0])
+    for _ in range(105):  # one batch of 8 slices a second for 105 s
+        now[0] += 1.0
+        bar.update(8)
+    bar.set_postfix(loss="0.0812")
+    bar.close()
+    bar.close()  # closing twice writes nothing more
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["epoch 3: 240/840 slice (29%), 8.0 slice/s, 30 s",
+                     "epoch 3: 480/840 slice (57%), 8.0 slice/s, 60 s",
+                     "epoch 3: 720/840 slice (86%), 8.0 slice/s, 90 s",
+                     "epoch 3: 840/840 slice (100%), 8.0 slice/s, 105 s, loss=0.0812"]
+
+
+def test_progress_bar_is_a_bar_on_a_terminal_and_lines_in_a_file(tmp_path) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert isinstance(pio.progress_bar(3, "x", "patient", stream=io.StringIO()), pio.PlainProgress)
+    bar = pio.progress_bar(3, "x", "patient", stream=Terminal())
+    assert not isinstance(bar, pio.PlainProgress) and hasattr(bar, "set_postfix")
+    bar.close()
+
+
+def test_run_batch_logs_plain_lines_when_not_a_terminal(capsys) -> None:
+    results = pio.run_batch(["A", "B"], lambda pid: pio.PatientResult(pid, pio.DONE), desc="Phase 9")
+    assert [r.status for r in results] == [pio.DONE, pio.DONE]
+    err = capsys.readouterr().err
+    assert "\r" not in err and "Phase 9: 2/2 patient (100%)" in err
