@@ -472,7 +472,11 @@ def write_overlay_png(hu_zyx: np.ndarray, labels_zyx: np.ndarray, path: Path, ti
         ax.axis("off")
     present = sorted(set(np.unique(labels_zyx).tolist()) - {0}
                      | ({organs.PTV} if ptv_zyx is not None and ptv_zyx.any() else set()))
-    handles = [Patch(color=organs.structure(lb).color_float, label=organs.structure(lb).name) for lb in present]
+    outlined = {organs.PTV} if ptv_zyx is not None else set()
+    handles = [Patch(facecolor="none" if lb in outlined else organs.structure(lb).color_float,
+                     edgecolor=organs.structure(lb).color_float, linewidth=1.5,
+                     label=organs.structure(lb).name + (" (outline)" if lb in outlined else ""))
+               for lb in present]
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
