@@ -16,6 +16,10 @@ items keep the cache's dtypes (float16 image, uint8 mask: 4x fewer bytes);
     ds = MultiOrganDataset("train", data_root="DATA", compact=True)
     for batch in DataLoader(ds, batch_size=16, num_workers=2):
         batch = batch_to_device(batch, device)  # image float32, mask int64
+
+Slice context (2.5D): ``context_slices=K`` serves the slice and its K neighbours on each side as
+2K + 1 input channels, clamped at the ends of the volume (:func:`context_indices`, the one rule that
+training, evaluation and prediction share); the mask is the middle slice's. K = 0 is one channel.
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ from prepare_train_val_test_splits import SPLIT_NAMES, read_split_file
 log = logging.getLogger(__name__)
 
 DEFAULT_TUMOUR_FRACTION = 0.3
+MAX_CONTEXT_SLICES = 8
 DEFAULT_MAX_OPEN_PATIENTS = 128  # two memory maps (two file descriptors) per open patient
 
 
@@ -157,11 +162,35 @@ class SliceAugmentation:
 # --------------------------------------------------------------------------------------------
 # Dataset
 # --------------------------------------------------------------------------------------------
+def check_context_slices(k: int) -> int:
+    """``k`` as an int in 0..:data:`MAX_CONTEXT_SLICES`; ``ValueError`` naming the value otherwise."""
+    if isinstance(k, bool) or int(k) != k or not 0 <= int(k) <= MAX_CONTEXT_SLICES:
+        raise ValueError(f"context slices must be an integer in 0-{MAX_CONTEXT_SLICES}, got {k!r}")
+    return int(k)
+
+
+def context_indices(z: int | np.ndarray, depth: int, k: int) -> np.ndarray:
+    """The input slices of slice ``z`` (int, or int array (B,)) of a ``depth``-slice volume with
+    ``k`` neighbours on each side: int64 (2k + 1,) (or (B, 2k + 1)), z - k .. z + k clamped to
+    0 .. depth - 1. For depth 3 and k 2: z 0 -> [0, 0, 0, 1, 2], z 2 -> [0, 1, 2, 2, 2]."""
+    k = check_context_slices(k)
+    offsets = np.arange(-k, k + 1, dtype=np.int64)
+    return np.clip(np.asarray(z, dtype=np.int64)[..., None] + offsets, 0, int(depth) - 1)
+
+
+def context_stack(volume_zyx: np.ndarray, start: int, stop: int, k: int) -> np.ndarray:
+    """The network input of slices ``start`` .. ``stop`` - 1 of a (Z, S, S) volume: (B, 2k + 1, S, S)
+    in the volume's dtype (a copy), neighbours clamped as in :func:`context_indices`."""
+    z = np.arange(start, min(stop, len(volume_zyx)))
+    return np.asarray(volume_zyx)[context_indices(z, len(volume_zyx), k)]
+
+
 class MultiOrganDataset(Dataset):
     """Axial slices of the phase 3 training cache of a split or a list of patients.
 
     Every item is a dict:
-        ``image`` float32 (1, S, S) z-scored CT; ``mask`` int64 (S, S) labels 0-7;
+        ``image`` float32 (C, S, S) z-scored CT, C = 2 x ``context_slices`` + 1 (the slice in the
+        middle channel); ``mask`` int64 (S, S) labels 0-7;
         ``annotated`` bool (8,) which labels the patient has annotated (a 0 in the mask of an
         unannotated structure means "unknown", not "background"); ``patient_id`` str;
         ``slice_index`` int (z index in the patient's volume, 0 = first slice of the CT).
@@ -183,6 +212,7 @@ class MultiOrganDataset(Dataset):
             cut DataLoader transport 4x; widen them with :func:`batch_to_device`.
         return_meta: ignored, items are always dicts (accepted for callers of the first contract).
         max_open_patients: memory maps kept open per process (least recently used are closed).
+        context_slices: neighbours on each side served as extra channels (0: the slice alone).
     """
 
     def __init__(
@@ -194,9 +224,11 @@ class MultiOrganDataset(Dataset):
         return_meta: bool = True,
         max_open_patients: int = DEFAULT_MAX_OPEN_PATIENTS,
         compact: bool = False,
+        context_slices: int = 0,
     ) -> None:
         self.data_root = Path(data_root)
         self.compact = compact
+        self.context_slices = check_context_slices(context_slices)
         if isinstance(split, str):
             if split not in SPLIT_NAMES:
                 raise ValueError(f"split must be one of {', '.join(SPLIT_NAMES)} or a list of "
@@ -287,7 +319,10 @@ class MultiOrganDataset(Dataset):
         ct, mask = self._volumes(p)
         # Copy the slice out of the read-only map; widen it with torch (numpy's float16 ->
         # float32 conversion is ~10x slower).
-        image = torch.from_numpy(np.array(ct[z]))[None]
+        if self.context_slices:
+            image = torch.from_numpy(np.array(ct[context_indices(z, len(ct), self.context_slices)]))
+        else:
+            image = torch.from_numpy(np.array(ct[z]))[None]
         labels = torch.from_numpy(np.array(mask[z]))
         if self.augment is not None or not self.compact:
             image, labels = image.to(torch.float32), labels.to(torch.int64)
@@ -310,11 +345,11 @@ class MultiOrganDataset(Dataset):
 
     def __repr__(self) -> str:
         return (f"MultiOrganDataset({len(self.patients)} patients, {len(self)} slices, "
-                f"augment={self.augment!r}, compact={self.compact})")
+                f"augment={self.augment!r}, compact={self.compact}, context_slices={self.context_slices})")
 
 
 def batch_to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
-    """A collated batch on ``device`` with ``image`` float32 (B, 1, S, S), ``mask`` int64 (B, S, S)
+    """A collated batch on ``device`` with ``image`` float32 (B, C, S, S), ``mask`` int64 (B, S, S)
     and ``annotated`` bool (B, 8), whatever dtypes it was loaded with (see ``compact``)."""
     out = dict(batch)
     out["image"] = batch["image"].to(device, non_blocking=True).to(torch.float32)

@@ -17,6 +17,8 @@ from dataset_multi_organ import (
     SliceAugmentation,
     batch_to_device,
     load_split,
+    context_indices,
+    context_stack,
     make_tumour_oversampling_sampler,
     read_npy_header,
 )
@@ -104,6 +106,37 @@ def test_items_equal_the_cached_volumes(cache) -> None:
     assert ds[-1]["patient_id"] == "C" and ds[-1]["slice_index"] == 3
     with pytest.raises(IndexError, match="slice 12 out of range for a dataset of 12 slices"):
         ds[12]
+
+
+def test_context_indices_clamp_at_the_ends_of_a_3_slice_volume() -> None:
+    """K = 2 on a 3-slice volume: each slice with two neighbours per side, repeated at the ends."""
+    assert context_indices(0, 3, 2).tolist() == [0, 0, 0, 1, 2]
+    assert context_indices(1, 3, 2).tolist() == [0, 0, 1, 2, 2]
+    assert context_indices(2, 3, 2).tolist() == [0, 1, 2, 2, 2]
+    assert context_indices(np.array([0, 2]), 3, 1).tolist() == [[0, 0, 1], [1, 2, 2]]
+    assert context_indices(1, 3, 0).tolist() == [1]
+    for bad in (-1, 9, 1.5, True):
+        with pytest.raises(ValueError, match="context slices must be an integer in 0-8"):
+            context_indices(0, 3, bad)
+
+
+def test_context_items_stack_the_neighbours_and_keep_the_middle_mask(cache) -> None:
+    """Patient B has 3 slices: the hand-written stacks of slices (z-2 .. z+2, clamped)."""
+    root, volumes = cache
+    ct, mask = volumes["B"]
+    ds = MultiOrganDataset(["B"], data_root=root, context_slices=2)
+    expected = {0: [0, 0, 0, 1, 2], 1: [0, 0, 1, 2, 2], 2: [0, 1, 2, 2, 2]}
+    for z, stack in expected.items():
+        item = ds[z]
+        assert item["image"].shape == (5, SIZE, SIZE) and item["image"].dtype == torch.float32
+        np.testing.assert_array_equal(item["image"].numpy(), ct[stack].astype(np.float32))
+        np.testing.assert_array_equal(item["mask"].numpy(), mask[z])
+    np.testing.assert_array_equal(context_stack(ct, 1, 3, 2), ct[[[0, 0, 1, 2, 2], [0, 1, 2, 2, 2]]])
+    compact = MultiOrganDataset(["B"], data_root=root, context_slices=1, compact=True, augment=True)
+    assert compact[0]["image"].shape == (3, SIZE, SIZE) and compact[0]["image"].dtype == torch.float16
+    # K = 0 is the single slice, as before.
+    single = MultiOrganDataset(["B"], data_root=root)
+    np.testing.assert_array_equal(single[1]["image"].numpy(), ct[[1]].astype(np.float32))
 
 
 def test_compact_items_widen_to_the_same_batch(cache) -> None:
