@@ -188,6 +188,7 @@ def build_checkpoint(
     *,
     preprocessing: Mapping[str, Any],
     ptv: Mapping[str, Any] | None = None,
+    context_slices: int = 0,
     epoch: int,
     val_loss: float,
     val_dice: Mapping[str, float] | None = None,
@@ -197,7 +198,8 @@ def build_checkpoint(
 
     ``model`` may be wrapped (DDP, ``torch.compile``); the plain module's state is stored, on
     CPU, so the file loads anywhere. ``val_dice`` maps structure keys to Dice (NaN allowed).
-    ``ptv`` says how the model's PTV is made (``{"source": "derived", "margin_mm": 10.0}``: grown from
+    ``context_slices`` K: the model sees each slice with K neighbours per side (2K + 1 input
+    channels; :func:`checkpoint_context_slices`). ``ptv`` says how the model's PTV is made (``{"source": "derived", "margin_mm": 10.0}``: grown from
     the predicted GTV; ``{"source": "contoured"}``: label 2); see :func:`checkpoint_ptv`.
     ``extra`` entries (e.g. optimizer state for the last checkpoint) are added as they are.
     """
@@ -212,12 +214,32 @@ def build_checkpoint(
         "labels": label_table(),
         "preprocessing": dict(preprocessing),
         "ptv": dict(ptv) if ptv is not None else {"source": "contoured"},
+        "context_slices": int(context_slices),
         "epoch": int(epoch),
         "val_loss": float(val_loss),
         "val_dice": {str(k): float(v) for k, v in (val_dice or {}).items()},
     }
+    if plain.config.get("in_channels") != 2 * int(context_slices) + 1:
+        raise ValueError(f"a model of {plain.config.get('in_channels')} input channels cannot see "
+                         f"{context_slices} neighbours per side (2K + 1 = {2 * int(context_slices) + 1} channels)")
     checkpoint.update(extra or {})
     return checkpoint
+
+
+def checkpoint_context_slices(checkpoint: Mapping[str, Any], expected: int | None = None,
+                              path: Path | str = "checkpoint") -> int:
+    """K, the neighbours per side the checkpoint's model sees (0 for checkpoints of earlier
+    versions: one CT channel). ``expected`` (a reader's ``--context-slices``) must match: a reader
+    that would feed another number of channels is refused with a ``ValueError`` naming both."""
+    k = int(checkpoint.get("context_slices", 0))
+    channels = (checkpoint.get("model_config") or {}).get("in_channels", 2 * k + 1)
+    if channels != 2 * k + 1:
+        raise ValueError(f"{path}: context_slices {k} but {channels} input channels (expected {2 * k + 1})")
+    if expected is not None and int(expected) != k:
+        raise ValueError(f"{path}: the network was trained with {k} context slice(s) per side ({2 * k + 1} "
+                         f"input channels); this run asks for {expected} ({2 * int(expected) + 1} channels). "
+                         f"Use --context-slices {k} (or leave it out to take the checkpoint's)")
+    return k
 
 
 def checkpoint_ptv(checkpoint: Mapping[str, Any], margin_mm: float | None = None) -> dict[str, Any]:

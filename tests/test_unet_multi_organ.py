@@ -174,3 +174,20 @@ def test_resolve_device_never_falls_back_silently(monkeypatch):
     for bad in ("gpu", "mps"):
         with pytest.raises(ValueError, match=f"device must be auto, cpu, cuda or cuda:N, got '{bad}'"):
             resolve_device(bad)
+
+
+def test_checkpoint_records_its_context_slices_and_a_mismatch_is_refused(tmp_path):
+    from unet_multi_organ import build_checkpoint, checkpoint_context_slices
+
+    preprocessing = {"window": [-1000, 400], "size": 32, "zscore": "per_patient"}
+    model = UNetMultiOrgan(in_channels=5, out_channels=8, base_channels=4)
+    record = build_checkpoint(model, preprocessing=preprocessing, context_slices=2, epoch=1, val_loss=0.5)
+    assert record["context_slices"] == 2 and record["model_config"]["in_channels"] == 5
+    assert checkpoint_context_slices(record) == 2 == checkpoint_context_slices(record, 2)
+    with pytest.raises(ValueError, match=r"best.pth: the network was trained with 2 context slice\(s\) per side "
+                                         r"\(5 input channels\); this run asks for 0 \(1 channels\). "
+                                         r"Use --context-slices 2"):
+        checkpoint_context_slices(record, 0, "best.pth")
+    assert checkpoint_context_slices({"model_config": {"in_channels": 1}}) == 0  # earlier versions
+    with pytest.raises(ValueError, match="cannot see 1 neighbours per side"):
+        build_checkpoint(model, preprocessing=preprocessing, context_slices=1, epoch=1, val_loss=0.5)
