@@ -1,5 +1,7 @@
 """Phase 4 (loading): a PyTorch dataset of axial slices read through memory maps of the phase 3
-training cache, with anatomy-safe augmentation and a tumour-oversampling sampler.
+training cache, with anatomy-safe augmentation and a tumour-oversampling sampler. The cache is
+already in the network's one orientation (head-first supine, LPS: phase 3's
+``normalize_ct_and_masks.to_network_orientation``), so slices are served as they are stored.
 
     ds = MultiOrganDataset("train", data_root="DATA", splits_dir="splits", augment=True)
     loader = DataLoader(ds, batch_size=16, sampler=make_tumour_oversampling_sampler(ds), num_workers=2)

@@ -6,9 +6,12 @@ dice_boxplot.png, predictions/<PatientID>.nii.gz
 
     python evaluate_multi_organ.py --checkpoint runs/demo/best_unet_multi_organ.pth --split test
 
-For each patient every slice is predicted (in batches), the per-class probabilities are resized
-bilinearly from the network's S x S back to the CT's own in-plane size (the inverse of phase 3,
-which resized slices in plane only) and the label is their argmax. Each structure is then scored
+For each patient every slice is predicted (in batches) in the network's one orientation (LPS,
+phase 3's cache), the per-class probabilities are resized bilinearly from the network's S x S back
+to the CT's own in-plane size (the inverse of phase 3, which resized slices in plane only), the
+label is their argmax, and the label map is put back into phase 2's stored voxel order (feet
+first, prone: ``normalize_ct_and_masks.from_network_orientation``, exact) before it is written and
+scored. Each structure is then scored
 in 3D at the CT's own anisotropic resolution against ``masks_multi_organ``:
 
 * Dice; the 95th-percentile Hausdorff distance in mm (HD95: the larger of the two directed 95th
@@ -27,7 +30,8 @@ in 3D at the CT's own anisotropic resolution against ``masks_multi_organ``:
   organ; GTV and PTV are left alone because a tumour can be multifocal (primary plus nodes).
 
 Precision (mixed on CUDA, float32 on CPU) comes from the policy in ``precision.py``.
-Imported, not re-typed: the way back to the CT grid (``normalize_ct_and_masks.probabilities_to_ct_labels``),
+Imported, not re-typed: the way back to the CT grid (``normalize_ct_and_masks.probabilities_to_ct_labels``
+and ``from_network_orientation``),
 the Dice box plot (``visualize_all_phases.dice_boxplot_figure``) and the file names of phases 2.5, 3
 and training (``CACHE_*``, ``BEST_CHECKPOINT``), the GTV -> PTV margin
 (``extract_multi_organ_masks.ptv_from_gtv``).
@@ -53,7 +57,8 @@ import organs
 from dataset_multi_organ import load_split
 from extract_multi_organ_masks import PTV_DERIVED, ptv_description, ptv_from_gtv, read_mask_record
 from normalize_ct_and_masks import (
-    CACHE_CT, CACHE_META, NORMALIZATION_JSON, probabilities_to_ct_labels, read_cache_meta,
+    CACHE_CT, CACHE_META, NORMALIZATION_JSON, from_network_orientation, network_shape_zyx, orientation_code,
+    probabilities_to_ct_labels, read_cache_meta, stored_orientation_of,
 )
 from pipeline_io import (
     DEFAULT_DATA_ROOT, DEFAULT_SPLITS_DIR, DONE, FAILED, DataLayout, PatientError, PatientResult,
@@ -305,6 +310,10 @@ def load_normalized_ct(layout: DataLayout, patient_id: str) -> tuple[np.ndarray,
         records = json.loads(table.read_text(encoding="utf-8"))
         if patient_id not in records:
             raise PatientError(f"{patient_id}: no entry in {table}; rerun phase 3 for this patient")
+        try:
+            stored_orientation_of(records[patient_id], f"{patient_id}: {table}")
+        except ValueError as exc:
+            raise PatientError(str(exc)) from None
         return sitk.GetArrayFromImage(read_nifti(nifti)).astype(np.float32, copy=False), records[patient_id]
     raise PatientError(
         f"{patient_id}: no normalised CT: neither {cache}/{CACHE_CT} + {CACHE_META} nor {nifti} + {table.name}; "
@@ -354,11 +363,18 @@ def evaluate_patient(
     ct_normalized, meta = load_normalized_ct(layout, patient_id)
     annotated, ptv = truth_record(layout, patient_id)
 
+    stored = stored_orientation_of(meta, f"{patient_id}: phase 3's record")
+    try:
+        orientation_now = orientation_code(header)
+    except ValueError as exc:
+        raise PatientError(f"{patient_id}: {ct_path}: {exc}") from None
+    network_shape = network_shape_zyx(ct_shape_zyx, stored)
     original = tuple(meta.get("original_shape_zyx", ct_shape_zyx))
-    if original != ct_shape_zyx or ct_normalized.shape[0] != depth:
+    if original != ct_shape_zyx or ct_normalized.shape[0] != network_shape[0] or orientation_now != stored:
         raise PatientError(
             f"{patient_id}: phase-3 data has {ct_normalized.shape[0]} slices for an original shape "
-            f"{original}, but {ct_path.name} is {ct_shape_zyx} (z, y, x): rerun phase 3 with --overwrite"
+            f"{original} stored {stored}, but {ct_path.name} is {ct_shape_zyx} (z, y, x) stored "
+            f"{orientation_now}: rerun phase 3 with --overwrite"
         )
     if expected_size is not None and ct_normalized.shape[1] != expected_size:
         raise PatientError(
@@ -371,8 +387,9 @@ def evaluate_patient(
         predicted_image = read_nifti(prediction_path)
         message = "reused saved prediction"
     else:
-        labels = predict_volume(model, ct_normalized, device, batch_size, output_shape_yx=(height, width),
+        labels = predict_volume(model, ct_normalized, device, batch_size, output_shape_yx=network_shape[1:],
                                 ptv=model_ptv)
+        labels = from_network_orientation(labels, stored)  # back to phase 2's voxel order
         if postprocess:
             labels = keep_largest_component(labels)
         predicted_image = sitk.GetImageFromArray(labels)

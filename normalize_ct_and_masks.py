@@ -8,20 +8,27 @@ memory-mappable training cache.
 
     python normalize_ct_and_masks.py --data-root DATA [--window -1000 400] [--size 256]
 
-Per patient: HU are clipped to the window, z-scored with the mean and standard deviation of the
-windowed volume (recorded in ``normalization.json``), and every axial slice is resized in-plane
+Per patient: the volume is first brought to the network's one orientation (head-first supine
+axial, ``LPS``: patient right on image left, anterior up) by axis permutations and flips only
+(:func:`to_network_orientation`; an oblique volume is refused), so a feet-first or prone series
+reaches the network as the training data do; the phase-2 NIfTIs keep their stored order. Then
+HU are clipped to the window, z-scored with the mean and standard deviation of the windowed
+volume (recorded in ``normalization.json``), and every axial slice is resized in-plane
 (bilinear, anti-aliased when shrinking, for CT; nearest neighbour for labels, so no new label
 value can appear). Slices are kept one for one, so z never changes. The NIfTI geometry is updated
 so that the normalized volumes overlay the originals voxel corner for voxel corner; the original
-shape, spacing, origin and direction are recorded so predictions can be mapped back.
+shape, spacing, origin and direction (phase 2's stored grid) and the orientation step
+(``"orientation": {"stored": "RPI", "network": "LPS"}``) are recorded so predictions can be mapped back.
 
 ``meta.json`` records the annotated flags and how the PTV is made (from phase 2.5's record) and a
 fingerprint of the inputs (CT and label-map bytes, phase 2.5's flags and PTV margin): a run without
 ``--overwrite`` redoes a patient whose inputs changed and says so; the dataset, training and
 evaluation refuse a cache written by an earlier version (:func:`read_cache_meta`).
 
-The network grid <-> CT grid pair (``resize_ct_slices`` / ``probabilities_to_ct_labels``) lives
-here; evaluation, prediction and the figures import it.
+The network grid <-> CT grid pair lives here; evaluation, prediction and the figures import it:
+orientation (``to_network_orientation`` / ``from_network_orientation``, exact) and in-plane size
+(``resize_ct_slices`` / ``probabilities_to_ct_labels``). A cache without the orientation record
+(written by an earlier version) is redone without ``--overwrite`` and refused by the readers.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ import argparse
 import functools
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 import organs
+from convert_dicom_to_nifti import MAX_AXIAL_ANGLE_DEG
 from extract_multi_organ_masks import read_mask_record
 from pipeline_io import (
     DEFAULT_DATA_ROOT,
@@ -314,6 +323,134 @@ def image_on_resized_grid(array_zyx: np.ndarray, source: sitk.Image) -> sitk.Ima
 
 
 # --------------------------------------------------------------------------------------------
+# Orientation: one voxel order for the network (axis permutations and flips only, exact)
+# --------------------------------------------------------------------------------------------
+#: The voxel order the network sees, as the SimpleITK/DICOM orientation code of the image axes
+#: (columns, rows, slices): head-first supine axial, columns towards the patient's left (patient
+#: right on image left), rows towards posterior (anterior up), slices towards the head. The
+#: training data are in it; a volume stored otherwise (feet first, prone, RAS NIfTI) is brought
+#: to it by :func:`to_network_orientation` and its labels go back by :func:`from_network_orientation`.
+NETWORK_ORIENTATION = "LPS"
+#: Largest angle between an image axis and the patient axis it is mapped onto: phase 2's limit
+#: for an axial series. A volume beyond it is oblique: no permutation of axes makes it LPS.
+MAX_AXIS_ANGLE_DEG = MAX_AXIAL_ANGLE_DEG
+_AXIS_LETTERS = ("LR", "PA", "SI")  # the letter of each patient axis (x, y, z of LPS), + then -
+
+
+def orientation_code(image: sitk.Image) -> str:
+    """The orientation code of ``image``'s axes (columns, rows, slices), e.g. ``LPS``, ``RPI``.
+
+    Each letter says towards which side of the patient the index of that axis increases
+    (``L``/``R``, ``P``/``A``, ``S``/``I``), as ``sitk.DICOMOrientImageFilter`` writes it.
+
+    Raises:
+        ValueError: for an oblique image: an axis more than :data:`MAX_AXIS_ANGLE_DEG` degrees
+            from every patient axis (the message gives the direction and what to do).
+    """
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    code = ""
+    for axis in range(3):
+        column = direction[:, axis] / np.linalg.norm(direction[:, axis])
+        nearest = int(np.argmax(np.abs(column)))
+        angle = math.degrees(math.acos(min(1.0, abs(column[nearest]))))
+        if angle > MAX_AXIS_ANGLE_DEG or _AXIS_LETTERS[nearest][0] in code or _AXIS_LETTERS[nearest][1] in code:
+            raise ValueError(
+                f"oblique image: axis {'xyz'[axis]} points along {(np.round(column, 4) + 0.0).tolist()} (LPS), "
+                f"{angle:.1f} deg from the nearest patient axis (at most {MAX_AXIS_ANGLE_DEG:g} deg); direction "
+                f"{(np.round(direction.ravel(), 4) + 0.0).tolist()}: it cannot be brought to "
+                f"{NETWORK_ORIENTATION} by permuting and flipping axes; resample it to an axial grid first"
+            )
+        code += _AXIS_LETTERS[nearest][0 if column[nearest] > 0 else 1]
+    return code
+
+
+def _orientation_axes(stored_code: str) -> tuple[tuple[int, int, int], tuple[int, ...]]:
+    """(numpy transpose axes, array axes to flip afterwards) taking a (Z, Y, X) array stored in
+    ``stored_code`` to :data:`NETWORK_ORIENTATION`."""
+    code = str(stored_code).upper()
+    pairs = [next((k for k, pair in enumerate(_AXIS_LETTERS) if letter in pair), None) for letter in code]
+    if len(code) != 3 or sorted(p for p in pairs if p is not None) != [0, 1, 2]:
+        raise ValueError(f"orientation code must be three letters, one of each of L/R, P/A, S/I "
+                         f"(e.g. LPS, RAI), got {stored_code!r}")
+    source = {}  # network image axis -> (stored image axis, flipped)
+    for stored_axis, (letter, pair) in enumerate(zip(code, pairs)):
+        network_axis = next(k for k, n in enumerate(NETWORK_ORIENTATION) if n in _AXIS_LETTERS[pair])
+        source[network_axis] = (stored_axis, letter != NETWORK_ORIENTATION[network_axis])
+    # array axis a holds image axis 2 - a
+    axes = tuple(2 - source[2 - a][0] for a in range(3))
+    flips = tuple(a for a in range(3) if source[2 - a][1])
+    return axes, flips  # type: ignore[return-value]
+
+
+def to_network_orientation(image: sitk.Image) -> tuple[sitk.Image, str]:
+    """``(image in NETWORK_ORIENTATION, the orientation code it was stored in)``.
+
+    Exact: the voxels are only permuted (``sitk.DICOMOrient``: axis permutations and flips, no
+    resampling) and the geometry follows them, so every voxel keeps its patient position. Phase 3
+    (cache and normalized NIfTIs), evaluation and prediction call it before the network; the
+    labels go back with :func:`from_network_orientation`. An image already in LPS comes back as is.
+
+    Raises:
+        ValueError: for an oblique image (:func:`orientation_code`).
+    """
+    stored = orientation_code(image)
+    if stored == NETWORK_ORIENTATION:
+        return image, stored
+    return sitk.DICOMOrient(image, NETWORK_ORIENTATION), stored
+
+
+def to_network_array(array_zyx: np.ndarray, stored_code: str) -> np.ndarray:
+    """A (Z, Y, X) array of an image stored in ``stored_code`` in network order (a view).
+
+    The array half of :func:`to_network_orientation` (same voxels, same order), for data already
+    read as arrays; ``from_network_orientation(to_network_array(a, code), code)`` is ``a``.
+    """
+    array = np.asarray(array_zyx)
+    if array.ndim != 3:
+        raise ValueError(f"expected a (Z, Y, X) array, got shape {array.shape}")
+    axes, flips = _orientation_axes(stored_code)
+    return np.flip(np.transpose(array, axes), flips) if flips else np.transpose(array, axes)
+
+
+def from_network_orientation(array_zyx: np.ndarray, stored_code: str) -> np.ndarray:
+    """A (Z, Y, X) array in network order (e.g. predicted labels, any dtype) -> the array order of
+    the image stored in ``stored_code`` (C-contiguous copy): the inverse of
+    :func:`to_network_orientation`, exact (flips and a transpose, no interpolation)."""
+    array = np.asarray(array_zyx)
+    if array.ndim != 3:
+        raise ValueError(f"expected a (Z, Y, X) array, got shape {array.shape}")
+    axes, flips = _orientation_axes(stored_code)
+    if flips:
+        array = np.flip(array, flips)
+    return np.ascontiguousarray(np.transpose(array, np.argsort(axes)))
+
+
+def network_shape_zyx(shape_zyx: Sequence[int], stored_code: str) -> tuple[int, int, int]:
+    """The (Z, Y, X) shape of a volume of shape ``shape_zyx`` stored in ``stored_code`` once in
+    network order (the in-plane axes swap for a stored code such as ``PLS``)."""
+    axes, _ = _orientation_axes(stored_code)
+    return tuple(int(shape_zyx[a]) for a in axes)  # type: ignore[return-value]
+
+
+def stored_orientation_of(record: dict[str, Any], where: str) -> str:
+    """The stored orientation code from a phase-3 record (``meta.json`` or ``normalization.json``).
+
+    Raises ``ValueError`` naming ``where`` and the phase to re-run when the record has no
+    orientation (written by an earlier version: its arrays may be mirrored) or another network
+    orientation."""
+    orientation = record.get("orientation")
+    if not isinstance(orientation, dict) or orientation.get("network") != NETWORK_ORIENTATION:
+        raise ValueError(
+            f"{where} was written by an earlier version of this pipeline (orientation "
+            f"{orientation!r}, this version brings every volume to {{'network': '{NETWORK_ORIENTATION}'}} "
+            "before the network); re-run normalize_ct_and_masks.py --overwrite"
+        )
+    stored = str(orientation.get("stored"))
+    _orientation_axes(stored)
+    return stored
+
+
+# --------------------------------------------------------------------------------------------
 # Training cache
 # --------------------------------------------------------------------------------------------
 def cache_dir(data_root: Path | str, patient_id: str) -> Path:
@@ -326,7 +463,9 @@ def read_cache_meta(data_root: Path | str, patient_id: str) -> dict[str, Any]:
 
     Raises ``FileNotFoundError`` (run phase 3) when it is missing and ``ValueError`` when it was
     written by an earlier version (format 1 painted a synthetic PTV into the label map, so its
-    annotated flags and masks would teach the PTV as a label): the message names the phases to re-run.
+    annotated flags and masks would teach the PTV as a label; a cache without an ``orientation``
+    record kept each series' stored voxel order, so a feet-first or prone patient reached the
+    network mirrored): the message names the phases to re-run.
     """
     path = cache_dir(data_root, patient_id) / CACHE_META
     if not path.is_file():
@@ -341,6 +480,7 @@ def read_cache_meta(data_root: Path | str, patient_id: str) -> dict[str, Any]:
             "label map); re-run extract_multi_organ_masks.py --overwrite, then normalize_ct_and_masks.py "
             "--overwrite"
         )
+    stored_orientation_of(meta, f"{patient_id}: {path}")
     return meta
 
 
@@ -383,7 +523,7 @@ def _outputs(layout: DataLayout, patient_id: str) -> dict[str, Path]:
 
 
 def _normalization_record(meta: dict[str, Any]) -> dict[str, Any]:
-    keys = ("window", "mean", "std", "size", "original_shape_zyx", "original_spacing_xyz",
+    keys = ("window", "mean", "std", "size", "orientation", "original_shape_zyx", "original_spacing_xyz",
             "original_origin_xyz", "original_direction")
     return {k: meta[k] for k in keys}
 
@@ -401,6 +541,8 @@ def _skip_or_why(out: dict[str, Path], fingerprint_now: str, window: tuple[float
     meta = json.loads(out["meta"].read_text(encoding="utf-8"))
     if meta.get("format") != PROCESSED_FORMAT:
         return None, "redone: its training cache was written by an earlier version"
+    if not isinstance(meta.get("orientation"), dict):
+        return None, "redone: its training cache was written by an earlier version (no orientation record)"
     if meta.get("inputs_fingerprint") != fingerprint_now:
         return None, "redone: its CT, label map or phase 2.5 record changed since it was normalised"
     wanted = {"window": [_plain_number(v) for v in window], "size": size}
@@ -460,8 +602,13 @@ def normalize_patient(
     if ct.GetDimension() != 3:
         raise PatientError(f"{patient_id}: {ct_path} is {ct.GetDimension()}-D, expected a 3-D CT")
     check_same_geometry(ct, mask, f"{patient_id}: label map {mask_path} vs CT {ct_path}")
-    hu = sitk.GetArrayFromImage(ct)
-    labels = sitk.GetArrayFromImage(mask)
+    try:
+        ct_network, stored_orientation = to_network_orientation(ct)
+    except ValueError as exc:
+        raise PatientError(f"{patient_id}: {ct_path}: {exc}") from None
+    mask_network, _ = to_network_orientation(mask)
+    hu = sitk.GetArrayFromImage(ct_network)
+    labels = sitk.GetArrayFromImage(mask_network)
     found = np.unique(labels)
     if found.min() < 0 or found.max() >= organs.NUM_CLASSES:
         raise PatientError(
@@ -477,8 +624,8 @@ def normalize_patient(
     del normalized
     mask_small = resize_mask_slices(labels, size)
 
-    ct_image = image_on_resized_grid(ct_small, ct)
-    mask_image = image_on_resized_grid(mask_small, ct)
+    ct_image = image_on_resized_grid(ct_small, ct_network)
+    mask_image = image_on_resized_grid(mask_small, ct_network)
     check_same_geometry(ct_image, mask_image, f"{patient_id}: normalized label map vs CT")
     meta = {
         "format": PROCESSED_FORMAT,
@@ -491,7 +638,8 @@ def normalize_patient(
         "mean": mean,
         "std": std,
         "size": size,
-        "original_shape_zyx": list(labels.shape),
+        "orientation": {"stored": stored_orientation, "network": NETWORK_ORIENTATION},
+        "original_shape_zyx": list(ct.GetSize()[::-1]),
         "original_spacing_xyz": list(ct.GetSpacing()),
         "original_origin_xyz": list(ct.GetOrigin()),
         "original_direction": list(ct.GetDirection()),
@@ -507,6 +655,8 @@ def normalize_patient(
     _save_npy(mask_small, out["mask_npy"])
     _write_json(meta, out["meta"])
     message = f"{labels.shape} -> {ct_small.shape}, mean {mean:.1f} HU, std {std:.1f} HU"
+    if stored_orientation != NETWORK_ORIENTATION:
+        message += f", stored {stored_orientation} -> {NETWORK_ORIENTATION}"
     if redo_reason:
         message = f"{redo_reason}; {message}"
     return PatientResult(patient_id, DONE, message, {"normalization": _normalization_record(meta)})

@@ -13,7 +13,11 @@ real contours do), ``<PatientID>_volumes.csv`` (ml per structure) and ``<Patient
 For each patient, exactly as in training and evaluation:
 
 1. the CT series is found and read by phase 2 (``convert_dicom_to_nifti``: slices ordered along
-   the normal, gantry tilt and missing slices refused) or read from the NIfTI;
+   the normal, gantry tilt and missing slices refused) or read from the NIfTI; either way it is
+   brought to the network's one orientation (head-first supine, LPS) by axis permutations and
+   flips only, and its labels go back to the CT's stored grid (``normalize_ct_and_masks.
+   to_network_orientation`` / ``from_network_orientation``, as phase 3 and the evaluation do), so
+   a feet-first or prone series is segmented like a head-first supine one; an oblique one is refused;
 2. preprocessing comes from the checkpoint (``preprocessing``: HU window, slice size, per-patient
    z-score) through phase 3's functions, never re-typed;
 3. all slices are predicted in batches under ``torch.inference_mode``; per-class probabilities
@@ -55,7 +59,8 @@ from convert_dicom_to_nifti import PatientDicom, choose_ct_series, find_dicom_se
 from evaluate_multi_organ import keep_largest_component, resolve_device
 from extract_multi_organ_masks import PTV_DERIVED, ptv_description, ptv_from_gtv
 from normalize_ct_and_masks import (
-    check_size, check_window, probabilities_to_ct_labels, resize_ct_slices, window_and_zscore,
+    NETWORK_ORIENTATION, check_size, check_window, from_network_orientation, orientation_code,
+    probabilities_to_ct_labels, resize_ct_slices, to_network_array, to_network_orientation, window_and_zscore,
 )
 from pipeline_io import (
     DONE,
@@ -82,8 +87,6 @@ from unet_multi_organ import checkpoint_ptv, fold_derived_ptv, label_table, load
 log = logging.getLogger(__name__)
 
 PHASE = "Predict"
-#: Voxel order of phase 2's volumes (axial DICOM, head first supine): the network learned it.
-TRAINING_ORIENTATION = "LPS"
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 OUTPUT_SUFFIXES = {
     "labels": "_labels.nii.gz",
@@ -265,8 +268,20 @@ class Predictor:
                     labels[start:start + len(batch)] = probabilities_to_ct_labels(probabilities, shape)
         return labels
 
+    def segment_image(self, image: sitk.Image, seconds: dict[str, float] | None = None) -> np.ndarray:
+        """A CT image (HU, any axis-aligned orientation) -> uint8 labels (Z, Y, X) in its own stored
+        array order and grid: brought to the network's orientation
+        (``normalize_ct_and_masks.to_network_orientation``, exact), segmented (:meth:`segment`) and
+        put back (``from_network_orientation``). ``ValueError`` for an oblique image."""
+        seconds = seconds if seconds is not None else {}
+        with _timer(seconds, "preprocess"):
+            network_image, stored = to_network_orientation(image)
+            hu = sitk.GetArrayFromImage(network_image)
+        return from_network_orientation(self.segment(hu, seconds), stored)
+
     def segment(self, hu_zyx: np.ndarray, seconds: dict[str, float] | None = None) -> np.ndarray:
-        """HU (Z, Y, X) -> uint8 labels (Z, Y, X) on the same grid (with ``postprocess`` applied)."""
+        """HU (Z, Y, X) in the network's orientation (LPS) -> uint8 labels (Z, Y, X) on the same grid
+        (with ``postprocess`` applied). :meth:`segment_image` takes a CT stored in any orientation."""
         seconds = seconds if seconds is not None else {}
         with _timer(seconds, "preprocess"):
             ct_small = self.preprocess(hu_zyx)
@@ -318,15 +333,16 @@ class Case:
 
 @dataclass
 class LoadedCT:
-    """A CT ready to segment: int16/float HU image (LPS) and, for DICOM, what the RTSTRUCT references."""
+    """A CT ready to segment: int16/float HU image on its own stored grid (phase 2's for DICOM, the
+    file's for NIfTI) and, for DICOM, what the RTSTRUCT references. ``orientation`` is its stored
+    orientation code (``RPI`` for a feet-first supine series): the network sees it in
+    ``NETWORK_ORIENTATION`` and the outputs are written back on the stored grid."""
 
     patient_id: str
     image: sitk.Image
     reference: CTReference | None = None
     notes: list[str] = field(default_factory=list)
-    #: A NIfTI input stored in another orientation than the DICOM one the network was trained
-    #: on (e.g. RAS from dcm2niix): ``image`` is reoriented to it, labels are written back on this.
-    source: sitk.Image | None = None
+    orientation: str = NETWORK_ORIENTATION
 
 
 def is_nifti(path: Path) -> bool:
@@ -362,20 +378,28 @@ def find_cases(input_path: Path | str) -> list[Case]:
 
 
 def read_case(case: Case) -> LoadedCT:
-    """Read one case's CT (phase 2 for DICOM: gantry tilt, gaps... raise :class:`PatientError`)."""
+    """Read one case's CT on its own stored grid (phase 2 for DICOM: gantry tilt, gaps... raise
+    :class:`PatientError`; an oblique NIfTI too) and note its orientation when it is not the network's."""
     if case.nifti is not None:
         image = sitk.ReadImage(str(case.nifti))
         if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
             raise PatientError(f"{case.patient_id}: {case.nifti} is not a 3D single-channel CT "
                                f"({image.GetDimension()}D, {image.GetNumberOfComponentsPerPixel()} components)")
-        orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
-        if orientation != TRAINING_ORIENTATION:  # phase 2 arrays: rows posterior, columns left
-            return LoadedCT(case.patient_id, sitk.DICOMOrient(image, TRAINING_ORIENTATION),
-                            notes=[f"{orientation} NIfTI reoriented to {TRAINING_ORIENTATION} to predict"],
-                            source=image)
-        return LoadedCT(case.patient_id, image)
-    if case.dicom is None:
+        loaded, where = LoadedCT(case.patient_id, image), case.nifti
+    elif case.dicom is not None:
+        loaded, where = _read_dicom_case(case), case.patient_id
+    else:
         raise ValueError(f"{case.patient_id}: a case needs a DICOM patient or a NIfTI file")
+    try:
+        loaded.orientation = orientation_code(loaded.image)
+    except ValueError as exc:
+        raise PatientError(f"{case.patient_id}: {where}: {exc}") from None
+    if loaded.orientation != NETWORK_ORIENTATION:
+        loaded.notes.append(f"stored {loaded.orientation}, predicted in {NETWORK_ORIENTATION}")
+    return loaded
+
+
+def _read_dicom_case(case: Case) -> LoadedCT:
     series, choice = choose_ct_series(case.dicom)
     try:
         ct = read_ct_series(series.files)
@@ -497,12 +521,13 @@ def labels_image(labels_zyx: np.ndarray, ct: sitk.Image) -> sitk.Image:
 # --------------------------------------------------------------------------------------------
 def write_outputs(ct: LoadedCT, hu_zyx: np.ndarray, labels_zyx: np.ndarray, outputs: dict[str, Path],
                   predictor: Predictor, seconds: dict[str, float] | None = None) -> dict[str, Any]:
-    """Write one patient's outputs for a label map (Z, Y, X) on ``ct``'s grid.
+    """Write one patient's outputs for HU and a label map (Z, Y, X) on ``ct``'s own stored grid.
 
     Makes the PTV (:meth:`Predictor.ptv_mask`), builds the RTSTRUCT when ``ct`` came from DICOM
-    (timed as ``rtstruct``; the PTV an overlapping ROI), then writes the label map, the PTV mask,
-    RTSTRUCT, volumes CSV and overlay (timed as ``write``). Returns ``{"volumes": rows,
-    "rois": {ROI name: contours}}``.
+    (timed as ``rtstruct``; the PTV an overlapping ROI), then writes the label map and the PTV mask
+    (on the CT's stored grid and geometry), RTSTRUCT, volumes CSV and overlay (drawn in the
+    network's orientation, patient right on image left, whatever the stored order; timed as
+    ``write``). Returns ``{"volumes": rows, "rois": {ROI name: contours}}``.
     """
     seconds = seconds if seconds is not None else {}
     rtstruct = None
@@ -516,17 +541,14 @@ def write_outputs(ct: LoadedCT, hu_zyx: np.ndarray, labels_zyx: np.ndarray, outp
         for key, array in (("labels", labels_zyx), ("ptv", ptv.astype(np.uint8))):
             image = labels_image(array, ct.image)
             check_same_geometry(image, ct.image, f"{ct.patient_id}: {key} vs CT")
-            if ct.source is not None:  # back onto the input NIfTI's own voxel order
-                original = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(ct.source.GetDirection())
-                image = sitk.DICOMOrient(image, original)
-                check_same_geometry(image, ct.source, f"{ct.patient_id}: {key} vs input NIfTI")
             write_nifti(image, outputs[key])
         if rtstruct is not None:
             write_rtstruct(rtstruct, outputs["rtstruct"])
         volumes = structure_volumes(labels_zyx, spacing_zyx, ptv, predictor.ptv_text)
         write_text_atomic(outputs["volumes"], volumes_csv_text(ct.patient_id, volumes))
-        write_overlay_png(hu_zyx, labels_zyx, outputs["overlay"],
-                          f"{ct.patient_id}: {predictor.checkpoint_path.name}", predictor.window, ptv)
+        write_overlay_png(*(to_network_array(a, ct.orientation) for a in (hu_zyx, labels_zyx)), outputs["overlay"],
+                          f"{ct.patient_id}: {predictor.checkpoint_path.name}", predictor.window,
+                          to_network_array(ptv, ct.orientation))
     return {"volumes": volumes, "rois": roi_summary(rtstruct) if rtstruct is not None else {}}
 
 
@@ -546,7 +568,7 @@ def predict_case(case: Case, predictor: Predictor, output_dir: Path, overwrite: 
         ct = read_case(case)
         hu = sitk.GetArrayFromImage(ct.image)
     try:
-        labels = predictor.segment(hu, seconds)
+        labels = predictor.segment_image(ct.image, seconds)
     except ValueError as exc:  # e.g. a constant volume cannot be z-scored
         raise PatientError(f"{case.patient_id}: {exc}") from None
     written = write_outputs(ct, hu, labels, outputs, predictor, seconds)

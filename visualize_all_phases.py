@@ -18,7 +18,10 @@ Figures (default patient: the first test patient; default slice: the one with th
   ``dice_boxplot.png`` (per-structure 3D Dice of the test patients).
 
 Label colours come from ``organs.py``. Images are shown as stored (z-y-x arrays of the DICOM grid:
-rows run anterior to posterior, columns patient right to left, the radiological view). Figures are
+rows run anterior to posterior, columns patient right to left, the radiological view, for a
+head-first supine series); the phase 3 and phase 4 figures show the network's orientation (LPS,
+that view for every series: ``normalize_ct_and_masks.to_network_orientation``), the phase-2 CT
+brought to it for the comparison. Figures are
 drawn on :class:`matplotlib.figure.Figure` objects with the Agg canvas, so no global backend is set
 and the module is safe to import in a notebook.
 
@@ -794,14 +797,21 @@ def _phase2(layout: DataLayout, patient_id: str, z: int, data: dict[str, Any]) -
 
 
 def _phase3(layout: DataLayout, patient_id: str, z: int, data: dict[str, Any]) -> Figure:
-    from normalize_ct_and_masks import CACHE_CT, cache_dir, read_cache_meta
+    """The phase-2 CT and the cache side by side, both in the network's orientation (phase 3 brings
+    a feet-first or prone series to LPS): slice ``z`` of phase 2's stored order is shown as the
+    network slice at the same patient position."""
+    from normalize_ct_and_masks import CACHE_CT, cache_dir, read_cache_meta, to_network_orientation
 
     meta = read_cache_meta(layout.root, patient_id)
     zscored = np.load(cache_dir(layout.root, patient_id) / CACHE_CT, mmap_mode="r")
-    if zscored.shape[0] != data["hu"].shape[0]:
+    network_image, _ = to_network_orientation(data["ct_image"])
+    hu = sitk.GetArrayFromImage(network_image)
+    if zscored.shape[0] != hu.shape[0]:
         raise ValueError(f"{patient_id}: training cache has {zscored.shape[0]} slices, the CT "
-                         f"{data['hu'].shape[0]}; rerun normalize_ct_and_masks.py --overwrite")
-    return normalization_figure(patient_id, z, data["hu"], zscored, meta)
+                         f"{hu.shape[0]}; rerun normalize_ct_and_masks.py --overwrite")
+    point = data["ct_image"].TransformIndexToPhysicalPoint((0, 0, int(z)))
+    network_z = network_image.TransformPhysicalPointToIndex(point)[2]
+    return normalization_figure(patient_id, network_z, hu, zscored, meta)
 
 
 def _phase4(layout: DataLayout, splits_dir: Path) -> Figure:

@@ -68,7 +68,7 @@ def write_cache_patient(root: Path, pid: str, ct: np.ndarray, mask: np.ndarray) 
     np.save(folder / CACHE_CT, ct.astype(np.float16))
     np.save(folder / CACHE_MASK, mask)
     meta = {"format": PROCESSED_FORMAT, "patient_id": pid, "shape_zyx": list(ct.shape), "annotated": [True] * 8,
-            "slice_labels": slice_label_bits(mask)}
+            "slice_labels": slice_label_bits(mask), "orientation": {"stored": "LPS", "network": "LPS"}}
     (folder / CACHE_META).write_text(json.dumps(meta))
 
 
@@ -94,7 +94,7 @@ def write_header_only_patient(root: Path, pid: str, slices: int, size: int) -> N
     bits = [0b11001] * slices
     (folder / CACHE_META).write_text(json.dumps(
         {"format": PROCESSED_FORMAT, "patient_id": pid, "shape_zyx": list(shape), "annotated": [True] * 8,
-         "slice_labels": bits}))
+         "slice_labels": bits, "orientation": {"stored": "LPS", "network": "LPS"}}))
 
 
 class SeedStyleDataset(Dataset):

@@ -167,7 +167,7 @@ def run_once(input_dir: Path, checkpoint: Path, output_dir: Path, *, device: str
     ct = pm.read_case(case)
     hu = sitk.GetArrayFromImage(ct.image)
     seconds["read"] = time.perf_counter() - start
-    labels = predictor.segment(hu, seconds)
+    labels = predictor.segment_image(ct.image, seconds)
     clinical = reference_label_map(case.patient_id, ct.image) if clinical_outputs else None
     outputs = pm.output_paths(output_dir, case.patient_id, dicom=True)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -190,14 +190,14 @@ def run_once(input_dir: Path, checkpoint: Path, output_dir: Path, *, device: str
     }
 
 
-def precision_dice(checkpoint: Path, hu: np.ndarray, device: str, batch_size: int | None,
+def precision_dice(checkpoint: Path, image: sitk.Image, device: str, batch_size: int | None,
                    clinical: np.ndarray | None) -> dict[str, Any]:
     """Labels of ``checkpoint`` in float32 and in bfloat16 on the same HU: Dice per structure between
     them, and of each against the clinical label map (how good the network is at all)."""
     labels = {}
     for precision in ("float32", "bfloat16"):
         predictor = pm.Predictor.load(checkpoint, device=device, precision=precision, batch_size=batch_size)
-        labels[precision] = predictor.segment(hu)
+        labels[precision] = predictor.segment_image(image)
     report: dict[str, Any] = {
         "checkpoint": str(checkpoint),
         "dice_bfloat16_vs_float32": dice_per_structure(labels["float32"], labels["bfloat16"], MIN_VOXELS),
@@ -260,7 +260,7 @@ def run(*, input_dir: Path | None, checkpoint: Path | None, device: str, precisi
         trained = None
         if dice_checkpoint is not None:
             print("measuring bfloat16 vs float32 labels of the trained network ...", file=sys.stderr, flush=True)
-            trained = precision_dice(dice_checkpoint, runs[0]["hu"], device, batch_size, clinical)
+            trained = precision_dice(dice_checkpoint, runs[0]["ct"].image, device, batch_size, clinical)
     by_precision = {r["precision"]: r for r in runs}
     dice = {}
     if {"float32", "bfloat16"} <= set(by_precision):

@@ -44,7 +44,8 @@ def write_cache(root: Path, pid: str, slices: int, annotated=None, seed: int = 0
     np.save(folder / "ct.npy", ct)
     np.save(folder / "mask.npy", mask)
     meta = {"format": PROCESSED_FORMAT, "patient_id": pid, "shape_zyx": [slices, SIZE, SIZE],
-            "annotated": annotated or [True] * 8, "slice_labels": slice_label_bits(mask)}
+            "annotated": annotated or [True] * 8, "slice_labels": slice_label_bits(mask),
+            "orientation": {"stored": "LPS", "network": "LPS"}}
     (folder / "meta.json").write_text(json.dumps(meta))
     return ct, mask
 

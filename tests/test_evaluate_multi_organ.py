@@ -305,8 +305,15 @@ def _phantom(shape_zyx: tuple[int, int, int], block: int = 1) -> np.ndarray:
     return np.kron(labels, np.ones((1, block, block), np.uint8))
 
 
+#: Phase 2's stored grid of the test patients: a flipped y axis must survive the round trip.
+FLIPPED_Y = (1, 0, 0, 0, -1, 0, 0, 0, 1)
+#: Feet first and prone, rows and columns swapped: columns towards anterior, rows towards the
+#: patient's right, slices towards the feet (orientation code ARI).
+FEET_FIRST_TRANSPOSED = (0, -1, 0, -1, 0, 0, 0, 0, -1)
+
+
 def _write_patient(root: Path, patient_id: str, labels: np.ndarray, spacing_xyz, annotated,
-                   ptv: dict = CONTOURED) -> None:
+                   ptv: dict = CONTOURED, direction=FLIPPED_Y) -> None:
     """CT + label map on the same grid, as phases 2 and 2.5 write them, phase 2.5's record and a
     structures.csv row."""
     layout = DataLayout(root)
@@ -317,7 +324,7 @@ def _write_patient(root: Path, patient_id: str, labels: np.ndarray, spacing_xyz,
         image = sitk.GetImageFromArray(array)
         image.SetSpacing(spacing_xyz)
         image.SetOrigin((-120.0, -80.5, 300.0))
-        image.SetDirection((1, 0, 0, 0, -1, 0, 0, 0, 1))  # a flipped y axis must survive the round trip
+        image.SetDirection(direction)
         folder.mkdir(parents=True, exist_ok=True)
         sitk.WriteImage(image, str(folder / f"{patient_id}.nii.gz"))
     table = layout.masks / "structures.csv"
@@ -352,8 +359,11 @@ def data_root(tmp_path_factory) -> Path:
     derived = list(ALL)
     derived[organs.PTV] = False
     _write_patient(root, "P-DERIVED", labels, (0.9, 0.9, 3.0), derived, {"source": "derived", "margin_mm": 5.0})
+    # 64 x 128 (labels constant on 1x2 blocks) stored ARI: the network sees it as 128 x 64, LPS
+    _write_patient(root, "P-FEET", np.repeat(_phantom((10, 64, 64)), 2, axis=2), (0.35, 0.7, 3.0), ALL,
+                   direction=FEET_FIRST_TRANSPOSED)
     results = phase3.run(data_root=root, size=SIZE, workers=1)
-    assert [r.status for r in results] == [DONE] * 4, [r.message for r in results]
+    assert [r.status for r in results] == [DONE] * 5, [r.message for r in results]
     splits = root / "splits"
     splits.mkdir()
     (splits / "test.txt").write_text("P-SAME\nP-DOUBLE\nP-ODD\n")
@@ -429,6 +439,49 @@ def test_derived_ptv_is_scored_as_the_margin_of_the_gtv_end_to_end(data_root, tm
     assert metrics[("P-DERIVED", "lung_right")]["dice"] == "1"  # no PTV hole in the lung
     assert ("- PTV: derived (GTV + 5 mm) in 1 patient(s): margin(predicted GTV) vs margin(true GTV)"
             in (out / "summary.md").read_text())
+
+
+def test_a_feet_first_transposed_patient_is_predicted_in_lps_and_scored_on_its_stored_grid(
+        data_root, tmp_path, monkeypatch):
+    """The network sees the ARI patient in LPS (phase 3's cache, 128 x 64 before the resize); its
+    labels go back to phase 2's stored order and grid exactly: Dice 1 against masks_multi_organ."""
+    layout = DataLayout(data_root)
+    meta = phase3.read_cache_meta(data_root, "P-FEET")
+    assert meta["orientation"] == {"stored": "ARI", "network": "LPS"}
+    assert meta["original_shape_zyx"] == [10, 64, 128] and meta["original_direction"] == list(FEET_FIRST_TRANSPOSED)
+    truth = sitk.ReadImage(str(layout.masks / "P-FEET.nii.gz"))
+    cached = np.load(layout.training_cache / "P-FEET" / "mask.npy")
+    network_truth = phase3.to_network_array(sitk.GetArrayFromImage(truth), "ARI")
+    assert network_truth.shape == (10, 128, 64)
+    np.testing.assert_array_equal(cached, phase3.resize_labels_to_shape(network_truth, (SIZE, SIZE)))
+    model = PerfectModel([layout.training_cache / "P-FEET"])
+    checkpoint = tmp_path / "run" / "best.pth"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"stand-in")
+    monkeypatch.setattr(ev, "load_checkpoint_model", lambda path, device: (model, {"preprocessing": {"size": SIZE}}))
+    [result] = ev.run(checkpoint=checkpoint, data_root=data_root, patients=["P-FEET"], device="cpu")
+    assert result.status == DONE, result.message
+    prediction = sitk.ReadImage(str(tmp_path / "run" / "evaluation" / "predictions" / "P-FEET.nii.gz"))
+    assert same_geometry(prediction, sitk.ReadImage(str(layout.ct_nifti / "P-FEET.nii.gz")))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(prediction), sitk.GetArrayFromImage(truth))
+    metrics = _read_metrics(tmp_path / "run" / "evaluation" / "metrics.csv")
+    assert {metrics[("P-FEET", organs.structure(label).key)]["dice"] for label in range(1, 8)} == {"1"}
+
+
+def test_a_cache_without_orientation_is_refused_naming_phase_3(data_root, tmp_path):
+    root = tmp_path / "old"
+    (root / "processed").mkdir(parents=True)
+    for folder in ("ct_nifti", "masks_multi_organ", "training_cache"):
+        shutil.copytree(data_root / "processed" / folder, root / "processed" / folder)
+    meta_path = root / "processed" / "training_cache" / "P-SAME" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["orientation"]
+    meta_path.write_text(json.dumps(meta))
+    [result] = ev.run(checkpoint=_tiny_checkpoint(tmp_path / "best.pth"), data_root=root, patients=["P-SAME"],
+                      output_dir=tmp_path / "eval", device="cpu")
+    assert result.status == FAILED
+    assert re.search(r"^P-SAME: .*meta.json was written by an earlier version of this pipeline \(orientation None"
+                     r".*re-run normalize_ct_and_masks.py --overwrite$", result.message), result.message
 
 
 def test_a_label_map_of_an_earlier_version_is_refused(data_root, tmp_path):

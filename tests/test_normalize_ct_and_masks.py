@@ -316,10 +316,18 @@ def test_run_writes_normalized_volumes_and_cache(data_root) -> None:
     layout = DataLayout(data_root)
     normalization = json.loads((layout.normalized_ct / "normalization.json").read_text())
     assert sorted(normalization) == ["P1", "P2"]
-    for pid, annotated in (("P1", [True] * 8), ("P2", NO_HEART)):
+    # P2 is stored with columns towards anterior and rows towards the patient's left (ALS):
+    # phase 3 transposes and flips it into the network's LPS, its phase-2 NIfTIs stay as they are.
+    for pid, annotated, stored in (("P1", [True] * 8, "LPS"), ("P2", NO_HEART, "ALS")):
         ct = sitk.ReadImage(str(layout.ct_nifti / f"{pid}.nii.gz"))
         mask = sitk.ReadImage(str(layout.masks / f"{pid}.nii.gz"))
-        hu, labels = sitk.GetArrayFromImage(ct), sitk.GetArrayFromImage(mask)
+        assert n3.orientation_code(ct) == stored
+        ct_network, code = n3.to_network_orientation(ct)
+        assert code == stored and ct_network.GetDirection() == pytest.approx(np.eye(3).ravel())
+        hu = sitk.GetArrayFromImage(ct_network)
+        labels = n3.to_network_array(sitk.GetArrayFromImage(mask), stored)
+        assert np.array_equal(hu, n3.to_network_array(sitk.GetArrayFromImage(ct), stored))
+        assert (stored == "LPS") == np.array_equal(hu, sitk.GetArrayFromImage(ct))
         zscored, mean, std = n3.window_and_zscore(hu)
 
         norm_ct = sitk.ReadImage(str(layout.normalized_ct / f"{pid}.nii.gz"))
@@ -332,9 +340,11 @@ def test_run_writes_normalized_volumes_and_cache(data_root) -> None:
         np.testing.assert_array_equal(mask_array, n3.resize_mask_slices(labels, 32))
         assert set(np.unique(mask_array)) <= set(np.unique(labels))
 
-        # Overlay: same corners and centre, and each structure's centre of mass stays put.
+        # Overlay: same corners and centre (in network order), and each structure's centre of mass
+        # stays put; the normalized volumes are LPS.
         for image in (norm_ct, norm_mask):
-            np.testing.assert_allclose(corners_and_centre(image), corners_and_centre(ct), atol=1e-4)
+            np.testing.assert_allclose(corners_and_centre(image), corners_and_centre(ct_network), atol=1e-4)
+            assert n3.orientation_code(image) == "LPS"
         for label in (organs.RIGHT_LUNG, organs.LEFT_LUNG, organs.HEART):
             before = centre_of_mass_mm(mask, label)
             after = centre_of_mass_mm(norm_mask, label)
@@ -350,10 +360,12 @@ def test_run_writes_normalized_volumes_and_cache(data_root) -> None:
         assert meta["format"] == PROCESSED_FORMAT and meta["ptv"] == DERIVED_PTV
         assert meta["annotated"] == annotated
         assert meta["shape_zyx"] == [6, 32, 32] and meta["original_shape_zyx"] == [6, 40, 48]
+        assert meta["orientation"] == {"stored": stored, "network": "LPS"}
         assert meta["window"] == [-1000, 400] and meta["size"] == 32
         assert (meta["mean"], meta["std"]) == (mean, std)
         assert meta["original_spacing_xyz"] == pytest.approx([0.8, 0.9, 3.0])
-        assert meta["original_direction"] == pytest.approx(list(ct.GetDirection()))
+        assert meta["original_direction"] == pytest.approx(list(ct.GetDirection()))  # phase 2's grid
+        assert meta["original_origin_xyz"] == pytest.approx(list(ct.GetOrigin()))
         assert meta["slice_labels"] == n3.slice_label_bits(mask_npy)
         assert meta["slice_labels"][2] == 0b111011  # slice 2: background, GTV, lungs, heart
         assert normalization[pid] == {k: meta[k] for k in normalization[pid]}
@@ -423,6 +435,97 @@ def test_a_cache_of_an_earlier_version_is_redone_here_and_refused_downstream(dat
     results = n3.run(data_root=data_root, size=32)
     assert [r.status for r in results] == [DONE, SKIPPED] and "earlier version" in results[0].message
     assert n3.read_cache_meta(data_root, "P1")["format"] == PROCESSED_FORMAT
+
+
+def test_a_cache_without_orientation_record_is_redone_here_and_refused_downstream(data_root) -> None:
+    n3.run(data_root=data_root, size=32)
+    meta_path = DataLayout(data_root).training_cache / "P2" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["orientation"]  # what the version before the orientation step wrote (format 2)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"^P2: .*meta.json was written by an earlier version of this pipeline "
+                                         r"\(orientation None, .*re-run normalize_ct_and_masks.py --overwrite$"):
+        n3.read_cache_meta(data_root, "P2")
+    results = n3.run(data_root=data_root, size=32)
+    assert [r.status for r in results] == [SKIPPED, DONE]
+    assert results[1].message.startswith("redone: its training cache was written by an earlier version "
+                                         "(no orientation record)")
+    assert results[1].message.endswith(", stored ALS -> LPS")
+    assert n3.read_cache_meta(data_root, "P2")["orientation"] == {"stored": "ALS", "network": "LPS"}
+
+
+# --------------------------------------------------------------------------------------------
+# Orientation: one voxel order for the network, exact both ways
+# --------------------------------------------------------------------------------------------
+AXIAL_FLIPS = [(sx, sy, sz) for sx in (1, -1) for sy in (1, -1) for sz in (1, -1)]
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows-cols", "cols-rows"])
+@pytest.mark.parametrize("signs", AXIAL_FLIPS, ids=lambda s: "".join("+" if v > 0 else "-" for v in s))
+def test_orientation_round_trip_of_a_label_map_is_exact(signs, transposed) -> None:
+    """Every axis-aligned axial orientation (8 flips, in-plane axes in either order): labels go to
+    LPS and back unchanged, every voxel keeps its patient position, and the numpy and SimpleITK
+    paths agree."""
+    sx, sy, sz = signs
+    columns = [(sx, 0, 0), (0, sy, 0), (0, 0, sz)]
+    if transposed:
+        columns[0], columns[1] = columns[1], columns[0]
+    direction = np.array(columns, dtype=float).T.ravel().tolist()
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, organs.NUM_CLASSES, size=(4, 5, 6), dtype=np.uint8)
+    image = make_image(labels, direction=direction)
+    code = n3.orientation_code(image)
+    assert code == "".join(n3._AXIS_LETTERS["xyz".index(a)][0 if v > 0 else 1]
+                           for c in columns for a, v in zip("xyz", c) if v)
+    network, stored = n3.to_network_orientation(image)
+    assert stored == code and n3.orientation_code(network) == "LPS"
+    assert network.GetDirection() == pytest.approx(np.eye(3).ravel())
+    network_labels = sitk.GetArrayFromImage(network)
+    assert network_labels.shape == n3.network_shape_zyx(labels.shape, code)
+    assert np.array_equal(network_labels, n3.to_network_array(labels, code))
+    back = n3.from_network_orientation(network_labels, code)
+    assert back.dtype == np.uint8 and back.flags.c_contiguous and np.array_equal(back, labels)
+    assert (code == "LPS") == np.array_equal(network_labels, labels)
+    for index in [(0, 0, 0), (5, 4, 3), (2, 1, 3)]:  # (x, y, z) of the stored image
+        point = image.TransformIndexToPhysicalPoint(index)
+        moved = network.TransformPhysicalPointToIndex(point)
+        assert labels[index[::-1]] == network_labels[moved[::-1]]
+    restored = sitk.DICOMOrient(network, code)  # the image path back agrees
+    assert np.array_equal(sitk.GetArrayFromImage(restored), labels)
+    assert restored.GetOrigin() == pytest.approx(image.GetOrigin())
+
+
+@pytest.mark.parametrize("code, expected", [("LPS", (3, 4, 5)), ("RAI", (3, 4, 5)), ("pls", (3, 5, 4)),
+                                           ("SLP", (5, 3, 4))])
+def test_network_shape_of_stored_codes(code, expected) -> None:
+    assert n3.network_shape_zyx((3, 4, 5), code) == expected
+
+
+@pytest.mark.parametrize("code", ["LPX", "LLS", "LP", "", "SPL1"])
+def test_bad_orientation_codes_are_refused(code) -> None:
+    with pytest.raises(ValueError, match="orientation code must be three letters, one of each of L/R, P/A, S/I"):
+        n3.from_network_orientation(np.zeros((2, 2, 2)), code)
+
+
+def test_an_oblique_image_is_refused_clearly(tmp_path) -> None:
+    angle = np.radians(30)
+    rotation = [np.cos(angle), -np.sin(angle), 0, np.sin(angle), np.cos(angle), 0, 0, 0, 1]
+    image = make_image(np.zeros((3, 4, 5), np.int16), direction=rotation)
+    with pytest.raises(ValueError, match=r"^oblique image: axis x points along \[0.866, 0.5, 0.0\] \(LPS\), "
+                                         r"30.0 deg from the nearest patient axis \(at most 10 deg\).*cannot be "
+                                         r"brought to LPS by permuting and flipping axes; "
+                                         r"resample it to an axial grid"):
+        n3.to_network_orientation(image)
+    slight = np.radians(4)  # within phase 2's axial limit: permuted, the small rotation kept
+    tilted = make_image(np.zeros((3, 4, 5), np.int16),
+                        direction=[-np.cos(slight), np.sin(slight), 0, -np.sin(slight), -np.cos(slight), 0, 0, 0, 1])
+    network, code = n3.to_network_orientation(tilted)
+    assert code == "RAS" and n3.orientation_code(network) == "LPS"
+    # phase 3 reports an oblique patient and goes on
+    root = make_data_root(tmp_path / "DATA", {"P1": {}, "P9": {"direction": rotation}})
+    results = n3.run(data_root=root, size=32)
+    assert [r.status for r in results] == [DONE, FAILED]
+    assert results[1].message.startswith("P9: ") and "oblique image: axis x" in results[1].message
 
 
 def test_bad_patient_fails_cleanly_and_others_are_done(tmp_path) -> None:

@@ -428,7 +428,7 @@ def test_ras_nifti_is_segmented_in_the_training_orientation(cohort_prediction, t
     nifti = tmp_path / "ras.nii.gz"
     sitk.WriteImage(ras, str(nifti))
     (result,) = pm.run(input_path=nifti, checkpoint=tiny_checkpoint, output_dir=tmp_path / "out")
-    assert result.status == DONE and "RAS NIfTI reoriented to LPS" in result.message
+    assert result.status == DONE and "stored RAS, predicted in LPS" in result.message
     from_nifti, image = _labels(tmp_path / "out" / f"{result.patient_id}_labels.nii.gz")
     assert same_geometry(image, ras)
     from_dicom, _ = _labels(out / f"{record['patient_id']}_labels.nii.gz")

@@ -26,7 +26,8 @@ def write_cohort(root: Path, patients: dict[str, tuple[int, list[bool]]]) -> Pat
         folder = DataLayout(root).training_cache / pid
         folder.mkdir(parents=True)
         (folder / "meta.json").write_text(json.dumps(
-            {"format": PROCESSED_FORMAT, "patient_id": pid, "shape_zyx": [slices, 32, 32], "annotated": annotated}))
+            {"format": PROCESSED_FORMAT, "patient_id": pid, "shape_zyx": [slices, 32, 32], "annotated": annotated,
+             "orientation": {"stored": "LPS", "network": "LPS"}}))
     return root
 
 

@@ -77,6 +77,7 @@ def write_patient(root: Path, pid: str, seed: int, annotated: list[bool]) -> Non
     meta = {"format": PROCESSED_FORMAT, "patient_id": pid, "shape_zyx": list(mask.shape), "annotated": annotated,
             "ptv": {"source": "contoured"},
             "window": [-1000, 400], "mean": -500.0, "std": 400.0, "size": SIZE,
+            "orientation": {"stored": "LPS", "network": "LPS"},
             "original_shape_zyx": list(mask.shape), "original_spacing_xyz": [1.0, 1.0, 2.5],
             "original_origin_xyz": [0.0, 0.0, 0.0], "original_direction": [1, 0, 0, 0, 1, 0, 0, 0, 1],
             "slice_labels": slice_label_bits(mask)}
