@@ -54,7 +54,7 @@ import torch
 from scipy import ndimage
 
 import organs
-from dataset_multi_organ import load_split
+from dataset_multi_organ import context_stack, load_split
 from extract_multi_organ_masks import PTV_DERIVED, ptv_description, ptv_from_gtv, read_mask_record
 from normalize_ct_and_masks import (
     CACHE_CT, CACHE_META, NORMALIZATION_JSON, from_network_orientation, network_shape_zyx, orientation_code,
@@ -67,7 +67,9 @@ from pipeline_io import (
 )
 from precision import evaluation_precision
 from train_multi_organ import BEST_CHECKPOINT
-from unet_multi_organ import checkpoint_ptv, fold_derived_ptv, load_checkpoint_model, resolve_device
+from unet_multi_organ import (
+    checkpoint_context_slices, checkpoint_ptv, fold_derived_ptv, load_checkpoint_model, resolve_device,
+)
 from visualize_all_phases import FIGURES, dice_boxplot_figure, save_figure
 
 log = logging.getLogger(__name__)
@@ -233,9 +235,11 @@ def score_structures(
 # --------------------------------------------------------------------------------------------
 
 
-def _slices_to_tensor(ct: np.ndarray, start: int, stop: int, device: torch.device) -> torch.Tensor:
-    batch = torch.from_numpy(np.ascontiguousarray(ct[start:stop], dtype=np.float32))
-    return batch.unsqueeze(1).to(device, non_blocking=True)
+def _slices_to_tensor(ct: np.ndarray, start: int, stop: int, device: torch.device,
+                      context_slices: int = 0) -> torch.Tensor:
+    """(B, 2K + 1, S, S) float32 network input of slices start..stop-1, neighbours clamped."""
+    batch = torch.from_numpy(np.ascontiguousarray(context_stack(ct, start, stop, context_slices), dtype=np.float32))
+    return batch.to(device, non_blocking=True)
 
 
 def _check_volume(ct_normalized: np.ndarray) -> None:
@@ -245,9 +249,10 @@ def _check_volume(ct_normalized: np.ndarray) -> None:
 
 def predict_probabilities(
     model: torch.nn.Module, ct_normalized: np.ndarray, device: torch.device | str,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int = DEFAULT_BATCH_SIZE, context_slices: int = 0,
 ) -> np.ndarray:
-    """Softmax probabilities (Z, 8, S, S) float32 of a normalised (Z, S, S) CT, slice by slice.
+    """Softmax probabilities (Z, 8, S, S) float32 of a normalised (Z, S, S) CT, slice by slice
+    (each with ``context_slices`` neighbours per side as input channels).
 
     Needs Z x 8 x S x S x 4 bytes (0.6 GB for 300 slices at 256): prefer :func:`predict_volume`
     when only labels are needed.
@@ -258,7 +263,7 @@ def predict_probabilities(
     out = np.empty((ct_normalized.shape[0], organs.NUM_CLASSES, *ct_normalized.shape[1:]), np.float32)
     with torch.inference_mode(), evaluation_precision(device).autocast(device):
         for start in range(0, len(ct_normalized), batch_size):
-            logits = model(_slices_to_tensor(ct_normalized, start, start + batch_size, device))
+            logits = model(_slices_to_tensor(ct_normalized, start, start + batch_size, device, context_slices))
             out[start:start + len(logits)] = torch.softmax(logits.float(), dim=1).cpu().numpy()
     return out
 
@@ -266,7 +271,7 @@ def predict_probabilities(
 def predict_volume(
     model: torch.nn.Module, ct_normalized: np.ndarray, device: torch.device | str,
     batch_size: int = DEFAULT_BATCH_SIZE, output_shape_yx: Sequence[int] | None = None,
-    ptv: dict[str, Any] | None = None,
+    ptv: dict[str, Any] | None = None, context_slices: int = 0,
 ) -> np.ndarray:
     """Labels (Z, H, W) uint8 of a normalised CT (Z, S, S) float, predicted ``batch_size`` slices at a time.
 
@@ -274,7 +279,8 @@ def predict_volume(
     the CT grid on the device (``normalize_ct_and_masks.probabilities_to_ct_labels``); None keeps
     S x S. Runs under ``torch.inference_mode`` with ``model.eval()``, in mixed precision on CUDA.
     ``ptv`` (the checkpoint's, ``unet_multi_organ.checkpoint_ptv``): a derived-PTV model never
-    predicts label 2 (``fold_derived_ptv``).
+    predicts label 2 (``fold_derived_ptv``). ``context_slices`` K: each slice goes in with its K
+    neighbours per side (``dataset_multi_organ.context_stack``, as in training).
     """
     _check_volume(ct_normalized)
     device = torch.device(device)
@@ -283,7 +289,7 @@ def predict_volume(
     labels = np.empty((ct_normalized.shape[0], *shape), dtype=np.uint8)
     with torch.inference_mode(), evaluation_precision(device).autocast(device):
         for start in range(0, len(ct_normalized), batch_size):
-            logits = model(_slices_to_tensor(ct_normalized, start, start + batch_size, device))
+            logits = model(_slices_to_tensor(ct_normalized, start, start + batch_size, device, context_slices))
             probs = fold_derived_ptv(torch.softmax(logits.float(), dim=1), ptv or {})
             labels[start:start + len(logits)] = probabilities_to_ct_labels(probs, shape)
     return labels
@@ -346,6 +352,7 @@ def evaluate_patient(
     patient_id: str, *, model: torch.nn.Module, layout: DataLayout, predictions_dir: Path,
     device: torch.device, batch_size: int = DEFAULT_BATCH_SIZE, postprocess: bool = False,
     overwrite: bool = False, expected_size: int | None = None, model_ptv: dict[str, Any] | None = None,
+    context_slices: int = 0,
 ) -> PatientResult:
     """Predict (or reuse the saved prediction of) one patient, write it on the CT grid, score it.
 
@@ -388,7 +395,7 @@ def evaluate_patient(
         message = "reused saved prediction"
     else:
         labels = predict_volume(model, ct_normalized, device, batch_size, output_shape_yx=network_shape[1:],
-                                ptv=model_ptv)
+                                ptv=model_ptv, context_slices=context_slices)
         labels = from_network_orientation(labels, stored)  # back to phase 2's voxel order
         if postprocess:
             labels = keep_largest_component(labels)
@@ -535,12 +542,13 @@ def run(
     *, checkpoint: Path, data_root: Path = DEFAULT_DATA_ROOT, split: str = "test",
     splits_dir: Path = DEFAULT_SPLITS_DIR, patients: Sequence[str] | None = None,
     output_dir: Path | None = None, batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto",
-    postprocess: bool = False, overwrite: bool = False,
+    postprocess: bool = False, overwrite: bool = False, context_slices: int | None = None,
 ) -> list[PatientResult]:
     """Evaluate ``checkpoint`` on the patients of ``split`` (or ``patients``); write the reports.
 
-    Raises ``FileNotFoundError``/``ValueError`` for a missing split or checkpoint, or saved
-    predictions of another checkpoint in ``output_dir`` (without ``overwrite``).
+    ``context_slices`` None takes the checkpoint's; a number that differs from it is refused.
+    Raises ``FileNotFoundError``/``ValueError`` for a missing split or checkpoint, saved
+    predictions of another checkpoint in ``output_dir`` (without ``overwrite``), or a context mismatch.
     """
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
@@ -558,6 +566,7 @@ def run(
     model, ckpt = load_checkpoint_model(checkpoint, torch_device)
     expected_size = (ckpt.get("preprocessing") or {}).get("size")
     model_ptv = checkpoint_ptv(ckpt)
+    context_slices = checkpoint_context_slices(ckpt, context_slices, checkpoint)
     log.info("evaluating %s on %d patients (%s) on %s, batch %d, postprocess=%s -> %s",
              checkpoint, len(patient_ids), split if not patients else "given ids", torch_device,
              batch_size, postprocess, output_dir)
@@ -565,7 +574,8 @@ def run(
     def task(patient_id: str) -> PatientResult:
         return evaluate_patient(patient_id, model=model, layout=layout, predictions_dir=predictions_dir,
                                 device=torch_device, batch_size=batch_size, postprocess=postprocess,
-                                overwrite=overwrite, expected_size=expected_size, model_ptv=model_ptv)
+                                overwrite=overwrite, expected_size=expected_size, model_ptv=model_ptv,
+                                context_slices=context_slices)
 
     results = run_batch(patient_ids, task, workers=1, desc="evaluating")
     rows = [row for r in results if r.status == DONE for row in r.info["rows"]]
@@ -604,6 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--postprocess", action="store_true",
                         help="keep the largest 3D connected component of each organ (not GTV/PTV)")
     parser.add_argument("--overwrite", action="store_true", help="predict again even where a prediction exists")
+    parser.add_argument("--context-slices", type=int, default=None, metavar="K",
+                        help="neighbours per side the network sees (default: the checkpoint's; another value is refused)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -616,7 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = run(checkpoint=args.checkpoint, data_root=args.data_root, split=args.split,
                       splits_dir=args.splits_dir, patients=args.patients, output_dir=args.output_dir,
                       batch_size=args.batch_size, device=args.device, postprocess=args.postprocess,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, context_slices=args.context_slices)
     except (FileNotFoundError, ValueError) as exc:
         parser.error(str(exc))
     print(summary_line("Phase 5b", results, done_word="evaluated"))

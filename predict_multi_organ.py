@@ -56,6 +56,7 @@ import torch
 
 import organs
 from convert_dicom_to_nifti import PatientDicom, choose_ct_series, find_dicom_series, read_ct_series
+from dataset_multi_organ import context_stack
 from evaluate_multi_organ import keep_largest_component, resolve_device
 from extract_multi_organ_masks import PTV_DERIVED, ptv_description, ptv_from_gtv
 from normalize_ct_and_masks import (
@@ -82,7 +83,9 @@ from pipeline_io import (
 )
 from precision import DEFAULT_PREDICTION_PRECISION, PREDICTION_PRECISIONS, Precision, prediction_precision
 from rtstruct_export import ROI_MEMBERS, CTReference, build_rtstruct, roi_summary, write_rtstruct
-from unet_multi_organ import checkpoint_ptv, fold_derived_ptv, label_table, load_checkpoint_model
+from unet_multi_organ import (
+    checkpoint_context_slices, checkpoint_ptv, fold_derived_ptv, label_table, load_checkpoint_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +159,8 @@ class Predictor:
     #: How the PTV is made: ``{"source": "derived", "margin_mm": m}`` or ``{"source": "contoured"}``
     #: (``unet_multi_organ.checkpoint_ptv``).
     ptv: dict[str, Any] = field(default_factory=lambda: {"source": "contoured"})
+    #: Neighbours per side each slice goes in with (``dataset_multi_organ.context_stack``).
+    context_slices: int = 0
 
     @classmethod
     def load(
@@ -167,10 +172,12 @@ class Predictor:
         batch_size: int | None = None,
         postprocess: bool = False,
         ptv_margin_mm: float | None = None,
+        context_slices: int | None = None,
     ) -> "Predictor":
         """Load ``checkpoint`` onto ``device`` (``auto``/``cpu``/``cuda``) in ``precision``
         (``precision.prediction_precision``: float32, bfloat16 or auto). ``ptv_margin_mm``
         overrides the run's PTV margin (and derives the PTV from the GTV whatever the run did).
+        ``context_slices`` None takes the checkpoint's K; another value is refused.
 
         Raises:
             FileNotFoundError: no such checkpoint file.
@@ -187,11 +194,15 @@ class Predictor:
             raise CheckpointError(str(exc)) from None
         window, size = preprocessing_of(record, checkpoint)
         ptv = checkpoint_ptv(record, ptv_margin_mm)
+        try:
+            k = checkpoint_context_slices(record, context_slices, checkpoint)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
         config = record.get("model_config", {})
-        if config.get("in_channels") != 1 or config.get("out_channels") != organs.NUM_CLASSES:
+        if config.get("in_channels") != 2 * k + 1 or config.get("out_channels") != organs.NUM_CLASSES:
             raise CheckpointError(
                 f"{checkpoint}: the model maps {config.get('in_channels')} channel(s) to "
-                f"{config.get('out_channels')} classes; expected 1 CT channel -> {organs.NUM_CLASSES} labels"
+                f"{config.get('out_channels')} classes; expected {2 * k + 1} CT channel(s) -> {organs.NUM_CLASSES} labels"
             )
         labels = {str(k): str(v) for k, v in (record.get("labels") or {}).items()}
         if labels and labels != label_table():
@@ -204,7 +215,7 @@ class Predictor:
         if batch_size is None:
             batch_size = auto_batch_size(torch_device, size, int(config.get("base_channels", 64)), policy.dtype)
         return cls(model.eval(), Path(checkpoint), torch_device, policy, int(batch_size), window, size, postprocess,
-                   ptv)
+                   ptv, k)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -257,8 +268,9 @@ class Predictor:
         with torch.inference_mode():
             for start in range(0, len(ct_normalized), self.batch_size):
                 with _timer(seconds, "predict", self.device):
-                    batch = torch.from_numpy(np.ascontiguousarray(ct_normalized[start:start + self.batch_size]))
-                    batch = batch.unsqueeze(1).to(self.device)
+                    batch = torch.from_numpy(np.ascontiguousarray(
+                        context_stack(ct_normalized, start, start + self.batch_size, self.context_slices)))
+                    batch = batch.to(self.device)
                     if self.channels_last:
                         batch = batch.contiguous(memory_format=torch.channels_last)
                     with self.precision.autocast(self.device):
@@ -591,6 +603,7 @@ def run(
     postprocess: bool = False,
     overwrite: bool = False,
     ptv_margin_mm: float | None = None,
+    context_slices: int | None = None,
 ) -> list[PatientResult]:
     """Segment every patient under ``input_path`` with ``checkpoint``; write into ``output_dir``.
     ``ptv_margin_mm`` overrides the run's PTV margin (see :meth:`Predictor.load`).
@@ -606,7 +619,7 @@ def run(
     """
     cases = find_cases(input_path)
     predictor = Predictor.load(checkpoint, device=device, precision=precision, batch_size=batch_size,
-                               postprocess=postprocess, ptv_margin_mm=ptv_margin_mm)
+                               postprocess=postprocess, ptv_margin_mm=ptv_margin_mm, context_slices=context_slices)
     output_dir = Path(output_dir)
     check_writable(output_dir)
     log.info("%s: %d patient(s) from %s with %s", PHASE, len(cases), input_path, predictor.describe())
@@ -633,6 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ptv-margin-mm", type=float, default=None, metavar="MM",
                         help="grow the predicted GTV by MM mm into the PTV (default: the training run's "
                              "margin, stored in the checkpoint)")
+    parser.add_argument("--context-slices", type=int, default=None, metavar="K",
+                        help="neighbours per side the network sees (default: the checkpoint's; another value is refused)")
     parser.add_argument("--overwrite", action="store_true", help="redo patients whose outputs exist")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
@@ -645,7 +660,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         results = run(input_path=args.input, checkpoint=args.checkpoint, output_dir=args.output,
                       device=args.device, precision=args.precision, batch_size=args.batch_size,
-                      postprocess=args.postprocess, overwrite=args.overwrite, ptv_margin_mm=args.ptv_margin_mm)
+                      postprocess=args.postprocess, overwrite=args.overwrite, ptv_margin_mm=args.ptv_margin_mm,
+                      context_slices=args.context_slices)
     except (FileNotFoundError, PermissionError, ValueError) as exc:
         parser.error(str(exc))
     for result in results:

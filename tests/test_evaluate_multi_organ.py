@@ -591,3 +591,22 @@ def test_evaluation_runs_float32_on_cpu_even_with_native_bfloat16(monkeypatch, p
     out = predict(model, np.zeros((5, 16, 16), np.float32), "cpu", batch_size=2)
     assert model.autocast_seen == [False, False, False]  # batches of 2, 2 and 1 slices
     assert out.shape == shape and out.dtype == dtype
+
+
+def test_a_context_checkpoint_is_refused_by_a_reader_asking_for_another_context(data_root, tmp_path, capsys):
+    from unet_multi_organ import UNetMultiOrgan, build_checkpoint
+
+    torch.manual_seed(0)
+    model = UNetMultiOrgan(in_channels=5, out_channels=8, base_channels=4)
+    preprocessing = {"window": [-1000, 400], "size": SIZE, "zscore": "per_patient"}
+    checkpoint = tmp_path / "k2.pth"
+    torch.save(build_checkpoint(model, preprocessing=preprocessing, context_slices=2, epoch=0, val_loss=1.0),
+               checkpoint)
+    with pytest.raises(SystemExit):
+        ev.main(["--checkpoint", str(checkpoint), "--data-root", str(data_root), "--patients", "P-SAME",
+                 "--output-dir", str(tmp_path / "eval"), "--device", "cpu", "--context-slices", "0"])
+    assert "trained with 2 context slice(s) per side (5 input channels); this run asks for 0" in capsys.readouterr().err
+    # Without the option the checkpoint's K is used: 5-channel stacks reach the network.
+    [result] = ev.run(checkpoint=checkpoint, data_root=data_root, patients=["P-SAME"],
+                      output_dir=tmp_path / "eval2", device="cpu")
+    assert result.status == DONE

@@ -326,7 +326,7 @@ def test_checkpoint_of_another_model_shape_or_file_type_is_refused(tmp_path):
     wrong = build_checkpoint(UNetMultiOrgan(in_channels=1, out_channels=3, base_channels=4),
                              preprocessing=PREPROCESSING, epoch=0, val_loss=1.0)
     torch.save(wrong, tmp_path / "three.pth")
-    with pytest.raises(pm.CheckpointError, match="maps 1 channel.* to 3 classes; expected 1 CT channel -> 8 labels"):
+    with pytest.raises(pm.CheckpointError, match=r"maps 1 channel.* to 3 classes; expected 1 CT channel\(s\) -> 8 labels"):
         pm.Predictor.load(tmp_path / "three.pth", device="cpu")
     (tmp_path / "text.pth").write_text("not a checkpoint")
     with pytest.raises(pm.CheckpointError, match="not a unet_multi_organ checkpoint"):
@@ -577,3 +577,26 @@ def test_real_patient_rtstruct_ptv_overlaps_the_lung_and_contains_the_gtv(real_s
     assert not (mask["GTV"] & ~mask["PTV"]).any()
     assert mask["PTV"].sum() > 2 * mask["GTV"].sum()
     assert rx.ROI_MEMBERS[organs.PTV] == (organs.GTV, organs.PTV)
+
+
+def test_context_checkpoint_feeds_neighbour_stacks_and_refuses_another_k(synthetic_cohort, tmp_path, capsys):
+    torch.manual_seed(1)
+    model = UNetMultiOrgan(in_channels=3, base_channels=4)
+    checkpoint = tmp_path / "k1.pth"
+    torch.save(build_checkpoint(model, preprocessing=PREPROCESSING, context_slices=1, epoch=0, val_loss=1.0),
+               checkpoint)
+    predictor = pm.Predictor.load(checkpoint, device="cpu")
+    assert predictor.context_slices == 1
+    seen = []
+    original = predictor.model.forward
+    predictor.model.forward = lambda x: (seen.append(tuple(x.shape)), original(x))[1]
+    labels = predictor.predict(np.zeros((5, TINY_SIZE, TINY_SIZE), np.float32), (TINY_SIZE, TINY_SIZE))
+    assert labels.shape == (5, TINY_SIZE, TINY_SIZE) and seen[0][1] == 3
+    with pytest.raises(pm.CheckpointError, match=r"trained with 1 context slice\(s\) per side \(3 input channels\); "
+                                                 r"this run asks for 0"):
+        pm.Predictor.load(checkpoint, device="cpu", context_slices=0)
+    raw_dir = synthetic_cohort[0]
+    with pytest.raises(SystemExit):
+        pm.main(["--input", str(raw_dir), "--checkpoint", str(checkpoint), "--output", str(tmp_path / "o"),
+                 "--context-slices", "2"])
+    assert "this run asks for 2 (5 channels)" in capsys.readouterr().err
