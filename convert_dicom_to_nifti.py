@@ -37,7 +37,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, NamedTuple, Sequence
+from typing import Collection, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import pydicom
@@ -596,22 +596,28 @@ def _image_info(image: sitk.Image | sitk.ImageFileReader) -> dict[str, str]:
 
 
 def convert_patient(patient: PatientDicom, out_dir: Path, fill_gaps: bool = False,
-                    overwrite: bool = False) -> PatientResult:
+                    overwrite: bool = False, reported: Collection[str] | None = None) -> PatientResult:
     """Convert one patient's CT to ``<out_dir>/<patient_id>.nii.gz``; the batch task.
 
+    An existing output is skipped (unless ``overwrite``) when ``reported`` is None or holds the
+    patient (ids with a row in ``conversion_report.csv``); otherwise it was written by a run
+    killed before its report row and is converted again, so the report is complete.
     Raises :class:`PatientError` for a problem with the patient's data; returns a
     :class:`PatientResult` whose ``info["report_row"]`` is the patient's report row.
     """
     started = time.perf_counter()
     series, choice = choose_ct_series(patient)
     out_path = Path(out_dir) / f"{patient.patient_id}.nii.gz"
-    if out_path.exists() and not overwrite:
+    if out_path.exists() and not overwrite and (reported is None or patient.patient_id in reported):
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(out_path))
         reader.ReadImageInformation()
         message = "output exists (use --overwrite to redo)"
         row = _report_row(patient, series, SKIPPED, message, _image_info(reader))
         return PatientResult(patient.patient_id, SKIPPED, message, {"report_row": row})
+    if out_path.exists() and not overwrite:
+        log.info("%s: %s has no conversion_report.csv row (its run was interrupted): converting again",
+                 patient.patient_id, out_path.name)
     try:
         ct = read_ct_series(series.files, fill_gaps=fill_gaps)
     except PatientError as exc:
@@ -716,12 +722,16 @@ def run(*, data_root: Path | str = DEFAULT_DATA_ROOT, dicom_root: Path | str | N
     for failed in results.values():
         log.error("%s: FAILED: %s", failed.patient_id, failed.message)
 
-    task = functools.partial(_convert_safely, out_dir=out_dir, fill_gaps=fill_gaps, overwrite=overwrite)
-    for result in run_batch(todo, task, workers=workers, desc=PHASE,
-                            patient_id_of=lambda p: p.patient_id):
+    report_path = out_dir / REPORT_NAME
+    reported = frozenset(read_report(report_path))
+    task = functools.partial(_convert_safely, out_dir=out_dir, fill_gaps=fill_gaps, overwrite=overwrite,
+                             reported=reported)
+    # Each patient's row is merged into the report as it finishes: a killed run keeps its rows.
+    for result in run_batch(todo, task, workers=workers, desc=PHASE, patient_id_of=lambda p: p.patient_id,
+                            on_result=lambda r: _write_report(report_path, [r])):
         results[result.patient_id] = result
     ordered = [results[p] for p in wanted]
-    _write_report(out_dir / REPORT_NAME, ordered)
+    _write_report(report_path, ordered)
     return ordered
 
 

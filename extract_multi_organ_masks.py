@@ -735,6 +735,7 @@ class PatientJob:
     rtstruct_files: tuple[Path, ...]
     output_path: Path
     patient_folder: Path = Path()  # where the RTSTRUCTs were looked for (for messages)
+    summarised: bool = True  # False: no structures.csv rows (its run was killed): never skipped
 
 
 @dataclass(frozen=True)
@@ -846,6 +847,8 @@ def _up_to_date(job: PatientJob, fingerprint_now: str) -> tuple[bool, str]:
         return False, "redone: its label map was written by an earlier version (or its record is unreadable)"
     except FileNotFoundError:
         return False, ""
+    if not job.summarised:
+        return False, "redone: it has no structures.csv rows (its run was interrupted)"
     if record.get("inputs_fingerprint") == fingerprint_now:
         return True, ""
     return False, "redone: its CT, RTSTRUCT or phase 2.5 settings changed since it was made"
@@ -1073,6 +1076,7 @@ def run(
     results: dict[str, PatientResult] = {}
     jobs: list[PatientJob] = []
     scanned: dict[Path, list[tuple[Path, str]]] = {}
+    summarised = {row["patient_id"] for row in _read_csv(layout.masks / STRUCTURES_CSV)}
     for pid in wanted:
         row = report.get(pid)
         output = layout.masks / f"{pid}.nii.gz"
@@ -1089,9 +1093,12 @@ def run(
                 results[pid] = PatientResult(pid, FAILED, f"{pid}: {exc}")
                 continue
             jobs.append(PatientJob(pid, layout.ct_nifti / f"{pid}.nii.gz", row.get("series_uid", "") or "",
-                                   row.get("frame_of_reference_uid", "") or "", rtstructs, output, folder))
+                                   row.get("frame_of_reference_uid", "") or "", rtstructs, output, folder,
+                                   summarised=pid in summarised))
+    # Each patient's rows are merged into the summaries as it finishes: a killed run keeps its rows.
     batch = run_batch(jobs, functools.partial(_task, settings=Settings(ptv_margin_mm, derive_ptv, overwrite)),
-                      workers=workers, desc="Phase 2.5 masks", patient_id_of=lambda job: job.patient_id)
+                      workers=workers, desc="Phase 2.5 masks", patient_id_of=lambda job: job.patient_id,
+                      on_result=lambda result: write_summaries(layout.masks, [result]))
     results.update((r.patient_id, r) for r in batch)
     ordered = [results[pid] for pid in wanted]
     write_summaries(layout.masks, ordered)

@@ -64,6 +64,7 @@ from pipeline_io import (
     fingerprint,
     list_patients,
     read_nifti,
+    remove_stale_partials,
     run_batch,
     setup_logging,
     summary_line,
@@ -592,6 +593,9 @@ def normalize_patient(
         )
     fingerprint_now = _inputs_fingerprint(ct_path, mask_path, record)
     redo_reason = ""
+    # A skipped patient writes nothing, so nothing else would clean what a killed run left here.
+    for folder in {p.parent for p in out.values()}:
+        remove_stale_partials(folder)
     if not overwrite and all(p.is_file() for p in out.values()):
         meta, redo_reason = _skip_or_why(out, fingerprint_now, window, size, patient_id)
         if meta is not None:

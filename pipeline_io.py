@@ -7,7 +7,8 @@ Every phase follows the same conventions:
 * ``--patients ID ...`` runs a subset, ``--workers N`` processes, ``--overwrite`` redoes outputs
   that exist (they are skipped otherwise);
 * every output is written under ``<output folder>/.partial/`` and renamed into place, so an
-  interrupted run never leaves a file that the next phase would read;
+  interrupted run never leaves a file that the next phase would read (the next write to the
+  folder removes what a killed writer left in ``.partial/``);
 * one bad patient is reported and skipped, the batch goes on, a summary line closes the run and
   the exit status is 0 only when no patient failed.
 """
@@ -190,7 +191,8 @@ def atomic_output(final_path: Path | str) -> Iterator[Path]:
     untouched.
     """
     final_path = Path(final_path)
-    partial_dir = final_path.parent / PARTIAL_DIR_NAME / uuid.uuid4().hex[:12]
+    remove_stale_partials(final_path.parent)
+    partial_dir = final_path.parent / PARTIAL_DIR_NAME / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
     partial_dir.mkdir(parents=True, exist_ok=True)
     tmp_path = partial_dir / final_path.name
     try:
@@ -204,13 +206,44 @@ def atomic_output(final_path: Path | str) -> Iterator[Path]:
             partial_dir.parent.rmdir()  # only succeeds when no other writer uses it
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_partials(folder: Path | str) -> None:
+    """Remove what killed writers left in ``<folder>/.partial/``.
+
+    :func:`atomic_output` names its temporary folder ``<pid>-<random>``; a process killed
+    mid-write (SIGKILL, out of memory) never cleans it, so the next writer in the folder removes
+    those of processes that no longer run (on this machine). Folders of live writers are left alone.
+    """
+    partial_root = Path(folder) / PARTIAL_DIR_NAME
+    try:
+        entries = list(os.scandir(partial_root))
+    except OSError:
+        return
+    for entry in entries:
+        pid_text = entry.name.split("-", 1)[0]
+        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+            shutil.rmtree(entry.path, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        partial_root.rmdir()  # only succeeds when empty
+
+
 def write_text_atomic(path: Path | str, text: str) -> None:
     with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
 def check_writable(folder: Path) -> None:
-    """Create ``folder`` if needed and raise ``PermissionError`` naming it if we cannot write."""
+    """Create ``folder`` if needed and raise ``PermissionError`` naming it if we cannot write;
+    remove what killed writers left in it (:func:`remove_stale_partials`)."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -219,6 +252,7 @@ def check_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise PermissionError(f"cannot write to output folder {folder}: {exc.strerror or exc}") from None
+    remove_stale_partials(folder)
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,12 +330,15 @@ def run_batch(
     workers: int = 1,
     desc: str = "patients",
     patient_id_of: Callable[[Any], str] = str,
+    on_result: Callable[[PatientResult], None] | None = None,
 ) -> list[PatientResult]:
     """Run ``task(item)`` for every item, in ``workers`` processes, with a tqdm bar over patients.
 
     ``task`` must be picklable when ``workers > 1`` (a module-level function or a
     ``functools.partial`` of one). Exceptions become ``FAILED`` results with their message and
     are logged with the patient id; the batch always goes on. Results come back in input order.
+    ``on_result(result)`` runs in this process as each patient finishes (a phase records it in
+    its summary files there, so a run killed midway keeps what it did).
     """
     results: dict[int, PatientResult] = {}
     bar = progress_bar(len(items), desc, "patient")
@@ -309,6 +346,8 @@ def run_batch(
         for i, item in enumerate(items):
             results[i] = _call_safely(task, item, patient_id_of(item))
             _log_result(results[i])
+            if on_result is not None:
+                on_result(results[i])
             bar.update()
     else:
         with ProcessPoolExecutor(max_workers=min(workers, len(items))) as pool:
@@ -323,6 +362,8 @@ def run_batch(
                 except Exception as exc:  # the worker process itself died
                     results[i] = PatientResult(patient_id_of(items[i]), FAILED, f"worker crashed: {exc}")
                 _log_result(results[i])
+                if on_result is not None:
+                    on_result(results[i])
                 bar.update()
     bar.close()
     return [results[i] for i in range(len(items))]

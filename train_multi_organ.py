@@ -10,7 +10,8 @@
 Loss: 0.5 x class-weighted marginal cross-entropy + 0.5 x soft Dice over the foreground classes
 (``losses_multi_organ.py``): structures a patient lacks are never taught as background. Adam,
 early stopping on the validation loss, best and last checkpoints; ``--resume`` continues exactly
-(model, optimizer, gradient scaler, RNG states, sampler epoch, best score, patience counter).
+(model, optimizer, gradient scaler, RNG states, sampler epoch, best score, patience counter, the
+training time and steps already spent, and where a cut epoch stopped: it finishes that epoch).
 
 Speed: mixed precision chosen per device (bfloat16 where supported, float16 with a gradient
 scaler on older GPUs such as the T4), channels-last, ``cudnn.benchmark``, pinned memory and
@@ -35,10 +36,10 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -107,6 +108,11 @@ CLASS_WEIGHT_POWER = 0.5
 MAX_CLASS_WEIGHT = 10.0
 CLASS_WEIGHTS_METHOD = "inverse-frequency-power-0.5-max-10-v1"
 FOREGROUND_KEYS: tuple[str, ...] = tuple(organs.structure(l).key for l in organs.FOREGROUND_LABELS)
+
+
+#: The training clock (seconds): the time limit and the time-based cosine schedule read it. Tests
+#: replace it with a fake clock, so they never depend on wall-clock time.
+clock: Callable[[], float] = time.monotonic
 
 
 class NonFiniteLossError(RuntimeError):
@@ -303,7 +309,9 @@ class EpochSampler(DistributedSampler):
 
     The epoch's draw depends only on ``seed`` and ``set_epoch(epoch)``, so a resumed run sees
     exactly the slices and augmentations of an uninterrupted one, and every rank sees a
-    disjoint share of the same draw. Yields ``index`` or, with ``with_seeds``, ``(index, seed)``.
+    disjoint share of the same draw. ``set_epoch(epoch, skip=n)`` leaves out the first ``n``
+    items of this rank's share: the part of a cut epoch trained before ``--resume``. Yields
+    ``index`` or, with ``with_seeds``, ``(index, seed)``.
     """
 
     def __init__(self, dataset: Dataset, *, num_replicas: int = 1, rank: int = 0, seed: int = 0,
@@ -312,6 +320,16 @@ class EpochSampler(DistributedSampler):
                          drop_last=False)
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         self.with_seeds = with_seeds
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        if not 0 <= skip <= self.num_samples:
+            raise ValueError(f"skip must be 0-{self.num_samples} (items of this rank's share), got {skip}")
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
 
     def __iter__(self) -> Iterator[Any]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -322,7 +340,7 @@ class EpochSampler(DistributedSampler):
             order = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         order = order.repeat(math.ceil(self.total_size / n))[: self.total_size]  # pad like DDP
         seeds = torch.randint(0, 2**62, (self.total_size,), generator=generator)
-        mine = slice(self.rank, self.total_size, self.num_replicas)
+        mine = slice(self.rank + self.skip * self.num_replicas, self.total_size, self.num_replicas)
         if not self.with_seeds:
             return iter(order[mine].tolist())
         return iter(zip(order[mine].tolist(), seeds[mine].tolist()))
@@ -385,7 +403,8 @@ def seed_everything(seed: int) -> None:
 def training_progress(epoch: int, epochs: int, elapsed: float = 0.0,
                       time_limit: float | None = None) -> float:
     """Fraction of the run done at the start of ``epoch`` (1-based), 0 to 1: by epochs, or by
-    time when ``--time-limit`` will run out first."""
+    time when ``--time-limit`` will run out first (``elapsed``: training seconds of the whole
+    run, earlier invocations of a resumed run included)."""
     done = (epoch - 1) / (epochs - 1) if epochs > 1 else 0.0
     if time_limit:
         done = max(done, elapsed / time_limit)
@@ -396,8 +415,9 @@ def learning_rate(base_lr: float, progress: float, schedule: str) -> float:
     """``constant``: ``base_lr``; ``cosine``: from ``base_lr`` at progress 0 down to
     ``COSINE_FINAL_FRACTION * base_lr`` at progress 1 (see :func:`training_progress`).
 
-    A function of the epoch (and, with a time limit, of the elapsed time) only, so a resumed
-    run follows the same schedule without any stored scheduler state."""
+    A function of the epoch (and, with a time limit, of the run's training time, which the last
+    checkpoint carries) only, so a resumed run follows the same schedule without any stored
+    scheduler state."""
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
     if schedule == "constant":
@@ -411,20 +431,38 @@ def learning_rate(base_lr: float, progress: float, schedule: str) -> float:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class StepLimits:
-    """When to stop training early: total steps of this invocation and/or seconds."""
+    """When to stop training early: optimizer steps and/or time of the whole run (a resumed run
+    starts with the steps and seconds its checkpoint carries)."""
 
     max_steps: int | None = None
-    deadline: float | None = None  # time.monotonic() value
-    steps_done: int = 0
+    deadline: float | None = None  # a clock() value
+    steps_done: int = 0  # of the whole run
 
     def reached(self) -> bool:
         return ((self.max_steps is not None and self.steps_done >= self.max_steps)
-                or (self.deadline is not None and time.monotonic() >= self.deadline))
+                or (self.deadline is not None and clock() >= self.deadline))
 
     def reason(self) -> str:
         if self.max_steps is not None and self.steps_done >= self.max_steps:
             return f"--max-steps ({self.max_steps} steps)"
         return "--time-limit"
+
+
+@dataclass
+class EpochPart:
+    """How far an epoch got (totals over all ranks). A limit that cuts an epoch stores this in
+    the last checkpoint; ``--resume`` trains the rest of the epoch from here."""
+
+    epoch: int
+    lr: float  # set at the epoch's start, kept for its rest
+    steps: int = 0  # optimizer steps (batches of each rank) done
+    slices: int = 0
+    loss_sum: float = 0.0  # sum over the slices done of the training loss
+    seconds: float = 0.0  # training seconds spent in the epoch
+
+    @property
+    def train_loss(self) -> float:
+        return self.loss_sum / max(self.slices, 1)
 
 
 def _to_device(batch: dict[str, Any], runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -453,23 +491,28 @@ def train_one_epoch(
     class_weights: torch.Tensor,
     runtime: Runtime,
     *,
-    epoch: int,
+    done: EpochPart,
     limits: StepLimits,
     log_every: int,
     last_good: str,
-) -> tuple[float, int, bool]:
-    """Train one epoch: ``(mean training loss over all ranks, slices seen, stopped mid-epoch)``.
+) -> tuple[EpochPart, bool]:
+    """Train (the rest of) one epoch from ``done``: ``(how far the epoch got, stopped mid-epoch)``.
 
-    The running loss and the NaN check stay on the device and are read only every
-    ``log_every`` steps (and at the end), so steps are never serialised on the host.
-    Raises :class:`NonFiniteLossError` when a loss was NaN or infinite.
+    The loader's sampler must already skip the ``done.steps`` batches trained before. The running
+    loss and the NaN check stay on the device and are read only every ``log_every`` steps (and at
+    the end), so steps are never serialised on the host. Raises :class:`NonFiniteLossError` when
+    a loss was NaN or infinite.
     """
     model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
+    epoch = done.epoch
+    # The part done before a cut is added on rank 0, in the order the uncut epoch adds it.
+    loss_sum = torch.tensor(done.loss_sum if runtime.is_main else 0.0, dtype=torch.float64,
+                            device=runtime.device)
     bad = torch.zeros((), dtype=torch.bool, device=runtime.device)
-    seen, partial = 0, False
+    seen, partial, step = 0, False, done.steps
+    last_step = done.steps + len(loader)
     bar = progress_bar(len(loader.sampler), f"epoch {epoch}", "slice", leave=False, disable=not runtime.is_main)
-    for step, batch in enumerate(loader, start=1):
+    for step, batch in enumerate(loader, start=done.steps + 1):
         image, mask, annotated = _to_device(batch, runtime)
         with runtime.precision.autocast(runtime.device):
             logits = model(image)
@@ -484,11 +527,11 @@ def train_one_epoch(
         seen += batch_size
         limits.steps_done += 1
         bar.update(batch_size)
-        at_end = step == len(loader)
+        at_end = step == last_step
         if step % log_every == 0 or at_end:
             if _agree(bad, runtime):  # the only host syncs of the loop: every N steps
                 _raise_non_finite("training", epoch, step, last_good)
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
+            bar.set_postfix(loss=f"{loss_sum.item() / (seen + done.slices):.4f}")
             want_stop = _agree(limits.reached(), runtime)
         elif runtime.distributed:  # the clock may differ between ranks: only agreed on above
             want_stop = limits.max_steps is not None and limits.steps_done >= limits.max_steps
@@ -501,8 +544,9 @@ def train_one_epoch(
     totals = _all_reduce(torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64,
                                                              device=runtime.device)]), runtime)
     if _agree(bad, runtime):  # a bad step after the last check (all ranks stop together)
-        _raise_non_finite("training", epoch, len(loader), last_good)
-    return float(totals[0] / totals[1].clamp(min=1)), int(totals[1]), partial
+        _raise_non_finite("training", epoch, step, last_good)
+    slices = int(totals[1]) + done.slices
+    return EpochPart(epoch, done.lr, step, slices, float(totals[0]), done.seconds), partial
 
 
 @torch.no_grad()
@@ -623,8 +667,10 @@ def run(
 
     ``base_channels`` None means 64, or the resumed checkpoint's. ``workers`` None means 0 on
     CPU (the cores are busy computing) and min(8, cores per process) on CUDA. ``time_limit`` is
-    in seconds; training stops at the first step past it (``max_steps`` likewise), validates
-    and saves as after a full epoch. Raises :class:`NonFiniteLossError`, ``FileNotFoundError``
+    in seconds of the whole run (a resumed run continues the clock its checkpoint carries);
+    training stops at the first step past it (``max_steps``, steps of the whole run, likewise),
+    validates and saves as after a full epoch, and records how far the epoch got so that
+    ``resume`` finishes it with the same lr, slices and augmentations. Raises :class:`NonFiniteLossError`, ``FileNotFoundError``
     (missing split/cache) or ``ValueError`` (bad arguments, checkpoint mismatch).
     """
     config = {k: v for k, v in locals().items()}
@@ -636,7 +682,7 @@ def run(
     learning_rate(lr, 0.0, lr_schedule)  # rejects an unknown schedule before any work
     if tumour_oversampling is not None and not 0 < tumour_oversampling < 1:
         raise ValueError(f"tumour_oversampling must be a fraction in (0, 1), got {tumour_oversampling}")
-    started = time.monotonic()
+    started = clock()
     resumed = _load_resume(Path(resume)) if resume is not None else None
     if resumed is not None:
         saved_channels = resumed["model_config"]["base_channels"]
@@ -688,6 +734,12 @@ class Progress:
     best_epoch: int = 0
     epochs_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    steps_done: int = 0  # optimizer steps of the whole run
+    seconds: float = 0.0  # training seconds of the whole run when the checkpoint was written
+    #: An epoch a limit cut, finished first: ``part`` (an :class:`EpochPart`), ``progress_before``
+    #: (best score, best epoch, patience before its snapshot was validated) and, when the snapshot
+    #: replaced an earlier best checkpoint, ``best_before``.
+    cut: dict[str, Any] | None = None
 
 
 def _make_loaders(config: dict[str, Any], runtime: Runtime, train_set: MultiOrganDataset,
@@ -727,9 +779,30 @@ def _restore(resumed: dict[str, Any], model: torch.nn.Module, optimizer: torch.o
     if resumed.get("scaler_state"):
         scaler.load_state_dict(resumed["scaler_state"])
     set_rng_state(resumed["rng_state"])
-    return Progress(int(resumed["epoch"]) + 1, float(resumed["best_val_loss"]),
-                    int(resumed["best_epoch"]), int(resumed["epochs_without_improvement"]),
-                    list(resumed["history"]))
+    spent = dict(steps_done=int(resumed.get("steps_done", 0)),
+                 seconds=float(resumed.get("training_seconds", 0.0)))
+    progress = Progress(int(resumed["epoch"]) + 1, float(resumed["best_val_loss"]),
+                        int(resumed["best_epoch"]), int(resumed["epochs_without_improvement"]),
+                        list(resumed["history"]), **spent)
+    cut = resumed.get("cut_epoch")
+    if cut is not None:  # a limit cut the epoch: it is finished first
+        progress.next_epoch = int(cut["part"]["epoch"])
+        progress.cut = dict(cut, part=EpochPart(**cut["part"]))
+    return progress
+
+
+def _forget_cut_snapshot(progress: Progress, best_path: Path, runtime: Runtime) -> EpochPart:
+    """Before finishing a cut epoch, undo what validating its snapshot decided (its history row,
+    best score, patience, best checkpoint), as a run never cut has none of it; returns where the
+    epoch stopped."""
+    cut, progress.cut = progress.cut or {}, None
+    before = cut["progress_before"]
+    progress.best_val_loss, progress.best_epoch = float(before["best_val_loss"]), int(before["best_epoch"])
+    progress.epochs_without_improvement = int(before["epochs_without_improvement"])
+    progress.history.pop()
+    if cut.get("best_before") is not None and runtime.is_main:
+        _save(cut["best_before"], best_path)
+    return cut["part"]
 
 
 def _epoch_row(epoch: int, train_loss: float, val_loss: float, dice: list[float], improved: bool,
@@ -748,22 +821,33 @@ def _epoch_row(epoch: int, train_loss: float, val_loss: float, dice: list[float]
 
 def _write_epoch_outputs(plain_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                          scaler: torch.amp.GradScaler, progress: Progress, config: dict[str, Any],
-                         preprocessing: dict[str, Any], ptv: dict[str, Any]) -> None:
-    """Rank 0, after each epoch: best checkpoint (when improved), last checkpoint, history, curves."""
+                         preprocessing: dict[str, Any], ptv: dict[str, Any], training_seconds: float,
+                         cut: dict[str, Any] | None) -> None:
+    """Rank 0, after each epoch: best checkpoint (when improved), last checkpoint, history, curves.
+
+    ``cut`` (an epoch a limit cut: how far it got, the progress before its snapshot was validated)
+    goes into the last checkpoint; when the snapshot replaces an earlier best checkpoint, that one
+    goes with it, so ``--resume`` can put it back before finishing the epoch.
+    """
     output_dir: Path = config["output_dir"]
+    best_path = output_dir / BEST_CHECKPOINT
     row = progress.history[-1]
     val_dice = {key: row[f"dice_{key}"] for key in FOREGROUND_KEYS}
     common = dict(preprocessing=preprocessing, ptv=ptv, epoch=row["epoch"], val_loss=row["val_loss"],
                   val_dice=val_dice)
     if row["best"]:
-        _save(build_checkpoint(plain_model, **common), output_dir / BEST_CHECKPOINT)
+        if cut is not None and cut["progress_before"]["best_epoch"] > 0 and best_path.is_file():
+            cut["best_before"] = torch.load(best_path, map_location="cpu", weights_only=True)
+        _save(build_checkpoint(plain_model, **common), best_path)
     _save(build_checkpoint(plain_model, **common, extra={
         "optimizer_state": optimizer.state_dict(),
         "scaler_state": scaler.state_dict() if scaler.is_enabled() else {},
         "rng_state": get_rng_state(), "seed": int(config["seed"]),
         "best_val_loss": progress.best_val_loss, "best_epoch": progress.best_epoch,
         "epochs_without_improvement": progress.epochs_without_improvement,
-        "history": progress.history, "train_config": _jsonable(config)}), output_dir / LAST_CHECKPOINT)
+        "history": progress.history, "train_config": _jsonable(config),
+        "steps_done": progress.steps_done, "training_seconds": float(training_seconds),
+        **({"cut_epoch": cut} if cut is not None else {})}), output_dir / LAST_CHECKPOINT)
     write_history(progress.history, output_dir)
     save_figure(training_curves_figure(progress.history, f"Training curves, run {output_dir.name}"),
                 output_dir / CURVES_PNG)
@@ -814,29 +898,43 @@ def _train(config: dict[str, Any], runtime: Runtime, resumed: dict[str, Any] | N
             "train_slices": len(train_set), "val_patients": len(val_set.patients) if val_set else 0,
             "val_slices": len(val_set) if val_set else 0, "class_weights": weights, "class_weights_reused": reused,
             "preprocessing": preprocessing, "ptv": ptv, "start_epoch": progress.next_epoch,
+            "start_step_of_epoch": progress.cut["part"].steps if progress.cut else 0,
+            "steps_before": progress.steps_done, "training_seconds_before": round(progress.seconds, 3),
         }
         log.info("training configuration:\n%s", json.dumps(shown, indent=2))
 
-    deadline = started + float(config["time_limit"]) if config["time_limit"] else None
-    limits = StepLimits(config["max_steps"], deadline)
-    last_path = output_dir / LAST_CHECKPOINT
+    # --time-limit and the time-based schedule count the training time of the whole run: the
+    # earlier invocations of a resumed run (progress.seconds) and this one.
+    spent_before, time_limit = progress.seconds, config["time_limit"]
+
+    def elapsed() -> float:
+        return spent_before + clock() - started
+
+    deadline = started - spent_before + float(time_limit) if time_limit else None
+    limits = StepLimits(config["max_steps"], deadline, progress.steps_done)
+    last_path, best_path = output_dir / LAST_CHECKPOINT, output_dir / BEST_CHECKPOINT
     stop_reason = "epochs"
     for epoch in range(progress.next_epoch, int(config["epochs"]) + 1):
         if _agree(limits.reached(), runtime):
             stop_reason = limits.reason()
             break
-        epoch_start = time.monotonic()
-        sampler.set_epoch(epoch)
-        done = training_progress(epoch, int(config["epochs"]), epoch_start - started,
-                                 config["time_limit"])
+        epoch_start = clock()
+        if progress.cut is not None:  # finish the epoch a limit cut, at its lr, from where it stopped
+            part = _forget_cut_snapshot(progress, best_path, runtime)
+        else:
+            done = training_progress(epoch, int(config["epochs"]), elapsed(), time_limit)
+            part = EpochPart(epoch, learning_rate(float(config["lr"]), done, config["lr_schedule"]))
+        sampler.set_epoch(epoch, skip=part.steps * int(config["batch_size"]))
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(float(config["lr"]), done, config["lr_schedule"])
+            group["lr"] = part.lr
         last_good = (f"The last good checkpoint is {last_path} (epoch {progress.history[-1]['epoch']})."
                      if progress.history else "No checkpoint was written yet.")
-        train_loss, seen, partial = train_one_epoch(
-            train_model, train_loader, optimizer, scaler, class_weights, runtime, epoch=epoch,
+        part, partial = train_one_epoch(
+            train_model, train_loader, optimizer, scaler, class_weights, runtime, done=part,
             limits=limits, log_every=int(config["log_every"]), last_good=last_good)
-        train_seconds = time.monotonic() - epoch_start
+        part.seconds += clock() - epoch_start
+        progress.steps_done = limits.steps_done
+        train_loss, validation_start = part.train_loss, clock()
         if runtime.distributed:  # BatchNorm statistics of rank 0: what the checkpoint will hold
             for buffer in plain_model.buffers():
                 dist.broadcast(buffer, src=0)
@@ -847,18 +945,23 @@ def _train(config: dict[str, Any], runtime: Runtime, resumed: dict[str, Any] | N
             monitored = val_loss
         else:
             val_loss, dice, monitored = math.nan, [math.nan] * organs.NUM_CLASSES, train_loss
+        cut = None
+        if partial:  # what --resume needs to finish the epoch as if it had never been cut
+            cut = {"part": asdict(part), "progress_before": {
+                "best_val_loss": progress.best_val_loss, "best_epoch": progress.best_epoch,
+                "epochs_without_improvement": progress.epochs_without_improvement}}
         improved = monitored < progress.best_val_loss
         if improved:
             progress.best_val_loss, progress.best_epoch = monitored, epoch
             progress.epochs_without_improvement = 0
         else:
             progress.epochs_without_improvement += 1
-        row = _epoch_row(epoch, train_loss, val_loss, dice, improved, seen,
-                         optimizer.param_groups[0]["lr"], train_seconds,
-                         time.monotonic() - epoch_start, partial)
+        row = _epoch_row(epoch, train_loss, val_loss, dice, improved, part.slices, part.lr, part.seconds,
+                         part.seconds + clock() - validation_start, partial)
         progress.history.append(row)
         if runtime.is_main:
-            _write_epoch_outputs(plain_model, optimizer, scaler, progress, config, preprocessing, ptv)
+            _write_epoch_outputs(plain_model, optimizer, scaler, progress, config, preprocessing, ptv,
+                                 elapsed(), cut)
             log.info("epoch %d: train loss %.4f, val loss %.4f%s, Dice %s, %.1f slices/s, %.0f s",
                      epoch, train_loss, val_loss, " (best)" if improved else "",
                      ", ".join(f"{k} {row[f'dice_{k}']:.3f}" for k in FOREGROUND_KEYS),
@@ -869,11 +972,10 @@ def _train(config: dict[str, Any], runtime: Runtime, resumed: dict[str, Any] | N
         if partial:
             stop_reason = limits.reason()
             break
-    best_path = output_dir / BEST_CHECKPOINT
     if runtime.is_main:
         log.info("Phase 5: %d epochs done, stopped by %s; best val loss %.4f at epoch %d -> %s "
                  "(%.0f s)", len(progress.history), stop_reason, progress.best_val_loss,
-                 progress.best_epoch, best_path, time.monotonic() - started)
+                 progress.best_epoch, best_path, clock() - started)
     return TrainResult(output_dir, best_path, last_path, progress.history, progress.best_val_loss,
                        progress.best_epoch, stop_reason, plain_model)
 
@@ -935,9 +1037,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="(default: %(default)s)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="(default: %(default)s)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; slow first epoch)")
-    parser.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
+    parser.add_argument("--max-steps", type=positive_int, default=None,
+                        help="stop after this many optimizer steps of the whole run (resumed runs included)")
     parser.add_argument("--time-limit", type=_seconds, default=None, metavar="DURATION",
-                        help="stop training after this long (seconds, or 5m, 1.5h); the last epoch is validated and saved")
+                        help="stop training after this long (seconds, or 5m, 1.5h), counting the time of the "
+                             "whole run (resumed runs included); the cut epoch is validated and saved, and "
+                             "--resume finishes it")
     parser.add_argument("--patience", type=positive_int, default=DEFAULT_PATIENCE,
                         help="early stopping: epochs without a better validation loss (default: %(default)s)")
     parser.add_argument("--resume", type=Path, default=None, metavar="CHECKPOINT",

@@ -113,6 +113,25 @@ def test_common_arguments() -> None:
         parser.parse_args(["--workers", "0"])
 
 
+def test_the_next_write_removes_what_a_killed_writer_left_but_not_a_live_writers_files(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    killed = tmp_path / ".partial" / f"{int(dead.stdout)}-0123456789ab"  # its process has ended
+    killed.mkdir(parents=True)
+    (killed / "P1.nii.gz").write_bytes(b"half a file")
+    live = tmp_path / ".partial" / f"{os.getpid()}-ba9876543210"  # a writer still running
+    live.mkdir()
+    pio.write_text_atomic(tmp_path / "report.csv", "a\n")
+    assert not killed.exists() and live.is_dir()
+    live.rmdir()
+    pio.check_writable(tmp_path)  # a phase's first look at its output folder cleans as well
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.csv"]
+
+
 # --------------------------------------------------------------------------------------------
 # Walking a DICOM tree: links followed once; progress that suits a log file
 # --------------------------------------------------------------------------------------------

@@ -555,3 +555,157 @@ def test_a_cache_of_an_earlier_version_is_refused(cache):
     with pytest.raises(ValueError, match="P2: .*earlier version.*re-run extract_multi_organ_masks.py --overwrite, "
                                          "then normalize_ct_and_masks.py --overwrite"):
         tm.run(data_root=root, splits_dir=splits, output_dir=splits.parent / "old", epochs=1, **TINY)
+
+
+# --------------------------------------------------------------------------------------------
+# Resume after a cut: a fake clock (1 s per training step), never the wall clock
+# --------------------------------------------------------------------------------------------
+class Killed(Exception):
+    """Stands for SIGKILL in-process: the run dies without writing anything more."""
+
+
+class TrainingTrace:
+    """A fake training clock (one second per training step, nothing else takes time) and a
+    record of every step: the lr, and the bytes of the slices (with their augmentation) trained on."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now, self.kill_at, self.steps = 0.0, None, []
+        monkeypatch.setattr(tm, "clock", lambda: self.now)
+        real_loss, real_to_device, real_step = tm.multi_organ_loss, tm._to_device, torch.amp.GradScaler.step
+        trace = self
+
+        def loss(logits, *args):
+            if torch.is_grad_enabled():  # a training step (validation runs under no_grad)
+                trace.now += 1.0
+                if trace.kill_at is not None and trace.now >= trace.kill_at:
+                    trace.kill_at = None
+                    raise Killed
+            return real_loss(logits, *args)
+
+        def to_device(batch, runtime):
+            if torch.is_grad_enabled():
+                trace.batch = tuple(image.numpy().tobytes() for image in batch["image"])
+            return real_to_device(batch, runtime)
+
+        def step(scaler, optimizer, *args, **kwargs):
+            trace.steps.append((optimizer.param_groups[0]["lr"], trace.batch))
+            return real_step(scaler, optimizer, *args, **kwargs)
+
+        monkeypatch.setattr(tm, "multi_organ_loss", loss)
+        monkeypatch.setattr(tm, "_to_device", to_device)
+        monkeypatch.setattr(torch.amp.GradScaler, "step", step)
+
+
+CUT_OPTIONS = dict(augment=True, tumour_oversampling=0.5, lr_schedule="cosine", **TINY)
+
+
+def _same_history(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for row_a, row_b in zip(a, b):
+        assert row_a.keys() == row_b.keys()
+        for key, value in row_a.items():
+            if isinstance(value, float):
+                assert row_b[key] == pytest.approx(value, abs=1e-6, nan_ok=True), (row_a["epoch"], key)
+            else:
+                assert row_b[key] == value, (row_a["epoch"], key)
+
+
+def _same_weights(a: dict, b: dict) -> None:
+    for name, value in a.items():
+        assert torch.allclose(value.float(), b[name].float(), atol=1e-6), name
+
+
+def test_a_killed_run_resumed_keeps_the_time_based_schedule_and_the_whole_run_time_limit(cache, monkeypatch):
+    """--time-limit 10 s with 3 steps per epoch: epochs start at 0, 3, 6, 9 s and the limit cuts
+    epoch 4 after its first step. Killed at 5 s (in epoch 2) and resumed, the run continues the
+    clock of its checkpoint (3 s), not 0: same lr per step, same slices, same weights."""
+    root, splits = cache
+    trace = TrainingTrace(monkeypatch)
+    straight = tm.run(data_root=root, splits_dir=splits, output_dir=splits.parent / "straight", epochs=10,
+                      time_limit=10, **CUT_OPTIONS)
+    assert [row["lr"] for row in straight.history] == pytest.approx(
+        [tm.learning_rate(1e-3, t / 10, "cosine") for t in (0, 3, 6, 9)])
+    assert straight.history[-1]["partial_epoch"] and len(trace.steps) == 10
+    straight_steps, trace.steps, trace.now = trace.steps, [], 100.0  # another process, another clock
+
+    out = splits.parent / "killed"
+    trace.kill_at = 105.0
+    with pytest.raises(Killed):
+        tm.run(data_root=root, splits_dir=splits, output_dir=out, epochs=10, time_limit=10, **CUT_OPTIONS)
+    last = torch.load(out / "last_checkpoint.pth", weights_only=True)
+    assert (last["epoch"], last["steps_done"], last["training_seconds"]) == (1, 3, 3.0)
+    trace.steps, trace.now = [], 1000.0
+    resumed = tm.run(data_root=root, splits_dir=splits, output_dir=out, epochs=10, time_limit=10,
+                     resume=out / "last_checkpoint.pth", **CUT_OPTIONS)
+    assert trace.steps == straight_steps[3:]  # same lr, same slices and augmentations, step by step
+    assert resumed.stop_reason == straight.stop_reason == "--time-limit"
+    _same_history(straight.history, resumed.history)
+    _same_weights(straight.model.state_dict(), resumed.model.state_dict())
+    assert torch.load(out / "last_checkpoint.pth", weights_only=True)["training_seconds"] == 10.0
+
+
+def test_an_epoch_cut_by_a_limit_is_finished_by_resume_as_if_never_cut(cache, monkeypatch):
+    """Cut by --time-limit 2 s in epoch 1 (after 2 of its 3 steps), resumed with --max-steps 5
+    (cut again in epoch 2), resumed again without a limit: the same steps, lr, slices, history,
+    weights and best checkpoint as a run never cut. The cut snapshots are made to validate best,
+    so the best checkpoint they replaced must come back."""
+    root, splits = cache
+    trace = TrainingTrace(monkeypatch)
+    real_validate, real_train_one_epoch = tm.validate, tm.train_one_epoch
+    cut = {"partial": False}
+
+    def train_one_epoch(*args, **kwargs):
+        part, cut["partial"] = real_train_one_epoch(*args, **kwargs)
+        return part, cut["partial"]
+
+    def validate(*args):  # a cut snapshot always looks best; complete epochs are scored as they are
+        loss, dice = real_validate(*args)
+        return (loss - 100.0 if cut["partial"] else loss), dice
+
+    monkeypatch.setattr(tm, "train_one_epoch", train_one_epoch)
+    monkeypatch.setattr(tm, "validate", validate)
+    options = dict(data_root=root, splits_dir=splits, epochs=3, **CUT_OPTIONS)
+    straight = tm.run(output_dir=splits.parent / "straight", **options)
+    assert len(trace.steps) == 9 and not any(row["partial_epoch"] for row in straight.history)
+    straight_steps, trace.steps = trace.steps, []
+
+    out = splits.parent / "cut"
+    first = tm.run(output_dir=out, time_limit=2, **options)
+    assert [(row["epoch"], row["train_slices"], row["partial_epoch"]) for row in first.history] == [(1, 8, True)]
+    last = torch.load(out / "last_checkpoint.pth", weights_only=True)
+    assert last["cut_epoch"]["part"]["steps"] == 2 and last["cut_epoch"]["part"]["slices"] == 8
+    assert "best_before" not in last["cut_epoch"]  # no earlier best checkpoint to keep
+    again = tm.run(output_dir=out, time_limit=2, resume=out, **options)  # the limit is the whole run's
+    assert again.stop_reason == "--time-limit" and len(trace.steps) == 2
+    assert again.history[-1]["partial_epoch"]
+
+    second = tm.run(output_dir=out, max_steps=5, resume=out, **options)
+    assert [(row["epoch"], row["partial_epoch"]) for row in second.history] == [(1, False), (2, True)]
+    last = torch.load(out / "last_checkpoint.pth", weights_only=True)
+    assert last["steps_done"] == 5 and last["cut_epoch"]["part"]["steps"] == 2
+    assert last["cut_epoch"]["best_before"]["epoch"] == 1  # the snapshot replaced epoch 1's best
+    assert torch.load(out / "best_unet_multi_organ.pth", weights_only=True)["val_loss"] < -90
+
+    final = tm.run(output_dir=out, resume=out, **options)
+    assert trace.steps == straight_steps  # lr and slices of every step, across the three invocations
+    _same_history(straight.history, final.history)
+    _same_history(straight.history, json.loads((out / "history.json").read_text()))
+    _same_weights(straight.model.state_dict(), final.model.state_dict())
+    assert final.best_epoch == straight.best_epoch and final.best_val_loss == pytest.approx(straight.best_val_loss)
+    best = torch.load(out / "best_unet_multi_organ.pth", weights_only=True)
+    straight_best = torch.load(splits.parent / "straight" / "best_unet_multi_organ.pth", weights_only=True)
+    assert best["epoch"] == straight_best["epoch"] and best["val_loss"] == pytest.approx(straight_best["val_loss"])
+    _same_weights(straight_best["model_state"], best["model_state"])
+    assert "cut_epoch" not in torch.load(out / "last_checkpoint.pth", weights_only=True)
+    assert not (out / ".partial").exists()
+
+
+def test_epoch_sampler_skips_the_part_of_a_cut_epoch():
+    data = list(range(10))
+    sampler = tm.EpochSampler(data, num_replicas=2, rank=1, seed=3, with_seeds=True)
+    sampler.set_epoch(2)
+    whole = list(sampler)
+    sampler.set_epoch(2, skip=3)
+    assert list(sampler) == whole[3:] and len(sampler) == 2
+    with pytest.raises(ValueError, match="skip must be 0-5 .*got 6"):
+        sampler.set_epoch(2, skip=6)
