@@ -52,6 +52,7 @@ from dataset_multi_organ import (
     MultiOrganDataset,
     SliceAugmentation,
     batch_to_device,
+    check_context_slices,
     load_split,
     make_tumour_oversampling_sampler,
 )
@@ -637,7 +638,7 @@ def _load_resume(path: Path) -> dict[str, Any]:
 
 
 #: Settings a resumed run must share with the run it continues (``--epochs`` may be raised).
-RESUME_MUST_MATCH = ("batch_size", "lr", "lr_schedule", "augment", "tumour_oversampling")
+RESUME_MUST_MATCH = ("batch_size", "lr", "lr_schedule", "augment", "tumour_oversampling", "context_slices")
 
 
 def run(
@@ -662,6 +663,7 @@ def run(
     resume: Path | str | None = None,
     amp: bool | None = None,
     log_every: int = DEFAULT_LOG_EVERY,
+    context_slices: int = 0,
 ) -> TrainResult:
     """Train (or resume training) and write the run folder; see the module docstring.
 
@@ -680,6 +682,7 @@ def run(
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     learning_rate(lr, 0.0, lr_schedule)  # rejects an unknown schedule before any work
+    config["context_slices"] = check_context_slices(context_slices)
     if tumour_oversampling is not None and not 0 < tumour_oversampling < 1:
         raise ValueError(f"tumour_oversampling must be a fraction in (0, 1), got {tumour_oversampling}")
     started = clock()
@@ -833,7 +836,8 @@ def _write_epoch_outputs(plain_model: torch.nn.Module, optimizer: torch.optim.Op
     best_path = output_dir / BEST_CHECKPOINT
     row = progress.history[-1]
     val_dice = {key: row[f"dice_{key}"] for key in FOREGROUND_KEYS}
-    common = dict(preprocessing=preprocessing, ptv=ptv, epoch=row["epoch"], val_loss=row["val_loss"],
+    common = dict(preprocessing=preprocessing, ptv=ptv, context_slices=int(config["context_slices"]),
+                  epoch=row["epoch"], val_loss=row["val_loss"],
                   val_dice=val_dice)
     if row["best"]:
         if cut is not None and cut["progress_before"]["best_epoch"] > 0 and best_path.is_file():
@@ -859,10 +863,13 @@ def _train(config: dict[str, Any], runtime: Runtime, resumed: dict[str, Any] | N
     output_dir: Path = config["output_dir"]
     seed_everything(int(config["seed"]))
 
-    train_set = MultiOrganDataset("train", data_root=data_root, splits_dir=splits_dir, compact=True)
+    k = int(config["context_slices"])
+    train_set = MultiOrganDataset("train", data_root=data_root, splits_dir=splits_dir, compact=True,
+                                  context_slices=k)
     val_set = None
     if load_split(splits_dir, "val"):
-        val_set = MultiOrganDataset("val", data_root=data_root, splits_dir=splits_dir, compact=True)
+        val_set = MultiOrganDataset("val", data_root=data_root, splits_dir=splits_dir, compact=True,
+                                    context_slices=k)
     elif runtime.is_main:  # e.g. two sample patients: one train, one test
         log.warning("%s lists no patient: the best checkpoint and early stopping use the training "
                     "loss, validation columns are NaN", Path(splits_dir) / "val.txt")
@@ -873,7 +880,7 @@ def _train(config: dict[str, Any], runtime: Runtime, resumed: dict[str, Any] | N
     class_weights = torch.tensor(weights, dtype=torch.float32, device=runtime.device)
     train_loader, val_loader, sampler, workers = _make_loaders(config, runtime, train_set, val_set)
 
-    model = UNetMultiOrgan(1, organs.NUM_CLASSES, config["base_channels"]).to(runtime.device)
+    model = UNetMultiOrgan(2 * k + 1, organs.NUM_CLASSES, config["base_channels"]).to(runtime.device)
     if runtime.precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))
@@ -1031,6 +1038,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=None,
                         help="data loader worker processes (default: 0 on CPU, min(8, cores) on CUDA)")
     parser.add_argument("--augment", action="store_true", help="random rotation/zoom/intensity of training slices")
+    parser.add_argument("--context-slices", type=int, default=0, metavar="K",
+                        help="slice context (2.5D): each slice with K neighbours per side as 2K + 1 input "
+                             "channels, clamped at the volume's ends; 0 = one slice (default: %(default)s)")
     parser.add_argument("--tumour-oversampling", type=_fraction, nargs="?", const=DEFAULT_TUMOUR_FRACTION,
                         default=None, metavar="FRACTION",
                         help=f"draw GTV slices this fraction of the time (flag alone: {DEFAULT_TUMOUR_FRACTION})")

@@ -709,3 +709,16 @@ def test_epoch_sampler_skips_the_part_of_a_cut_epoch():
     assert list(sampler) == whole[3:] and len(sampler) == 2
     with pytest.raises(ValueError, match="skip must be 0-5 .*got 6"):
         sampler.set_epoch(2, skip=6)
+
+
+def test_slice_context_trains_a_2k_plus_1_channel_network_and_resume_keeps_k(cache):
+    root, splits = cache
+    out = splits.parent / "k1"
+    tm.run(data_root=root, splits_dir=splits, output_dir=out, epochs=1, context_slices=1, **TINY)
+    best = torch.load(out / "best_unet_multi_organ.pth", weights_only=True)
+    assert best["context_slices"] == 1 and best["model_config"]["in_channels"] == 3
+    with pytest.raises(ValueError, match="--context-slices 0 differs from the resumed run's 1"):
+        tm.run(data_root=root, splits_dir=splits, output_dir=out, epochs=2, resume=out / "last_checkpoint.pth",
+               **TINY)
+    with pytest.raises(ValueError, match="context slices must be an integer in 0-8, got -1"):
+        tm.run(data_root=root, splits_dir=splits, output_dir=splits.parent / "bad", context_slices=-1, **TINY)
