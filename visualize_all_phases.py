@@ -451,7 +451,8 @@ def dataset_figure(dataset: Any, indices: Sequence[int], split: str = "train") -
     axes = fig.subplots(3, max(len(items), 1), squeeze=False)
     shown: set[int] = set()
     for col, item in enumerate(items):
-        image = item["image"].numpy()[0]
+        channels = item["image"].numpy()
+        image = channels[len(channels) // 2]  # the slice itself (the middle channel with slice context)
         mask = item["mask"].numpy()
         missing = [organs.structure(k).name for k in organs.FOREGROUND_LABELS if not bool(item["annotated"][k])]
         note = ("\nnot annotated: " + ", ".join(missing)) if missing else "\n"
