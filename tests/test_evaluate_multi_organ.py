@@ -375,14 +375,19 @@ def _read_metrics(path: Path) -> dict[tuple[str, str], dict[str, str]]:
         return {(r["patient_id"], r["structure"]): r for r in csv.DictReader(handle)}
 
 
+def _stand_in_checkpoint(model: torch.nn.Module, tmp_path: Path, monkeypatch) -> Path:
+    """``<tmp>/run/best.pth``, a stand-in file: load_checkpoint_model is replaced to return ``model``."""
+    checkpoint = tmp_path / "run" / "best.pth"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"stand-in: load_checkpoint_model is replaced")
+    monkeypatch.setattr(ev, "load_checkpoint_model", lambda path, device: (model, {"preprocessing": {"size": SIZE}}))
+    return checkpoint
+
+
 def test_perfect_model_scores_dice_one_on_the_original_grid(data_root, tmp_path, monkeypatch):
     layout = DataLayout(data_root)
     model = PerfectModel([layout.training_cache / p for p in ("P-SAME", "P-DOUBLE", "P-ODD", "P-DERIVED")])
-    checkpoint = tmp_path / "run" / "best.pth"
-    checkpoint.parent.mkdir()
-    checkpoint.write_bytes(b"stand-in: load_checkpoint_model is replaced below")
-    monkeypatch.setattr(ev, "load_checkpoint_model",
-                        lambda path, device: (model, {"preprocessing": {"size": SIZE}}))
+    checkpoint = _stand_in_checkpoint(model, tmp_path, monkeypatch)
 
     results = ev.run(checkpoint=checkpoint, data_root=data_root, splits_dir=data_root / "splits",
                      batch_size=4, device="cpu")
@@ -422,11 +427,7 @@ def test_perfect_model_scores_dice_one_on_the_original_grid(data_root, tmp_path,
 
 def test_derived_ptv_is_scored_as_the_margin_of_the_gtv_end_to_end(data_root, tmp_path, monkeypatch):
     layout = DataLayout(data_root)
-    model = PerfectModel([layout.training_cache / "P-DERIVED"])
-    checkpoint = tmp_path / "run" / "best.pth"
-    checkpoint.parent.mkdir()
-    checkpoint.write_bytes(b"stand-in")
-    monkeypatch.setattr(ev, "load_checkpoint_model", lambda path, device: (model, {"preprocessing": {"size": SIZE}}))
+    checkpoint = _stand_in_checkpoint(PerfectModel([layout.training_cache / "P-DERIVED"]), tmp_path, monkeypatch)
     [result] = ev.run(checkpoint=checkpoint, data_root=data_root, patients=["P-DERIVED"], device="cpu")
     assert result.status == DONE
     out = tmp_path / "run" / "evaluation"
@@ -454,11 +455,7 @@ def test_a_feet_first_transposed_patient_is_predicted_in_lps_and_scored_on_its_s
     network_truth = phase3.to_network_array(sitk.GetArrayFromImage(truth), "ARI")
     assert network_truth.shape == (10, 128, 64)
     np.testing.assert_array_equal(cached, phase3.resize_labels_to_shape(network_truth, (SIZE, SIZE)))
-    model = PerfectModel([layout.training_cache / "P-FEET"])
-    checkpoint = tmp_path / "run" / "best.pth"
-    checkpoint.parent.mkdir()
-    checkpoint.write_bytes(b"stand-in")
-    monkeypatch.setattr(ev, "load_checkpoint_model", lambda path, device: (model, {"preprocessing": {"size": SIZE}}))
+    checkpoint = _stand_in_checkpoint(PerfectModel([layout.training_cache / "P-FEET"]), tmp_path, monkeypatch)
     [result] = ev.run(checkpoint=checkpoint, data_root=data_root, patients=["P-FEET"], device="cpu")
     assert result.status == DONE, result.message
     prediction = sitk.ReadImage(str(tmp_path / "run" / "evaluation" / "predictions" / "P-FEET.nii.gz"))
