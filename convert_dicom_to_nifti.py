@@ -397,6 +397,13 @@ def _geometry_headers(files: Sequence[Path]) -> list[tuple[Path, pydicom.Dataset
     return headers
 
 
+def _fits_nifti(values: np.ndarray, positive: bool = False) -> bool:
+    """True when ``values`` survive the NIfTI header's float32: finite (and, if ``positive``, normal)."""
+    stored = np.abs(np.asarray(values, dtype=np.float64))
+    limit = float(np.finfo(np.float32).max)
+    return bool(np.all(stored < limit) and (not positive or np.all(stored >= np.finfo(np.float32).tiny)))
+
+
 def _check_same(headers: list[tuple[Path, pydicom.Dataset]], what: str, value_of) -> object:
     first_path, first = headers[0]
     expected = value_of(first_path, first)
@@ -433,10 +440,16 @@ def _slice_geometry(headers: list[tuple[Path, pydicom.Dataset]]):
             f"ImageOrientationPatient {iop.tolist()})")
     if pixel_spacing.min() <= 0:
         raise PatientError(f"{headers[0][0]}: PixelSpacing {pixel_spacing.tolist()} must be positive")
+    if not _fits_nifti(pixel_spacing, positive=True):  # ITK refuses subnormal spacings; NIfTI resets inf to 1
+        raise PatientError(f"{headers[0][0]}: PixelSpacing {pixel_spacing.tolist()} does not fit the NIfTI "
+                           "header (float32, normal numbers)")
 
     slices = []
     for path, ds in headers:
         position = _floats(ds, "ImagePositionPatient", 3, path)
+        if not _fits_nifti(position):
+            raise PatientError(f"{path}: ImagePositionPatient {position.tolist()} does not fit the NIfTI header "
+                               "(float32)")
         slices.append(_Slice(path, _text(ds.get("SOPInstanceUID", "")), position, float(position @ normal)))
     slices.sort(key=lambda s: (s.distance, str(s.path)))
 

@@ -584,10 +584,12 @@ def _set_raw(ds: pydicom.Dataset, keyword: str, vr: str, value: bytes) -> None:
     ("RescaleIntercept", "DS", b"19206321827", r"000002\.dcm: HU range \[1\.92063e\+10, 1\.92063e\+10\] .* "
                                               r"RescaleIntercept 1\.92063e\+10\) does not fit int16"),
     ("Rows", "US", b"", r"000002\.dcm: Rows is None; expected a positive integer$"),
+    ("ImagePositionPatient", "DS", b"1e39\\0\\0", r"000002\.dcm: ImagePositionPatient \[1e\+39, 0\.0, 0\.0\] does not "
+                                                 r"fit the NIfTI header \(float32\)$"),
     ("PhotometricInterpretation", "CS", b"BAD\nVALUE", r"000002\.dcm: cannot decode pixel data \(\S+ VR Little "
                                                      r"Endian\): ValueError: .*'BAD VALUE'$"),
 ], ids=["frames-text", "frames-inf", "slope-nan", "slope-text", "intercept-inf", "intercept-beyond-int32",
-        "rows-empty", "photometric-newline"])
+        "rows-empty", "position-beyond-float32", "photometric-newline"])
 def test_hostile_header_value_fails_naming_the_file(tmp_path, template, keyword, vr, value, match):
     raw = tmp_path / "raw"
     write_patient(raw, "GOOD", template)
@@ -595,6 +597,23 @@ def test_hostile_header_value_fails_naming_the_file(tmp_path, template, keyword,
     results = convert(tmp_path)
     assert "traceback" not in results["HOSTILE"].info and "\n" not in results["HOSTILE"].message
     assert_failed_cleanly(tmp_path, results, "HOSTILE", match)
+
+
+@pytest.mark.parametrize("spacing", [b"1e39\\1e39", b"1e-320\\1e-320"], ids=["beyond-float32", "subnormal"])
+def test_pixel_spacing_the_nifti_header_cannot_hold_fails(tmp_path, template, spacing):
+    """Before: 1e39 mm was written as inf and read back as 1 mm (status done); 1e-320 mm made ITK raise."""
+    raw = tmp_path / "raw"
+    write_patient(raw, "GOOD", template)
+
+    def hostile(datasets):
+        for ds in datasets:
+            _set_raw(ds, "PixelSpacing", "DS", spacing)
+
+    write_patient(raw, "HOSTILE", template, edit=hostile)
+    results = convert(tmp_path)
+    assert "traceback" not in results["HOSTILE"].info
+    assert_failed_cleanly(tmp_path, results, "HOSTILE", r"000000\.dcm: PixelSpacing \[.*\] does not fit the NIfTI "
+                                                        r"header \(float32, normal numbers\)$")
 
 
 def _jpeg_lossless(ds: pydicom.Dataset) -> None:
