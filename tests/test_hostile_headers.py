@@ -177,7 +177,8 @@ number_text = st.one_of(
 )
 number_list = st.lists(number_text, max_size=8).map(lambda tokens: "\\".join(tokens).encode("utf-8"))
 #: A whole numeric element: a list of hostile numbers, or bytes.
-number_bytes = st.one_of(number_list, st.binary(max_size=24))
+number_bytes = st.one_of(number_list, st.binary(max_size=24), st.sampled_from(
+    [b"1e39\\1e39\\1e39", b"1e-320\\1e-320\\1e-320", b"-1e39\\0\\0", b"1e6\\1e6\\1e6"]))
 #: One component of the element's original value replaced: (which, by what).
 component = st.tuples(st.integers(0, 8), number_text)
 
@@ -453,6 +454,10 @@ def check_phase2(data: Path, results) -> list[str]:
             direction = np.asarray(image.GetDirection()).reshape(3, 3)
             np.testing.assert_allclose(direction.T @ direction, np.eye(3), atol=1e-4)
             assert report[result.patient_id]["status"] == DONE  # a skipped patient keeps its row
+            row = report[result.patient_id]  # the geometry phase 2 computed is the one read back
+            np.testing.assert_allclose(image.GetSpacing(), [float(v) for v in row["spacing_xyz"].split()], rtol=1e-5)
+            np.testing.assert_allclose(image.GetOrigin(), [float(v) for v in row["origin_xyz"].split()],
+                                       rtol=1e-5, atol=1e-3)
             converted.append(result.patient_id)
     names = {p.name for p in out.iterdir()}
     assert names <= {conv.REPORT_NAME} | {f"{r.patient_id}.nii.gz" for r in results if r.status != FAILED}, names
