@@ -195,6 +195,28 @@ def _text(value: object) -> str:
     return str(value).strip() if value is not None else ""
 
 
+def _one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line (pydicom's messages can span several)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def _value(ds: pydicom.Dataset, keyword: str, default: object = None) -> object:
+    """``ds.get(keyword, default)``, or the stored text when pydicom cannot convert it (IS "1e309")."""
+    try:
+        return ds.get(keyword, default)
+    except (TypeError, ValueError, OverflowError):
+        raw = ds.get_item(keyword).value
+        return raw.decode("latin-1").strip(" \x00") if isinstance(raw, bytes) else raw
+
+
+def _frame_count(ds: pydicom.Dataset) -> int | None:
+    """NumberOfFrames (1 when absent or empty); None when it is not an integer."""
+    try:
+        return int(_value(ds, "NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 def _read_scan_header(path: Path) -> pydicom.Dataset:
     """The header elements in :data:`SCAN_TAGS`; raises ``InvalidDicomError``/``OSError``/... ."""
     try:
@@ -236,7 +258,7 @@ def find_dicom_series(root: Path | str) -> list[PatientDicom]:
             bad_files.append((path, "not a DICOM file"))
             continue
         except Exception as exc:  # truncated or corrupt: report it, keep scanning
-            bad_files.append((path, f"unreadable DICOM file ({type(exc).__name__}: {exc})"))
+            bad_files.append((path, f"unreadable DICOM file ({_one_line(exc)})"))
             continue
         top = _top_folder(root, path)
         dicom_id = _text(ds.get("PatientID", ""))
@@ -251,7 +273,7 @@ def find_dicom_series(root: Path | str) -> list[PatientDicom]:
         if modality == "RTSTRUCT":
             group["rtstructs"].append(RTStructInfo(path, *referenced_uids(ds)))
             group["ignored"][modality] += 1
-        elif sop_class == CT_IMAGE_STORAGE and int(ds.get("NumberOfFrames", 1) or 1) == 1:
+        elif sop_class == CT_IMAGE_STORAGE and _frame_count(ds) in (1, None):  # None: fails, naming the file
             uid = _text(ds.get("SeriesInstanceUID", "")) or f"(no SeriesInstanceUID) {path.parent}"
             series = group["series"].setdefault(uid, SeriesInfo(
                 uid, _text(ds.get("StudyInstanceUID", "")), _text(ds.get("FrameOfReferenceUID", ""))))
@@ -333,14 +355,21 @@ class _Slice:
 
 
 def _floats(ds: pydicom.Dataset, keyword: str, count: int, path: Path) -> np.ndarray:
-    value = ds.get(keyword)
-    try:
-        array = np.array([float(v) for v in value], dtype=np.float64)
+    value = _value(ds, keyword)
+    try:  # a str is one unconvertible value, not a sequence of characters
+        array = np.array([float(v) for v in ([value] if isinstance(value, str) else value)], dtype=np.float64)
     except (TypeError, ValueError):
         array = np.array([])
     if array.shape != (count,) or not np.all(np.isfinite(array)):
         raise PatientError(f"{path}: {keyword} is {value!r}; expected {count} numbers")
     return array
+
+
+def _count(ds: pydicom.Dataset, keyword: str, path: Path) -> int:
+    value = _value(ds, keyword)
+    if not isinstance(value, int) or value < 1:
+        raise PatientError(f"{path}: {keyword} is {value!r}; expected a positive integer")
+    return value
 
 
 def _geometry_headers(files: Sequence[Path]) -> list[tuple[Path, pydicom.Dataset]]:
@@ -349,12 +378,22 @@ def _geometry_headers(files: Sequence[Path]) -> list[tuple[Path, pydicom.Dataset
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(GEOMETRY_TAGS))
         except Exception as exc:
-            raise PatientError(f"{path}: cannot read DICOM header ({type(exc).__name__}: {exc})") from None
-        if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-            raise PatientError(f"{path}: multi-frame image ({ds.NumberOfFrames} frames); "
+            raise PatientError(f"{path}: cannot read DICOM header ({_one_line(exc)})") from None
+        frames = _frame_count(ds)
+        if frames is None:
+            raise PatientError(f"{path}: NumberOfFrames is {_value(ds, 'NumberOfFrames')!r}; expected an integer (1)")
+        if frames != 1:
+            raise PatientError(f"{path}: multi-frame image ({frames} frames); "
                                "only single-frame CT Image Storage series are supported")
         headers.append((path, ds))
     return headers
+
+
+def _fits_nifti(values: np.ndarray, positive: bool = False) -> bool:
+    """True when ``values`` survive the NIfTI header's float32: finite (and, if ``positive``, normal)."""
+    stored = np.abs(np.asarray(values, dtype=np.float64))
+    limit = float(np.finfo(np.float32).max)
+    return bool(np.all(stored < limit) and (not positive or np.all(stored >= np.finfo(np.float32).tiny)))
 
 
 def _check_same(headers: list[tuple[Path, pydicom.Dataset]], what: str, value_of) -> object:
@@ -377,7 +416,7 @@ def _slice_geometry(headers: list[tuple[Path, pydicom.Dataset]]):
                       lambda p, ds: _floats(ds, "ImageOrientationPatient", 6, p))
     pixel_spacing = _check_same(headers, "PixelSpacing", lambda p, ds: _floats(ds, "PixelSpacing", 2, p))
     rows, cols = _check_same(headers, "Rows x Columns",
-                             lambda p, ds: np.array([int(ds.get("Rows", 0)), int(ds.get("Columns", 0))]))
+                             lambda p, ds: np.array([_count(ds, "Rows", p), _count(ds, "Columns", p)]))
     row_dir, col_dir = iop[:3], iop[3:]
     if (abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3
             or abs(row_dir @ col_dir) > 1e-3):
@@ -393,10 +432,16 @@ def _slice_geometry(headers: list[tuple[Path, pydicom.Dataset]]):
             f"ImageOrientationPatient {iop.tolist()})")
     if pixel_spacing.min() <= 0:
         raise PatientError(f"{headers[0][0]}: PixelSpacing {pixel_spacing.tolist()} must be positive")
+    if not _fits_nifti(pixel_spacing, positive=True):  # ITK refuses subnormal spacings; NIfTI resets inf to 1
+        raise PatientError(f"{headers[0][0]}: PixelSpacing {pixel_spacing.tolist()} does not fit the NIfTI "
+                           "header (float32, normal numbers)")
 
     slices = []
     for path, ds in headers:
         position = _floats(ds, "ImagePositionPatient", 3, path)
+        if not _fits_nifti(position):
+            raise PatientError(f"{path}: ImagePositionPatient {position.tolist()} does not fit the NIfTI header "
+                               "(float32)")
         slices.append(_Slice(path, _text(ds.get("SOPInstanceUID", "")), position, float(position @ normal)))
     slices.sort(key=lambda s: (s.distance, str(s.path)))
 
@@ -471,28 +516,40 @@ def _resampling_plan(distances: np.ndarray, fill_gaps: bool, where: str):
     return step, plan, described
 
 
+def _rescale(ds: pydicom.Dataset, keyword: str, default: float, path: Path) -> float:
+    """RescaleSlope/RescaleIntercept as a finite float (``default`` when absent, empty or 0 as before)."""
+    value = _value(ds, keyword, default)
+    try:
+        number = float(value or default)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise PatientError(f"{path}: {keyword} is {value!r}; expected one finite number")
+    return number
+
+
 def _hu_slice(path: Path, rows: int, cols: int) -> np.ndarray:
     """One slice in HU (int32 when exact, else float64), with the slice's own slope/intercept."""
     try:
         ds = pydicom.dcmread(path)
     except Exception as exc:
-        raise PatientError(f"{path}: cannot read DICOM file ({type(exc).__name__}: {exc})") from None
+        raise PatientError(f"{path}: cannot read DICOM file ({_one_line(exc)})") from None
     try:
         stored = ds.pixel_array
     except Exception as exc:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", "unknown transfer syntax")
-        raise PatientError(f"{path}: cannot decode pixel data ({name}): {type(exc).__name__}: {exc}") from None
+        raise PatientError(f"{path}: cannot decode pixel data ({name}): {_one_line(exc)}") from None
     if stored.shape != (rows, cols):
         raise PatientError(f"{path}: pixel array {stored.shape}, expected (Rows, Columns) = {(rows, cols)}")
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    if slope == 1 and intercept.is_integer():
+    slope, intercept = (_rescale(ds, keyword, default, path)
+                        for keyword, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)))
+    if slope == 1 and intercept.is_integer() and abs(intercept) <= 2**30:  # exact in int32
         hu = stored.astype(np.int32) + int(intercept)
     else:
         hu = np.rint(stored * slope + intercept)
     low, high = hu.min(), hu.max()
-    if low < INT16_MIN or high > INT16_MAX:
+    if not INT16_MIN <= low <= high <= INT16_MAX:  # also refuses NaN (slope x stored + intercept = inf - inf)
         raise PatientError(f"{path}: HU range [{low:g}, {high:g}] (stored values x RescaleSlope {slope:g} + "
                            f"RescaleIntercept {intercept:g}) does not fit int16 [{INT16_MIN}, {INT16_MAX}]")
     return hu

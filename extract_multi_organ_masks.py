@@ -223,6 +223,14 @@ def _contour_points(item: Any) -> np.ndarray:
     return values.reshape(-1, 3)
 
 
+def _roi_number(item: Any, keyword: str) -> str:
+    """ROINumber / ReferencedROINumber as text: the stored text when pydicom cannot convert it (IS "1e309")."""
+    try:
+        return str(item.get(keyword, ""))
+    except (TypeError, ValueError, OverflowError):
+        return bytes(item.get_item(keyword).value).decode("latin-1").strip(" \x00")
+
+
 def read_rois(rtstruct: Any) -> list[Roi]:
     """The ROIs of an RTSTRUCT dataset (pydicom), in StructureSetROISequence order.
 
@@ -231,11 +239,11 @@ def read_rois(rtstruct: Any) -> list[Roi]:
     """
     rois: dict[str, Roi] = {}
     for item in rtstruct.get("StructureSetROISequence", []):
-        number = str(item.get("ROINumber", ""))
+        number = _roi_number(item, "ROINumber")
         rois[number] = Roi(number, str(item.get("ROIName", "") or f"ROI {number}").strip(),
                            str(item.get("ReferencedFrameOfReferenceUID", "") or ""))
     for roi_contour in rtstruct.get("ROIContourSequence", []):
-        number = str(roi_contour.get("ReferencedROINumber", ""))
+        number = _roi_number(roi_contour, "ReferencedROINumber")
         roi = rois.setdefault(number, Roi(number, f"ROI {number}", ""))
         for item in roi_contour.get("ContourSequence", []) or []:
             try:
@@ -243,7 +251,8 @@ def read_rois(rtstruct: Any) -> list[Roi]:
             except ValueError as exc:
                 raise ValueError(f"ROI {roi.name!r}: unreadable ContourData: {exc}") from None
             geometric_type = str(item.get("ContourGeometricType", "CLOSED_PLANAR") or "CLOSED_PLANAR")
-            roi.contours.append(Contour(geometric_type.strip().upper(), points))
+            # whitespace collapsed: the type is quoted in one-line messages ("OPEN\nPLANAR")
+            roi.contours.append(Contour(" ".join(geometric_type.split()).upper(), points))
     return list(rois.values())
 
 
@@ -418,7 +427,7 @@ def _planar_polygons(contours: Iterable[Contour], grid: Grid, roi_name: str,
             continue
         index = grid.continuous_index(points)
         k_mean = float(index[:, 2].mean())
-        k = int(np.floor(k_mean + 0.5))
+        k = int(np.floor(k_mean + 0.5)) if math.isfinite(k_mean) else -1  # NaN/inf: refused below
         z_text = f"z = {float(points[:, 2].mean()):.2f} mm"
         where = f"slice {k}, {z_text}" if 0 <= k < nz else z_text
         if contour.geometric_type != "CLOSED_PLANAR":

@@ -565,6 +565,57 @@ def test_hu_outside_int16_fails(tmp_path, template):
     assert_failed_cleanly(tmp_path, results, "HUGE", r"000002\.dcm: HU range .* RescaleSlope 100 .* does not fit int16")
 
 
+def _set_raw(ds: pydicom.Dataset, keyword: str, vr: str, value: bytes) -> None:
+    """Store ``value`` as the element's bytes, bypassing pydicom's checks (a hostile header)."""
+    tag = pydicom.tag.Tag(keyword)
+    value += b" " * (len(value) % 2)
+    ds[tag] = pydicom.dataelem.RawDataElement(tag, vr, len(value), value, 0, False, True)
+
+
+# Found by tests/test_hostile_headers.py (issue 13): each escaped as an exception whose message named
+# no file ("TypeError: int() argument must be ... not 'NoneType'"), escaped run() itself (NumberOfFrames),
+# passed the int16 check as NaN HU (RescaleSlope NaN), or spanned several lines (pixel decoding).
+@pytest.mark.parametrize("keyword, vr, value, match", [
+    ("NumberOfFrames", "IS", b"abc", r"000002\.dcm: NumberOfFrames is 'abc'; expected an integer \(1\)$"),
+    ("NumberOfFrames", "IS", b"1e309", r"000002\.dcm: NumberOfFrames is '1e309'; expected an integer \(1\)$"),
+    ("RescaleSlope", "DS", b"NaN", r"000002\.dcm: RescaleSlope is 'NaN'; expected one finite number$"),
+    ("RescaleSlope", "DS", b"abc", r"000002\.dcm: RescaleSlope is 'abc'; expected one finite number$"),
+    ("RescaleIntercept", "DS", b"-inf", r"000002\.dcm: RescaleIntercept is '-inf'; expected one finite number$"),
+    ("RescaleIntercept", "DS", b"19206321827", r"000002\.dcm: HU range \[1\.92063e\+10, 1\.92063e\+10\] .* "
+                                              r"RescaleIntercept 1\.92063e\+10\) does not fit int16"),
+    ("Rows", "US", b"", r"000002\.dcm: Rows is None; expected a positive integer$"),
+    ("ImagePositionPatient", "DS", b"1e39\\0\\0", r"000002\.dcm: ImagePositionPatient \[1e\+39, 0\.0, 0\.0\] does not "
+                                                 r"fit the NIfTI header \(float32\)$"),
+    ("PhotometricInterpretation", "CS", b"BAD\nVALUE", r"000002\.dcm: cannot decode pixel data \(\S+ VR Little "
+                                                     r"Endian\): ValueError: .*'BAD VALUE'$"),
+], ids=["frames-text", "frames-inf", "slope-nan", "slope-text", "intercept-inf", "intercept-beyond-int32",
+        "rows-empty", "position-beyond-float32", "photometric-newline"])
+def test_hostile_header_value_fails_naming_the_file(tmp_path, template, keyword, vr, value, match):
+    raw = tmp_path / "raw"
+    write_patient(raw, "GOOD", template)
+    write_patient(raw, "HOSTILE", template, edit=lambda datasets: _set_raw(datasets[2], keyword, vr, value))
+    results = convert(tmp_path)
+    assert "traceback" not in results["HOSTILE"].info and "\n" not in results["HOSTILE"].message
+    assert_failed_cleanly(tmp_path, results, "HOSTILE", match)
+
+
+@pytest.mark.parametrize("spacing", [b"1e39\\1e39", b"1e-320\\1e-320"], ids=["beyond-float32", "subnormal"])
+def test_pixel_spacing_the_nifti_header_cannot_hold_fails(tmp_path, template, spacing):
+    """Before: 1e39 mm was written as inf and read back as 1 mm (status done); 1e-320 mm made ITK raise."""
+    raw = tmp_path / "raw"
+    write_patient(raw, "GOOD", template)
+
+    def hostile(datasets):
+        for ds in datasets:
+            _set_raw(ds, "PixelSpacing", "DS", spacing)
+
+    write_patient(raw, "HOSTILE", template, edit=hostile)
+    results = convert(tmp_path)
+    assert "traceback" not in results["HOSTILE"].info
+    assert_failed_cleanly(tmp_path, results, "HOSTILE", r"000000\.dcm: PixelSpacing \[.*\] does not fit the NIfTI "
+                                                        r"header \(float32, normal numbers\)$")
+
+
 def _jpeg_lossless(ds: pydicom.Dataset) -> None:
     """pydicom has no JPEG-lossless encoder: encode the slice with GDCM (SimpleITK) and move the
     encapsulated pixel data into the dataset."""

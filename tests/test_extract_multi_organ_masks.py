@@ -205,6 +205,47 @@ def test_point_and_open_contours_are_skipped_with_the_roi_and_slice_named() -> N
     ]
 
 
+# Found by tests/test_hostile_headers.py (issue 13): a NaN/infinite contour point raised ValueError /
+# OverflowError before the non-numeric check, an IS the reader cannot convert raised OverflowError
+# past the ValueError handler, and a geometric type holding a newline split the patient's message.
+def test_non_finite_contour_points_are_skipped_with_the_roi_named() -> None:
+    image = make_image()
+    notes = em._Notes()
+    square = rectangle(image, 2.5, 6.5, 2.5, 6.5, 1)
+    nan_z, inf_x = square.copy(), square.copy()
+    nan_z[0, 2], inf_x[1, 0] = np.nan, np.inf
+    contours = [em.Contour("CLOSED_PLANAR", np.array([[1e-320, 1.5, np.nan]])),
+                em.Contour("CLOSED_PLANAR", nan_z), em.Contour("CLOSED_PLANAR", inf_x),
+                em.Contour("CLOSED_PLANAR", square)]
+    polygons = em._planar_polygons(contours, em.Grid.of(image), "Heart", notes)
+    assert [k for k, _ in polygons] == [1]
+    assert notes.all() == [
+        "ROI 'Heart': contour with fewer than 3 points (1), skipped (z = nan mm)",
+        "ROI 'Heart': 2 contours with non-numeric coordinates, skipped (z = nan mm, z = -27.50 mm)",
+    ]
+
+
+def _raw(item: pydicom.Dataset, keyword: str, vr: str, value: bytes) -> None:
+    tag = pydicom.tag.Tag(keyword)
+    value += b" " * (len(value) % 2)
+    item[tag] = pydicom.dataelem.RawDataElement(tag, vr, len(value), value, 0, False, True)
+
+
+def test_read_rois_keeps_unconvertible_roi_numbers_and_one_line_geometric_types() -> None:
+    ds = pydicom.Dataset()
+    roi, roi_contour, contour = pydicom.Dataset(), pydicom.Dataset(), pydicom.Dataset()
+    roi.ROIName = "Heart"
+    _raw(roi, "ROINumber", "IS", b"1e309")
+    _raw(roi_contour, "ReferencedROINumber", "IS", b"1e309")
+    _raw(contour, "ContourGeometricType", "CS", b"OPEN\nPLANAR")
+    contour.ContourData = [0.0, 0.0, 0.0] * 3
+    roi_contour.ContourSequence = [contour]
+    ds.StructureSetROISequence, ds.ROIContourSequence = [roi], [roi_contour]
+    rois = em.read_rois(ds)
+    assert [(r.number, r.name, [c.geometric_type for c in r.contours]) for r in rois] == [
+        ("1e309", "Heart", ["OPEN PLANAR"])]
+
+
 def test_expand_mm_is_isotropic_in_mm_on_an_anisotropic_grid() -> None:
     grid = em.Grid.of(make_image(size_xyz=(15, 15, 9), spacing=(1.0, 1.0, 3.0)))
     seed = em.BoxMask((4, 7, 7), np.ones((1, 1, 1), dtype=bool))
