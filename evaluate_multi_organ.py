@@ -8,8 +8,10 @@ dice_boxplot.png, predictions/<PatientID>.nii.gz
 
 For each patient every slice is predicted (in batches) in the network's one orientation (LPS,
 phase 3's cache), the per-class probabilities are resized bilinearly from the network's S x S back
-to the CT's own in-plane size (the inverse of phase 3, which resized slices in plane only), the
-label is their argmax, and the label map is put back into phase 2's stored voxel order (feet
+to the CT's own in-plane size (the inverse of phase 3, which resized slices in plane only; when
+phase 3 cropped to the body, ``--crop-body``, back to the patient's recorded box, pasted into the
+CT grid with background around it, and the checkpoint must have been trained with the same crop
+settings), the label is their argmax, and the label map is put back into phase 2's stored voxel order (feet
 first, prone: ``normalize_ct_and_masks.from_network_orientation``, exact) before it is written and
 scored. Each structure is then scored
 in 3D at the CT's own anisotropic resolution against ``masks_multi_organ``:
@@ -57,8 +59,9 @@ import organs
 from dataset_multi_organ import context_stack, load_split
 from extract_multi_organ_masks import PTV_DERIVED, ptv_description, ptv_from_gtv, read_mask_record
 from normalize_ct_and_masks import (
-    CACHE_CT, CACHE_META, NORMALIZATION_JSON, from_network_orientation, network_shape_zyx, orientation_code,
-    probabilities_to_ct_labels, read_cache_meta, stored_orientation_of,
+    CACHE_CT, CACHE_META, NORMALIZATION_JSON, crop_arguments, crop_box_of, crop_settings_of, describe_crop,
+    from_network_orientation, network_shape_zyx, orientation_code, probabilities_to_ct_labels, read_cache_meta,
+    stored_orientation_of,
 )
 from pipeline_io import (
     DEFAULT_DATA_ROOT, DEFAULT_SPLITS_DIR, DONE, FAILED, DataLayout, PatientError, PatientResult,
@@ -271,13 +274,15 @@ def predict_probabilities(
 def predict_volume(
     model: torch.nn.Module, ct_normalized: np.ndarray, device: torch.device | str,
     batch_size: int = DEFAULT_BATCH_SIZE, output_shape_yx: Sequence[int] | None = None,
-    ptv: dict[str, Any] | None = None, context_slices: int = 0,
+    ptv: dict[str, Any] | None = None, context_slices: int = 0, box_yx: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Labels (Z, H, W) uint8 of a normalised CT (Z, S, S) float, predicted ``batch_size`` slices at a time.
 
-    ``output_shape_yx`` = (H, W), the original CT's in-plane size, maps the prediction back to
-    the CT grid on the device (``normalize_ct_and_masks.probabilities_to_ct_labels``); None keeps
-    S x S. Runs under ``torch.inference_mode`` with ``model.eval()``, in mixed precision on CUDA.
+    ``output_shape_yx`` = (H, W), the original CT's in-plane size (in the network's orientation),
+    maps the prediction back to the CT grid on the device
+    (``normalize_ct_and_masks.probabilities_to_ct_labels``); None keeps S x S. ``box_yx``
+    ``(y0, x0, side)``: phase 3 cropped the slices to this box of the H x W grid (``meta.json``'s
+    ``crop.box_yx``): the S x S labels go back to the box and background fills the rest. Runs under ``torch.inference_mode`` with ``model.eval()``, in mixed precision on CUDA.
     ``ptv`` (the checkpoint's, ``unet_multi_organ.checkpoint_ptv``): a derived-PTV model never
     predicts label 2 (``fold_derived_ptv``). ``context_slices`` K: each slice goes in with its K
     neighbours per side (``dataset_multi_organ.context_stack``, as in training).
@@ -285,13 +290,15 @@ def predict_volume(
     _check_volume(ct_normalized)
     device = torch.device(device)
     shape = tuple(output_shape_yx) if output_shape_yx is not None else ct_normalized.shape[1:]
+    if box_yx is not None and output_shape_yx is None:
+        raise ValueError(f"a crop box {tuple(box_yx)} needs the CT's in-plane output_shape_yx")
     model.eval()
     labels = np.empty((ct_normalized.shape[0], *shape), dtype=np.uint8)
     with torch.inference_mode(), evaluation_precision(device).autocast(device):
         for start in range(0, len(ct_normalized), batch_size):
             logits = model(_slices_to_tensor(ct_normalized, start, start + batch_size, device, context_slices))
             probs = fold_derived_ptv(torch.softmax(logits.float(), dim=1), ptv or {})
-            labels[start:start + len(logits)] = probabilities_to_ct_labels(probs, shape)
+            labels[start:start + len(logits)] = probabilities_to_ct_labels(probs, shape, box_yx=box_yx)
     return labels
 
 
@@ -352,9 +359,14 @@ def evaluate_patient(
     patient_id: str, *, model: torch.nn.Module, layout: DataLayout, predictions_dir: Path,
     device: torch.device, batch_size: int = DEFAULT_BATCH_SIZE, postprocess: bool = False,
     overwrite: bool = False, expected_size: int | None = None, model_ptv: dict[str, Any] | None = None,
-    context_slices: int = 0,
+    context_slices: int = 0, model_crop: dict[str, Any] | None = None,
 ) -> PatientResult:
     """Predict (or reuse the saved prediction of) one patient, write it on the CT grid, score it.
+
+    ``model_crop``: the checkpoint's crop settings (``preprocessing["crop"]``, None: trained
+    without ``--crop-body``); phase 3 must have cropped this patient the same way (else
+    :class:`PatientError` naming the phase-3 options). A cropped patient's labels go back to its
+    recorded box and background fills the rest of the CT grid.
 
     ``info["rows"]`` holds :func:`score_structures`' rows with ``patient_id`` added.
     """
@@ -388,6 +400,17 @@ def evaluate_patient(
             f"{patient_id}: normalised slices are {ct_normalized.shape[1]} px but the network was trained "
             f"at {expected_size} px: rerun phase 3 with --size {expected_size}"
         )
+    try:
+        cache_crop = crop_settings_of(meta, f"{patient_id}: phase 3's record")
+        box = crop_box_of(meta, f"{patient_id}: phase 3's record")
+    except ValueError as exc:
+        raise PatientError(str(exc)) from None
+    if cache_crop != model_crop:
+        raise PatientError(
+            f"{patient_id}: phase 3 made the normalised slices with {describe_crop(cache_crop)} but the network "
+            f"was trained with {describe_crop(model_crop)}: rerun phase 3 with --overwrite "
+            f"{crop_arguments(model_crop)}"
+        )
 
     prediction_path = predictions_dir / f"{patient_id}.nii.gz"
     if prediction_path.is_file() and not overwrite:
@@ -395,7 +418,7 @@ def evaluate_patient(
         message = "reused saved prediction"
     else:
         labels = predict_volume(model, ct_normalized, device, batch_size, output_shape_yx=network_shape[1:],
-                                ptv=model_ptv, context_slices=context_slices)
+                                ptv=model_ptv, context_slices=context_slices, box_yx=box)
         labels = from_network_orientation(labels, stored)  # back to phase 2's voxel order
         if postprocess:
             labels = keep_largest_component(labels)
@@ -565,6 +588,7 @@ def run(
     torch_device = resolve_device(device)
     model, ckpt = load_checkpoint_model(checkpoint, torch_device)
     expected_size = (ckpt.get("preprocessing") or {}).get("size")
+    model_crop = crop_settings_of(ckpt.get("preprocessing") or {}, f"{checkpoint}: preprocessing")
     model_ptv = checkpoint_ptv(ckpt)
     context_slices = checkpoint_context_slices(ckpt, context_slices, checkpoint)
     log.info("evaluating %s on %d patients (%s) on %s, batch %d, postprocess=%s -> %s",
@@ -575,7 +599,7 @@ def run(
         return evaluate_patient(patient_id, model=model, layout=layout, predictions_dir=predictions_dir,
                                 device=torch_device, batch_size=batch_size, postprocess=postprocess,
                                 overwrite=overwrite, expected_size=expected_size, model_ptv=model_ptv,
-                                context_slices=context_slices)
+                                context_slices=context_slices, model_crop=model_crop)
 
     results = run_batch(patient_ids, task, workers=1, desc="evaluating")
     rows = [row for r in results if r.status == DONE for row in r.info["rows"]]

@@ -6,7 +6,7 @@ memory-mappable training cache.
 ``processed/normalized_masks/`` (uint8 NIfTI) and ``processed/training_cache/<PatientID>/``
 (``ct.npy`` float16 (Z, S, S), ``mask.npy`` uint8 (Z, S, S), ``meta.json``).
 
-    python normalize_ct_and_masks.py --data-root DATA [--window -1000 400] [--size 256]
+    python normalize_ct_and_masks.py --data-root DATA [--window -1000 400] [--size 256] [--crop-body]
 
 Per patient: the volume is first brought to the network's one orientation (head-first supine
 axial, ``LPS``: patient right on image left, anterior up) by axis permutations and flips only
@@ -20,15 +20,26 @@ so that the normalized volumes overlay the originals voxel corner for voxel corn
 shape, spacing, origin and direction (phase 2's stored grid) and the orientation step
 (``"orientation": {"stored": "RPI", "network": "LPS"}``) are recorded so predictions can be mapped back.
 
+``--crop-body`` (off by default; ``--crop-margin-mm``, default 10): after the z-score (whose
+statistics stay those of the whole windowed volume) every slice is cropped to the square in-plane
+box of the body (:func:`body_box`: the largest 3D connected component above -500 HU, plus the
+margin, shifted inside the image, padded with air where a square cannot fit) and only then
+resized, so the pixels are finer (about 1.4 mm instead of 1.95 mm at 256 px on a 500 mm field of
+view). The box is recorded on the network-orientation grid: ``"crop": {"method": "body",
+"threshold_hu": -500, "margin_mm": 10, "box_yx": [y0, x0, side]}`` (``null`` without the option);
+the normalized NIfTIs start at the box corner, so they still overlay the CT.
+
 ``meta.json`` records the annotated flags and how the PTV is made (from phase 2.5's record) and a
 fingerprint of the inputs (CT and label-map bytes, phase 2.5's flags and PTV margin): a run without
 ``--overwrite`` redoes a patient whose inputs changed and says so; the dataset, training and
 evaluation refuse a cache written by an earlier version (:func:`read_cache_meta`).
 
 The network grid <-> CT grid pair lives here; evaluation, prediction and the figures import it:
-orientation (``to_network_orientation`` / ``from_network_orientation``, exact) and in-plane size
-(``resize_ct_slices`` / ``probabilities_to_ct_labels``). A cache without the orientation record
-(written by an earlier version) is redone without ``--overwrite`` and refused by the readers.
+orientation (``to_network_orientation`` / ``from_network_orientation``, exact), the body crop
+(``body_box`` / ``crop_to_box``; its settings and box read back by ``crop_settings_of`` /
+``crop_box_of``) and in-plane size (``resize_ct_slices`` / ``probabilities_to_ct_labels``, which
+also pastes the box back into the full grid). A cache without the orientation record (written by
+an earlier version) is redone without ``--overwrite`` and refused by the readers.
 """
 from __future__ import annotations
 
@@ -38,12 +49,13 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 import organs
 from convert_dicom_to_nifti import MAX_AXIAL_ANGLE_DEG
@@ -87,6 +99,13 @@ CACHE_CT_DTYPE = np.float16  # z-scored values lie in about [-2, 4]: float16 kee
 CACHE_MASK_DTYPE = np.uint8
 
 _SLICES_PER_CHUNK = 32  # bounds the float32 working memory of the resize
+
+#: ``--crop-body``: the in-plane box of the body (the largest 3D connected component above
+#: ``threshold_hu``), widened by ``margin_mm`` and made square. Off by default.
+CROP_METHOD = "body"
+DEFAULT_CROP_THRESHOLD_HU = -500  # between lung (about -850 HU) and soft tissue: the body wall
+DEFAULT_CROP_MARGIN_MM = 10
+AIR_HU = -1000  # what a box reaching beyond the image is padded with (before the window)
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,6 +196,153 @@ def _zscore_clipped(clipped: np.ndarray, mean: float, std: float) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
+# Body crop (in plane, on the network-orientation grid, before the resize)
+# --------------------------------------------------------------------------------------------
+def crop_settings(margin_mm: float = DEFAULT_CROP_MARGIN_MM,
+                  threshold_hu: float = DEFAULT_CROP_THRESHOLD_HU) -> dict[str, Any]:
+    """The record of a body crop: ``{"method": "body", "threshold_hu": -500, "margin_mm": 10}``.
+
+    Phase 3 writes it (with the patient's ``box_yx``) into ``meta.json`` and ``normalization.json``,
+    training copies it (without the box) into the checkpoint's ``preprocessing``. ``ValueError``
+    for a negative or non-finite margin (mm) or a non-finite threshold (HU).
+    """
+    margin, threshold = float(margin_mm), float(threshold_hu)
+    if not (math.isfinite(margin) and margin >= 0):
+        raise ValueError(f"crop margin must be a finite number >= 0 mm, got {margin_mm!r}")
+    if not math.isfinite(threshold):
+        raise ValueError(f"crop threshold must be a finite HU value, got {threshold_hu!r}")
+    return {"method": CROP_METHOD, "threshold_hu": _plain_number(threshold), "margin_mm": _plain_number(margin)}
+
+
+def crop_settings_of(record: Mapping[str, Any], where: str) -> dict[str, Any] | None:
+    """The crop settings (method, threshold, margin; no box) of a phase-3 record (``meta.json``,
+    ``normalization.json``) or of a checkpoint's ``preprocessing``; None when it crops nothing
+    (``"crop": null``, or a record written before the option). ``ValueError`` naming ``where``
+    for another method or invalid values."""
+    crop = record.get("crop")
+    if crop is None:
+        return None
+    if not isinstance(crop, Mapping) or crop.get("method") != CROP_METHOD:
+        raise ValueError(f"{where}: unknown crop {crop!r}; this version knows "
+                         f"{{'method': '{CROP_METHOD}', ...}} or none")
+    try:
+        return crop_settings(crop["margin_mm"], crop["threshold_hu"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: invalid crop {dict(crop)}: {exc}") from None
+
+
+def crop_box_of(record: Mapping[str, Any], where: str) -> tuple[int, int, int] | None:
+    """The patient's crop box ``(y0, x0, side)`` (pixels of the network-orientation grid) from a
+    phase-3 record; None when phase 3 did not crop. ``ValueError`` naming ``where`` if invalid."""
+    if crop_settings_of(record, where) is None:
+        return None
+    box = record["crop"].get("box_yx")
+    if (not isinstance(box, (list, tuple)) or len(box) != 3
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in box) or box[2] < 1):
+        raise ValueError(f"{where}: crop box_yx must be three integers [y0, x0, side >= 1], got {box!r}; "
+                         "re-run normalize_ct_and_masks.py --overwrite")
+    return int(box[0]), int(box[1]), int(box[2])
+
+
+def describe_crop(crop: Mapping[str, Any] | None) -> str:
+    """``body crop (> -500 HU, margin 10 mm)`` or ``no crop``, for messages."""
+    if crop is None:
+        return "no crop"
+    return f"body crop (> {crop['threshold_hu']} HU, margin {crop['margin_mm']} mm)"
+
+
+def crop_arguments(crop: Mapping[str, Any] | None) -> str:
+    """The phase 3 options that give ``crop``: ``--crop-body --crop-margin-mm 10`` or ``without --crop-body``."""
+    return "without --crop-body" if crop is None else f"--crop-body --crop-margin-mm {crop['margin_mm']}"
+
+
+def body_box(
+    hu_zyx: np.ndarray, spacing_yx: Sequence[float], threshold_hu: float = DEFAULT_CROP_THRESHOLD_HU,
+    margin_mm: float = DEFAULT_CROP_MARGIN_MM,
+) -> tuple[int, int, int]:
+    """The square in-plane box ``(y0, x0, side)`` (pixels) around the body of a CT.
+
+    Args:
+        hu_zyx: CT in HU (Z, Y, X), in the network's orientation (the box is on that grid).
+        spacing_yx: pixel spacing (mm) along y (rows) and x (columns).
+        threshold_hu: voxels above it are body candidates; the body is the largest 3D connected
+            component of them (6-connectivity), so the couch and stray bright voxels are left out.
+        margin_mm: added on every side, ``ceil(margin_mm / spacing)`` pixels per axis, and cut
+            at the image border.
+
+    Returns:
+        The box covers rows ``y0 .. y0 + side - 1`` and columns ``x0 .. x0 + side - 1``. It is
+        square (the longer side of the body box wins; the other is widened equally on both
+        sides, the extra pixel after), so a resize to S x S keeps the pixel aspect. Along an axis
+        where the square fits in the image it is shifted inside (``0 <= y0 <= Y - side``); where
+        it does not (a non-square image), it covers the whole axis and reaches beyond it
+        (``Y - side <= y0 <= 0``): :func:`crop_to_box` pads it with air.
+
+    Raises:
+        ValueError: no voxel above ``threshold_hu`` (no body), or a bad volume or spacing.
+    """
+    hu = np.asarray(hu_zyx)
+    if hu.ndim != 3 or hu.size == 0:
+        raise ValueError(f"expected a non-empty (Z, Y, X) CT, got shape {hu.shape}")
+    spacing = [float(v) for v in spacing_yx]
+    if len(spacing) != 2 or not all(math.isfinite(v) and v > 0 for v in spacing):
+        raise ValueError(f"spacing_yx must be two positive mm values, got {tuple(spacing_yx)}")
+    settings = crop_settings(margin_mm, threshold_hu)
+    components, count = ndimage.label(hu > settings["threshold_hu"])
+    if count == 0:
+        raise ValueError(f"no voxel above {settings['threshold_hu']} HU (max {hu.max()} HU): no body to crop to")
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    _, rows, cols = ndimage.find_objects(components, max_label=int(np.argmax(sizes)))[-1]
+    del components
+    shape = hu.shape[1:]
+    lows, highs = [], []
+    for axis, extent in enumerate((rows, cols)):
+        pad = math.ceil(settings["margin_mm"] / spacing[axis])
+        lows.append(max(extent.start - pad, 0))
+        highs.append(min(extent.stop + pad, shape[axis]))
+    side = max(high - low for low, high in zip(lows, highs))
+    starts = []
+    for low, high, n in zip(lows, highs, shape):
+        start = low - (side - (high - low)) // 2
+        starts.append(int(np.clip(start, min(0, n - side), max(0, n - side))))
+    return starts[0], starts[1], int(side)
+
+
+def _box_overlap(box_yx: Sequence[int], shape_yx: Sequence[int]) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """(image slices, box slices) of the part of the box ``(y0, x0, side)`` inside an image of
+    in-plane shape ``shape_yx``; ``ValueError`` when they do not overlap."""
+    y0, x0, side = (int(v) for v in box_yx)
+    image, box = [], []
+    for start, n in ((y0, shape_yx[0]), (x0, shape_yx[1])):
+        low, high = max(start, 0), min(start + side, int(n))
+        if side < 1 or low >= high:
+            raise ValueError(f"crop box {tuple(box_yx)} (y0, x0, side) does not overlap a {tuple(shape_yx)} image")
+        image.append(slice(low, high))
+        box.append(slice(low - start, high - start))
+    return (image[0], image[1]), (box[0], box[1])
+
+
+def crop_to_box(volume_zyx: np.ndarray, box_yx: Sequence[int], fill: float = 0) -> np.ndarray:
+    """The box ``(y0, x0, side)`` of every slice of a (Z, Y, X) volume -> (Z, side, side), same dtype.
+
+    Pixels of the box outside the image get ``fill`` (air for a CT, 0 = background for labels).
+    A view of ``volume_zyx`` when the box lies inside the image, a new array otherwise. No
+    interpolation: labels keep their values.
+    """
+    volume = np.asarray(volume_zyx)
+    if volume.ndim != 3:
+        raise ValueError(f"expected a (Z, Y, X) volume, got shape {volume.shape}")
+    (image_y, image_x), (box_y, box_x) = _box_overlap(box_yx, volume.shape[1:])
+    side = int(box_yx[2])
+    if (box_y.stop - box_y.start, box_x.stop - box_x.start) == (side, side):
+        return volume[:, image_y, image_x]
+    out = np.full((volume.shape[0], side, side), fill, dtype=volume.dtype)
+    out[:, box_y, box_x] = volume[:, image_y, image_x]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # In-plane resizing (z is never touched)
 # --------------------------------------------------------------------------------------------
 def resize_ct_slices(volume_zyx: np.ndarray, size: int) -> np.ndarray:
@@ -243,6 +409,7 @@ def resize_mask_slices(mask_zyx: np.ndarray, size: int) -> np.ndarray:
 
 def probabilities_to_ct_labels(
     probabilities: np.ndarray | torch.Tensor, output_shape_yx: Sequence[int], batch_size: int | None = None,
+    box_yx: Sequence[int] | None = None,
 ) -> np.ndarray:
     """(B, C, S, S) class probabilities -> (B, H, W) uint8 labels on the CT's in-plane grid H x W.
 
@@ -256,6 +423,12 @@ def probabilities_to_ct_labels(
     shrink of the labels when H x W is 2S x 2S (512 -> 256, the usual case): every pixel of a
     2x2 block takes 9/16 of its weight from its own block; for larger factors the outer corners
     of the blocks are rounded off. ``batch_size`` slices at a time (None: all) bound the memory.
+
+    ``box_yx`` ``(y0, x0, side)``: phase 3 cropped the slices to this box of the H x W grid
+    (``--crop-body``, :func:`body_box`, recorded in ``meta.json``) before the resize: the
+    probabilities go back to side x side as above, the labels are pasted at the box, and every
+    pixel outside it is background (0); the part of the box beyond the image is dropped. None
+    (no crop): the whole S x S goes to H x W, as before the option existed.
     """
     if not isinstance(probabilities, torch.Tensor):
         probabilities = np.asarray(probabilities)
@@ -266,11 +439,16 @@ def probabilities_to_ct_labels(
     if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
     shape = (int(output_shape_yx[0]), int(output_shape_yx[1]))
+    if box_yx is not None:
+        (image_y, image_x), (box_y, box_x) = _box_overlap(box_yx, shape)
+        target = (int(box_yx[2]), int(box_yx[2]))
+    else:
+        target = shape
     in_shape = tuple(int(n) for n in probabilities.shape[-2:])
-    shrinking = shape[0] < in_shape[0] or shape[1] < in_shape[1]
+    shrinking = target[0] < in_shape[0] or target[1] < in_shape[1]
     n_slices = int(probabilities.shape[0])
     step = int(batch_size) if batch_size is not None else max(n_slices, 1)
-    labels = np.empty((n_slices, *shape), dtype=np.uint8)
+    labels = (np.empty if box_yx is None else np.zeros)((n_slices, *shape), dtype=np.uint8)
     with torch.no_grad():
         for start in range(0, n_slices, step):
             chunk = probabilities[start:start + step]
@@ -278,10 +456,14 @@ def probabilities_to_ct_labels(
                 chunk = chunk.float()
             else:  # a copy: float32, writable (memory maps are read-only)
                 chunk = torch.from_numpy(np.array(chunk, dtype=np.float32))
-            if in_shape != shape:
-                chunk = F.interpolate(chunk, size=shape, mode="bilinear", align_corners=False, antialias=shrinking)
+            if in_shape != target:
+                chunk = F.interpolate(chunk, size=target, mode="bilinear", align_corners=False, antialias=shrinking)
             # max(dim).indices: the argmax, 6x faster than argmax(dim) over the class axis on a CPU
-            labels[start:start + len(chunk)] = chunk.max(dim=1).indices.to(torch.uint8).cpu().numpy()
+            chunk_labels = chunk.max(dim=1).indices.to(torch.uint8).cpu().numpy()
+            if box_yx is None:
+                labels[start:start + len(chunk)] = chunk_labels
+            else:
+                labels[start:start + len(chunk), image_y, image_x] = chunk_labels[:, box_y, box_x]
     return labels
 
 
@@ -289,7 +471,7 @@ def probabilities_to_ct_labels(
 # Geometry
 # --------------------------------------------------------------------------------------------
 def resized_geometry(
-    image: sitk.Image, size: int
+    image: sitk.Image, size: int, box_yx: Sequence[int] | None = None,
 ) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
     """``(spacing, origin, direction)`` (SimpleITK, x-y-z, LPS mm) of ``image`` resized in-plane.
 
@@ -297,25 +479,36 @@ def resized_geometry(
     corner of the last) is kept: in-plane spacing becomes ``spacing * old_size / size`` and the
     origin (centre of the first voxel) moves by half the change of spacing along the image axes.
     z spacing, z origin and the direction are unchanged.
+
+    ``box_yx`` ``(y0, x0, side)`` (pixels of ``image``, :func:`body_box`): the extent is that of
+    the box instead, a side x side image whose first voxel is voxel (x0, y0) of ``image`` (a
+    negative y0 or x0 lies outside it): spacing ``spacing * side / size``.
     """
     old_size = np.array(image.GetSize(), dtype=np.float64)
     old_spacing = np.array(image.GetSpacing(), dtype=np.float64)
     direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    old_origin = np.array(image.GetOrigin(), dtype=np.float64)
+    if box_yx is not None:
+        y0, x0, side = (int(v) for v in box_yx)
+        old_origin = old_origin + direction @ (np.array([x0, y0, 0.0]) * old_spacing)
+        old_size[:2] = side
     new_spacing = old_spacing.copy()
     new_spacing[:2] = old_spacing[:2] * old_size[:2] / size
     shift = np.zeros(3)
     shift[:2] = (new_spacing[:2] - old_spacing[:2]) / 2.0
-    new_origin = np.array(image.GetOrigin(), dtype=np.float64) + direction @ shift
+    new_origin = old_origin + direction @ shift
     return tuple(new_spacing.tolist()), tuple(new_origin.tolist()), image.GetDirection()
 
 
-def image_on_resized_grid(array_zyx: np.ndarray, source: sitk.Image) -> sitk.Image:
-    """A SimpleITK image of ``array_zyx`` (Z, S, S) carrying ``source``'s geometry resized to S."""
+def image_on_resized_grid(array_zyx: np.ndarray, source: sitk.Image,
+                          box_yx: Sequence[int] | None = None) -> sitk.Image:
+    """A SimpleITK image of ``array_zyx`` (Z, S, S) carrying ``source``'s geometry (cropped to
+    ``box_yx`` when given, :func:`resized_geometry`) resized to S."""
     if array_zyx.shape[0] != source.GetSize()[2] or array_zyx.shape[1] != array_zyx.shape[2]:
         raise ValueError(
             f"array of shape {array_zyx.shape} does not fit a {source.GetSize()[2]}-slice source"
         )
-    spacing, origin, direction = resized_geometry(source, array_zyx.shape[1])
+    spacing, origin, direction = resized_geometry(source, array_zyx.shape[1], box_yx)
     image = sitk.GetImageFromArray(array_zyx)
     image.SetSpacing(spacing)
     image.SetOrigin(origin)
@@ -524,9 +717,9 @@ def _outputs(layout: DataLayout, patient_id: str) -> dict[str, Path]:
 
 
 def _normalization_record(meta: dict[str, Any]) -> dict[str, Any]:
-    keys = ("window", "mean", "std", "size", "orientation", "original_shape_zyx", "original_spacing_xyz",
+    keys = ("window", "mean", "std", "size", "crop", "orientation", "original_shape_zyx", "original_spacing_xyz",
             "original_origin_xyz", "original_direction")
-    return {k: meta[k] for k in keys}
+    return {k: meta.get(k) for k in keys}  # "crop" None: no crop (or a cache written before the option)
 
 
 def _inputs_fingerprint(ct_path: Path, mask_path: Path, record: dict[str, Any]) -> str:
@@ -537,7 +730,7 @@ def _inputs_fingerprint(ct_path: Path, mask_path: Path, record: dict[str, Any]) 
 
 
 def _skip_or_why(out: dict[str, Path], fingerprint_now: str, window: tuple[float, float],
-                 size: int, patient_id: str) -> tuple[dict[str, Any] | None, str]:
+                 size: int, patient_id: str, crop: dict[str, Any] | None = None) -> tuple[dict[str, Any] | None, str]:
     """(meta of up-to-date outputs, or None and why they are redone) when all outputs exist."""
     meta = json.loads(out["meta"].read_text(encoding="utf-8"))
     if meta.get("format") != PROCESSED_FORMAT:
@@ -553,6 +746,15 @@ def _skip_or_why(out: dict[str, Path], fingerprint_now: str, window: tuple[float
             f"{meta.get('size')}, this run asks for window {wanted['window']} and size "
             f"{size}; pass --overwrite to redo them"
         )
+    try:
+        existing_crop = crop_settings_of(meta, f"{patient_id}: {out['meta']}")
+    except ValueError as exc:
+        return None, f"redone: {exc}"
+    if existing_crop != crop:
+        raise PatientError(
+            f"{patient_id}: outputs exist with {describe_crop(existing_crop)}, this run asks for "
+            f"{describe_crop(crop)}; pass --overwrite to redo them"
+        )
     return meta, ""
 
 
@@ -564,8 +766,14 @@ def normalize_patient(
     size: int,
     overwrite: bool,
     torch_threads: int | None = None,
+    crop: dict[str, Any] | None = None,
 ) -> PatientResult:
     """Phase 3 for one patient; returns its :class:`PatientResult` (``info["normalization"]``).
+
+    ``crop`` (:func:`crop_settings`, None: off): after the z-score (statistics of the whole
+    windowed volume), every slice is cropped to the body's square box (:func:`body_box` on the
+    network-orientation HU; padding with air, labels with background) and then resized; the box
+    is recorded as ``crop.box_yx`` and the normalized NIfTIs carry the box's geometry.
 
     The annotated flags and the PTV's making come from phase 2.5's record ``<PatientID>.json``.
     Without ``overwrite``, existing outputs are kept only when ``meta.json`` holds the fingerprint
@@ -597,7 +805,7 @@ def normalize_patient(
     for folder in {p.parent for p in out.values()}:
         remove_stale_partials(folder)
     if not overwrite and all(p.is_file() for p in out.values()):
-        meta, redo_reason = _skip_or_why(out, fingerprint_now, window, size, patient_id)
+        meta, redo_reason = _skip_or_why(out, fingerprint_now, window, size, patient_id, crop)
         if meta is not None:
             return PatientResult(patient_id, SKIPPED, "", {"normalization": _normalization_record(meta)})
 
@@ -619,17 +827,31 @@ def normalize_patient(
             f"{patient_id}: {mask_path} holds label values {found.tolist()}, "
             f"expected 0-{organs.NUM_CLASSES - 1}"
         )
+    box = crop_record = None
+    if crop is not None:
+        spacing_x, spacing_y = ct_network.GetSpacing()[:2]
+        try:
+            box = body_box(hu, (spacing_y, spacing_x), crop["threshold_hu"], crop["margin_mm"])
+        except ValueError as exc:
+            raise PatientError(f"{patient_id}: {ct_path}: {exc}") from None
+        crop_record = {**crop, "box_yx": list(box)}
     try:
         normalized, mean, std = window_and_zscore(hu, window)
     except ValueError as exc:
         raise PatientError(f"{patient_id}: {ct_path}: {exc}") from None
     del hu
+    if box is not None:  # statistics above are of the whole volume; the crop comes after them
+        air = float(apply_zscore(np.array([AIR_HU]), window, mean, std)[0])
+        normalized = crop_to_box(normalized, box, fill=air)
+        labels_in = crop_to_box(labels, box, fill=organs.BACKGROUND)
+    else:
+        labels_in = labels
     ct_small = resize_ct_slices(normalized, size)
     del normalized
-    mask_small = resize_mask_slices(labels, size)
+    mask_small = resize_mask_slices(labels_in, size)
 
-    ct_image = image_on_resized_grid(ct_small, ct_network)
-    mask_image = image_on_resized_grid(mask_small, ct_network)
+    ct_image = image_on_resized_grid(ct_small, ct_network, box)
+    mask_image = image_on_resized_grid(mask_small, ct_network, box)
     check_same_geometry(ct_image, mask_image, f"{patient_id}: normalized label map vs CT")
     meta = {
         "format": PROCESSED_FORMAT,
@@ -642,6 +864,7 @@ def normalize_patient(
         "mean": mean,
         "std": std,
         "size": size,
+        "crop": crop_record,
         "orientation": {"stored": stored_orientation, "network": NETWORK_ORIENTATION},
         "original_shape_zyx": list(ct.GetSize()[::-1]),
         "original_spacing_xyz": list(ct.GetSpacing()),
@@ -659,6 +882,8 @@ def normalize_patient(
     _save_npy(mask_small, out["mask_npy"])
     _write_json(meta, out["meta"])
     message = f"{labels.shape} -> {ct_small.shape}, mean {mean:.1f} HU, std {std:.1f} HU"
+    if box is not None:
+        message += f", body box (y0, x0, side) {box}"
     if stored_orientation != NETWORK_ORIENTATION:
         message += f", stored {stored_orientation} -> {NETWORK_ORIENTATION}"
     if redo_reason:
@@ -677,11 +902,17 @@ def run(
     overwrite: bool = False,
     window: Sequence[float] = DEFAULT_WINDOW,
     size: int = DEFAULT_SIZE,
+    crop_body: bool = False,
+    crop_margin_mm: float = DEFAULT_CROP_MARGIN_MM,
 ) -> list[PatientResult]:
     """Normalize every patient of ``processed/ct_nifti`` (or ``patients``); update
-    ``normalization.json`` with the records of the patients done or skipped."""
+    ``normalization.json`` with the records of the patients done or skipped.
+
+    ``crop_body``: crop every slice to the body's square box widened by ``crop_margin_mm`` (mm)
+    before the resize (:func:`body_box`); off by default."""
     window = check_window(window)
     size = check_size(size)
+    crop = crop_settings(crop_margin_mm) if crop_body else None
     layout = DataLayout(Path(data_root))
     patient_ids = list(patients) if patients else list_patients(layout.ct_nifti)
     if not patient_ids:
@@ -689,7 +920,7 @@ def run(
                                 "run convert_dicom_to_nifti.py first")
     task = functools.partial(
         normalize_patient, data_root=layout.root, window=window, size=size, overwrite=overwrite,
-        torch_threads=1 if workers > 1 else None,
+        torch_threads=1 if workers > 1 else None, crop=crop,
     )
     results = run_batch(patient_ids, task, workers=workers, desc="Phase 3 normalize",
                         patient_id_of=lambda pid: pid)
@@ -732,6 +963,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=_size_argument, default=DEFAULT_SIZE,
                         help="in-plane size of every slice, a multiple of 16 >= 32 "
                              "(default: %(default)s)")
+    parser.add_argument("--crop-body", action="store_true",
+                        help=f"crop every slice to the square box of the body (> {DEFAULT_CROP_THRESHOLD_HU} HU, "
+                             "largest 3D component) before the resize: finer pixels (default: off)")
+    parser.add_argument("--crop-margin-mm", type=float, default=None, metavar="MM",
+                        help=f"margin around the body box with --crop-body (default: {DEFAULT_CROP_MARGIN_MM})")
     return parser
 
 
@@ -742,10 +978,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         window = check_window(args.window)
     except ValueError as exc:
         parser.error(f"argument --window: {exc}")
+    margin = DEFAULT_CROP_MARGIN_MM if args.crop_margin_mm is None else args.crop_margin_mm
+    if args.crop_margin_mm is not None and not args.crop_body:
+        parser.error("argument --crop-margin-mm: only with --crop-body")
+    try:
+        crop_settings(margin)
+    except ValueError as exc:
+        parser.error(f"argument --crop-margin-mm: {exc}")
     setup_logging(args.verbose)
     try:
         results = run(data_root=args.data_root, patients=args.patients, workers=args.workers,
-                      overwrite=args.overwrite, window=window, size=args.size)
+                      overwrite=args.overwrite, window=window, size=args.size, crop_body=args.crop_body,
+                      crop_margin_mm=margin)
     except (ValueError, FileNotFoundError) as exc:  # FileNotFoundError: no patient at all
         log.error("%s", exc)
         return 1

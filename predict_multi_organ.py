@@ -19,10 +19,12 @@ For each patient, exactly as in training and evaluation:
    to_network_orientation`` / ``from_network_orientation``, as phase 3 and the evaluation do), so
    a feet-first or prone series is segmented like a head-first supine one; an oblique one is refused;
 2. preprocessing comes from the checkpoint (``preprocessing``: HU window, slice size, per-patient
-   z-score) through phase 3's functions, never re-typed;
+   z-score, and the body crop when phase 3 ran with ``--crop-body``: the box is computed on the new
+   CT by phase 3's ``body_box`` with the checkpoint's threshold and margin) through phase 3's
+   functions, never re-typed;
 3. all slices are predicted in batches under ``torch.inference_mode``; per-class probabilities
-   are resized back to the CT's own in-plane size and arg-maxed (phase 3's
-   ``probabilities_to_ct_labels``, as the evaluation does);
+   are resized back to the CT's own in-plane size (or to the crop box, background around it)
+   and arg-maxed (phase 3's ``probabilities_to_ct_labels``, as the evaluation does);
    ``--postprocess`` keeps the largest connected component of each organ, as the evaluation does;
 4. the PTV is made as the checkpoint says (``ptv`` of the run): the predicted GTV grown by the
    run's margin (``extract_multi_organ_masks.ptv_from_gtv``; ``--ptv-margin-mm`` overrides it), or,
@@ -60,8 +62,9 @@ from dataset_multi_organ import context_stack
 from evaluate_multi_organ import keep_largest_component, resolve_device
 from extract_multi_organ_masks import PTV_DERIVED, ptv_description, ptv_from_gtv
 from normalize_ct_and_masks import (
-    NETWORK_ORIENTATION, check_size, check_window, from_network_orientation, orientation_code,
-    probabilities_to_ct_labels, resize_ct_slices, to_network_array, to_network_orientation, window_and_zscore,
+    AIR_HU, NETWORK_ORIENTATION, apply_zscore, body_box, check_size, check_window, crop_settings_of, crop_to_box,
+    describe_crop, from_network_orientation, orientation_code, probabilities_to_ct_labels, resize_ct_slices,
+    to_network_array, to_network_orientation, window_and_zscore,
 )
 from pipeline_io import (
     DONE,
@@ -161,6 +164,9 @@ class Predictor:
     ptv: dict[str, Any] = field(default_factory=lambda: {"source": "contoured"})
     #: Neighbours per side each slice goes in with (``dataset_multi_organ.context_stack``).
     context_slices: int = 0
+    #: Phase 3's body crop the network was trained with (``normalize_ct_and_masks.crop_settings``:
+    #: method, threshold HU, margin mm), or None: whole slices, as checkpoints of earlier versions.
+    crop: dict[str, Any] | None = None
 
     @classmethod
     def load(
@@ -192,7 +198,7 @@ class Predictor:
             model, record = load_checkpoint_model(checkpoint, torch_device)
         except ValueError as exc:
             raise CheckpointError(str(exc)) from None
-        window, size = preprocessing_of(record, checkpoint)
+        window, size, crop = preprocessing_of(record, checkpoint)
         ptv = checkpoint_ptv(record, ptv_margin_mm)
         try:
             k = checkpoint_context_slices(record, context_slices, checkpoint)
@@ -215,7 +221,7 @@ class Predictor:
         if batch_size is None:
             batch_size = auto_batch_size(torch_device, size, int(config.get("base_channels", 64)), policy.dtype)
         return cls(model.eval(), Path(checkpoint), torch_device, policy, int(batch_size), window, size, postprocess,
-                   ptv, k)
+                   ptv, k, crop)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -231,7 +237,7 @@ class Predictor:
         layout = " + channels-last" if self.channels_last else ""
         return (f"{self.checkpoint_path.name} on {self.device} ({self.precision.name}{layout}), "
                 f"batch {self.batch_size}, window {list(self.window)} HU, {self.size}x{self.size} slices, "
-                f"PTV = {self.ptv_text}" + (", largest component per organ" if self.postprocess else ""))
+                f"{describe_crop(self.crop)}, PTV = {self.ptv_text}" + (", largest component per organ" if self.postprocess else ""))
 
     @property
     def ptv_text(self) -> str:
@@ -246,22 +252,48 @@ class Predictor:
             return ptv_from_gtv(labels_zyx == organs.GTV, spacing_zyx, float(self.ptv["margin_mm"]))
         return np.isin(labels_zyx, ROI_MEMBERS[organs.PTV]) & (labels_zyx == organs.PTV).any()
 
-    def preprocess(self, hu_zyx: np.ndarray) -> np.ndarray:
-        """HU (Z, Y, X) -> network input (Z, S, S) float32: window, per-patient z-score, resize (phase 3)."""
-        normalized, _, _ = window_and_zscore(hu_zyx, self.window)
+    def crop_box(self, hu_zyx: np.ndarray, spacing_yx: Sequence[float] | None) -> tuple[int, int, int] | None:
+        """The body box ``(y0, x0, side)`` of a CT (HU (Z, Y, X) in the network's orientation, pixel
+        spacing ``spacing_yx`` mm) by phase 3's ``body_box`` with the checkpoint's settings; None
+        for a network trained on whole slices. ``ValueError`` without a spacing or a body."""
+        if self.crop is None:
+            return None
+        if spacing_yx is None:
+            raise ValueError(f"{self.checkpoint_path.name} crops to the body ({describe_crop(self.crop)}): "
+                             "the pixel spacing (mm) is needed")
+        return body_box(hu_zyx, spacing_yx, self.crop["threshold_hu"], self.crop["margin_mm"])
+
+    def _check_box(self, box_yx: Sequence[int] | None) -> None:
+        if (box_yx is None) != (self.crop is None):
+            raise ValueError(
+                f"{self.checkpoint_path.name} was trained with {describe_crop(self.crop)}, got box_yx {box_yx!r}: "
+                "pass Predictor.crop_box(hu, spacing_yx), which is None exactly when the network crops nothing"
+            )
+
+    def preprocess(self, hu_zyx: np.ndarray, box_yx: Sequence[int] | None = None) -> np.ndarray:
+        """HU (Z, Y, X) -> network input (Z, S, S) float32 as phase 3 makes it: window, per-patient
+        z-score (statistics of the whole volume), crop to ``box_yx`` (:meth:`crop_box`, padded with
+        air; required exactly when the checkpoint crops), resize."""
+        self._check_box(box_yx)
+        normalized, mean, std = window_and_zscore(hu_zyx, self.window)
+        if box_yx is not None:
+            air = float(apply_zscore(np.array([AIR_HU]), self.window, mean, std)[0])
+            normalized = crop_to_box(normalized, box_yx, fill=air)
         return resize_ct_slices(normalized, self.size)
 
     def predict(self, ct_normalized: np.ndarray, output_shape_yx: Sequence[int],
-                seconds: dict[str, float] | None = None) -> np.ndarray:
+                seconds: dict[str, float] | None = None, box_yx: Sequence[int] | None = None) -> np.ndarray:
         """Network input (Z, S, S) -> uint8 labels (Z, H, W) on the CT's in-plane grid.
 
         ``batch_size`` slices per forward pass; per-class probabilities are resized bilinearly to
         ``output_shape_yx`` before the argmax, as the evaluation does
-        (``normalize_ct_and_masks.probabilities_to_ct_labels``).
+        (``normalize_ct_and_masks.probabilities_to_ct_labels``); with ``box_yx`` (the crop box of
+        :meth:`preprocess`) to the box, background outside it.
         ``seconds`` (optional) accumulates ``predict`` (network) and ``map_back`` (resize + argmax).
         """
         if ct_normalized.ndim != 3 or ct_normalized.shape[1:] != (self.size, self.size):
             raise ValueError(f"expected a (Z, {self.size}, {self.size}) input, got {ct_normalized.shape}")
+        self._check_box(box_yx)
         seconds = seconds if seconds is not None else {}
         shape = tuple(int(n) for n in output_shape_yx)
         labels = np.empty((len(ct_normalized), *shape), dtype=np.uint8)
@@ -277,35 +309,43 @@ class Predictor:
                         logits = self.model(batch)
                 with _timer(seconds, "map_back", self.device):
                     probabilities = fold_derived_ptv(torch.softmax(logits.float(), dim=1), self.ptv)
-                    labels[start:start + len(batch)] = probabilities_to_ct_labels(probabilities, shape)
+                    labels[start:start + len(batch)] = probabilities_to_ct_labels(probabilities, shape, box_yx=box_yx)
         return labels
 
     def segment_image(self, image: sitk.Image, seconds: dict[str, float] | None = None) -> np.ndarray:
         """A CT image (HU, any axis-aligned orientation) -> uint8 labels (Z, Y, X) in its own stored
         array order and grid: brought to the network's orientation
-        (``normalize_ct_and_masks.to_network_orientation``, exact), segmented (:meth:`segment`) and
-        put back (``from_network_orientation``). ``ValueError`` for an oblique image."""
+        (``normalize_ct_and_masks.to_network_orientation``, exact), segmented (:meth:`segment`, with
+        the body box of that grid when the checkpoint crops) and put back
+        (``from_network_orientation``). ``ValueError`` for an oblique image."""
         seconds = seconds if seconds is not None else {}
         with _timer(seconds, "preprocess"):
             network_image, stored = to_network_orientation(image)
             hu = sitk.GetArrayFromImage(network_image)
-        return from_network_orientation(self.segment(hu, seconds), stored)
+        spacing_x, spacing_y = network_image.GetSpacing()[:2]
+        return from_network_orientation(self.segment(hu, seconds, (spacing_y, spacing_x)), stored)
 
-    def segment(self, hu_zyx: np.ndarray, seconds: dict[str, float] | None = None) -> np.ndarray:
+    def segment(self, hu_zyx: np.ndarray, seconds: dict[str, float] | None = None,
+                spacing_yx: Sequence[float] | None = None) -> np.ndarray:
         """HU (Z, Y, X) in the network's orientation (LPS) -> uint8 labels (Z, Y, X) on the same grid
-        (with ``postprocess`` applied). :meth:`segment_image` takes a CT stored in any orientation."""
+        (with ``postprocess`` applied). ``spacing_yx`` (mm) is needed when the checkpoint crops to
+        the body (:meth:`crop_box`). :meth:`segment_image` takes a CT stored in any orientation."""
         seconds = seconds if seconds is not None else {}
         with _timer(seconds, "preprocess"):
-            ct_small = self.preprocess(hu_zyx)
-        labels = self.predict(ct_small, hu_zyx.shape[1:], seconds)
+            box = self.crop_box(hu_zyx, spacing_yx)
+            ct_small = self.preprocess(hu_zyx, box)
+        labels = self.predict(ct_small, hu_zyx.shape[1:], seconds, box)
         if self.postprocess:
             with _timer(seconds, "postprocess"):
                 labels = keep_largest_component(labels)
         return labels
 
 
-def preprocessing_of(record: dict[str, Any], checkpoint: Path | str) -> tuple[tuple[float, float], int]:
-    """``(window HU, slice size)`` from a checkpoint's ``preprocessing``; :class:`CheckpointError` if unusable."""
+def preprocessing_of(
+    record: dict[str, Any], checkpoint: Path | str,
+) -> tuple[tuple[float, float], int, dict[str, Any] | None]:
+    """``(window HU, slice size, crop settings or None)`` from a checkpoint's ``preprocessing``
+    (no ``crop``: whole slices, as checkpoints of earlier versions); :class:`CheckpointError` if unusable."""
     settings = record.get("preprocessing")
     if not isinstance(settings, dict):
         raise CheckpointError(f"{checkpoint}: no 'preprocessing' settings in the checkpoint")
@@ -314,7 +354,8 @@ def preprocessing_of(record: dict[str, Any], checkpoint: Path | str) -> tuple[tu
             f"{checkpoint}: preprocessing zscore={settings.get('zscore')!r}; only 'per_patient' is implemented"
         )
     try:
-        return check_window(settings["window"]), check_size(settings["size"])
+        return (check_window(settings["window"]), check_size(settings["size"]),
+                crop_settings_of(settings, f"{checkpoint}: preprocessing"))
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{checkpoint}: invalid preprocessing {settings}: {exc}") from None
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import organs
+from normalize_ct_and_masks import crop_settings_of, describe_crop
 
 CHECKPOINT_FORMAT = "unet_multi_organ"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -165,22 +166,40 @@ def label_table() -> dict[str, str]:
 def preprocessing_from_cache(cache_dir: Path | str) -> dict[str, Any]:
     """The normalisation settings a model was trained with, read from the phase-3 outputs.
 
-    ``cache_dir`` is the training cache (``<root>/processed/training_cache``); the window and
-    size come from the first patient's ``meta.json`` there (all patients share them). Returns
-    ``{"window": [lo, hi] (HU), "size": int (pixels), "zscore": "per_patient"}``.
-    Raises ``ValueError`` naming the folder when no ``meta.json`` is found.
+    ``cache_dir`` is the training cache (``<root>/processed/training_cache``); the window, size
+    and crop settings come from every patient's ``meta.json`` there. Returns
+    ``{"window": [lo, hi] (HU), "size": int (pixels), "zscore": "per_patient", "crop": None or
+    {"method": "body", "threshold_hu": -500, "margin_mm": 10}}`` (phase 3's ``--crop-body``; each
+    patient's own box stays in its ``meta.json``, prediction computes it on a new CT).
+    Raises ``ValueError`` naming the folder when no ``meta.json`` is found, and naming two
+    patients when the cache mixes preprocessings (phase 3 re-run with other settings for some).
     """
     cache_dir = Path(cache_dir)
     metas = sorted(cache_dir.glob("*/meta.json"))
     if not metas:
         raise ValueError(f"no <patient>/meta.json in training cache {cache_dir}; run phase 3 first")
-    meta = json.loads(metas[0].read_text(encoding="utf-8"))
-    try:
-        window = [float(v) for v in meta["window"]]
-        size = int(meta["size"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{metas[0]}: missing or invalid 'window'/'size' ({exc})") from None
-    return {"window": window, "size": size, "zscore": "per_patient"}
+    first: dict[str, Any] | None = None
+    for path in metas:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            settings = {"window": [float(v) for v in meta["window"]], "size": int(meta["size"]),
+                        "zscore": "per_patient"}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: missing or invalid 'window'/'size' ({exc})") from None
+        settings["crop"] = crop_settings_of(meta, str(path))  # ValueError naming the file
+        if first is None:
+            first, first_path = settings, path
+        elif settings != first:
+            raise ValueError(
+                f"training cache {cache_dir} mixes preprocessings: {first_path.parent.name} has "
+                f"{_preprocessing_text(first)}, {path.parent.name} has {_preprocessing_text(settings)}; "
+                "re-run normalize_ct_and_masks.py --overwrite with one setting for every patient"
+            )
+    return first  # type: ignore[return-value]
+
+
+def _preprocessing_text(settings: Mapping[str, Any]) -> str:
+    return f"window {settings['window']}, size {settings['size']}, {describe_crop(settings['crop'])}"
 
 
 def build_checkpoint(

@@ -313,12 +313,14 @@ FEET_FIRST_TRANSPOSED = (0, -1, 0, -1, 0, 0, 0, 0, -1)
 
 
 def _write_patient(root: Path, patient_id: str, labels: np.ndarray, spacing_xyz, annotated,
-                   ptv: dict = CONTOURED, direction=FLIPPED_Y) -> None:
+                   ptv: dict = CONTOURED, direction=FLIPPED_Y, body: np.ndarray | None = None) -> None:
     """CT + label map on the same grid, as phases 2 and 2.5 write them, phase 2.5's record and a
-    structures.csv row."""
+    structures.csv row. ``body`` (bool, like ``labels``): background there is soft tissue (0 HU)."""
     layout = DataLayout(root)
     rng = np.random.default_rng(len(patient_id) + labels.shape[1])
     hu = np.array([-1000, 40, 30, -850, -850, 35, 20, 30], np.int16)[labels]
+    if body is not None:
+        hu[body & (labels == organs.BACKGROUND)] = 0
     hu = (hu + rng.integers(-20, 20, labels.shape)).astype(np.int16)  # every slice distinct
     for array, folder in ((hu, layout.ct_nifti), (labels, layout.masks)):
         image = sitk.GetImageFromArray(array)
@@ -367,6 +369,27 @@ def data_root(tmp_path_factory) -> Path:
     splits = root / "splits"
     splits.mkdir()
     (splits / "test.txt").write_text("P-SAME\nP-DOUBLE\nP-ODD\n")
+    return root
+
+
+CROP_2MM = {"method": "body", "threshold_hu": -500, "margin_mm": 2}
+
+
+@pytest.fixture(scope="module")
+def cropped_root(tmp_path_factory) -> Path:
+    """Two patients whose body (a 28 x 28 px square holding every structure, 1 mm pixels) sits
+    off-centre in an 80 x 72 field of view, normalised by phase 3 with --crop-body, 2 mm margin:
+    a 32 px box enlarged 2x to 64 px. C-SAME is stored with a flipped y axis, C-FEET feet first,
+    prone and transposed (ARI): the box is on the network's (LPS) grid."""
+    root = tmp_path_factory.mktemp("crop_root")
+    labels = np.zeros((10, 80, 72), np.uint8)
+    labels[:, 20:48, 30:58] = _phantom((10, 28, 28))
+    body = np.zeros(labels.shape, bool)
+    body[:, 20:48, 30:58] = True
+    _write_patient(root, "C-SAME", labels, (1.0, 1.0, 3.0), ALL, body=body)
+    _write_patient(root, "C-FEET", labels, (1.0, 1.0, 3.0), ALL, direction=FEET_FIRST_TRANSPOSED, body=body)
+    results = phase3.run(data_root=root, size=SIZE, crop_body=True, crop_margin_mm=2)
+    assert [r.status for r in results] == [DONE] * 2, [r.message for r in results]
     return root
 
 
@@ -607,3 +630,68 @@ def test_a_context_checkpoint_is_refused_by_a_reader_asking_for_another_context(
     [result] = ev.run(checkpoint=checkpoint, data_root=data_root, patients=["P-SAME"],
                       output_dir=tmp_path / "eval2", device="cpu")
     assert result.status == DONE
+
+
+# --------------------------------------------------------------------------------------------
+# Body crop (phase 3 --crop-body): the network's box goes back into the CT grid
+# --------------------------------------------------------------------------------------------
+def test_predict_volume_pastes_the_box_back_with_phase3s_inverse():
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(1, organs.NUM_CLASSES, kernel_size=3, padding=1)
+    ct = np.random.default_rng(3).normal(size=(5, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        probabilities = torch.softmax(model(torch.from_numpy(ct)[:, None]), dim=1)
+    expected = phase3.probabilities_to_ct_labels(probabilities, (30, 40), box_yx=(-2, 10, 24))
+    got = ev.predict_volume(model, ct, "cpu", batch_size=2, output_shape_yx=(30, 40), box_yx=(-2, 10, 24))
+    assert got.shape == (5, 30, 40) and len(np.unique(got[:, :22, 10:34])) >= 4
+    np.testing.assert_array_equal(got, expected)
+    assert not got[:, 22:].any() and not got[:, :, :10].any() and not got[:, :, 34:].any()
+    with pytest.raises(ValueError, match=r"a crop box \(0, 0, 8\) needs the CT's in-plane output_shape_yx"):
+        ev.predict_volume(model, ct, "cpu", box_yx=(0, 0, 8))
+
+
+def test_perfect_model_on_a_cropped_cache_scores_dice_one_on_the_original_grid(cropped_root, tmp_path, monkeypatch):
+    layout = DataLayout(cropped_root)
+    # 28 px body + 2 px each side; C-SAME's rows are flipped into LPS (80 - 48 = 32 -> rows 30-61);
+    # C-FEET's rows are its stored columns reversed (72 - 58 = 14 -> rows 12-43), its columns its
+    # stored rows reversed (80 - 48 = 32 -> columns 30-61).
+    assert phase3.read_cache_meta(cropped_root, "C-SAME")["crop"] == {**CROP_2MM, "box_yx": [30, 28, 32]}
+    assert phase3.read_cache_meta(cropped_root, "C-FEET")["crop"] == {**CROP_2MM, "box_yx": [12, 30, 32]}
+    model = PerfectModel([layout.training_cache / p for p in ("C-SAME", "C-FEET")])
+    checkpoint = tmp_path / "run" / "best.pth"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"stand-in")
+    monkeypatch.setattr(ev, "load_checkpoint_model",
+                        lambda path, device: (model, {"preprocessing": {"size": SIZE, "crop": dict(CROP_2MM)}}))
+    results = ev.run(checkpoint=checkpoint, data_root=cropped_root, patients=["C-SAME", "C-FEET"], device="cpu")
+    assert [r.status for r in results] == [DONE, DONE], [r.message for r in results]
+    metrics = _read_metrics(tmp_path / "run" / "evaluation" / "metrics.csv")
+    for patient in ("C-SAME", "C-FEET"):  # the 2x enlargement of the box is inverted exactly
+        prediction = sitk.ReadImage(str(tmp_path / "run" / "evaluation" / "predictions" / f"{patient}.nii.gz"))
+        assert same_geometry(prediction, sitk.ReadImage(str(layout.ct_nifti / f"{patient}.nii.gz")))
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.masks / f"{patient}.nii.gz")))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(prediction), truth)
+        assert {metrics[(patient, organs.structure(label).key)]["dice"] for label in range(1, 8)} == {"1"}
+
+
+def test_crop_settings_of_the_network_and_of_phase_3_must_agree(data_root, cropped_root, tmp_path, monkeypatch):
+    model = PerfectModel([DataLayout(cropped_root).training_cache / "C-SAME"])
+    for root, crop, message in (
+        (cropped_root, None, "C-SAME: phase 3 made the normalised slices with body crop (> -500 HU, margin 2 mm) but "
+                             "the network was trained with no crop: rerun phase 3 with --overwrite without --crop-body"),
+        (data_root, CROP_2MM, "P-SAME: phase 3 made the normalised slices with no crop but the network was trained "
+                              "with body crop (> -500 HU, margin 2 mm): rerun phase 3 with --overwrite --crop-body "
+                              "--crop-margin-mm 2"),
+        (cropped_root, {**CROP_2MM, "margin_mm": 10}, "C-SAME: phase 3 made the normalised slices with body crop "
+                                                      "(> -500 HU, margin 2 mm) but the network was trained with body "
+                                                      "crop (> -500 HU, margin 10 mm)"),
+    ):
+        monkeypatch.setattr(ev, "load_checkpoint_model",
+                            lambda path, device, crop=crop: (model, {"preprocessing": {"size": SIZE, "crop": crop}}))
+        checkpoint = tmp_path / "best.pth"
+        checkpoint.write_bytes(b"stand-in")
+        patient = "C-SAME" if root == cropped_root else "P-SAME"
+        [result] = ev.run(checkpoint=checkpoint, data_root=root, patients=[patient], device="cpu",
+                          output_dir=tmp_path / "eval", overwrite=True)
+        assert result.status == FAILED and result.message.startswith(message), result.message
+    assert model.calls == 0

@@ -288,6 +288,142 @@ def test_probabilities_to_ct_labels_bad_arguments(probs, shape, batch_size, matc
 
 
 # --------------------------------------------------------------------------------------------
+# Body crop (--crop-body): the box, the crop and the way back
+# --------------------------------------------------------------------------------------------
+def body_phantom(shape_yx=(40, 60), rows=(10, 20), cols=(15, 35), z=3) -> np.ndarray:
+    """HU (Z, Y, X): air with a soft-tissue rectangle rows[0]..rows[1]-1 x cols[0]..cols[1]-1."""
+    hu = np.full((z, *shape_yx), -1000, np.int16)
+    hu[:, rows[0]:rows[1], cols[0]:cols[1]] = 40
+    return hu
+
+
+@pytest.mark.parametrize("hu, spacing_yx, margin_mm, expected", [
+    # rows 10-19 + 2 px = 8-21 (14), cols 15-34 + 2 px = 13-36 (24): square 24, rows widened 5 + 5
+    (body_phantom(), (1.0, 1.0), 2, (3, 13, 24)),
+    # margin in mm per axis: ceil(2 / 0.5) = 4 rows, ceil(2 / 2) = 1 column -> rows 6-23, cols 14-35
+    (body_phantom(), (0.5, 2.0), 2, (4, 14, 22)),
+    # ceil(2 / 0.8) = 3 px: rows 7-22 (16), cols 12-37 (26): rows widened 5 before, 5 after
+    (body_phantom(), (0.8, 0.8), 2, (2, 12, 26)),
+    # odd difference: rows 10-19 + 0 (10), cols 15-34 (20): 5 before, 5 after; cols 15-36 (22): 6 and 6
+    (body_phantom(cols=(15, 37)), (1.0, 1.0), 0, (4, 15, 22)),
+    # body at the top: rows cut at the border 0-11 (12), centred start -6 shifted inside to 0
+    (body_phantom(rows=(0, 10)), (1.0, 1.0), 2, (0, 13, 24)),
+    # body at the bottom: rows 28-39, centred start 22 > 40 - 24 = 16: shifted inside to 16
+    (body_phantom(rows=(30, 40)), (1.0, 1.0), 2, (16, 13, 24)),
+    # wider than the image is high: square 54 > 20 rows, cannot fit: covers all rows, reaches
+    # 17 rows above and 17 below (padded with air by crop_to_box)
+    (body_phantom((20, 60), rows=(5, 15), cols=(5, 55)), (1.0, 1.0), 2, (-17, 3, 54)),
+    # the body touches the left and right borders: the margin is cut there, square 60 > 40 rows
+    (body_phantom(rows=(10, 30), cols=(0, 60)), (1.0, 1.0), 2, (-10, 0, 60)),
+    # body fills a square image: the box is the whole image (the crop is the identity)
+    (body_phantom((32, 32), rows=(0, 32), cols=(0, 32)), (1.0, 1.0), 10, (0, 0, 32)),
+])
+def test_body_box_exact(hu, spacing_yx, margin_mm, expected) -> None:
+    assert n3.body_box(hu, spacing_yx, margin_mm=margin_mm) == expected
+
+
+def test_body_box_keeps_the_largest_component_and_uses_the_threshold() -> None:
+    hu = body_phantom()
+    hu[:, 36:38, 0:60] = 100       # the couch: 120 px per slice, apart from the body (200 px)
+    hu[1, 0, 0] = 1000             # a bright stray voxel
+    hu[:, 20:23, 15:35] = -600     # below -500 HU: not body, so not in the box
+    assert n3.body_box(hu, (1.0, 1.0), margin_mm=2) == (3, 13, 24)
+    # above -700 HU it is: rows 10-22 + 2 px = 8-24 (17), widened 3 rows before, 4 after
+    assert n3.body_box(hu, (1.0, 1.0), threshold_hu=-700, margin_mm=2) == (5, 13, 24)
+    hu[:, 28:36, 0:60] = 100       # the couch (rows 28-37, 600 px) grows larger than the body: it wins,
+    assert n3.body_box(hu, (1.0, 1.0), margin_mm=0) == (0, 0, 60)  # centred start 3 shifted to cover all rows
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"hu_zyx": np.full((2, 8, 8), -1000, np.int16), "spacing_yx": (1, 1)},
+     r"no voxel above -500 HU \(max -1000 HU\): no body to crop to"),
+    ({"hu_zyx": np.zeros((8, 8)), "spacing_yx": (1, 1)}, r"expected a non-empty \(Z, Y, X\) CT, got shape \(8, 8\)"),
+    ({"hu_zyx": np.zeros((1, 8, 8)), "spacing_yx": (1, 0)}, r"spacing_yx must be two positive mm values, got \(1, 0\)"),
+    ({"hu_zyx": np.zeros((1, 8, 8)), "spacing_yx": (1, 1), "margin_mm": -1},
+     "crop margin must be a finite number >= 0 mm, got -1"),
+])
+def test_body_box_bad_arguments(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        n3.body_box(**kwargs)
+
+
+def test_crop_to_box_inside_is_a_view_and_outside_is_filled() -> None:
+    volume = np.arange(2 * 4 * 5, dtype=np.int16).reshape(2, 4, 5)
+    inside = n3.crop_to_box(volume, (1, 2, 3))
+    assert inside.shape == (2, 3, 3) and np.shares_memory(inside, volume)
+    np.testing.assert_array_equal(inside, volume[:, 1:4, 2:5])
+    padded = n3.crop_to_box(volume, (-1, 0, 6), fill=-7)   # one row above, one below, a column right
+    assert padded.shape == (2, 6, 6) and padded.dtype == np.int16
+    np.testing.assert_array_equal(padded[:, 1:5, 0:5], volume)
+    assert (padded[:, 0] == -7).all() and (padded[:, 5] == -7).all() and (padded[:, :, 5] == -7).all()
+    with pytest.raises(ValueError, match=r"crop box \(4, 0, 2\) \(y0, x0, side\) does not overlap a \(4, 5\) image"):
+        n3.crop_to_box(volume, (4, 0, 2))
+
+
+def test_probabilities_to_ct_labels_pastes_the_box_back_exactly() -> None:
+    """S x S labels of a box of side S go back exactly into the box; outside it is background;
+    the part of the box beyond the image is dropped."""
+    small = _random_labels((3, 16, 16), seed=4)
+    out = n3.probabilities_to_ct_labels(_one_hot(small), (20, 30), box_yx=(2, 5, 16), batch_size=2)
+    assert out.shape == (3, 20, 30) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[:, 2:18, 5:21], small)
+    out[:, 2:18, 5:21] = 0
+    assert not out.any()
+    out = n3.probabilities_to_ct_labels(_one_hot(small), (10, 30), box_yx=(-3, 5, 16))   # 3 rows above, 3 below
+    np.testing.assert_array_equal(out[:, :, 5:21], small[:, 3:13])
+    assert not out[:, :, :5].any() and not out[:, :, 21:].any()
+    original = np.kron(small, np.ones((1, 2, 2), np.uint8))  # a 2x shrink of the box, inverted exactly
+    out = n3.probabilities_to_ct_labels(_one_hot(small), (40, 40), box_yx=(4, 6, 32))
+    np.testing.assert_array_equal(out[:, 4:36, 6:38], original)
+
+
+def test_a_label_map_goes_through_crop_resize_and_back_to_its_place() -> None:
+    """Body box, crop, nearest-neighbour resize (phase 3), one-hot back through the box (evaluation
+    and prediction): a large structure lands where it was (Dice >= 0.99), with pixels 260 / 201 =
+    1.3x finer than a resize of the whole slice, and no worse than that resize."""
+    yy, xx = np.mgrid[:240, :260]
+    body = ((yy - 110) / 70) ** 2 + ((xx - 120) / 95) ** 2 <= 1
+    lung = ((yy - 105) / 40) ** 2 + ((xx - 95) / 30) ** 2 <= 1
+    hu = np.where(body, 40, -1000).astype(np.int16)[None].repeat(2, axis=0)
+    labels = np.where(lung, organs.RIGHT_LUNG, organs.BACKGROUND).astype(np.uint8)[None].repeat(2, axis=0)
+    box = n3.body_box(hu, (1.0, 1.0), margin_mm=5)
+    assert box == (10, 20, 201)  # rows 40-180 and cols 25-215 + 5 px: square 201, 25 rows more each side
+    small = n3.resize_mask_slices(n3.crop_to_box(labels, box), 144)
+    back = n3.probabilities_to_ct_labels(_one_hot(small), labels.shape[1:], box_yx=box)
+    dice = 2 * np.sum((back == 3) & lung) / (np.sum(back == 3) + 2 * np.sum(lung))
+    assert dice >= 0.99, dice
+    whole = n3.probabilities_to_ct_labels(_one_hot(n3.resize_mask_slices(labels, 144)), labels.shape[1:])
+    assert 2 * np.sum((whole == 3) & lung) / (np.sum(whole == 3) + 2 * np.sum(lung)) <= dice
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({}, None),
+    ({"crop": None}, None),
+    ({"crop": {"method": "body", "threshold_hu": -500.0, "margin_mm": 10.0, "box_yx": [1, 2, 3]}},
+     {"method": "body", "threshold_hu": -500, "margin_mm": 10}),
+])
+def test_crop_settings_of_records(record, expected) -> None:
+    assert n3.crop_settings_of(record, "here") == expected
+    assert n3.crop_box_of(record, "here") == (None if expected is None else (1, 2, 3))
+
+
+@pytest.mark.parametrize("crop, match", [
+    ({"method": "ring"}, r"^here: unknown crop \{'method': 'ring'\}"),
+    ({"method": "body", "threshold_hu": -500}, r"^here: invalid crop .*'margin_mm'"),
+    ({"method": "body", "threshold_hu": -500, "margin_mm": -2}, "crop margin must be a finite number >= 0 mm"),
+])
+def test_crop_settings_of_bad_records(crop, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        n3.crop_settings_of({"crop": crop}, "here")
+
+
+def test_crop_box_of_a_bad_box() -> None:
+    record = {"crop": {"method": "body", "threshold_hu": -500, "margin_mm": 10, "box_yx": [1, 2]}}
+    with pytest.raises(ValueError, match=r"here: crop box_yx must be three integers \[y0, x0, side >= 1\], got \[1, 2\]"):
+        n3.crop_box_of(record, "here")
+
+
+# --------------------------------------------------------------------------------------------
 # Geometry: the resized grid covers the same physical extent
 # --------------------------------------------------------------------------------------------
 def corners_and_centre(image: sitk.Image) -> np.ndarray:
@@ -370,6 +506,71 @@ def test_run_writes_normalized_volumes_and_cache(data_root) -> None:
         assert meta["slice_labels"][2] == 0b111011  # slice 2: background, GTV, lungs, heart
         assert normalization[pid] == {k: meta[k] for k in normalization[pid]}
     assert not list(data_root.rglob(PARTIAL_DIR_NAME))
+
+
+def box_corners_mm(image: sitk.Image, box_yx) -> np.ndarray:
+    """Physical points (LPS mm) of the outer corners and centre of the box (y0, x0, side) on ``image``'s grid."""
+    y0, x0, side = box_yx
+    sz = image.GetSize()[2]
+    points = [(x0 - 0.5, y0 - 0.5, 0), (x0 + side - 0.5, y0 - 0.5, 0), (x0 - 0.5, y0 + side - 0.5, sz - 1),
+              (x0 + side - 0.5, y0 + side - 0.5, sz - 1), (x0 + (side - 1) / 2, y0 + (side - 1) / 2, (sz - 1) / 2)]
+    return np.array([image.TransformContinuousIndexToPhysicalPoint(p) for p in points])
+
+
+def test_run_with_crop_body_records_the_box_and_overlays_the_ct(data_root) -> None:
+    """P1 (LPS, 40 x 48, body rows 4-35, cols 4-43) and P2 (stored ALS: 48 x 40 in LPS) with a 2 mm
+    margin (3 px at 0.8 and 0.9 mm): squares of 46 px, wider than the image, padded with air."""
+    results = n3.run(data_root=data_root, size=32, crop_body=True, crop_margin_mm=2)
+    assert [(r.patient_id, r.status) for r in results] == [("P1", DONE), ("P2", DONE)]
+    assert results[0].message.endswith("body box (y0, x0, side) (-3, 1, 46)")
+    layout = DataLayout(data_root)
+    normalization = json.loads((layout.normalized_ct / "normalization.json").read_text())
+    for pid, stored, box in (("P1", "LPS", (-3, 1, 46)), ("P2", "ALS", (1, -3, 46))):
+        ct_network, _ = n3.to_network_orientation(sitk.ReadImage(str(layout.ct_nifti / f"{pid}.nii.gz")))
+        mask = sitk.ReadImage(str(layout.masks / f"{pid}.nii.gz"))
+        hu = sitk.GetArrayFromImage(ct_network)
+        labels = n3.to_network_array(sitk.GetArrayFromImage(mask), stored)
+        spacing_x, spacing_y = ct_network.GetSpacing()[:2]
+        assert n3.body_box(hu, (spacing_y, spacing_x), margin_mm=2) == box
+        meta = n3.read_cache_meta(data_root, pid)
+        assert meta["crop"] == {"method": "body", "threshold_hu": -500, "margin_mm": 2, "box_yx": list(box)}
+        assert normalization[pid]["crop"] == meta["crop"]
+        zscored, mean, std = n3.window_and_zscore(hu)
+        assert (meta["mean"], meta["std"]) == (mean, std)  # statistics of the whole windowed volume
+        assert meta["shape_zyx"] == [6, 32, 32] and meta["original_shape_zyx"] == [6, 40, 48]
+
+        norm_ct = sitk.ReadImage(str(layout.normalized_ct / f"{pid}.nii.gz"))
+        norm_mask = sitk.ReadImage(str(layout.normalized_masks / f"{pid}.nii.gz"))
+        air = np.float32((-1000 - mean) / std)
+        expected_ct = n3.resize_ct_slices(n3.crop_to_box(zscored, box, fill=air), 32)
+        np.testing.assert_allclose(sitk.GetArrayFromImage(norm_ct), expected_ct, atol=1e-5)
+        assert sitk.GetArrayFromImage(norm_ct)[:, 0, 0] == pytest.approx(air, abs=1e-5)  # padded with air
+        expected_mask = n3.resize_mask_slices(n3.crop_to_box(labels, box), 32)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(norm_mask), expected_mask)
+        np.testing.assert_array_equal(np.load(layout.training_cache / pid / "mask.npy"), expected_mask)
+        assert norm_ct.GetSpacing() == pytest.approx((spacing_x * 46 / 32, spacing_y * 46 / 32, 3.0))
+        for image in (norm_ct, norm_mask):  # the normalized volumes cover the box, on the CT
+            np.testing.assert_allclose(corners_and_centre(image), box_corners_mm(ct_network, box), atol=1e-4)
+        for label in (organs.RIGHT_LUNG, organs.LEFT_LUNG, organs.HEART):
+            assert np.abs(centre_of_mass_mm(norm_mask, label) - centre_of_mass_mm(mask, label)).max() \
+                < max(norm_mask.GetSpacing()[:2]) / 2
+
+
+def test_rerun_with_other_crop_settings_is_refused(data_root) -> None:
+    n3.run(data_root=data_root, size=32, crop_body=True, crop_margin_mm=2)
+    assert [r.status for r in n3.run(data_root=data_root, size=32, crop_body=True, crop_margin_mm=2)] == [SKIPPED] * 2
+    for kwargs, asked in (({}, "no crop"), ({"crop_body": True}, "body crop (> -500 HU, margin 10 mm)")):
+        results = n3.run(data_root=data_root, size=32, patients=["P1"], **kwargs)
+        assert [r.status for r in results] == [FAILED]
+        assert results[0].message == (f"P1: outputs exist with body crop (> -500 HU, margin 2 mm), this run asks "
+                                      f"for {asked}; pass --overwrite to redo them")
+    assert [r.status for r in n3.run(data_root=data_root, size=32, overwrite=True)] == [DONE] * 2
+    assert n3.read_cache_meta(data_root, "P1")["crop"] is None   # off: recorded as null
+    normalization = json.loads((DataLayout(data_root).normalized_ct / "normalization.json").read_text())
+    assert normalization["P1"]["crop"] is None
+    results = n3.run(data_root=data_root, size=32, crop_body=True, crop_margin_mm=2, patients=["P2"])
+    assert results[0].message == ("P2: outputs exist with no crop, this run asks for body crop (> -500 HU, "
+                                  "margin 2 mm); pass --overwrite to redo them")
 
 
 def centre_of_mass_mm(image: sitk.Image, label: int) -> np.ndarray:
@@ -571,6 +772,9 @@ def test_bad_patient_fails_cleanly_and_others_are_done(tmp_path) -> None:
     (["--size", "100"], "argument --size: size must be a multiple of 16 and >= 32 (e.g. 256), got 100"),
     (["--size", "16"], "argument --size: size must be a multiple of 16 and >= 32 (e.g. 256), got 16"),
     (["--size", "big"], "argument --size: must be an integer, got 'big'"),
+    (["--crop-margin-mm", "5"], "argument --crop-margin-mm: only with --crop-body"),
+    (["--crop-body", "--crop-margin-mm", "-1"],
+     "argument --crop-margin-mm: crop margin must be a finite number >= 0 mm, got -1.0"),
 ])
 def test_invalid_arguments_give_one_line_errors(args, message, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:

@@ -279,7 +279,7 @@ def test_training_writes_the_run_folder(cache):
     assert math.isnan(row["dice_ptv"]) or row["dice_ptv"] == 0.0  # PTV: never annotated here
 
     best = torch.load(out / "best_unet_multi_organ.pth", weights_only=True)
-    assert best["preprocessing"] == {"window": [-1000.0, 400.0], "size": SIZE, "zscore": "per_patient"}
+    assert best["preprocessing"] == {"window": [-1000.0, 400.0], "size": SIZE, "zscore": "per_patient", "crop": None}
     assert best["epoch"] == result.best_epoch and "optimizer_state" not in best
     model, _ = load_checkpoint_model(out / "best_unet_multi_organ.pth", "cpu")
     assert model.base_channels == 4

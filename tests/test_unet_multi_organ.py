@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -158,9 +159,36 @@ def test_preprocessing_is_read_from_the_cache_meta(tmp_path):
     folder.mkdir(parents=True)
     (folder / "meta.json").write_text(json.dumps({"window": [-900, 300], "size": 96}))
     assert preprocessing_from_cache(tmp_path / "training_cache") == {
-        "window": [-900.0, 300.0], "size": 96, "zscore": "per_patient"}
+        "window": [-900.0, 300.0], "size": 96, "zscore": "per_patient", "crop": None}
     with pytest.raises(ValueError, match="no <patient>/meta.json in training cache"):
         preprocessing_from_cache(tmp_path / "empty")
+
+
+def test_preprocessing_carries_the_crop_settings_and_refuses_a_mixed_cache(tmp_path):
+    """Phase 3's --crop-body settings (not the per-patient box) go into the checkpoint; a cache
+    where some patients were cropped and others not (or with another margin) is refused."""
+    cache = tmp_path / "training_cache"
+    crop = {"method": "body", "threshold_hu": -500, "margin_mm": 10}
+    for patient, box in (("P1", [3, 13, 24]), ("P2", [0, 5, 40])):
+        (cache / patient).mkdir(parents=True)
+        (cache / patient / "meta.json").write_text(json.dumps(
+            {"window": [-1000, 400], "size": 32, "crop": {**crop, "box_yx": box}}))
+    assert preprocessing_from_cache(cache) == {
+        "window": [-1000.0, 400.0], "size": 32, "zscore": "per_patient", "crop": crop}
+    (cache / "P3").mkdir()
+    (cache / "P3" / "meta.json").write_text(json.dumps({"window": [-1000, 400], "size": 32, "crop": None}))
+    with pytest.raises(ValueError, match=re.escape(
+            f"training cache {cache} mixes preprocessings: P1 has window [-1000.0, 400.0], size 32, body crop "
+            "(> -500 HU, margin 10 mm), P3 has window [-1000.0, 400.0], size 32, no crop; re-run "
+            "normalize_ct_and_masks.py --overwrite with one setting for every patient")):
+        preprocessing_from_cache(cache)
+    (cache / "P3" / "meta.json").write_text(json.dumps(
+        {"window": [-1000, 400], "size": 32, "crop": {**crop, "margin_mm": 5, "box_yx": [0, 0, 9]}}))
+    with pytest.raises(ValueError, match=r"P3 has .*body crop \(> -500 HU, margin 5 mm\)"):
+        preprocessing_from_cache(cache)
+    (cache / "P3" / "meta.json").write_text(json.dumps({"window": [-1000, 400], "size": 32, "crop": {"method": "ring"}}))
+    with pytest.raises(ValueError, match=r"P3/meta.json: unknown crop \{'method': 'ring'\}"):
+        preprocessing_from_cache(cache)
 
 
 def test_resolve_device_never_falls_back_silently(monkeypatch):
