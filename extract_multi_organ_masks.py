@@ -993,6 +993,11 @@ def _header(path: Path) -> list[str]:
         return next(csv.reader(fh), [])
 
 
+def _printable(name: str) -> str:
+    """An ROI name fit for one CSV cell: control characters (a stray CR or LF) become spaces."""
+    return re.sub(r"[\x00-\x1f\x7f]", " ", str(name))
+
+
 def write_summaries(masks_dir: Path, results: Sequence[PatientResult]) -> None:
     """Merge this run's rows into structures.csv and unmatched_roi_names.csv (atomic writes).
 
@@ -1008,12 +1013,12 @@ def write_summaries(masks_dir: Path, results: Sequence[PatientResult]) -> None:
 
     patients_of: dict[str, set[str]] = defaultdict(set)
     for row in _read_csv(masks_dir / UNMATCHED_CSV):
-        for pid in filter(None, row.get("patient_ids", "").split("|")):
+        for pid in filter(None, (row.get("patient_ids") or "").split("|")):
             if pid not in done:
                 patients_of[row["roi_name"]].add(pid)
     for pid, info in done.items():
         for name in info["unmatched"]:
-            patients_of[name].add(pid)
+            patients_of[_printable(name)].add(pid)
     unmatched = [{"roi_name": name, "patients": len(pids), "patient_ids": "|".join(sorted(pids))}
                  for name, pids in sorted(patients_of.items(), key=lambda kv: (-len(kv[1]), kv[0]))]
     write_text_atomic(masks_dir / UNMATCHED_CSV, _csv_text(UNMATCHED_COLUMNS, unmatched))

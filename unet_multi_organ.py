@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 import organs
-from normalize_ct_and_masks import crop_settings_of, describe_crop
 
 CHECKPOINT_FORMAT = "unet_multi_organ"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -174,6 +173,8 @@ def preprocessing_from_cache(cache_dir: Path | str) -> dict[str, Any]:
     Raises ``ValueError`` naming the folder when no ``meta.json`` is found, and naming two
     patients when the cache mixes preprocessings (phase 3 re-run with other settings for some).
     """
+    from normalize_ct_and_masks import crop_settings_of  # phase 3's reader; keeps this module torch-only
+
     cache_dir = Path(cache_dir)
     metas = sorted(cache_dir.glob("*/meta.json"))
     if not metas:
@@ -199,6 +200,8 @@ def preprocessing_from_cache(cache_dir: Path | str) -> dict[str, Any]:
 
 
 def _preprocessing_text(settings: Mapping[str, Any]) -> str:
+    from normalize_ct_and_masks import describe_crop
+
     return f"window {settings['window']}, size {settings['size']}, {describe_crop(settings['crop'])}"
 
 
