@@ -72,3 +72,19 @@ def write_mask_record(masks_dir: Path, patient_id: str, annotated, ptv=None) -> 
               "settings": {"ptv_margin_mm": 10.0, "derive_ptv": True}, "inputs_fingerprint": "written by a test",
               "mask_sha256": file_sha256(mask)}
     (Path(masks_dir) / f"{patient_id}.json").write_text(json.dumps(record))
+
+
+def load_benchmark(name: str):
+    """benchmarks/ is not a package: load ``benchmarks/<name>.py`` as module ``name`` (registered
+    in ``sys.modules`` while in use, where dataclasses look their module up). A generator for a
+    fixture: ``yield from load_benchmark("bench_training")``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)

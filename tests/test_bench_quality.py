@@ -10,21 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
+
 BENCH_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quality.py"
 STRUCTURES = ("gtv", "ptv", "lung_right", "lung_left", "heart", "esophagus", "spinal_cord")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """benchmarks/ is not a package: load the script as module ``bench_quality``."""
-    spec = importlib.util.spec_from_file_location("bench_quality", BENCH_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from load_benchmark("bench_quality")
 
 
 @pytest.mark.parametrize("name, context, crop", [

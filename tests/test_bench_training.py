@@ -1,7 +1,6 @@
 """benchmarks/bench_training.py runs end to end on CPU with a tiny network and writes its JSON."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,20 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
+
 BENCH_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_training.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """benchmarks/ is not a package: load the script as module ``bench_training``."""
-    spec = importlib.util.spec_from_file_location("bench_training", BENCH_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from load_benchmark("bench_training")
 
 
 def test_bench_runs_on_cpu_and_writes_rows(bench, tmp_path, capsys):
