@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -65,7 +64,7 @@ from normalize_ct_and_masks import (
 )
 from pipeline_io import (
     DEFAULT_DATA_ROOT, DEFAULT_SPLITS_DIR, DONE, FAILED, DataLayout, PatientError, PatientResult,
-    check_same_geometry, exit_status, positive_int, read_nifti, run_batch,
+    check_same_geometry, exit_status, file_sha256, positive_int, read_nifti, run_batch,
     setup_logging, summary_line, write_nifti, write_text_atomic,
 )
 from precision import evaluation_precision
@@ -532,14 +531,6 @@ def ptv_scoring(ptv_rows: Sequence[dict[str, Any]]) -> str:
     return "; ".join(parts) or "not scored (no PTV, contoured or derived)"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_provenance(predictions_dir: Path, provenance: dict[str, Any], overwrite: bool) -> None:
     """Refuse to reuse saved predictions made by another checkpoint or post-processing setting."""
     path = predictions_dir / PROVENANCE_FILE
@@ -582,7 +573,7 @@ def run(
         raise ValueError(f"no patients to evaluate: split {split!r} in {splits_dir} is empty")
     output_dir = Path(output_dir) if output_dir else default_output_dir(checkpoint, postprocess)
     predictions_dir = output_dir / "predictions"
-    _check_provenance(predictions_dir, {"checkpoint_sha256": _sha256(checkpoint), "postprocess": postprocess},
+    _check_provenance(predictions_dir, {"checkpoint_sha256": file_sha256(checkpoint), "postprocess": postprocess},
                       overwrite)
 
     torch_device = resolve_device(device)
