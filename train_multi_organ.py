@@ -402,13 +402,17 @@ def seed_everything(seed: int) -> None:
 
 
 def training_progress(epoch: int, epochs: int, elapsed: float = 0.0,
-                      time_limit: float | None = None) -> float:
+                      time_limit: float | None = None, steps_done: int = 0,
+                      max_steps: int | None = None) -> float:
     """Fraction of the run done at the start of ``epoch`` (1-based), 0 to 1: by epochs, or by
     time when ``--time-limit`` will run out first (``elapsed``: training seconds of the whole
-    run, earlier invocations of a resumed run included)."""
+    run, earlier invocations of a resumed run included), or by optimizer steps when
+    ``--max-steps`` will (``steps_done``: steps of the whole run before this epoch)."""
     done = (epoch - 1) / (epochs - 1) if epochs > 1 else 0.0
     if time_limit:
         done = max(done, elapsed / time_limit)
+    if max_steps:
+        done = max(done, steps_done / max_steps)
     return min(max(done, 0.0), 1.0)
 
 
@@ -929,7 +933,8 @@ def _train(config: dict[str, Any], runtime: Runtime, resumed: dict[str, Any] | N
         if progress.cut is not None:  # finish the epoch a limit cut, at its lr, from where it stopped
             part = _forget_cut_snapshot(progress, best_path, runtime)
         else:
-            done = training_progress(epoch, int(config["epochs"]), elapsed(), time_limit)
+            done = training_progress(epoch, int(config["epochs"]), elapsed(), time_limit,
+                                     limits.steps_done, config["max_steps"])
             part = EpochPart(epoch, learning_rate(float(config["lr"]), done, config["lr_schedule"]))
         sampler.set_epoch(epoch, skip=part.steps * int(config["batch_size"]))
         for group in optimizer.param_groups:
@@ -1032,7 +1037,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=_positive_float, default=DEFAULT_LR, help="Adam learning rate (default: %(default)s)")
     parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
                         help=f"constant, or cosine decay to {COSINE_FINAL_FRACTION:g} x --lr by the last "
-                             "epoch or the --time-limit, whichever comes first (default: %(default)s)")
+                             "epoch, the --time-limit or --max-steps, whichever comes first (default: %(default)s)")
     parser.add_argument("--base-channels", type=positive_int, default=None,
                         help=f"U-Net width (default: {DEFAULT_BASE_CHANNELS}; 16 for CPU demos)")
     parser.add_argument("--workers", type=int, default=None,

@@ -424,6 +424,11 @@ def test_learning_rate_schedules():
     assert tm.training_progress(3, 11, elapsed=90, time_limit=100) == 0.9  # time runs out first
     assert tm.training_progress(11, 11, elapsed=10, time_limit=100) == 1.0
     assert tm.training_progress(5, 1) == 0.0
+    # --max-steps 1470 of 105-step epochs with --epochs 30: the schedule ends with the steps
+    # (epoch 14 starts at 1365 steps, 93%), not at epoch 30 (45%).
+    assert tm.training_progress(14, 30, steps_done=1365, max_steps=1470) == pytest.approx(1365 / 1470)
+    assert tm.training_progress(14, 30, steps_done=1365) == pytest.approx(13 / 29)
+    assert tm.training_progress(29, 30, steps_done=10, max_steps=1470) == pytest.approx(28 / 29)
 
 
 def test_duration_choices():
