@@ -25,7 +25,8 @@ For each patient, exactly as in training and evaluation:
 3. all slices are predicted in batches under ``torch.inference_mode``; per-class probabilities
    are resized back to the CT's own in-plane size (or to the crop box, background around it)
    and arg-maxed (phase 3's ``probabilities_to_ct_labels``, as the evaluation does);
-   ``--postprocess`` keeps the largest connected component of each organ, as the evaluation does;
+   ``--postprocess`` removes small components per structure, as the evaluation's does
+   (``evaluate_multi_organ.postprocess_labels``);
 4. the PTV is made as the checkpoint says (``ptv`` of the run): the predicted GTV grown by the
    run's margin (``extract_multi_organ_masks.ptv_from_gtv``; ``--ptv-margin-mm`` overrides it), or,
    for a network that learnt a contoured PTV as label 2 (and checkpoints of earlier versions),
@@ -59,7 +60,7 @@ import torch
 import organs
 from convert_dicom_to_nifti import PatientDicom, choose_ct_series, find_dicom_series, read_ct_series
 from dataset_multi_organ import context_stack
-from evaluate_multi_organ import keep_largest_component, resolve_device
+from evaluate_multi_organ import describe_postprocess, postprocess_labels, resolve_device
 from extract_multi_organ_masks import PTV_DERIVED, ptv_description, ptv_from_gtv
 from normalize_ct_and_masks import (
     AIR_HU, NETWORK_ORIENTATION, apply_zscore, body_box, check_size, check_window, crop_settings_of, crop_to_box,
@@ -237,7 +238,7 @@ class Predictor:
         layout = " + channels-last" if self.channels_last else ""
         return (f"{self.checkpoint_path.name} on {self.device} ({self.precision.name}{layout}), "
                 f"batch {self.batch_size}, window {list(self.window)} HU, {self.size}x{self.size} slices, "
-                f"{describe_crop(self.crop)}, PTV = {self.ptv_text}" + (", largest component per organ" if self.postprocess else ""))
+                f"{describe_crop(self.crop)}, PTV = {self.ptv_text}" + (f", post-processing: {describe_postprocess()}" if self.postprocess else ""))
 
     @property
     def ptv_text(self) -> str:
@@ -337,7 +338,7 @@ class Predictor:
         labels = self.predict(ct_small, hu_zyx.shape[1:], seconds, box)
         if self.postprocess:
             with _timer(seconds, "postprocess"):
-                labels = keep_largest_component(labels)
+                labels = postprocess_labels(labels)
         return labels
 
 
@@ -683,7 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto = bfloat16 + channels-last where the CPU/GPU runs it natively, "
                              "2.6x faster on CPU, labels not always identical (default: %(default)s)")
     parser.add_argument("--postprocess", action="store_true",
-                        help="keep the largest connected component of each organ (as the evaluation's --postprocess)")
+                        help="remove small components per structure, as the evaluation's --postprocess "
+                             f"({describe_postprocess().replace('%', '%%')})")
     parser.add_argument("--ptv-margin-mm", type=float, default=None, metavar="MM",
                         help="grow the predicted GTV by MM mm into the PTV (default: the training run's "
                              "margin, stored in the checkpoint)")

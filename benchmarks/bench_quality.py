@@ -15,7 +15,13 @@ synthetic patients of ``make_synthetic_cohort.generate_cohort``, in every fold's
 and never tested) for a fixed budget of ``--steps`` optimizer steps (Adam, cosine schedule over
 the budget, augmentation on, no validation patient: training then follows the training loss),
 and the held-out patients are scored in 3D on their CT grid by ``evaluate_multi_organ.run``
-twice from the same checkpoint: without and with ``--postprocess`` (largest component per organ).
+(without post-processing; its saved predictions are reused when the checkpoint is the same).
+Post-processing is then applied to those predictions and the structures it changes scored again
+with the evaluation's own functions: the pipeline's ``--postprocess`` rule and each candidate of
+``evaluate_multi_organ.POSTPROCESS_CANDIDATES`` (every organ keeps its largest component, or loses
+the components under 10% / 1% of its largest). A third table pairs each with no post-processing
+(mean and worst Dice change) and marks, per structure, the candidate never worse on any measured
+fold and seed and best on average: how ``POSTPROCESS_MIN_FRACTION`` is chosen.
 
 Configurations (``--configs``; default ``2d 2.5d-k1 2.5d-k2 crop``): ``2d`` (one slice, the
 whole field of view), ``2.5d-kK`` (K neighbours per side, ``context_slices`` K), ``crop`` (phase 3
@@ -88,12 +94,19 @@ SIZING = {
 DEFAULT_LR = 1e-3  # the demo's recipe (make demo): short budgets need more than train's 1e-4
 CHECKPOINTS = ("last", "best")
 SYNTHETIC_SEED = 0
+#: Post-processing rows of every held-out patient: none, the pipeline's ``--postprocess``
+#: (``evaluate_multi_organ.POSTPROCESS_MIN_FRACTION``), then each candidate rule of
+#: ``evaluate_multi_organ.POSTPROCESS_CANDIDATES`` applied to every organ alike.
+NO_POSTPROCESS, DEFAULT_POSTPROCESS = "none", "--postprocess"
 TABLE_HEADER = ("| structure | configuration | post-processing | n | Dice mean ± std "
                 "| HD95 mean ± std (mm) | HD95 inf |")
 TABLE_RULE = "|---|---|---|---:|---:|---:|---:|"
 RUNS_HEADER = ("| configuration | trainings | steps | train s mean | train slices/s mean "
-               "| evaluation s mean (both) |")
+               "| evaluation s mean |")
 RUNS_RULE = "|---|---:|---:|---:|---:|---:|"
+CANDIDATES_HEADER = ("| structure | post-processing | n | Dice mean | Dice change mean | Dice change worst "
+                     "| HD95 change mean (mm) | chosen |")
+CANDIDATES_RULE = "|---|---|---:|---:|---:|---:|---:|---|"
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,8 +216,9 @@ def mean_std(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": mean, "std": std, "n": n}
 
 
-def summarize(rows: Sequence[dict[str, Any]], configs: Sequence[str]) -> list[dict[str, Any]]:
-    """One entry per (structure, configuration, postprocess) in table order, over the scored rows
+def summarize(rows: Sequence[dict[str, Any]], configs: Sequence[str],
+              postprocessing: Sequence[str] = (NO_POSTPROCESS, DEFAULT_POSTPROCESS)) -> list[dict[str, Any]]:
+    """One entry per (structure, configuration, post-processing) in table order, over the scored rows
     (annotated, Dice defined): ``dice`` and ``hd95_mm`` (finite values) mean/std/n, ``hd95_inf``."""
     import organs
 
@@ -212,7 +226,7 @@ def summarize(rows: Sequence[dict[str, Any]], configs: Sequence[str]) -> list[di
     for label in organs.FOREGROUND_LABELS:
         key = organs.structure(label).key
         for config in configs:
-            for postprocess in (False, True):
+            for postprocess in postprocessing:
                 scored = [r for r in rows if r["structure"] == key and r["config"] == config
                           and r["postprocess"] == postprocess and r["annotated"] and r["dice"] is not None]
                 hd95 = [r["hd95_mm"] for r in scored if r["hd95_mm"] is not None]
@@ -235,7 +249,7 @@ def format_table(summary: Sequence[dict[str, Any]]) -> str:
 
     lines = [TABLE_HEADER, TABLE_RULE]
     for s in summary:
-        lines.append(f"| {organs.BY_KEY[s['structure']].name} | {s['config']} | {'yes' if s['postprocess'] else 'no'} "
+        lines.append(f"| {organs.BY_KEY[s['structure']].name} | {s['config']} | {s['postprocess']} "
                      f"| {s['n']} | {_pm(s['dice'], 3)} | {_pm(s['hd95_mm'], 1)} | {s['hd95_inf']} |")
     return "\n".join(lines)
 
@@ -256,9 +270,73 @@ def format_runs_table(runs: Sequence[dict[str, Any]], configs: Sequence[str]) ->
     return "\n".join(lines)
 
 
+def _paired(rows: Sequence[dict[str, Any]], structure: str, postprocess: str) -> list[tuple[dict, dict]]:
+    """(without, with ``postprocess``) row pairs of one structure, per scored (config, fold, seed, patient)."""
+    def key(r: dict[str, Any]) -> tuple:
+        return r["config"], r["fold"], r["seed"], r["patient_id"]
+
+    plain = {key(r): r for r in rows if r["structure"] == structure and r["postprocess"] == NO_POSTPROCESS
+             and r["annotated"] and r["dice"] is not None}
+    return [(plain[key(r)], r) for r in rows
+            if r["structure"] == structure and r["postprocess"] == postprocess and key(r) in plain]
+
+
+def compare_postprocessing(rows: Sequence[dict[str, Any]], postprocessing: Sequence[str],
+                           structures: Sequence[str]) -> list[dict[str, Any]]:
+    """Per structure x post-processing, paired with no post-processing over every configuration,
+    fold, seed and held-out patient: n, mean Dice, mean and worst Dice change, mean HD95 change
+    (pairs with both HD95 finite)."""
+    out = []
+    for structure in structures:
+        for postprocess in postprocessing:
+            pairs = _paired(rows, structure, postprocess)
+            changes = [after["dice"] - before["dice"] for before, after in pairs]
+            hd95 = [after["hd95_mm"] - before["hd95_mm"] for before, after in pairs
+                    if after["hd95_mm"] is not None and before["hd95_mm"] is not None]
+            out.append({"structure": structure, "postprocess": postprocess, "n": len(pairs),
+                        "dice": mean_std([after["dice"] for _, after in pairs])["mean"],
+                        "dice_change_mean": mean_std(changes)["mean"],
+                        "dice_change_worst": min(changes) if changes else None,
+                        "hd95_change_mean": mean_std(hd95)["mean"]})
+    return out
+
+
+def choose_postprocessing(comparison: Sequence[dict[str, Any]], candidates: Sequence[str]) -> dict[str, str]:
+    """Per structure, the candidate whose Dice is never below no post-processing on any measured
+    pair and best on average (a positive mean change); ``none`` when no candidate qualifies."""
+    chosen: dict[str, str] = {}
+    for structure in dict.fromkeys(e["structure"] for e in comparison):
+        qualified = [e for e in comparison if e["structure"] == structure and e["postprocess"] in candidates
+                     and e["n"] and e["dice_change_worst"] >= 0 and e["dice_change_mean"] > 0]
+        chosen[structure] = (max(qualified, key=lambda e: e["dice_change_mean"])["postprocess"]
+                             if qualified else NO_POSTPROCESS)
+    return chosen
+
+
+def format_candidates_table(comparison: Sequence[dict[str, Any]], chosen: dict[str, str]) -> str:
+    """The post-processing comparison in Markdown (changes are with minus without)."""
+    import organs
+
+    def num(value: float | None, digits: int, sign: bool = True) -> str:
+        return "-" if value is None else f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+    lines = [CANDIDATES_HEADER, CANDIDATES_RULE]
+    for e in comparison:
+        lines.append(f"| {organs.BY_KEY[e['structure']].name} | {e['postprocess']} | {e['n']} "
+                     f"| {num(e['dice'], 3, sign=False)} | {num(e['dice_change_mean'], 4)} "
+                     f"| {num(e['dice_change_worst'], 4)} | {num(e['hd95_change_mean'], 1)} "
+                     f"| {'yes' if chosen.get(e['structure']) == e['postprocess'] else ''} |")
+    return "\n".join(lines)
+
+
 def format_report(report: dict[str, Any]) -> str:
     """Both tables and the skipped configurations, in Markdown."""
     parts = [format_table(report["summary"]), "", format_runs_table(report["runs"], report["configs"])]
+    if report.get("postprocess_comparison"):
+        parts += ["", "Post-processing, paired with none over every configuration, fold, seed and held-out "
+                      "patient (`chosen`: never below none, best mean; `--postprocess` is the pipeline's rule: "
+                      f"{report['postprocess_rule']}):", "",
+                  format_candidates_table(report["postprocess_comparison"], report["postprocess_chosen"])]
     for name, reason in report["skipped"].items():
         parts.append(f"\nSkipped: {name}: {reason}")
     return "\n".join(parts)
@@ -399,6 +477,52 @@ def check_run_record(run_dir: Path, record: dict[str, Any]) -> None:
     path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
+def postprocess_variants() -> dict[str, dict[int, float]]:
+    """Name -> per-label fraction rule: the pipeline's ``--postprocess``, then each candidate
+    applied to every single-body organ."""
+    import evaluate_multi_organ as ev
+
+    return {DEFAULT_POSTPROCESS: dict(ev.POSTPROCESS_MIN_FRACTION),
+            **{name: {label: fraction for label in ev.SINGLE_COMPONENT_LABELS}
+               for name, fraction in ev.POSTPROCESS_CANDIDATES.items()}}
+
+
+def postprocessed_rows(plain: Sequence[dict[str, Any]], *, data_root: Path, predictions_dir: Path,
+                       variants: dict[str, dict[int, float]]) -> list[dict[str, Any]]:
+    """The rows of each post-processing variant, from the saved predictions (without
+    post-processing) of the patients in ``plain``: each variant is applied with
+    ``evaluate_multi_organ.remove_small_components`` and the structures it changed are scored again
+    with ``score_structures``; the others keep ``plain``'s metrics."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    import evaluate_multi_organ as ev
+    from pipeline_io import DataLayout, read_nifti
+
+    layout = DataLayout(data_root)
+    out: list[dict[str, Any]] = []
+    for pid in dict.fromkeys(r["patient_id"] for r in plain):
+        mine = [r for r in plain if r["patient_id"] == pid]
+        predicted = sitk.GetArrayFromImage(read_nifti(predictions_dir / f"{pid}.nii.gz"))
+        truth_image = read_nifti(layout.masks / f"{pid}.nii.gz")
+        truth = sitk.GetArrayViewFromImage(truth_image)
+        spacing_zyx = tuple(reversed(truth_image.GetSpacing()))
+        annotated, ptv = ev.truth_record(layout, pid)
+        for name, rules in variants.items():
+            processed = ev.remove_small_components(predicted, rules)
+            changed = sorted(int(v) for v in np.unique(predicted[processed != predicted]))
+            rescored = {r["structure"]: r for r in
+                        (ev.score_structures(processed, truth, spacing_zyx, annotated, ptv, only=changed)
+                         if changed else [])}
+            for row in mine:
+                new = {**row, "postprocess": name}
+                if row["structure"] in rescored:
+                    new.update({k: rescored[row["structure"]][k]
+                                for k in ("dice", "hd95_mm", "truth_ml", "predicted_ml", "volume_diff_pct")})
+                out.append(new)
+    return out
+
+
 def train_and_evaluate(config: Config, *, data_root: Path, splits_dir: Path, run_dir: Path, fold: int,
                        seed: int, budget: Budget, n_train_slices: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Train one (configuration, fold, seed) on ``splits_dir``'s train.txt and score its test.txt
@@ -433,18 +557,17 @@ def train_and_evaluate(config: Config, *, data_root: Path, splits_dir: Path, run
               "train_slices_per_s": round(sum(row["train_slices"] for row in result.history)
                                           / max(train_seconds, 1e-9), 2),
               "checkpoint": budget.checkpoint, "run_dir": str(run_dir), "failed": []}
-    rows: list[dict[str, Any]] = []
     start = time.perf_counter()
-    for postprocess in (False, True):
-        output_dir = evaluate_multi_organ.default_output_dir(checkpoint, postprocess)
-        results = evaluate_multi_organ.run(checkpoint=checkpoint, data_root=data_root, split="test",
-                                           splits_dir=splits_dir, output_dir=output_dir,
-                                           device=budget.device, postprocess=postprocess, overwrite=True)
-        record["failed"] += [r.patient_id for r in results if r.status != DONE]
-        for row in read_metrics(output_dir / "metrics.csv"):
-            rows.append(_jsonable_row({"config": config.name, "context_slices": config.context_slices,
-                                       "crop_body": config.crop_body, "fold": fold, "seed": seed,
-                                       "postprocess": postprocess, **row}))
+    output_dir = evaluate_multi_organ.default_output_dir(checkpoint, False)
+    results = evaluate_multi_organ.run(checkpoint=checkpoint, data_root=data_root, split="test",
+                                       splits_dir=splits_dir, output_dir=output_dir, device=budget.device)
+    record["failed"] = [r.patient_id for r in results if r.status != DONE]
+    plain = [{"config": config.name, "context_slices": config.context_slices, "crop_body": config.crop_body,
+              "fold": fold, "seed": seed, "postprocess": NO_POSTPROCESS, **row}
+             for row in read_metrics(output_dir / "metrics.csv")]
+    rows = [_jsonable_row(row) for row in
+            plain + postprocessed_rows(plain, data_root=data_root, predictions_dir=output_dir / "predictions",
+                                       variants=postprocess_variants())]
     record["evaluation_seconds"] = round(time.perf_counter() - start, 2)
     return record, rows
 
@@ -529,9 +652,17 @@ def run(*, configs: Sequence[str] = BUILTIN_CONFIGS, seeds: Sequence[int] = DEFA
                 print(f"  trained {record['train_seconds']:.0f} s ({record['train_slices_per_s']:.1f} slices/s), "
                       f"evaluated {record['evaluation_seconds']:.0f} s", flush=True)
     names = [c.name for c in parsed]
+    import evaluate_multi_organ as ev
+    import organs
+
+    candidates = list(ev.POSTPROCESS_CANDIDATES)
+    comparison = compare_postprocessing(rows, [DEFAULT_POSTPROCESS, *candidates],
+                                        [organs.structure(label).key for label in ev.SINGLE_COMPONENT_LABELS])
     return {"benchmark": "bench_quality", "machine": machine(budget.device), "budget": asdict(budget),
             "configs": names, "skipped": skipped, "seeds": list(seeds), "folds": fold_records,
-            "runs": runs, "rows": rows, "summary": summarize(rows, names)}
+            "runs": runs, "rows": rows, "summary": summarize(rows, names),
+            "postprocess_rule": ev.describe_postprocess(), "postprocess_comparison": comparison,
+            "postprocess_chosen": choose_postprocessing(comparison, candidates)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,19 +53,58 @@ def test_folds_and_epochs(bench):
 def test_table_format(bench):
     rows = [{"config": "2d", "postprocess": pp, "structure": "heart", "annotated": True,
              "dice": d, "hd95_mm": h, "hd95_inf": h is None}
-            for pp in (False, True) for d, h in ((0.8, 10.0), (0.6, 20.0), (0.0, None))]
+            for pp in ("none", "--postprocess") for d, h in ((0.8, 10.0), (0.6, 20.0), (0.0, None))]
     summary = bench.summarize(rows, ["2d"])
     heart = [s for s in summary if s["structure"] == "heart"]
-    assert [(s["postprocess"], s["n"], s["hd95_inf"]) for s in heart] == [(False, 3, 1), (True, 3, 1)]
+    assert [(s["postprocess"], s["n"], s["hd95_inf"]) for s in heart] == [("none", 3, 1), ("--postprocess", 3, 1)]
     lines = bench.format_table(summary).splitlines()
     assert lines[0] == ("| structure | configuration | post-processing | n | Dice mean ± std "
                         "| HD95 mean ± std (mm) | HD95 inf |")
     assert lines[1] == "|---|---|---|---:|---:|---:|---:|"
     # Dice 0.8, 0.6, 0: mean 0.467, sample std 0.416; HD95 over the finite 10 and 20: 15.0 ± 7.1.
-    assert "| Heart | 2d | no | 3 | 0.467 ± 0.416 | 15.0 ± 7.1 | 1 |" in lines
-    assert "| Heart | 2d | yes | 3 | 0.467 ± 0.416 | 15.0 ± 7.1 | 1 |" in lines
-    assert "| GTV | 2d | no | 0 | - | - | 0 |" in lines
+    assert "| Heart | 2d | none | 3 | 0.467 ± 0.416 | 15.0 ± 7.1 | 1 |" in lines
+    assert "| Heart | 2d | --postprocess | 3 | 0.467 ± 0.416 | 15.0 ± 7.1 | 1 |" in lines
+    assert "| GTV | 2d | none | 0 | - | - | 0 |" in lines
     assert len(lines) == 2 + 7 * 2
+
+
+def _row(pp, dice, hd95, config="2d", seed=0, structure="esophagus"):
+    return {"config": config, "fold": 0, "seed": seed, "patient_id": "P", "structure": structure,
+            "postprocess": pp, "annotated": True, "dice": dice, "hd95_mm": hd95}
+
+
+def test_postprocessing_comparison_and_choice(bench):
+    """Paired changes per structure; the choice is the candidate never worse and best on average."""
+    rows = [
+        # esophagus: 'largest' gains on one seed and loses on the other; 'drop<10%' never loses.
+        _row("none", 0.50, 20.0, seed=0), _row("none", 0.60, 10.0, seed=1),
+        _row("largest", 0.70, 8.0, seed=0), _row("largest", 0.55, 30.0, seed=1),
+        _row("drop<10%", 0.55, 12.0, seed=0), _row("drop<10%", 0.60, 10.0, seed=1),
+        # heart: 'largest' never worse and better on average; an unscored (None) pair is left out.
+        _row("none", 0.80, 10.0, structure="heart"), _row("largest", 0.90, None, structure="heart"),
+        _row("drop<10%", 0.85, 9.0, structure="heart"),
+        _row("none", None, None, seed=1, structure="heart"), _row("largest", None, None, seed=1, structure="heart"),
+        # cord: nothing changes anything: no post-processing.
+        _row("none", 0.7, 5.0, structure="spinal_cord"), _row("largest", 0.7, 5.0, structure="spinal_cord"),
+    ]
+    comparison = bench.compare_postprocessing(rows, ["largest", "drop<10%"], ["esophagus", "heart", "spinal_cord"])
+    by = {(e["structure"], e["postprocess"]): e for e in comparison}
+    largest = by["esophagus", "largest"]
+    assert largest["n"] == 2 and largest["dice"] == pytest.approx(0.625)
+    assert largest["dice_change_mean"] == pytest.approx(0.075) and largest["dice_change_worst"] == pytest.approx(-0.05)
+    assert largest["hd95_change_mean"] == pytest.approx(4.0)          # (-12 + 20) / 2
+    assert by["esophagus", "drop<10%"]["dice_change_worst"] == pytest.approx(0.0)
+    assert by["heart", "largest"]["n"] == 1 and by["heart", "largest"]["hd95_change_mean"] is None
+    assert by["spinal_cord", "drop<10%"] == {"structure": "spinal_cord", "postprocess": "drop<10%", "n": 0,
+                                             "dice": None, "dice_change_mean": None, "dice_change_worst": None,
+                                             "hd95_change_mean": None}
+    chosen = bench.choose_postprocessing(comparison, ["largest", "drop<10%"])
+    assert chosen == {"esophagus": "drop<10%", "heart": "largest", "spinal_cord": "none"}
+    lines = bench.format_candidates_table(comparison, chosen).splitlines()
+    assert lines[0] == bench.CANDIDATES_HEADER and lines[1] == bench.CANDIDATES_RULE
+    assert "| Esophagus | largest | 2 | 0.625 | +0.0750 | -0.0500 | +4.0 |  |" in lines
+    assert "| Esophagus | drop<10% | 2 | 0.575 | +0.0250 | +0.0000 | -4.0 | yes |" in lines
+    assert "| Spinal cord | drop<10% | 0 | - | - | - | - |  |" in lines
 
 
 def _tiny_patients(folder: Path) -> Path:
@@ -126,9 +165,11 @@ def test_main_end_to_end(bench, tmp_path, capsys, monkeypatch, crop):
         (c, f, 0) for c in ran for f in (0, 1)]
     assert all(r["failed"] == [] and r["train_seconds"] > 0 for r in report["runs"])
     assert all("max-steps (2 steps)" in r["stop_reason"] for r in report["runs"])
-    # Every held-out patient x structure, without and with post-processing, per configuration.
+    # Every held-out patient x structure, without post-processing, with the pipeline's and with
+    # each candidate rule, per configuration.
+    variants = ("none", "--postprocess", "largest", "drop<10%", "drop<1%")
     keys = {(r["config"], r["fold"], r["postprocess"], r["patient_id"], r["structure"]) for r in report["rows"]}
-    assert keys == {(c, f, pp, f"CV-00{f + 1}", s) for c in ran for f in (0, 1) for pp in (False, True)
+    assert keys == {(c, f, pp, f"CV-00{f + 1}", s) for c in ran for f in (0, 1) for pp in variants
                     for s in STRUCTURES}
     assert len(report["rows"]) == len(keys)
     for row in report["rows"]:
@@ -142,9 +183,27 @@ def test_main_end_to_end(bench, tmp_path, capsys, monkeypatch, crop):
     assert table[0] == bench.TABLE_HEADER and table[1] == bench.TABLE_RULE
     body = [line for line in table[2:2 + 7 * 2 * len(ran)]]
     assert [(cells[1], cells[2]) for cells in (line.split(" | ") for line in body)][:2 * len(ran)] == [
-        (c, pp) for c in ran for pp in ("no", "yes")]
-    for line in body:
-        assert line.startswith("| ") and line.endswith(" |") and line.count("|") == 8
+        (c, pp) for c in ran for pp in ("none", "--postprocess")]
+    assert bench.CANDIDATES_HEADER in out
+    assert [e["postprocess"] for e in report["postprocess_comparison"]][:4] == ["--postprocess", "largest",
+                                                                                "drop<10%", "drop<1%"]
+    assert set(report["postprocess_chosen"]) == {"lung_right", "lung_left", "heart", "esophagus", "spinal_cord"}
+
+    # The benchmark's '--postprocess' rows are what evaluate_multi_organ.py --postprocess scores.
+    import evaluate_multi_organ as ev
+
+    run_dir = Path(report["runs"][0]["run_dir"])
+    data_root = tmp_path / "work" / "data-32px"
+    ev.run(checkpoint=run_dir / "last_checkpoint.pth", data_root=data_root, patients=["CV-001"],
+           output_dir=tmp_path / "pp", device="cpu", postprocess=True)
+    expected = {r["structure"]: bench._jsonable_row(r) for r in bench.read_metrics(tmp_path / "pp" / "metrics.csv")}
+    mine = {r["structure"]: r for r in report["rows"]
+            if (r["config"], r["fold"], r["seed"], r["postprocess"]) == (ran[0], 0, 0, "--postprocess")}
+    assert set(mine) == set(STRUCTURES)
+    for key, row in mine.items():
+        for metric in ("dice", "hd95_mm"):
+            want = expected[key][metric]
+            assert row[metric] == (None if want is None else pytest.approx(want, rel=1e-5, abs=1e-6)), (key, metric)
     assert bench.RUNS_HEADER in out and f"wrote {output}" in out
     if not crop:
         assert "Skipped: crop: the installed normalize_ct_and_masks.run has no crop_body option" in out

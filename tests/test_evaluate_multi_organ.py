@@ -234,6 +234,34 @@ def test_keep_largest_component_per_organ_but_not_tumour():
     assert labels[5, 10, 10] == organs.RIGHT_LUNG    # the input is not modified
 
 
+def test_remove_small_components_by_fraction_of_the_largest():
+    labels = np.zeros((6, 12, 12), np.uint8)
+    labels[0:5, 0:4, 0:4] = organs.ESOPHAGUS         # 80 voxels: the largest piece
+    labels[0:1, 8:12, 8:12] = organs.ESOPHAGUS       # 16 voxels: 20% of the largest
+    labels[5, 10, 0] = organs.ESOPHAGUS              # 1 voxel: 1.25%
+    labels[3, 10, 5] = organs.HEART                  # left alone: not in the rule
+    labels[5, 0, 11] = organs.HEART
+    rules = {organs.ESOPHAGUS: 0.1}
+    out = ev.remove_small_components(labels, rules)
+    expected = labels.copy()
+    expected[5, 10, 0] = 0                           # under 10%: removed; the 20% piece stays
+    np.testing.assert_array_equal(out, expected)
+    expected[0, 8:12, 8:12] = 0                      # under 25%: the 20% piece goes too
+    np.testing.assert_array_equal(ev.remove_small_components(labels, {organs.ESOPHAGUS: 0.25}), expected)
+    np.testing.assert_array_equal(ev.remove_small_components(labels, {organs.ESOPHAGUS: 0.0}), labels)
+    np.testing.assert_array_equal(ev.remove_small_components(labels, {organs.ESOPHAGUS: 1.0}),
+                                  ev.keep_largest_component(labels, only=(organs.ESOPHAGUS,)))
+    with pytest.raises(ValueError, match="label 6: the fraction of the largest component must be >= 0, got -0.1"):
+        ev.remove_small_components(labels, {organs.ESOPHAGUS: -0.1})
+
+
+def test_describe_postprocess():
+    assert ev.describe_postprocess({}) == "none"
+    assert ev.describe_postprocess({organs.HEART: 1.0, organs.RIGHT_LUNG: 1.0, organs.ESOPHAGUS: 0.1,
+                                    organs.SPINAL_CORD: 0.0}) == (
+        "largest component: Right lung, Heart; components under 10% of the largest removed: Esophagus")
+
+
 def test_keep_largest_component_rejects_2d():
     with pytest.raises(ValueError, match=r"expected a 3D \(z, y, x\) label map, got shape \(4, 4\)"):
         ev.keep_largest_component(np.zeros((4, 4), np.uint8))
