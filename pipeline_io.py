@@ -193,7 +193,7 @@ def atomic_output(final_path: Path | str) -> Iterator[Path]:
     final_path = Path(final_path)
     remove_stale_partials(final_path.parent)
     partial_dir = final_path.parent / PARTIAL_DIR_NAME / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    partial_dir.mkdir(parents=True, exist_ok=True)
+    _make_partial_dir(partial_dir)
     tmp_path = partial_dir / final_path.name
     try:
         yield tmp_path
@@ -204,6 +204,20 @@ def atomic_output(final_path: Path | str) -> Iterator[Path]:
         shutil.rmtree(partial_dir, ignore_errors=True)
         with contextlib.suppress(OSError):
             partial_dir.parent.rmdir()  # only succeeds when no other writer uses it
+
+
+def _make_partial_dir(partial_dir: Path, attempts: int = 100) -> None:
+    """Create ``<folder>/.partial/<pid>-<random>``. Another writer that finishes (or cleans stale
+    folders) removes ``.partial/`` when it is empty, which can happen between the creation of
+    ``.partial/`` and of our folder in it: then create both again. Once our folder exists,
+    ``.partial/`` is not empty and stays."""
+    for _ in range(attempts):
+        try:
+            partial_dir.mkdir(parents=True, exist_ok=True)
+            return
+        except FileNotFoundError:
+            continue
+    partial_dir.mkdir(parents=True, exist_ok=True)  # one last time, raising what it raises
 
 
 def _process_alive(pid: int) -> bool:

@@ -50,6 +50,28 @@ def test_atomic_output_leaves_nothing_on_error(tmp_path) -> None:
     assert list(tmp_path.iterdir()) == [target]
 
 
+def test_atomic_output_survives_another_writer_removing_the_empty_partial_folder(tmp_path, monkeypatch) -> None:
+    """The race `make demo` once lost (phase 2.5, 2 workers): writer A creates `.partial/`, writer B
+    finishes and removes the still empty `.partial/`, A's mkdir of its own folder in it fails."""
+    original = pio.Path.mkdir
+    races = []
+
+    def mkdir_losing_the_race(self, *args, **kwargs):
+        if self.parent.name == pio.PARTIAL_DIR_NAME and len(races) < 3:
+            original(self.parent, exist_ok=True)     # A made .partial/ ...
+            self.parent.rmdir()                      # ... B removed it, empty
+            races.append(self)
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pio.Path, "mkdir", mkdir_losing_the_race)
+    target = tmp_path / "out.txt"
+    with pio.atomic_output(target) as tmp:
+        tmp.write_text("hello")
+    assert target.read_text() == "hello" and len(races) == 3
+    assert not (tmp_path / pio.PARTIAL_DIR_NAME).exists()
+
+
 def test_check_writable_names_the_folder(tmp_path) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("")
