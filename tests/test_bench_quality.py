@@ -100,6 +100,11 @@ def test_postprocessing_comparison_and_choice(bench):
                                              "hd95_change_mean": None}
     chosen = bench.choose_postprocessing(comparison, ["largest", "drop<10%"])
     assert chosen == {"esophagus": "drop<10%", "heart": "largest", "spinal_cord": "none"}
+    # A loss within the tolerance (a few lung voxels) still counts as never worse; a larger one not.
+    for worst, expected in ((-0.0009, "largest"), (-0.0011, "none")):
+        entry = {"structure": "lung_right", "postprocess": "largest", "n": 4, "dice": 0.9,
+                 "dice_change_mean": 0.002, "dice_change_worst": worst, "hd95_change_mean": -6.0}
+        assert bench.choose_postprocessing([entry], ["largest"]) == {"lung_right": expected}
     lines = bench.format_candidates_table(comparison, chosen).splitlines()
     assert lines[0] == bench.CANDIDATES_HEADER and lines[1] == bench.CANDIDATES_RULE
     assert "| Esophagus | largest | 2 | 0.625 | +0.0750 | -0.0500 | +4.0 |  |" in lines
