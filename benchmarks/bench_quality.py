@@ -51,8 +51,9 @@ of 512 x 512: predict, map back, Dice and HD95 of 7 structures, with and without
 took 23.5 s at load average 4 (~10 s quiet); unpacking and phases 2, 2.5 and 3: ~20 s once.
 16 x (100 + 10 + 10) s + 20 s ~= 32 min quiet (measured: 33.9 min, benchmarks/RESULTS.md).
 Measure on a quiet machine: in the tiny run that checked this arithmetic (``--configs 2d
---seeds 0 --steps 44``, 3.3 min wall) another training shared the 2 cores (load average 4-5) and a step took 0.7-1.4 s, four to seven times longer; the
-full default run would then take 2-3 hours. ``--synthetic N`` adds slices per epoch, not steps
+--seeds 0 --steps 44``, 3.3 min wall) another training shared the 2 cores (load average 4-5)
+and a step took 0.7-1.4 s, four to seven times longer; the full default run would then take 2-3
+hours. ``--synthetic N`` adds slices per epoch, not steps
 (the budget is in steps). ``--device cuda`` defaults to the full network: ``--size 256
 --base-channels 64 --batch-size 16 --steps 3000`` (48,000 slices per training; estimated from
 RESULTS.md's 330-850 slices/s for real-patient training at 256 px on one GPU: 1-2.5 min a
