@@ -186,6 +186,8 @@ def remove_small_components(labels: np.ndarray, min_fraction: Mapping[int, float
     if labels.dtype.kind not in "iu":
         raise TypeError(f"labels must be an integer array, got dtype {labels.dtype}")
     for label, fraction in min_fraction.items():
+        if not 1 <= label < organs.NUM_CLASSES:
+            raise ValueError(f"post-processing rules are for labels 1-{organs.NUM_CLASSES - 1}, got label {label}")
         if not (math.isfinite(fraction) and fraction >= 0):
             raise ValueError(f"label {label}: the fraction of the largest component must be >= 0, got {fraction}")
     out = labels.copy()
@@ -235,7 +237,7 @@ def describe_postprocess(min_fraction: Mapping[int, float] = POSTPROCESS_MIN_FRA
         return "none"
     parts = []
     for fraction, names in sorted(groups.items(), reverse=True):
-        what = "largest component" if fraction >= 1 else f"components under {fraction:.0%} of the largest removed"
+        what = "largest component" if fraction >= 1 else f"components under {fraction * 100:g}% of the largest removed"
         parts.append(f"{what}: {', '.join(names)}")
     return "; ".join(parts)
 

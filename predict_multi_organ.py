@@ -25,8 +25,8 @@ For each patient, exactly as in training and evaluation:
 3. all slices are predicted in batches under ``torch.inference_mode``; per-class probabilities
    are resized back to the CT's own in-plane size (or to the crop box, background around it)
    and arg-maxed (phase 3's ``probabilities_to_ct_labels``, as the evaluation does);
-   ``--postprocess`` removes small components per structure, as the evaluation's does
-   (``evaluate_multi_organ.postprocess_labels``);
+   ``--postprocess`` removes small components per structure, as the evaluation's ``--postprocess``
+   does (``evaluate_multi_organ.postprocess_labels``);
 4. the PTV is made as the checkpoint says (``ptv`` of the run): the predicted GTV grown by the
    run's margin (``extract_multi_organ_masks.ptv_from_gtv``; ``--ptv-margin-mm`` overrides it), or,
    for a network that learnt a contoured PTV as label 2 (and checkpoints of earlier versions),

@@ -420,8 +420,8 @@ def learning_rate(base_lr: float, progress: float, schedule: str) -> float:
     """``constant``: ``base_lr``; ``cosine``: from ``base_lr`` at progress 0 down to
     ``COSINE_FINAL_FRACTION * base_lr`` at progress 1 (see :func:`training_progress`).
 
-    A function of the epoch (and, with a time limit, of the run's training time, which the last
-    checkpoint carries) only, so a resumed run follows the same schedule without any stored
+    A function of the epoch (and, with a time limit or a step budget, of the run's training time
+    or optimizer steps, which the last checkpoint carries) only, so a resumed run follows the same schedule without any stored
     scheduler state."""
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
@@ -1045,8 +1045,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--augment", action="store_true", help="random rotation/zoom/intensity of training slices")
     parser.add_argument("--context-slices", type=int, default=0, metavar="K",
                         help="slice context (2.5D): each slice with K neighbours per side as 2K + 1 input "
-                             "channels, clamped at the volume's ends; 0 = one slice, which the quality benchmark "
-                             "did not find worse on real patients (README) (default: %(default)s)")
+                             "channels, clamped at the volume's ends; 0 = one slice: slice context was not a "
+                             "consistent win on real patients (README) (default: %(default)s)")
     parser.add_argument("--tumour-oversampling", type=_fraction, nargs="?", const=DEFAULT_TUMOUR_FRACTION,
                         default=None, metavar="FRACTION",
                         help=f"draw GTV slices this fraction of the time (flag alone: {DEFAULT_TUMOUR_FRACTION})")

@@ -40,14 +40,14 @@ holds every per-patient, per-fold, per-seed row, the folds, each run, the comman
 (CPU, torch, device), the budget and the wall time.
 
 Default sizing (CPU: ``--size 128 --base-channels 16 --batch-size 8 --steps 500``) for the built-in
-4 configurations x 2 folds x 2 seeds = 16 trainings and 32 evaluations on 2 quiet CPU cores in
+4 configurations x 2 folds x 2 seeds = 16 trainings and 16 evaluations on 2 quiet CPU cores in
 under an hour. One step of batch 8 costs, at 128 px with base 16 and bf16 autocast: the network
 ~0.09 s (bench_training.py: ~85 training slices/s quiet, RESULTS.md) plus the augmentation of 8
 slices ~0.08 s (SliceAugmentation runs in the training process on CPU: 52 slices/s measured at
 load average 4, ~100 quiet) plus the checkpoint and curves written after each 11-step epoch
 (~0.03 s a step): ~0.2 s a step, so 500 steps (4,000 slices, ~45 epochs of one 91-slice patient)
-take ~100 s, plus ~10 s of warm-up. The two evaluations of one held-out real patient (91 slices
-of 512 x 512: predict, map back, Dice and HD95 of 7 structures, with and without post-processing)
+take ~100 s, plus ~10 s of warm-up. The evaluation of one held-out real patient (91 slices
+of 512 x 512: predict, map back, Dice and HD95 of 7 structures, then every post-processing rule)
 took 23.5 s at load average 4 (~10 s quiet); unpacking and phases 2, 2.5 and 3: ~20 s once.
 16 x (100 + 10 + 10) s + 20 s ~= 32 min quiet (measured: 33.9 min, benchmarks/RESULTS.md).
 Measure on a quiet machine: in the tiny run that checked this arithmetic (``--configs 2d
@@ -102,9 +102,9 @@ NO_POSTPROCESS, DEFAULT_POSTPROCESS = "none", "--postprocess"
 #: "Never worse": no measured Dice lower than without post-processing by more than this (the
 #: table's precision; removing a few voxels of a lung changes its Dice in the fifth decimal).
 DICE_TOLERANCE = 0.001
-TABLE_HEADER = ("| structure | configuration | post-processing | n | Dice mean ± std "
+TABLE_HEADER = ("| structure | configuration | post-processing | n | Dice mean ± std | Dice seed std "
                 "| HD95 mean ± std (mm) | HD95 inf |")
-TABLE_RULE = "|---|---|---|---:|---:|---:|---:|"
+TABLE_RULE = "|---|---|---|---:|---:|---:|---:|---:|"
 RUNS_HEADER = ("| configuration | trainings | steps | train s mean | train slices/s mean "
                "| evaluation s mean |")
 RUNS_RULE = "|---|---:|---:|---:|---:|---:|"
@@ -223,7 +223,9 @@ def mean_std(values: Sequence[float]) -> dict[str, Any]:
 def summarize(rows: Sequence[dict[str, Any]], configs: Sequence[str],
               postprocessing: Sequence[str] = (NO_POSTPROCESS, DEFAULT_POSTPROCESS)) -> list[dict[str, Any]]:
     """One entry per (structure, configuration, post-processing) in table order, over the scored rows
-    (annotated, Dice defined): ``dice`` and ``hd95_mm`` (finite values) mean/std/n, ``hd95_inf``."""
+    (annotated, Dice defined): ``dice`` and ``hd95_mm`` (finite values) mean/std/n, ``hd95_inf``, and
+    ``dice_seed_std``: the spread due to the seed alone, the Dice's sample std over the seeds of
+    one held-out patient, averaged over patients (None with one seed)."""
     import organs
 
     out = []
@@ -234,8 +236,13 @@ def summarize(rows: Sequence[dict[str, Any]], configs: Sequence[str],
                 scored = [r for r in rows if r["structure"] == key and r["config"] == config
                           and r["postprocess"] == postprocess and r["annotated"] and r["dice"] is not None]
                 hd95 = [r["hd95_mm"] for r in scored if r["hd95_mm"] is not None]
+                by_patient: dict[tuple, list[float]] = {}
+                for r in scored:
+                    by_patient.setdefault((r["fold"], r["patient_id"]), []).append(r["dice"])
+                seed_stds = [mean_std(v)["std"] for v in by_patient.values() if len(v) > 1]
                 out.append({"structure": key, "config": config, "postprocess": postprocess,
                             "n": len(scored), "dice": mean_std([r["dice"] for r in scored]),
+                            "dice_seed_std": mean_std(seed_stds)["mean"],
                             "hd95_mm": mean_std(hd95), "hd95_inf": sum(r["hd95_inf"] for r in scored)})
     return out
 
@@ -254,7 +261,9 @@ def format_table(summary: Sequence[dict[str, Any]]) -> str:
     lines = [TABLE_HEADER, TABLE_RULE]
     for s in summary:
         lines.append(f"| {organs.BY_KEY[s['structure']].name} | {s['config']} | {s['postprocess']} "
-                     f"| {s['n']} | {_pm(s['dice'], 3)} | {_pm(s['hd95_mm'], 1)} | {s['hd95_inf']} |")
+                     f"| {s['n']} | {_pm(s['dice'], 3)} "
+                     f"| {'-' if s.get('dice_seed_std') is None else format(s['dice_seed_std'], '.3f')} "
+                     f"| {_pm(s['hd95_mm'], 1)} | {s['hd95_inf']} |")
     return "\n".join(lines)
 
 
@@ -449,7 +458,7 @@ def write_fold_splits(folder: Path, train: Sequence[str], test: Sequence[str]) -
 
 
 # --------------------------------------------------------------------------------------------
-# One training and its two evaluations
+# One training and its evaluation
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Budget:
@@ -481,6 +490,11 @@ def check_run_record(run_dir: Path, record: dict[str, Any]) -> None:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def _as_in_metrics_csv(value: Any) -> Any:
+    """A metric rounded as ``evaluate_multi_organ.write_metrics_csv`` writes it (6 significant digits)."""
+    return float(f"{value:.6g}") if isinstance(value, float) and math.isfinite(value) else value
 
 
 def postprocess_variants() -> dict[str, dict[int, float]]:
@@ -522,8 +536,8 @@ def postprocessed_rows(plain: Sequence[dict[str, Any]], *, data_root: Path, pred
                          if changed else [])}
             for row in mine:
                 new = {**row, "postprocess": name}
-                if row["structure"] in rescored:
-                    new.update({k: rescored[row["structure"]][k]
+                if row["structure"] in rescored:  # at metrics.csv's precision, as the rows they sit beside
+                    new.update({k: _as_in_metrics_csv(rescored[row["structure"]][k])
                                 for k in ("dice", "hd95_mm", "truth_ml", "predicted_ml", "volume_diff_pct")})
                 out.append(new)
     return out

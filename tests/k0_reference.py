@@ -37,7 +37,8 @@ def machine() -> dict[str, str]:
                       if line.startswith("model name")), "")
     except OSError:
         pass
-    return {"cpu": model or platform.processor(), "torch": torch.__version__, "python": platform.python_version()}
+    return {"cpu": model or platform.processor(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__, "python": platform.python_version()}
 
 
 def run_reference(work: Path) -> dict[str, Any]:

@@ -51,20 +51,22 @@ def test_folds_and_epochs(bench):
 
 
 def test_table_format(bench):
-    rows = [{"config": "2d", "postprocess": pp, "structure": "heart", "annotated": True,
-             "dice": d, "hd95_mm": h, "hd95_inf": h is None}
-            for pp in ("none", "--postprocess") for d, h in ((0.8, 10.0), (0.6, 20.0), (0.0, None))]
+    rows = [{"config": "2d", "postprocess": pp, "structure": "heart", "annotated": True, "fold": fold,
+             "patient_id": f"P{fold}", "seed": seed, "dice": d, "hd95_mm": h, "hd95_inf": h is None}
+            for pp in ("none", "--postprocess")
+            for fold, seed, d, h in ((0, 0, 0.8, 10.0), (0, 1, 0.6, 20.0), (1, 0, 0.0, None))]
     summary = bench.summarize(rows, ["2d"])
     heart = [s for s in summary if s["structure"] == "heart"]
     assert [(s["postprocess"], s["n"], s["hd95_inf"]) for s in heart] == [("none", 3, 1), ("--postprocess", 3, 1)]
     lines = bench.format_table(summary).splitlines()
-    assert lines[0] == ("| structure | configuration | post-processing | n | Dice mean ± std "
+    assert lines[0] == ("| structure | configuration | post-processing | n | Dice mean ± std | Dice seed std "
                         "| HD95 mean ± std (mm) | HD95 inf |")
-    assert lines[1] == "|---|---|---|---:|---:|---:|---:|"
+    assert lines[1] == "|---|---|---|---:|---:|---:|---:|---:|"
     # Dice 0.8, 0.6, 0: mean 0.467, sample std 0.416; HD95 over the finite 10 and 20: 15.0 ± 7.1.
-    assert "| Heart | 2d | none | 3 | 0.467 ± 0.416 | 15.0 ± 7.1 | 1 |" in lines
-    assert "| Heart | 2d | --postprocess | 3 | 0.467 ± 0.416 | 15.0 ± 7.1 | 1 |" in lines
-    assert "| GTV | 2d | none | 0 | - | - | 0 |" in lines
+    # Seed spread: patient P0's two seeds (0.8, 0.6) have std 0.141; P1 has one seed, left out.
+    assert "| Heart | 2d | none | 3 | 0.467 ± 0.416 | 0.141 | 15.0 ± 7.1 | 1 |" in lines
+    assert "| Heart | 2d | --postprocess | 3 | 0.467 ± 0.416 | 0.141 | 15.0 ± 7.1 | 1 |" in lines
+    assert "| GTV | 2d | none | 0 | - | - | - | 0 |" in lines
     assert len(lines) == 2 + 7 * 2
 
 
@@ -189,6 +191,8 @@ def test_main_end_to_end(bench, tmp_path, capsys, monkeypatch, crop):
     body = [line for line in table[2:2 + 7 * 2 * len(ran)]]
     assert [(cells[1], cells[2]) for cells in (line.split(" | ") for line in body)][:2 * len(ran)] == [
         (c, pp) for c in ran for pp in ("none", "--postprocess")]
+    for line in body:
+        assert line.startswith("| ") and line.endswith(" |") and line.count("|") == 9
     assert bench.CANDIDATES_HEADER in out
     assert [e["postprocess"] for e in report["postprocess_comparison"]][:4] == ["--postprocess", "largest",
                                                                                 "drop<10%", "drop<1%"]

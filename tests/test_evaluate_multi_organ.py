@@ -249,10 +249,16 @@ def test_remove_small_components_by_fraction_of_the_largest():
     expected[0, 8:12, 8:12] = 0                      # under 25%: the 20% piece goes too
     np.testing.assert_array_equal(ev.remove_small_components(labels, {organs.ESOPHAGUS: 0.25}), expected)
     np.testing.assert_array_equal(ev.remove_small_components(labels, {organs.ESOPHAGUS: 0.0}), labels)
-    np.testing.assert_array_equal(ev.remove_small_components(labels, {organs.ESOPHAGUS: 1.0}),
-                                  ev.keep_largest_component(labels, only=(organs.ESOPHAGUS,)))
+    only_largest = labels.copy()
+    only_largest[(labels == organs.ESOPHAGUS) & ~np.pad(np.ones((5, 4, 4), bool), ((0, 1), (0, 8), (0, 8)))] = 0
+    np.testing.assert_array_equal(ev.remove_small_components(labels, {organs.ESOPHAGUS: 1.0}), only_largest)
     with pytest.raises(ValueError, match="label 6: the fraction of the largest component must be >= 0, got -0.1"):
         ev.remove_small_components(labels, {organs.ESOPHAGUS: -0.1})
+    with pytest.raises(ValueError, match="label 6: the fraction of the largest component must be >= 0, got nan"):
+        ev.remove_small_components(labels, {organs.ESOPHAGUS: float("nan")})
+    for label in (0, -1, 8):
+        with pytest.raises(ValueError, match=f"rules are for labels 1-7, got label {label}"):
+            ev.remove_small_components(labels, {label: 0.5})
 
 
 def test_describe_postprocess():
@@ -260,6 +266,9 @@ def test_describe_postprocess():
     assert ev.describe_postprocess({organs.HEART: 1.0, organs.RIGHT_LUNG: 1.0, organs.ESOPHAGUS: 0.1,
                                     organs.SPINAL_CORD: 0.0}) == (
         "largest component: Right lung, Heart; components under 10% of the largest removed: Esophagus")
+    assert ev.describe_postprocess({organs.HEART: 0.005, organs.ESOPHAGUS: 0.125}) == (
+        "components under 12.5% of the largest removed: Esophagus; "
+        "components under 0.5% of the largest removed: Heart")
 
 
 def test_keep_largest_component_rejects_2d():

@@ -650,10 +650,12 @@ def test_a_killed_run_resumed_keeps_the_time_based_schedule_and_the_whole_run_ti
 
 
 def test_an_epoch_cut_by_a_limit_is_finished_by_resume_as_if_never_cut(cache, monkeypatch):
-    """Cut by --time-limit 2 s in epoch 1 (after 2 of its 3 steps), resumed with --max-steps 5
-    (cut again in epoch 2), resumed again without a limit: the same steps, lr, slices, history,
-    weights and best checkpoint as a run never cut. The cut snapshots are made to validate best,
-    so the best checkpoint they replaced must come back."""
+    """Cut by --time-limit 2 s in epoch 1 (after 2 of its 3 steps), resumed with --max-steps 7
+    (cut again in epoch 3, after 1 of its steps), resumed again without a limit: the same steps,
+    lr, slices, history, weights and best checkpoint as a run never cut. The cut snapshots are
+    made to validate best, so the best checkpoint they replaced must come back. (Both limits also
+    end the cosine schedule; they are chosen where that does not move it: at epoch 1's start
+    progress is 0 either way, and epoch 3 is the last epoch, at progress 1 either way.)"""
     root, splits = cache
     trace = TrainingTrace(monkeypatch)
     real_validate, real_train_one_epoch = tm.validate, tm.train_one_epoch
@@ -684,11 +686,12 @@ def test_an_epoch_cut_by_a_limit_is_finished_by_resume_as_if_never_cut(cache, mo
     assert again.stop_reason == "--time-limit" and len(trace.steps) == 2
     assert again.history[-1]["partial_epoch"]
 
-    second = tm.run(output_dir=out, max_steps=5, resume=out, **options)
-    assert [(row["epoch"], row["partial_epoch"]) for row in second.history] == [(1, False), (2, True)]
+    second = tm.run(output_dir=out, max_steps=7, resume=out, **options)
+    assert [(row["epoch"], row["partial_epoch"]) for row in second.history] == [(1, False), (2, False), (3, True)]
     last = torch.load(out / "last_checkpoint.pth", weights_only=True)
-    assert last["steps_done"] == 5 and last["cut_epoch"]["part"]["steps"] == 2
-    assert last["cut_epoch"]["best_before"]["epoch"] == 1  # the snapshot replaced epoch 1's best
+    assert last["steps_done"] == 7 and last["cut_epoch"]["part"]["steps"] == 1
+    best_complete = min(second.history[:2], key=lambda row: row["val_loss"])["epoch"]
+    assert last["cut_epoch"]["best_before"]["epoch"] == best_complete  # the snapshot replaced it
     assert torch.load(out / "best_unet_multi_organ.pth", weights_only=True)["val_loss"] < -90
 
     final = tm.run(output_dir=out, resume=out, **options)
@@ -703,6 +706,17 @@ def test_an_epoch_cut_by_a_limit_is_finished_by_resume_as_if_never_cut(cache, mo
     _same_weights(straight_best["model_state"], best["model_state"])
     assert "cut_epoch" not in torch.load(out / "last_checkpoint.pth", weights_only=True)
     assert not (out / ".partial").exists()
+
+
+def test_max_steps_ends_the_cosine_schedule(cache):
+    """--epochs 30 --max-steps 6 with 3 steps an epoch: epochs 1 and 2 start at progress 0 and 3/6
+    (not 1/29), so the second trains at the cosine's midpoint."""
+    root, splits = cache
+    result = tm.run(data_root=root, splits_dir=splits, output_dir=splits.parent / "cosine-steps", epochs=30,
+                    max_steps=6, patience=30, **CUT_OPTIONS)
+    assert [row["lr"] for row in result.history] == pytest.approx(
+        [tm.learning_rate(TINY["lr"], p, "cosine") for p in (0.0, 0.5)])
+    assert "max-steps (6 steps)" in result.stop_reason
 
 
 def test_epoch_sampler_skips_the_part_of_a_cut_epoch():
