@@ -114,6 +114,39 @@ def test_postprocessing_comparison_and_choice(bench):
     assert "| Spinal cord | drop<10% | 0 | - | - | - | - |  |" in lines
 
 
+def test_postprocessed_rows_rescore_what_a_rule_changed(bench, tmp_path, monkeypatch):
+    """A stray voxel of the right lung: 'largest' removes it and its row is scored again (Dice 1);
+    the cord, one piece, keeps the plain row's numbers."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    import evaluate_multi_organ as ev
+    import organs
+    import pipeline_io
+
+    truth = np.zeros((4, 8, 8), np.uint8)
+    truth[0:3, 0:4, 0:4] = organs.RIGHT_LUNG
+    truth[0:4, 6, 6] = organs.SPINAL_CORD
+    predicted = truth.copy()
+    predicted[3, 0, 7] = organs.RIGHT_LUNG                      # not touching the lung: a second piece
+    predicted[3, 6, 6] = 0                                      # the cord one voxel short
+    arrays = {"pred": predicted, "masks": truth}
+    monkeypatch.setattr(pipeline_io, "read_nifti",
+                        lambda path: sitk.GetImageFromArray(arrays["pred" if "pred" in str(path) else "masks"]))
+    monkeypatch.setattr(ev, "truth_record", lambda layout, pid: ([True] * organs.NUM_CLASSES, {}))
+    plain = [{"config": "2d", "fold": 0, "seed": 0, "patient_id": "P", "postprocess": "none", **row}
+             for row in ev.score_structures(predicted, truth, (1.0, 1.0, 1.0), [True] * organs.NUM_CLASSES)]
+    rows = bench.postprocessed_rows(plain, data_root=tmp_path, predictions_dir=tmp_path / "pred",
+                                    variants={"largest": {organs.RIGHT_LUNG: 1.0, organs.SPINAL_CORD: 1.0}})
+    by = {r["structure"]: r for r in rows}
+    assert [r["postprocess"] for r in rows] == ["largest"] * len(plain)
+    lung = next(r for r in plain if r["structure"] == "lung_right")
+    assert lung["dice"] == pytest.approx(2 * 48 / 97) and by["lung_right"]["dice"] == 1.0
+    assert by["lung_right"]["predicted_ml"] == pytest.approx(0.048)
+    cord = next(r for r in plain if r["structure"] == "spinal_cord")
+    assert by["spinal_cord"] == {**cord, "postprocess": "largest"}
+
+
 def _tiny_patients(folder: Path) -> Path:
     from make_synthetic_cohort import generate_patient
 
