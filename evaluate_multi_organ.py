@@ -91,8 +91,8 @@ SINGLE_COMPONENT_LABELS: tuple[int, ...] = (
 #: README "What the quality benchmark decided"): for each structure the rule, among the candidates
 #: below, whose Dice is never below no post-processing on any measured fold and seed (by more than
 #: 0.001) and best on average. The lungs and the heart keep their largest component; the esophagus
-#: loses only pieces under 10% of its largest (keeping the largest lost true pieces: -0.10 Dice on
-#: one fold); the spinal cord is left alone (every rule raised its HD95 and lowered a fold's Dice:
+#: loses only pieces under 10% of its largest (keeping the largest lost true pieces: -0.10 Dice in
+#: one score); the spinal cord is left alone (every rule raised its HD95 and lowered a score's Dice:
 #: a slice-by-slice network predicts tubes in pieces that are all true).
 POSTPROCESS_MIN_FRACTION: dict[int, float] = {
     organs.RIGHT_LUNG: 1.0, organs.LEFT_LUNG: 1.0, organs.HEART: 1.0, organs.ESOPHAGUS: 0.1,
@@ -104,6 +104,8 @@ METRIC_COLUMNS = (
     "truth_ml", "predicted_ml", "volume_diff_ml", "volume_diff_pct",
 )
 PROVENANCE_FILE = "provenance.json"
+#: metrics.csv writes finite metrics with this many significant digits.
+METRIC_SIGNIFICANT_DIGITS = 6
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,7 +539,7 @@ def _cell(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return repr(value) if not math.isfinite(value) else f"{value:.6g}"
+        return repr(value) if not math.isfinite(value) else f"{value:.{METRIC_SIGNIFICANT_DIGITS}g}"
     return str(value)
 
 

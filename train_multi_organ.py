@@ -421,8 +421,8 @@ def learning_rate(base_lr: float, progress: float, schedule: str) -> float:
     ``COSINE_FINAL_FRACTION * base_lr`` at progress 1 (see :func:`training_progress`).
 
     A function of the epoch (and, with a time limit or a step budget, of the run's training time
-    or optimizer steps, which the last checkpoint carries) only, so a resumed run follows the same schedule without any stored
-    scheduler state."""
+    or optimizer steps, which the last checkpoint carries) only, so a resumed run follows the same
+    schedule without any stored scheduler state."""
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
     if schedule == "constant":

@@ -247,11 +247,14 @@ def summarize(rows: Sequence[dict[str, Any]], configs: Sequence[str],
     return out
 
 
+def _num(value: float | None, digits: int, sign: bool = False) -> str:
+    """A table cell: ``-`` for None, else ``digits`` decimals (with ``sign``: always signed)."""
+    return "-" if value is None else f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
 def _pm(stats: dict[str, Any], digits: int) -> str:
-    if stats["mean"] is None:
-        return "-"
-    std = "-" if stats["std"] is None else f"{stats['std']:.{digits}f}"
-    return f"{stats['mean']:.{digits}f} ± {std}"
+    """``mean ± std`` of :func:`mean_std`'s result (``-`` for what is missing)."""
+    return "-" if stats["mean"] is None else f"{_num(stats['mean'], digits)} ± {_num(stats['std'], digits)}"
 
 
 def format_table(summary: Sequence[dict[str, Any]]) -> str:
@@ -262,7 +265,7 @@ def format_table(summary: Sequence[dict[str, Any]]) -> str:
     for s in summary:
         lines.append(f"| {organs.BY_KEY[s['structure']].name} | {s['config']} | {s['postprocess']} "
                      f"| {s['n']} | {_pm(s['dice'], 3)} "
-                     f"| {'-' if s.get('dice_seed_std') is None else format(s['dice_seed_std'], '.3f')} "
+                     f"| {_num(s.get('dice_seed_std'), 3)} "
                      f"| {_pm(s['hd95_mm'], 1)} | {s['hd95_inf']} |")
     return "\n".join(lines)
 
@@ -331,14 +334,11 @@ def format_candidates_table(comparison: Sequence[dict[str, Any]], chosen: dict[s
     """The post-processing comparison in Markdown (changes are with minus without)."""
     import organs
 
-    def num(value: float | None, digits: int, sign: bool = True) -> str:
-        return "-" if value is None else f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
-
     lines = [CANDIDATES_HEADER, CANDIDATES_RULE]
     for e in comparison:
         lines.append(f"| {organs.BY_KEY[e['structure']].name} | {e['postprocess']} | {e['n']} "
-                     f"| {num(e['dice'], 3, sign=False)} | {num(e['dice_change_mean'], 4)} "
-                     f"| {num(e['dice_change_worst'], 4)} | {num(e['hd95_change_mean'], 1)} "
+                     f"| {_num(e['dice'], 3)} | {_num(e['dice_change_mean'], 4, sign=True)} "
+                     f"| {_num(e['dice_change_worst'], 4, sign=True)} | {_num(e['hd95_change_mean'], 1, sign=True)} "
                      f"| {'yes' if chosen.get(e['structure']) == e['postprocess'] else ''} |")
     return "\n".join(lines)
 
@@ -493,8 +493,11 @@ def check_run_record(run_dir: Path, record: dict[str, Any]) -> None:
 
 
 def _as_in_metrics_csv(value: Any) -> Any:
-    """A metric rounded as ``evaluate_multi_organ.write_metrics_csv`` writes it (6 significant digits)."""
-    return float(f"{value:.6g}") if isinstance(value, float) and math.isfinite(value) else value
+    """A metric rounded as ``evaluate_multi_organ.write_metrics_csv`` writes it."""
+    from evaluate_multi_organ import METRIC_SIGNIFICANT_DIGITS
+
+    return (float(f"{value:.{METRIC_SIGNIFICANT_DIGITS}g}") if isinstance(value, float) and math.isfinite(value)
+            else value)
 
 
 def postprocess_variants() -> dict[str, dict[int, float]]:
