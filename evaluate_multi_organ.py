@@ -1,44 +1,14 @@
 """Phase 5b: 3D evaluation of a trained U-Net on the patients of a split, on the original CT grid.
 
-processed/training_cache (network input) + processed/masks_multi_organ (truth) + processed/ct_nifti
-(geometry) -> <checkpoint dir>/evaluation/: metrics.csv, summary.md, summary.json,
-dice_boxplot.png, predictions/<PatientID>.nii.gz
+processed/ct_nifti (CT in HU) + processed/masks_multi_organ (truth) -> <checkpoint dir>/evaluation/:
+metrics.csv, summary.md, summary.json, dice_boxplot.png, predictions/<PatientID>.nii.gz
 
     python evaluate_multi_organ.py --checkpoint runs/demo/best_unet_multi_organ.pth --split test
 
-For each patient every slice is predicted (in batches) in the network's one orientation (LPS,
-phase 3's cache), the per-class probabilities are resized bilinearly from the network's S x S back
-to the CT's own in-plane size (the inverse of phase 3, which resized slices in plane only; when
-phase 3 cropped to the body, ``--crop-body``, back to the patient's recorded box, pasted into the
-CT grid with background around it, and the checkpoint must have been trained with the same crop
-settings), the label is their argmax, and the label map is put back into phase 2's stored voxel order (feet
-first, prone: ``normalize_ct_and_masks.from_network_orientation``, exact) before it is written and
-scored. Each structure is then scored
-in 3D at the CT's own anisotropic resolution against ``masks_multi_organ``:
-
-* Dice; the 95th-percentile Hausdorff distance in mm (HD95: the larger of the two directed 95th
-  percentiles of surface-to-surface distances, as MONAI and medpy compute it); predicted and
-  true volume in ml and their difference.
-* Structures not annotated for a patient (phase 2.5's record ``<PatientID>.json``) are not scored.
-* PTV: a *derived* PTV (no PTV contour, NSCLC-Radiomics) is scored as margin(predicted GTV) against
-  margin(true GTV), both grown by the patient's phase 2.5 margin with
-  ``extract_multi_organ_masks.ptv_from_gtv``; a *contoured* PTV is scored as labels GTV + PTV
-  together, since a PTV contains its GTV. ``summary.md`` says which. The organs are scored against
-  the label map, which holds no derived PTV (no PTV holes in the lungs).
-* Empty masks: truth and prediction both empty -> Dice and HD95 are NaN (nothing to find and
-  nothing found; left out of the summary). Exactly one empty -> Dice 0 and HD95 infinite; the
-  summary's HD95 statistics are over the finite values and count the infinite ones (``n_inf``).
-* ``--postprocess`` removes, per structure, the small 3D connected components (26-connectivity)
-  that :data:`POSTPROCESS_MIN_FRACTION` says (measured on real patients by
-  ``benchmarks/bench_quality.py``); GTV and PTV are left alone because a tumour can be multifocal
-  (primary plus nodes).
-
-Precision (mixed on CUDA, float32 on CPU) comes from the policy in ``precision.py``.
-Imported, not re-typed: the way back to the CT grid (``normalize_ct_and_masks.probabilities_to_ct_labels``
-and ``from_network_orientation``),
-the Dice box plot (``visualize_all_phases.dice_boxplot_figure``) and the file names of phases 2.5, 3
-and training (``CACHE_*``, ``BEST_CHECKPOINT``), the GTV -> PTV margin
-(``extract_multi_organ_masks.ptv_from_gtv``).
+Each patient's CT is segmented by prediction's own path (``predict_multi_organ.Predictor``: the
+checkpoint's preprocessing applied to the HU volume, float32 by default), so the labels scored
+here are those ``predict_multi_organ.py`` writes. Each structure is scored in 3D at the CT's own
+resolution (:func:`score_structures`); unannotated structures are not scored.
 """
 from __future__ import annotations
 
@@ -49,36 +19,29 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 from scipy import ndimage
 
 import organs
-from dataset_multi_organ import context_stack, load_split
+from dataset_multi_organ import load_split
 from extract_multi_organ_masks import PTV_DERIVED, ptv_description, ptv_from_gtv, read_mask_record
-from normalize_ct_and_masks import (
-    CACHE_CT, CACHE_META, NORMALIZATION_JSON, crop_arguments, crop_box_of, crop_settings_of, describe_crop,
-    from_network_orientation, network_shape_zyx, orientation_code, probabilities_to_ct_labels, read_cache_meta,
-    stored_orientation_of,
-)
 from pipeline_io import (
     DEFAULT_DATA_ROOT, DEFAULT_SPLITS_DIR, DONE, FAILED, DataLayout, PatientError, PatientResult,
     check_same_geometry, exit_status, file_sha256, positive_int, read_nifti, run_batch,
     setup_logging, summary_line, write_nifti, write_text_atomic,
 )
-from precision import evaluation_precision
+from precision import DEFAULT_PREDICTION_PRECISION, PREDICTION_PRECISIONS
 from train_multi_organ import BEST_CHECKPOINT
-from unet_multi_organ import (
-    checkpoint_context_slices, checkpoint_ptv, fold_derived_ptv, load_checkpoint_model, resolve_device,
-)
 from visualize_all_phases import FIGURES, dice_boxplot_figure, save_figure
+
+if TYPE_CHECKING:
+    from predict_multi_organ import Predictor
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZE = 16
 #: Labels scored, each with the label values that make up the structure (PTV contains its GTV).
 SCORED_LABELS: dict[int, tuple[int, ...]] = organs.STRUCTURE_MEMBERS
 #: Organs that are one connected body; tumour targets (GTV, PTV) may be multifocal.
@@ -293,106 +256,8 @@ def score_structures(
 
 
 # --------------------------------------------------------------------------------------------
-# Inference and the way back to the original grid
-# --------------------------------------------------------------------------------------------
-
-
-def _slices_to_tensor(ct: np.ndarray, start: int, stop: int, device: torch.device,
-                      context_slices: int = 0) -> torch.Tensor:
-    """(B, 2K + 1, S, S) float32 network input of slices start..stop-1, neighbours clamped."""
-    batch = torch.from_numpy(np.ascontiguousarray(context_stack(ct, start, stop, context_slices), dtype=np.float32))
-    return batch.to(device, non_blocking=True)
-
-
-def _check_volume(ct_normalized: np.ndarray) -> None:
-    if ct_normalized.ndim != 3 or ct_normalized.shape[1] != ct_normalized.shape[2]:
-        raise ValueError(f"expected a normalised CT of shape (Z, S, S), got {ct_normalized.shape}")
-
-
-def predict_probabilities(
-    model: torch.nn.Module, ct_normalized: np.ndarray, device: torch.device | str,
-    batch_size: int = DEFAULT_BATCH_SIZE, context_slices: int = 0,
-) -> np.ndarray:
-    """Softmax probabilities (Z, 8, S, S) float32 of a normalised (Z, S, S) CT, slice by slice
-    (each with ``context_slices`` neighbours per side as input channels).
-
-    Needs Z x 8 x S x S x 4 bytes (0.6 GB for 300 slices at 256): prefer :func:`predict_volume`
-    when only labels are needed.
-    """
-    _check_volume(ct_normalized)
-    device = torch.device(device)
-    model.eval()
-    out = np.empty((ct_normalized.shape[0], organs.NUM_CLASSES, *ct_normalized.shape[1:]), np.float32)
-    with torch.inference_mode(), evaluation_precision(device).autocast(device):
-        for start in range(0, len(ct_normalized), batch_size):
-            logits = model(_slices_to_tensor(ct_normalized, start, start + batch_size, device, context_slices))
-            out[start:start + len(logits)] = torch.softmax(logits.float(), dim=1).cpu().numpy()
-    return out
-
-
-def predict_volume(
-    model: torch.nn.Module, ct_normalized: np.ndarray, device: torch.device | str,
-    batch_size: int = DEFAULT_BATCH_SIZE, output_shape_yx: Sequence[int] | None = None,
-    ptv: dict[str, Any] | None = None, context_slices: int = 0, box_yx: Sequence[int] | None = None,
-) -> np.ndarray:
-    """Labels (Z, H, W) uint8 of a normalised CT (Z, S, S) float, predicted ``batch_size`` slices at a time.
-
-    ``output_shape_yx`` = (H, W), the original CT's in-plane size (in the network's orientation),
-    maps the prediction back to the CT grid on the device
-    (``normalize_ct_and_masks.probabilities_to_ct_labels``); None keeps S x S. ``box_yx``
-    ``(y0, x0, side)``: phase 3 cropped the slices to this box of the H x W grid (``meta.json``'s
-    ``crop.box_yx``): the S x S labels go back to the box and background fills the rest. Runs under ``torch.inference_mode`` with ``model.eval()``, in mixed precision on CUDA.
-    ``ptv`` (the checkpoint's, ``unet_multi_organ.checkpoint_ptv``): a derived-PTV model never
-    predicts label 2 (``fold_derived_ptv``). ``context_slices`` K: each slice goes in with its K
-    neighbours per side (``dataset_multi_organ.context_stack``, as in training).
-    """
-    _check_volume(ct_normalized)
-    device = torch.device(device)
-    shape = tuple(output_shape_yx) if output_shape_yx is not None else ct_normalized.shape[1:]
-    if box_yx is not None and output_shape_yx is None:
-        raise ValueError(f"a crop box {tuple(box_yx)} needs the CT's in-plane output_shape_yx")
-    model.eval()
-    labels = np.empty((ct_normalized.shape[0], *shape), dtype=np.uint8)
-    with torch.inference_mode(), evaluation_precision(device).autocast(device):
-        for start in range(0, len(ct_normalized), batch_size):
-            logits = model(_slices_to_tensor(ct_normalized, start, start + batch_size, device, context_slices))
-            probs = fold_derived_ptv(torch.softmax(logits.float(), dim=1), ptv or {})
-            labels[start:start + len(logits)] = probabilities_to_ct_labels(probs, shape, box_yx=box_yx)
-    return labels
-
-
-# --------------------------------------------------------------------------------------------
 # One patient
 # --------------------------------------------------------------------------------------------
-def load_normalized_ct(layout: DataLayout, patient_id: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """The network input (Z, S, S) float32 and its phase-3 record (meta.json or normalization.json).
-
-    A training cache written by an earlier version is refused (:class:`PatientError` naming the
-    phases to re-run)."""
-    cache = layout.training_cache / patient_id
-    if (cache / CACHE_CT).is_file() and (cache / CACHE_META).is_file():
-        try:
-            meta = read_cache_meta(layout.root, patient_id)
-        except ValueError as exc:
-            raise PatientError(str(exc)) from None
-        return np.load(cache / CACHE_CT, mmap_mode="r"), meta
-    nifti = layout.normalized_ct / f"{patient_id}.nii.gz"
-    table = layout.normalized_ct / NORMALIZATION_JSON
-    if nifti.is_file() and table.is_file():
-        records = json.loads(table.read_text(encoding="utf-8"))
-        if patient_id not in records:
-            raise PatientError(f"{patient_id}: no entry in {table}; rerun phase 3 for this patient")
-        try:
-            stored_orientation_of(records[patient_id], f"{patient_id}: {table}")
-        except ValueError as exc:
-            raise PatientError(str(exc)) from None
-        return sitk.GetArrayFromImage(read_nifti(nifti)).astype(np.float32, copy=False), records[patient_id]
-    raise PatientError(
-        f"{patient_id}: no normalised CT: neither {cache}/{CACHE_CT} + {CACHE_META} nor {nifti} + {table.name}; "
-        "run phase 3 (normalize_ct_and_masks.py)"
-    )
-
-
 def truth_record(layout: DataLayout, patient_id: str) -> tuple[list[bool], dict[str, Any]]:
     """(8 annotated flags indexed by label, how the PTV is made) from phase 2.5's record of the
     truth label map; a label map of an earlier version (PTV painted in) is refused."""
@@ -407,25 +272,14 @@ def truth_record(layout: DataLayout, patient_id: str) -> tuple[list[bool], dict[
     return [bool(f) for f in flags], dict(record.get("ptv") or {})
 
 
-def _read_header(path: Path) -> sitk.ImageFileReader:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    return reader
-
-
 def evaluate_patient(
-    patient_id: str, *, model: torch.nn.Module, layout: DataLayout, predictions_dir: Path,
-    device: torch.device, batch_size: int = DEFAULT_BATCH_SIZE, postprocess: bool = False,
-    overwrite: bool = False, expected_size: int | None = None, model_ptv: dict[str, Any] | None = None,
-    context_slices: int = 0, model_crop: dict[str, Any] | None = None,
+    patient_id: str, *, predictor: "Predictor", layout: DataLayout, predictions_dir: Path, overwrite: bool = False,
 ) -> PatientResult:
     """Predict (or reuse the saved prediction of) one patient, write it on the CT grid, score it.
 
-    ``model_crop``: the checkpoint's crop settings (``preprocessing["crop"]``, None: trained
-    without ``--crop-body``); phase 3 must have cropped this patient the same way (else
-    :class:`PatientError` naming the phase-3 options). A cropped patient's labels go back to its
-    recorded box and background fills the rest of the CT grid.
+    The network input is made from phase 2's CT exactly as prediction makes it
+    (``Predictor.segment_image``: orientation, window, z-score, body crop, resize, and back), so
+    the labels scored here are the labels ``predict_multi_organ.py`` writes for the same CT.
 
     ``info["rows"]`` holds :func:`score_structures`' rows with ``patient_id`` added.
     """
@@ -434,57 +288,21 @@ def evaluate_patient(
                         (truth_path, "phase 2.5 (extract_multi_organ_masks.py)")):
         if not path.is_file():
             raise PatientError(f"{patient_id}: {path} not found; run {phase}")
-    header = _read_header(ct_path)
-    width, height, depth = header.GetSize()
-    ct_shape_zyx = (depth, height, width)
     truth_image = read_nifti(truth_path)
-    ct_normalized, meta = load_normalized_ct(layout, patient_id)
     annotated, ptv = truth_record(layout, patient_id)
-
-    stored = stored_orientation_of(meta, f"{patient_id}: phase 3's record")
-    try:
-        orientation_now = orientation_code(header)
-    except ValueError as exc:
-        raise PatientError(f"{patient_id}: {ct_path}: {exc}") from None
-    network_shape = network_shape_zyx(ct_shape_zyx, stored)
-    original = tuple(meta.get("original_shape_zyx", ct_shape_zyx))
-    if original != ct_shape_zyx or ct_normalized.shape[0] != network_shape[0] or orientation_now != stored:
-        raise PatientError(
-            f"{patient_id}: phase-3 data has {ct_normalized.shape[0]} slices for an original shape "
-            f"{original} stored {stored}, but {ct_path.name} is {ct_shape_zyx} (z, y, x) stored "
-            f"{orientation_now}: rerun phase 3 with --overwrite"
-        )
-    if expected_size is not None and ct_normalized.shape[1] != expected_size:
-        raise PatientError(
-            f"{patient_id}: normalised slices are {ct_normalized.shape[1]} px but the network was trained "
-            f"at {expected_size} px: rerun phase 3 with --size {expected_size}"
-        )
-    try:
-        cache_crop = crop_settings_of(meta, f"{patient_id}: phase 3's record")
-        box = crop_box_of(meta, f"{patient_id}: phase 3's record")
-    except ValueError as exc:
-        raise PatientError(str(exc)) from None
-    if cache_crop != model_crop:
-        raise PatientError(
-            f"{patient_id}: phase 3 made the normalised slices with {describe_crop(cache_crop)} but the network "
-            f"was trained with {describe_crop(model_crop)}: rerun phase 3 with --overwrite "
-            f"{crop_arguments(model_crop)}"
-        )
 
     prediction_path = predictions_dir / f"{patient_id}.nii.gz"
     if prediction_path.is_file() and not overwrite:
         predicted_image = read_nifti(prediction_path)
         message = "reused saved prediction"
     else:
-        labels = predict_volume(model, ct_normalized, device, batch_size, output_shape_yx=network_shape[1:],
-                                ptv=model_ptv, context_slices=context_slices, box_yx=box)
-        labels = from_network_orientation(labels, stored)  # back to phase 2's voxel order
-        if postprocess:
-            labels = postprocess_labels(labels)
+        ct_image = read_nifti(ct_path)
+        try:
+            labels = predictor.segment_image(ct_image)
+        except ValueError as exc:  # an oblique CT, a constant volume, no body to crop to
+            raise PatientError(f"{patient_id}: {ct_path}: {exc}") from None
         predicted_image = sitk.GetImageFromArray(labels)
-        predicted_image.SetOrigin(header.GetOrigin())
-        predicted_image.SetSpacing(header.GetSpacing())
-        predicted_image.SetDirection(header.GetDirection())
+        predicted_image.CopyInformation(ct_image)
         message = ""
     check_same_geometry(predicted_image, truth_image, f"{patient_id}: prediction vs {truth_path}")
     if not message:
@@ -616,8 +434,9 @@ def default_output_dir(checkpoint: Path, postprocess: bool) -> Path:
 def run(
     *, checkpoint: Path, data_root: Path = DEFAULT_DATA_ROOT, split: str = "test",
     splits_dir: Path = DEFAULT_SPLITS_DIR, patients: Sequence[str] | None = None,
-    output_dir: Path | None = None, batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto",
+    output_dir: Path | None = None, batch_size: int | None = None, device: str = "auto",
     postprocess: bool = False, overwrite: bool = False, context_slices: int | None = None,
+    precision: str = DEFAULT_PREDICTION_PRECISION,
 ) -> list[PatientResult]:
     """Evaluate ``checkpoint`` on the patients of ``split`` (or ``patients``); write the reports.
 
@@ -638,21 +457,16 @@ def run(
     _check_provenance(predictions_dir, {"checkpoint_sha256": file_sha256(checkpoint), "postprocess": postprocess,
                                         "postprocess_rule": rule}, overwrite)
 
-    torch_device = resolve_device(device)
-    model, ckpt = load_checkpoint_model(checkpoint, torch_device)
-    expected_size = (ckpt.get("preprocessing") or {}).get("size")
-    model_crop = crop_settings_of(ckpt.get("preprocessing") or {}, f"{checkpoint}: preprocessing")
-    model_ptv = checkpoint_ptv(ckpt)
-    context_slices = checkpoint_context_slices(ckpt, context_slices, checkpoint)
-    log.info("evaluating %s on %d patients (%s) on %s, batch %d, postprocess=%s -> %s",
-             checkpoint, len(patient_ids), split if not patients else "given ids", torch_device,
-             batch_size, postprocess, output_dir)
+    from predict_multi_organ import Predictor  # it imports this module's post-processing
+
+    predictor = Predictor.load(checkpoint, device=device, precision=precision, batch_size=batch_size,
+                               postprocess=postprocess, context_slices=context_slices)
+    log.info("evaluating %d patients (%s) with %s -> %s", len(patient_ids),
+             split if not patients else "given ids", predictor.describe(), output_dir)
 
     def task(patient_id: str) -> PatientResult:
-        return evaluate_patient(patient_id, model=model, layout=layout, predictions_dir=predictions_dir,
-                                device=torch_device, batch_size=batch_size, postprocess=postprocess,
-                                overwrite=overwrite, expected_size=expected_size, model_ptv=model_ptv,
-                                context_slices=context_slices, model_crop=model_crop)
+        return evaluate_patient(patient_id, predictor=predictor, layout=layout, predictions_dir=predictions_dir,
+                                overwrite=overwrite)
 
     results = run_batch(patient_ids, task, workers=1, desc="evaluating")
     rows = [row for r in results if r.status == DONE for row in r.info["rows"]]
@@ -686,8 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="evaluate these patient ids instead of the split")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="default: <checkpoint dir>/evaluation (evaluation_postprocessed with --postprocess)")
-    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
-                        help="slices per forward pass (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="slices per forward pass (default: chosen from free memory, as prediction does)")
+    parser.add_argument("--precision", choices=PREDICTION_PRECISIONS, default=DEFAULT_PREDICTION_PRECISION,
+                        help="as predict_multi_organ.py --precision (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--postprocess", action="store_true",
                         help="remove small 3D components per structure, as measured on real patients "
@@ -707,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = run(checkpoint=args.checkpoint, data_root=args.data_root, split=args.split,
                       splits_dir=args.splits_dir, patients=args.patients, output_dir=args.output_dir,
                       batch_size=args.batch_size, device=args.device, postprocess=args.postprocess,
-                      overwrite=args.overwrite, context_slices=args.context_slices)
+                      overwrite=args.overwrite, context_slices=args.context_slices, precision=args.precision)
     except (FileNotFoundError, ValueError) as exc:
         parser.error(str(exc))
     print(summary_line("Phase 5b", results, done_word="evaluated"))

@@ -6,8 +6,8 @@ Each phase's choice, per device (``amp``/``--precision`` at their defaults):
 | phase, function                  | CUDA with bf16 | CUDA, no bf16 (T4) | CPU, native bf16 | other CPU |
 |----------------------------------|----------------|--------------------|------------------|-----------|
 | training, training_precision     | bfloat16       | float16 + scaler   | bfloat16         | float32   |
-| evaluation, evaluation_precision | bfloat16       | float16            | float32          | float32   |
-| prediction, prediction_precision | float32        | float32            | float32          | float32   |
+| evaluation and prediction,       | float32        | float32            | float32          | float32   |
+| prediction_precision             |                |                    |                  |           |
 
 Training: mixed precision is on by default (``amp=None``); ``amp=False`` is float32 everywhere and
 ``amp=True`` forces bfloat16 on any CPU. bfloat16 on a CPU with native bfloat16 instructions was
@@ -22,8 +22,8 @@ natively) as the opt-in fast path, 2.6x faster on a 2-core CPU (LUNG1-005, 91 x 
 network: 38.89 s -> 14.78 s). It is not the default because it failed the "labels do not change"
 check once: with the demo network, bfloat16 vs float32 labels agree at Dice >= 0.994 on every
 synthetic patient (99.99% of voxels), but only 0.9778 for the esophagus of the real LUNG1-005, a CT
-the network never learned. Evaluation keeps mixed precision on CUDA and float32 on CPU, without
-channels-last.
+the network never learned. Evaluation segments through prediction's path with the same
+``--precision``, so the labels it scores are the labels prediction writes.
 
     policy = training_precision(torch.device("cuda"), amp=None)   # Precision(bfloat16, ...)
     with policy.autocast(device):
@@ -135,14 +135,6 @@ def training_precision(device: torch.device, amp: bool | None = None) -> Precisi
         return Precision(torch.float16, True, channels_last)
     use_bf16 = amp if amp is not None else cpu_has_native_bfloat16()
     return Precision(torch.bfloat16 if use_bf16 else None, False, channels_last)
-
-
-def evaluation_precision(device: torch.device) -> Precision:
-    """Evaluation: bfloat16 autocast on GPUs that support it, float16 on older ones, float32 on
-    CPU; never channels-last."""
-    if device.type != "cuda":
-        return FLOAT32
-    return Precision(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
 
 
 def prediction_precision(precision: str, device: torch.device) -> Precision:

@@ -60,7 +60,7 @@ import torch
 import organs
 from convert_dicom_to_nifti import PatientDicom, choose_ct_series, find_dicom_series, read_ct_series
 from dataset_multi_organ import context_stack
-from evaluate_multi_organ import describe_postprocess, postprocess_labels, resolve_device
+from evaluate_multi_organ import describe_postprocess, postprocess_labels
 from extract_multi_organ_masks import PTV_DERIVED, ptv_description, ptv_from_gtv
 from normalize_ct_and_masks import (
     AIR_HU, NETWORK_ORIENTATION, apply_zscore, body_box, check_size, check_window, crop_settings_of, crop_to_box,
@@ -88,7 +88,7 @@ from pipeline_io import (
 from precision import DEFAULT_PREDICTION_PRECISION, PREDICTION_PRECISIONS, Precision, prediction_precision
 from rtstruct_export import ROI_MEMBERS, CTReference, build_rtstruct, roi_summary, write_rtstruct
 from unet_multi_organ import (
-    checkpoint_context_slices, checkpoint_ptv, fold_derived_ptv, label_table, load_checkpoint_model,
+    checkpoint_context_slices, checkpoint_ptv, fold_derived_ptv, label_table, load_checkpoint_model, resolve_device,
 )
 
 log = logging.getLogger(__name__)

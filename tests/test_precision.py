@@ -52,17 +52,6 @@ def test_training_channels_last_on_cpu_is_a_setting(hardware, monkeypatch):
     assert precision.training_precision(CUDA, False) == FP32_CL
 
 
-@pytest.mark.parametrize("device, cuda_bf16, cpu_bf16, expected", [
-    (CUDA, True, False, Precision(torch.bfloat16)),
-    (CUDA, False, False, Precision(torch.float16)),  # no scaler: no gradients
-    (CPU, False, True, FLOAT32),                     # float32 on CPU even with native bfloat16
-    (CPU, False, False, FLOAT32),
-])
-def test_evaluation_precision(hardware, device, cuda_bf16, cpu_bf16, expected):
-    hardware(cuda_bf16=cuda_bf16, cpu_bf16=cpu_bf16)
-    assert precision.evaluation_precision(device) == expected
-
-
 @pytest.mark.parametrize("device, cuda_bf16, cpu_bf16, request_, expected", [
     (CPU, False, True, "auto", BF16_CL),
     (CPU, False, False, "auto", FLOAT32),
