@@ -37,28 +37,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, WeightedRandomSampler
 
-import organs
-from normalize_ct_and_masks import (
-    CACHE_CT,
-    CACHE_CT_DTYPE,
-    CACHE_MASK,
-    CACHE_MASK_DTYPE,
-    cache_dir,
-    read_cache_meta,
+from thoracic_seg import organs
+from thoracic_seg.grid import CACHE_CT_DTYPE, CACHE_MASK_DTYPE, check_context_slices, context_indices
+from thoracic_seg.layout import (
+    CACHE_CT, CACHE_MASK, DEFAULT_DATA_ROOT, DEFAULT_SPLITS_DIR, cache_dir, read_cache_meta,
 )
-from pipeline_io import DEFAULT_DATA_ROOT, DEFAULT_SPLITS_DIR
-from prepare_train_val_test_splits import SPLIT_NAMES, read_split_file
+from thoracic_seg.splits import SPLIT_NAMES, load_split
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TUMOUR_FRACTION = 0.3
-MAX_CONTEXT_SLICES = 8
 DEFAULT_MAX_OPEN_PATIENTS = 128  # two memory maps (two file descriptors) per open patient
-
-
-def load_split(splits_dir: Path | str, name: str) -> list[str]:
-    """Patient ids of split ``name`` ("train", "val" or "test") in ``splits_dir``."""
-    return read_split_file(splits_dir, name)
 
 
 def read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, bool]:
@@ -164,27 +153,6 @@ class SliceAugmentation:
 # --------------------------------------------------------------------------------------------
 # Dataset
 # --------------------------------------------------------------------------------------------
-def check_context_slices(k: int) -> int:
-    """``k`` as an int in 0..:data:`MAX_CONTEXT_SLICES`; ``ValueError`` naming the value otherwise."""
-    if isinstance(k, bool) or int(k) != k or not 0 <= int(k) <= MAX_CONTEXT_SLICES:
-        raise ValueError(f"context slices must be an integer in 0-{MAX_CONTEXT_SLICES}, got {k!r}")
-    return int(k)
-
-
-def context_indices(z: int | np.ndarray, depth: int, k: int) -> np.ndarray:
-    """The input slices of slice ``z`` (int, or int array (B,)) of a ``depth``-slice volume with
-    ``k`` neighbours on each side: int64 (2k + 1,) (or (B, 2k + 1)), z - k .. z + k clamped to
-    0 .. depth - 1. For depth 3 and k 2: z 0 -> [0, 0, 0, 1, 2], z 2 -> [0, 1, 2, 2, 2]."""
-    k = check_context_slices(k)
-    offsets = np.arange(-k, k + 1, dtype=np.int64)
-    return np.clip(np.asarray(z, dtype=np.int64)[..., None] + offsets, 0, int(depth) - 1)
-
-
-def context_stack(volume_zyx: np.ndarray, start: int, stop: int, k: int) -> np.ndarray:
-    """The network input of slices ``start`` .. ``stop`` - 1 of a (Z, S, S) volume: (B, 2k + 1, S, S)
-    in the volume's dtype (a copy), neighbours clamped as in :func:`context_indices`."""
-    z = np.arange(start, min(stop, len(volume_zyx)))
-    return np.asarray(volume_zyx)[context_indices(z, len(volume_zyx), k)]
 
 
 class MultiOrganDataset(Dataset):

@@ -19,240 +19,38 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
-import organs
-from dataset_multi_organ import load_split
-from extract_multi_organ_masks import PTV_DERIVED, ptv_description, ptv_from_gtv, read_mask_record
-from pipeline_io import (
-    DEFAULT_DATA_ROOT, DEFAULT_SPLITS_DIR, DONE, FAILED, DataLayout, PatientError, PatientResult,
-    check_same_geometry, exit_status, file_sha256, positive_int, read_nifti, run_batch,
-    setup_logging, summary_line, write_nifti, write_text_atomic,
+from thoracic_seg import organs
+from thoracic_seg.batch import (
+    DONE, FAILED, PatientError, PatientResult, check_same_geometry, exit_status, file_sha256, positive_int,
+    read_nifti, run_batch, setup_logging, summary_line, write_nifti, write_text_atomic,
 )
-from precision import DEFAULT_PREDICTION_PRECISION, PREDICTION_PRECISIONS
-from train_multi_organ import BEST_CHECKPOINT
-from visualize_all_phases import FIGURES, dice_boxplot_figure, save_figure
+from thoracic_seg.figures import FIGURES, dice_boxplot_figure, save_figure
+from thoracic_seg.layout import (
+    BEST_CHECKPOINT, DEFAULT_DATA_ROOT, DEFAULT_SPLITS_DIR, DataLayout, read_mask_record,
+)
+from thoracic_seg.metrics import METRIC_COLUMNS, METRIC_SIGNIFICANT_DIGITS, SCORED_LABELS, score_structures
+from thoracic_seg.postprocess import describe_postprocess
+from thoracic_seg.precision import DEFAULT_PREDICTION_PRECISION, PREDICTION_PRECISIONS
+from thoracic_seg.ptv import PTV_DERIVED
+from thoracic_seg.splits import load_split
+from thoracic_seg.image_grid import segment_image
 
 if TYPE_CHECKING:
-    from predict_multi_organ import Predictor
+    from thoracic_seg.inference import Predictor
 
 log = logging.getLogger(__name__)
 
-#: Labels scored, each with the label values that make up the structure (PTV contains its GTV).
-SCORED_LABELS: dict[int, tuple[int, ...]] = organs.STRUCTURE_MEMBERS
-#: Organs that are one connected body; tumour targets (GTV, PTV) may be multifocal.
-SINGLE_COMPONENT_LABELS: tuple[int, ...] = (
-    organs.RIGHT_LUNG, organs.LEFT_LUNG, organs.HEART, organs.ESOPHAGUS, organs.SPINAL_CORD,
-)
-#: ``--postprocess``, per structure: components with fewer voxels than this fraction of the
-#: structure's largest 3D component are removed (1.0: only the largest stays; a structure not listed
-#: is left alone). Chosen from benchmarks/bench_quality.py on real patients (benchmarks/RESULTS.md,
-#: README "What the quality benchmark decided"): for each structure the rule, among the candidates
-#: below, whose Dice is never below no post-processing on any measured fold and seed (by more than
-#: 0.001) and best on average. The lungs and the heart keep their largest component; the esophagus
-#: loses only pieces under 10% of its largest (keeping the largest lost true pieces: -0.10 Dice in
-#: one score); the spinal cord is left alone (every rule raised its HD95 and lowered a score's Dice:
-#: a slice-by-slice network predicts tubes in pieces that are all true).
-POSTPROCESS_MIN_FRACTION: dict[int, float] = {
-    organs.RIGHT_LUNG: 1.0, organs.LEFT_LUNG: 1.0, organs.HEART: 1.0, organs.ESOPHAGUS: 0.1,
-}
-#: The rules the quality benchmark measures for each structure, by name.
-POSTPROCESS_CANDIDATES: dict[str, float] = {"largest": 1.0, "drop<10%": 0.1, "drop<1%": 0.01}
-METRIC_COLUMNS = (
-    "patient_id", "structure", "labels", "annotated", "dice", "hd95_mm",
-    "truth_ml", "predicted_ml", "volume_diff_ml", "volume_diff_pct",
-)
 PROVENANCE_FILE = "provenance.json"
-#: metrics.csv writes finite metrics with this many significant digits.
-METRIC_SIGNIFICANT_DIGITS = 6
 
 
 # --------------------------------------------------------------------------------------------
 # Metrics (pure functions on z-y-x boolean volumes)
 # --------------------------------------------------------------------------------------------
-def _check_pair(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    pred, truth = np.asarray(pred), np.asarray(truth)
-    if pred.shape != truth.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from truth shape {truth.shape}")
-    if pred.ndim != 3:
-        raise ValueError(f"expected 3D (z, y, x) masks, got {pred.ndim} dimensions {pred.shape}")
-    return pred.astype(bool, copy=False), truth.astype(bool, copy=False)
-
-
-def _check_spacing(spacing_zyx: Sequence[float]) -> tuple[float, float, float]:
-    spacing = tuple(float(s) for s in spacing_zyx)
-    if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
-        raise ValueError(f"spacing must be 3 positive finite mm values (z, y, x), got {tuple(spacing_zyx)}")
-    return spacing  # type: ignore[return-value]
-
-
-def dice_3d(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two boolean (z, y, x) masks: 2|P∩T| / (|P| + |T|).
-
-    NaN when both are empty (nothing to find and nothing found), 0.0 when exactly one is.
-    """
-    pred, truth = _check_pair(pred, truth)
-    total = np.count_nonzero(pred) + np.count_nonzero(truth)
-    if total == 0:
-        return float("nan")
-    return 2.0 * np.count_nonzero(pred & truth) / total
-
-
-def surface_voxels(mask: np.ndarray) -> np.ndarray:
-    """Voxels of a boolean (z, y, x) mask with a face neighbour outside it (outside the array counts)."""
-    mask = np.asarray(mask, dtype=bool)
-    eroded = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1), border_value=0)
-    return mask & ~eroded
-
-
-def hd95_mm(pred: np.ndarray, truth: np.ndarray, spacing_zyx: Sequence[float]) -> float:
-    """95th-percentile symmetric Hausdorff distance in mm between two boolean (z, y, x) masks.
-
-    Distances are Euclidean between surface voxel centres with ``spacing_zyx`` (mm, z-y-x order,
-    as ``reversed(image.GetSpacing())``); the result is the larger of the 95th percentiles of
-    the prediction->truth and truth->prediction surface distances (MONAI ``directed=False``,
-    medpy ``hd95``). NaN when both masks are empty, ``inf`` when exactly one is.
-    """
-    pred, truth = _check_pair(pred, truth)
-    spacing = _check_spacing(spacing_zyx)
-    has_pred, has_truth = pred.any(), truth.any()
-    if not has_pred and not has_truth:
-        return float("nan")
-    if not has_pred or not has_truth:
-        return float("inf")
-    # Every surface voxel lies in the bounding box of the union, so distances computed inside it
-    # (one voxel of margin) equal those in the whole volume, at a fraction of the cost.
-    box = ndimage.find_objects((pred | truth).astype(np.uint8))[0]
-    box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
-    pred_surface, truth_surface = surface_voxels(pred[box]), surface_voxels(truth[box])
-    to_truth = ndimage.distance_transform_edt(~truth_surface, sampling=spacing)[pred_surface]
-    to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)[truth_surface]
-    return float(max(np.percentile(to_truth, 95), np.percentile(to_pred, 95)))
-
-
-def volume_ml(mask: np.ndarray, spacing_zyx: Sequence[float]) -> float:
-    """Volume of a boolean mask in ml (cm³) given the voxel spacing in mm."""
-    return np.count_nonzero(mask) * float(np.prod(_check_spacing(spacing_zyx))) / 1000.0
-
-
-def remove_small_components(labels: np.ndarray, min_fraction: Mapping[int, float]) -> np.ndarray:
-    """Copy of a (z, y, x) label map where, for each label in ``min_fraction``, the 3D components
-    (26-connected) with fewer voxels than ``min_fraction[label]`` x the label's largest component
-    become background (0). A fraction of 1 or more keeps only the largest component (the first
-    of equal ones); 0 keeps everything. Labels not in the mapping are unchanged.
-    """
-    labels = np.asarray(labels)
-    if labels.ndim != 3:
-        raise ValueError(f"expected a 3D (z, y, x) label map, got shape {labels.shape}")
-    if labels.dtype.kind not in "iu":
-        raise TypeError(f"labels must be an integer array, got dtype {labels.dtype}")
-    for label, fraction in min_fraction.items():
-        if not 1 <= label < organs.NUM_CLASSES:
-            raise ValueError(f"post-processing rules are for labels 1-{organs.NUM_CLASSES - 1}, got label {label}")
-        if not (math.isfinite(fraction) and fraction >= 0):
-            raise ValueError(f"label {label}: the fraction of the largest component must be >= 0, got {fraction}")
-    out = labels.copy()
-    full = ndimage.generate_binary_structure(3, 3)
-    boxes = ndimage.find_objects(labels)
-    for label, fraction in min_fraction.items():
-        if fraction <= 0 or label > len(boxes) or boxes[label - 1] is None:
-            continue
-        box = boxes[label - 1]
-        components, count = ndimage.label(labels[box] == label, structure=full)
-        if count <= 1:
-            continue
-        sizes = np.bincount(components.ravel())
-        sizes[0] = 0
-        if fraction >= 1:
-            keep = np.zeros(sizes.shape, dtype=bool)
-            keep[int(np.argmax(sizes))] = True
-        else:
-            keep = sizes >= fraction * sizes.max()
-        keep[0] = True  # background of the box stays what it is
-        region = out[box]
-        region[~keep[components]] = organs.BACKGROUND
-    return out
-
-
-def keep_largest_component(labels: np.ndarray, only: Sequence[int] = SINGLE_COMPONENT_LABELS) -> np.ndarray:
-    """Copy of a (z, y, x) label map where each label in ``only`` keeps its largest 3D component.
-
-    Components are 26-connected; voxels of the smaller components become background (0).
-    Labels not in ``only`` (by default GTV and PTV, which may be multifocal) are unchanged.
-    """
-    return remove_small_components(labels, {label: 1.0 for label in only})
-
-
-def postprocess_labels(labels: np.ndarray) -> np.ndarray:
-    """``--postprocess``: :data:`POSTPROCESS_MIN_FRACTION`'s rule for each structure."""
-    return remove_small_components(labels, POSTPROCESS_MIN_FRACTION)
-
-
-def describe_postprocess(min_fraction: Mapping[int, float] = POSTPROCESS_MIN_FRACTION) -> str:
-    """One line: which structures keep only their largest component, which lose small ones."""
-    groups: dict[float, list[str]] = {}
-    for label, fraction in sorted(min_fraction.items()):
-        if fraction > 0:
-            groups.setdefault(min(fraction, 1.0), []).append(organs.structure(label).name)
-    if not groups:
-        return "none"
-    parts = []
-    for fraction, names in sorted(groups.items(), reverse=True):
-        what = "largest component" if fraction >= 1 else f"components under {fraction * 100:g}% of the largest removed"
-        parts.append(f"{what}: {', '.join(names)}")
-    return "; ".join(parts)
-
-
-def score_structures(
-    predicted: np.ndarray, truth: np.ndarray, spacing_zyx: Sequence[float], annotated: Sequence[bool],
-    ptv: dict[str, Any] | None = None, only: Sequence[int] | None = None,
-) -> list[dict[str, Any]]:
-    """Metrics of every structure 1-7 (or of the labels in ``only``) of one patient: one dict per structure.
-
-    ``predicted`` and ``truth`` are (z, y, x) label maps (0-7) on the same grid; ``annotated``
-    holds 8 flags indexed by label. Unannotated structures get ``annotated=False`` and no
-    metrics (None). A contoured PTV is scored on labels GTV + PTV together; with ``ptv`` =
-    ``{"source": "derived", "margin_mm": m}`` (phase 2.5's record) the PTV is scored as
-    margin(predicted GTV) against margin(true GTV), whenever the GTV is annotated.
-    """
-    if len(annotated) != organs.NUM_CLASSES:
-        raise ValueError(f"annotated needs {organs.NUM_CLASSES} flags (labels 0-7), got {len(annotated)}")
-    derived = ptv is not None and ptv.get("source") == PTV_DERIVED and bool(annotated[organs.GTV])
-    rows = []
-    for label, members in SCORED_LABELS.items():
-        if only is not None and label not in only:
-            continue
-        scored = bool(annotated[label]) or (label == organs.PTV and derived)
-        row: dict[str, Any] = {
-            "structure": organs.structure(label).key,
-            "labels": "+".join(str(m) for m in members),
-            "annotated": scored,
-        }
-        if label == organs.PTV and derived:
-            margin = float(ptv["margin_mm"])  # type: ignore[index]
-            row["labels"], row["ptv_source"] = ptv_description(margin), PTV_DERIVED
-            pred_mask = ptv_from_gtv(np.asarray(predicted) == organs.GTV, spacing_zyx, margin)
-            truth_mask = ptv_from_gtv(np.asarray(truth) == organs.GTV, spacing_zyx, margin)
-        elif scored:
-            pred_mask, truth_mask = np.isin(predicted, members), np.isin(truth, members)
-        if scored:
-            truth_ml, pred_ml = volume_ml(truth_mask, spacing_zyx), volume_ml(pred_mask, spacing_zyx)
-            row.update(
-                dice=dice_3d(pred_mask, truth_mask),
-                hd95_mm=hd95_mm(pred_mask, truth_mask, spacing_zyx),
-                truth_ml=truth_ml,
-                predicted_ml=pred_ml,
-                volume_diff_ml=pred_ml - truth_ml,
-                volume_diff_pct=100.0 * (pred_ml - truth_ml) / truth_ml if truth_ml > 0 else float("nan"),
-            )
-        else:
-            row.update({column: None for column in METRIC_COLUMNS[4:]})
-        rows.append(row)
-    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,7 +76,7 @@ def evaluate_patient(
     """Predict (or reuse the saved prediction of) one patient, write it on the CT grid, score it.
 
     The network input is made from phase 2's CT exactly as prediction makes it
-    (``Predictor.segment_image``: orientation, window, z-score, body crop, resize, and back), so
+    (``image_grid.segment_image``: orientation, window, z-score, body crop, resize, and back), so
     the labels scored here are the labels ``predict_multi_organ.py`` writes for the same CT.
 
     ``info["rows"]`` holds :func:`score_structures`' rows with ``patient_id`` added.
@@ -298,7 +96,7 @@ def evaluate_patient(
     else:
         ct_image = read_nifti(ct_path)
         try:
-            labels = predictor.segment_image(ct_image)
+            labels = segment_image(predictor, ct_image)
         except ValueError as exc:  # an oblique CT, a constant volume, no body to crop to
             raise PatientError(f"{patient_id}: {ct_path}: {exc}") from None
         predicted_image = sitk.GetImageFromArray(labels)
@@ -457,7 +255,9 @@ def run(
     _check_provenance(predictions_dir, {"checkpoint_sha256": file_sha256(checkpoint), "postprocess": postprocess,
                                         "postprocess_rule": rule}, overwrite)
 
-    from predict_multi_organ import Predictor  # it imports this module's post-processing
+    from thoracic_seg.inference import (
+        Predictor,  # it imports this module's post-processing
+    )
 
     predictor = Predictor.load(checkpoint, device=device, precision=precision, batch_size=batch_size,
                                postprocess=postprocess, context_slices=context_slices)

@@ -46,15 +46,16 @@ import numpy as np
 import pydicom
 from pydicom.charset import default_encoding
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.tag import Tag
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import Tag
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RTStructureSetStorage
 from tqdm import tqdm
 
-import organs
-from extract_multi_organ_masks import fill_polygons_2d
-from pipeline_io import DataLayout, write_nifti, write_text_atomic
-from rtstruct_export import contour_data_element
+from thoracic_seg import organs
+from thoracic_seg.batch import write_nifti, write_text_atomic
+from thoracic_seg.layout import DataLayout
+from thoracic_seg.rtstruct_read import fill_polygons_2d
+from thoracic_seg.rtstruct_write import contour_data_element
 
 log = logging.getLogger(__name__)
 
@@ -1113,7 +1114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pipeline_io import setup_logging
+    from thoracic_seg.batch import setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)

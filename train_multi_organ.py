@@ -46,49 +46,30 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-import organs
 from dataset_multi_organ import (
-    DEFAULT_TUMOUR_FRACTION,
-    MultiOrganDataset,
-    SliceAugmentation,
-    batch_to_device,
-    check_context_slices,
-    load_split,
+    DEFAULT_TUMOUR_FRACTION, MultiOrganDataset, SliceAugmentation, batch_to_device,
     make_tumour_oversampling_sampler,
 )
-from extract_multi_organ_masks import PTV_CONTOURED, PTV_DERIVED, PTV_NONE
-from losses_multi_organ import dice_counts, dice_from_counts, multi_organ_loss
-from normalize_ct_and_masks import CACHE_MASK, cache_dir, read_cache_meta
-from pipeline_io import (
-    DEFAULT_DATA_ROOT,
-    DEFAULT_SPLITS_DIR,
-    DataLayout,
-    atomic_output,
-    positive_int,
-    progress_bar,
-    setup_logging,
-    write_text_atomic,
+from thoracic_seg import organs
+from thoracic_seg.batch import atomic_output, positive_int, progress_bar, setup_logging, write_text_atomic
+from thoracic_seg.figures import FIGURES, save_figure, training_curves_figure
+from thoracic_seg.grid import check_context_slices
+from thoracic_seg.layout import (
+    BEST_CHECKPOINT, CACHE_MASK, CLASS_WEIGHTS_JSON, DEFAULT_DATA_ROOT, DEFAULT_SPLITS_DIR, HISTORY_CSV,
+    HISTORY_JSON, LAST_CHECKPOINT, LOG_FILE, DataLayout, cache_dir, read_cache_meta,
 )
-from precision import Precision, training_precision
+from thoracic_seg.losses import dice_counts, dice_from_counts, multi_organ_loss
+from thoracic_seg.precision import Precision, training_precision
+from thoracic_seg.precision import resolve_device as resolve_model_device
+from thoracic_seg.ptv import PTV_CONTOURED, PTV_DERIVED, PTV_NONE
+from thoracic_seg.splits import load_split
 from unet_multi_organ import (
-    CHECKPOINT_FORMAT,
-    UNetMultiOrgan,
-    build_checkpoint,
-    count_parameters,
-    preprocessing_from_cache,
-    resolve_device as resolve_model_device,
+    CHECKPOINT_FORMAT, UNetMultiOrgan, build_checkpoint, count_parameters, preprocessing_from_cache,
 )
-from visualize_all_phases import FIGURES, save_figure, training_curves_figure
 
 log = logging.getLogger(__name__)
 
-BEST_CHECKPOINT = "best_unet_multi_organ.pth"
-LAST_CHECKPOINT = "last_checkpoint.pth"
-HISTORY_CSV = "history.csv"
-HISTORY_JSON = "history.json"
 CURVES_PNG = FIGURES["curves"]
-LOG_FILE = "train.log"
-CLASS_WEIGHTS_JSON = "class_weights.json"
 
 DEFAULT_EPOCHS = 50
 DEFAULT_BATCH_SIZE = 8

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-import organs
+from thoracic_seg import organs
 
 CHECKPOINT_FORMAT = "unet_multi_organ"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -133,22 +133,6 @@ def _round_up(n: int) -> int:
     return int(math.ceil(n / SIZE_MULTIPLE) * SIZE_MULTIPLE)
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cpu``, ``cuda``, ``cuda:N`` as
-    given. ``ValueError`` naming the value when CUDA is asked for but absent (never a silent CPU)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: torch {torch.__version__} sees no CUDA GPU; use --device cpu")
-    return device
-
-
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -173,7 +157,9 @@ def preprocessing_from_cache(cache_dir: Path | str) -> dict[str, Any]:
     Raises ``ValueError`` naming the folder when no ``meta.json`` is found, and naming two
     patients when the cache mixes preprocessings (phase 3 re-run with other settings for some).
     """
-    from normalize_ct_and_masks import crop_settings_of  # phase 3's reader; keeps this module torch-only
+    from thoracic_seg.grid import (
+        crop_settings_of,  # phase 3's reader; keeps this module torch-only
+    )
 
     cache_dir = Path(cache_dir)
     metas = sorted(cache_dir.glob("*/meta.json"))
@@ -200,7 +186,7 @@ def preprocessing_from_cache(cache_dir: Path | str) -> dict[str, Any]:
 
 
 def _preprocessing_text(settings: Mapping[str, Any]) -> str:
-    from normalize_ct_and_masks import describe_crop
+    from thoracic_seg.grid import describe_crop
 
     return f"window {settings['window']}, size {settings['size']}, {describe_crop(settings['crop'])}"
 
@@ -277,19 +263,6 @@ def checkpoint_ptv(checkpoint: Mapping[str, Any], margin_mm: float | None = None
             raise ValueError(f"PTV margin must be a finite number >= 0 mm, got {margin_mm}")
         ptv = {"source": "derived", "margin_mm": float(margin_mm)}
     return ptv
-
-
-def fold_derived_ptv(probabilities: torch.Tensor, ptv: Mapping[str, Any]) -> torch.Tensor:
-    """(B, C, H, W) softmax probabilities -> the same with label 2 folded into background when the
-    model's PTV is derived (``checkpoint_ptv``): such a network never learnt label 2 (the loss
-    merged it with background for every training patient), so p(background or PTV) is the
-    probability of background and label 2 is never predicted. Other models: unchanged."""
-    if ptv.get("source") != "derived":
-        return probabilities
-    folded = probabilities.clone()
-    folded[:, organs.BACKGROUND] += folded[:, organs.PTV]
-    folded[:, organs.PTV] = 0
-    return folded
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

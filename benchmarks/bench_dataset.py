@@ -34,10 +34,16 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import organs  # noqa: E402
 from dataset_multi_organ import MultiOrganDataset, batch_to_device  # noqa: E402
-from normalize_ct_and_masks import CACHE_CT, CACHE_MASK, CACHE_META, slice_label_bits  # noqa: E402
-from pipeline_io import PROCESSED_FORMAT, DataLayout  # noqa: E402
+from thoracic_seg import organs  # noqa: E402  # noqa: E402
+from thoracic_seg.layout import (  # noqa: E402  # noqa: E402
+    CACHE_CT,
+    CACHE_MASK,
+    CACHE_META,
+    PROCESSED_FORMAT,
+    DataLayout,
+    slice_label_bits,
+)
 
 BATCH_SIZE = 16
 TARGET_SLICES_PER_S = 3000

@@ -24,7 +24,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline_io import DataLayout  # noqa: E402
+from thoracic_seg.layout import (
+    DataLayout,  # noqa: E402
+    read_cache_meta,
+)
 
 ARCHIVE = REPO.parent / "shared" / "data" / "nsclc-radiomics-sample.tar.xz"
 OUTPUT_JSON = REPO / "benchmarks" / "bench_disk.json"
@@ -51,7 +54,7 @@ def measure(sample_root: Path, work: Path, size: int) -> dict:
             raise RuntimeError(f"{phase.__name__}: {[(r.patient_id, r.message) for r in results]}")
     normalize_ct_and_masks.run(data_root=data_root, workers=1, size=size)
     layout = DataLayout(data_root)
-    slices = sum(normalize_ct_and_masks.read_cache_meta(data_root, pid)["shape_zyx"][0]
+    slices = sum(read_cache_meta(data_root, pid)["shape_zyx"][0]
                  for pid in ("LUNG1-005", "LUNG1-010"))
     measured = {name: folder_bytes(getattr(layout, "masks" if name == "masks_multi_organ" else name))
                 for name in FOLDERS}

@@ -48,11 +48,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/bench_inference.py` from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-import organs  # noqa: E402
 import predict_multi_organ as pm  # noqa: E402
-from normalize_ct_and_masks import DEFAULT_SIZE, DEFAULT_WINDOW  # noqa: E402
-from precision import cpu_has_native_bfloat16  # noqa: E402
+from thoracic_seg import organs  # noqa: E402  # noqa: E402
+from thoracic_seg.grid import DEFAULT_SIZE, DEFAULT_WINDOW  # noqa: E402
+from thoracic_seg.image_grid import segment_image
+from thoracic_seg.inference import Predictor
+from thoracic_seg.precision import cpu_has_native_bfloat16  # noqa: E402
 from unet_multi_organ import UNetMultiOrgan, build_checkpoint, count_parameters  # noqa: E402
+from thoracic_seg.precision import resolve_device
 
 DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "bench_inference.json"
 SAMPLE_ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "nsclc-radiomics-sample.tar.xz"
@@ -158,7 +161,7 @@ def run_once(input_dir: Path, checkpoint: Path, output_dir: Path, *, device: str
     """
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    predictor = pm.Predictor.load(checkpoint, device=device, precision=precision, batch_size=batch_size)
+    predictor = Predictor.load(checkpoint, device=device, precision=precision, batch_size=batch_size)
     seconds["load_model"] = time.perf_counter() - start
     start = time.perf_counter()
     (case,) = pm.find_cases(input_dir)
@@ -167,7 +170,7 @@ def run_once(input_dir: Path, checkpoint: Path, output_dir: Path, *, device: str
     ct = pm.read_case(case)
     hu = sitk.GetArrayFromImage(ct.image)
     seconds["read"] = time.perf_counter() - start
-    labels = predictor.segment_image(ct.image, seconds)
+    labels = segment_image(predictor, ct.image, seconds)
     clinical = reference_label_map(case.patient_id, ct.image) if clinical_outputs else None
     outputs = pm.output_paths(output_dir, case.patient_id, dicom=True)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -196,8 +199,8 @@ def precision_dice(checkpoint: Path, image: sitk.Image, device: str, batch_size:
     them, and of each against the clinical label map (how good the network is at all)."""
     labels = {}
     for precision in ("float32", "bfloat16"):
-        predictor = pm.Predictor.load(checkpoint, device=device, precision=precision, batch_size=batch_size)
-        labels[precision] = predictor.segment_image(image)
+        predictor = Predictor.load(checkpoint, device=device, precision=precision, batch_size=batch_size)
+        labels[precision] = segment_image(predictor, image)
     report: dict[str, Any] = {
         "checkpoint": str(checkpoint),
         "dice_bfloat16_vs_float32": dice_per_structure(labels["float32"], labels["bfloat16"], MIN_VOXELS),
@@ -237,7 +240,7 @@ def run(*, input_dir: Path | None, checkpoint: Path | None, device: str, precisi
     network stages do not depend on the weights. ``dice_checkpoint`` (a trained network) measures
     how much bfloat16 changes the labels, on the same CT.
     """
-    torch_device = pm.resolve_device(device)
+    torch_device = resolve_device(device)
     clinical_outputs = checkpoint is None
     with tempfile.TemporaryDirectory(prefix="bench_inference_") as tmp:
         tmp_path = Path(tmp)
@@ -249,7 +252,7 @@ def run(*, input_dir: Path | None, checkpoint: Path | None, device: str, precisi
         if checkpoint is None:
             checkpoint = random_checkpoint(tmp_path / "random.pth", base_channels, seed, size)
             network = f"random weights (seed {seed}), zero biases, base_channels {base_channels}, {size} px slices"
-        parameters = count_parameters(pm.Predictor.load(checkpoint, device="cpu", precision="float32").model)
+        parameters = count_parameters(Predictor.load(checkpoint, device="cpu", precision="float32").model)
         runs = []
         for precision in precisions:
             print(f"running {precision} ...", file=sys.stderr, flush=True)

@@ -18,7 +18,7 @@ and the held-out patients are scored in 3D on their CT grid by ``evaluate_multi_
 (without post-processing; its saved predictions are reused when the checkpoint is the same).
 Post-processing is then applied to those predictions and the structures it changes scored again
 with the evaluation's own functions: the pipeline's ``--postprocess`` rule and each candidate of
-``evaluate_multi_organ.POSTPROCESS_CANDIDATES`` (every organ keeps its largest component, or loses
+``thoracic_seg.postprocess.POSTPROCESS_CANDIDATES`` (every organ keeps its largest component, or loses
 the components under 10% / 1% of its largest). A third table pairs each with no post-processing
 (mean and worst Dice change) and marks, per structure, the candidate never worse on any measured
 fold and seed and best on average: how ``POSTPROCESS_MIN_FRACTION`` is chosen.
@@ -76,6 +76,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/bench_quality.py` from anywhere
     sys.path.insert(0, str(REPO_ROOT))
@@ -96,8 +97,8 @@ DEFAULT_LR = 1e-3  # the demo's recipe (make demo): short budgets need more than
 CHECKPOINTS = ("last", "best")
 SYNTHETIC_SEED = 0
 #: Post-processing rows of every held-out patient: none, the pipeline's ``--postprocess``
-#: (``evaluate_multi_organ.POSTPROCESS_MIN_FRACTION``), then each candidate rule of
-#: ``evaluate_multi_organ.POSTPROCESS_CANDIDATES`` applied to every organ alike.
+#: (``thoracic_seg.postprocess.POSTPROCESS_MIN_FRACTION``), then each candidate rule of
+#: ``thoracic_seg.postprocess.POSTPROCESS_CANDIDATES`` applied to every organ alike.
 NO_POSTPROCESS, DEFAULT_POSTPROCESS = "none", "--postprocess"
 #: "Never worse": no measured Dice lower than without post-processing by more than this (the
 #: table's precision; removing a few voxels of a lung changes its Dice in the fifth decimal).
@@ -145,7 +146,7 @@ def parse_config(name: str) -> Config:
         else:
             raise ValueError(f"configuration {name!r}: cannot read {part!r} (or it is given twice); "
                              f"expected 2d, 2.5d-kK, crop or a '+' combination such as crop+2.5d-k1")
-    from dataset_multi_organ import check_context_slices
+    from thoracic_seg.grid import check_context_slices
 
     return Config(name=name, context_slices=check_context_slices(context or 0), crop_body=crop)
 
@@ -226,7 +227,7 @@ def summarize(rows: Sequence[dict[str, Any]], configs: Sequence[str],
     (annotated, Dice defined): ``dice`` and ``hd95_mm`` (finite values) mean/std/n, ``hd95_inf``, and
     ``dice_seed_std``: the spread due to the seed alone, the Dice's sample std over the seeds of
     one held-out patient, averaged over patients (None with one seed)."""
-    import organs
+    from thoracic_seg import organs
 
     out = []
     for label in organs.FOREGROUND_LABELS:
@@ -259,7 +260,7 @@ def _pm(stats: dict[str, Any], digits: int) -> str:
 
 def format_table(summary: Sequence[dict[str, Any]]) -> str:
     """The quality table in Markdown: Dice with 3 decimals, HD95 in mm with 1."""
-    import organs
+    from thoracic_seg import organs
 
     lines = [TABLE_HEADER, TABLE_RULE]
     for s in summary:
@@ -332,7 +333,7 @@ def choose_postprocessing(comparison: Sequence[dict[str, Any]], candidates: Sequ
 
 def format_candidates_table(comparison: Sequence[dict[str, Any]], chosen: dict[str, str]) -> str:
     """The post-processing comparison in Markdown (changes are with minus without)."""
-    import organs
+    from thoracic_seg import organs
 
     lines = [CANDIDATES_HEADER, CANDIDATES_RULE]
     for e in comparison:
@@ -379,7 +380,7 @@ def format_markdown(report: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 def _check_results(results: Sequence[Any], what: str) -> list[str]:
     """Patient ids done or skipped; failed ones are logged and left out."""
-    from pipeline_io import FAILED
+    from thoracic_seg.batch import FAILED
 
     for r in results:
         if r.status == FAILED:
@@ -435,7 +436,7 @@ def preprocessed_root(base: Path, work: Path, size: int, crop_body: bool, worker
     """Phase 3 at ``size`` (cropped to the body or not) into its own data root, whose phase 2/2.5
     folders link ``base``'s; done once per (size, crop) and skipped when already there."""
     import normalize_ct_and_masks
-    from pipeline_io import DataLayout
+    from thoracic_seg.layout import DataLayout
 
     root = work / f"data-{size}px{'-crop' if crop_body else ''}"
     src, dst = DataLayout(base), DataLayout(root)
@@ -494,7 +495,7 @@ def check_run_record(run_dir: Path, record: dict[str, Any]) -> None:
 
 def _as_in_metrics_csv(value: Any) -> Any:
     """A metric rounded as ``evaluate_multi_organ.write_metrics_csv`` writes it."""
-    from evaluate_multi_organ import METRIC_SIGNIFICANT_DIGITS
+    from thoracic_seg.metrics import METRIC_SIGNIFICANT_DIGITS
 
     return (float(f"{value:.{METRIC_SIGNIFICANT_DIGITS}g}") if isinstance(value, float) and math.isfinite(value)
             else value)
@@ -503,24 +504,27 @@ def _as_in_metrics_csv(value: Any) -> Any:
 def postprocess_variants() -> dict[str, dict[int, float]]:
     """Name -> per-label fraction rule: the pipeline's ``--postprocess``, then each candidate
     applied to every single-body organ."""
-    import evaluate_multi_organ as ev
+    from thoracic_seg.postprocess import POSTPROCESS_CANDIDATES, POSTPROCESS_MIN_FRACTION, SINGLE_COMPONENT_LABELS
 
-    return {DEFAULT_POSTPROCESS: dict(ev.POSTPROCESS_MIN_FRACTION),
-            **{name: {label: fraction for label in ev.SINGLE_COMPONENT_LABELS}
-               for name, fraction in ev.POSTPROCESS_CANDIDATES.items()}}
+    return {DEFAULT_POSTPROCESS: dict(POSTPROCESS_MIN_FRACTION),
+            **{name: {label: fraction for label in SINGLE_COMPONENT_LABELS}
+               for name, fraction in POSTPROCESS_CANDIDATES.items()}}
 
 
 def postprocessed_rows(plain: Sequence[dict[str, Any]], *, data_root: Path, predictions_dir: Path,
                        variants: dict[str, dict[int, float]]) -> list[dict[str, Any]]:
     """The rows of each post-processing variant, from the saved predictions (without
     post-processing) of the patients in ``plain``: each variant is applied with
-    ``evaluate_multi_organ.remove_small_components`` and the structures it changed are scored again
+    ``thoracic_seg.postprocess.remove_small_components`` and the structures it changed are scored again
     with ``score_structures``; the others keep ``plain``'s metrics."""
     import numpy as np
     import SimpleITK as sitk
 
     import evaluate_multi_organ as ev
-    from pipeline_io import DataLayout, read_nifti
+    from thoracic_seg.batch import read_nifti
+    from thoracic_seg.layout import DataLayout
+    from thoracic_seg.metrics import score_structures
+    from thoracic_seg.postprocess import remove_small_components
 
     layout = DataLayout(data_root)
     out: list[dict[str, Any]] = []
@@ -532,10 +536,10 @@ def postprocessed_rows(plain: Sequence[dict[str, Any]], *, data_root: Path, pred
         spacing_zyx = tuple(reversed(truth_image.GetSpacing()))
         annotated, ptv = ev.truth_record(layout, pid)
         for name, rules in variants.items():
-            processed = ev.remove_small_components(predicted, rules)
+            processed = remove_small_components(predicted, rules)
             changed = sorted(int(v) for v in np.unique(predicted[processed != predicted]))
             rescored = {r["structure"]: r for r in
-                        (ev.score_structures(processed, truth, spacing_zyx, annotated, ptv, only=changed)
+                        (score_structures(processed, truth, spacing_zyx, annotated, ptv, only=changed)
                          if changed else [])}
             for row in mine:
                 new = {**row, "postprocess": name}
@@ -555,13 +559,14 @@ def train_and_evaluate(config: Config, *, data_root: Path, splits_dir: Path, run
     restarted with the same ``--work-dir`` goes on."""
     import evaluate_multi_organ
     import train_multi_organ
-    from dataset_multi_organ import load_split
-    from pipeline_io import DONE
+    from thoracic_seg.batch import DONE
+    from thoracic_seg.layout import LAST_CHECKPOINT
+    from thoracic_seg.splits import load_split
 
     check_run_record(run_dir, {"config": asdict(config), "seed": seed, "budget": asdict(budget),
                                "data_root": data_root.name, "train": load_split(splits_dir, "train"),
                                "test": load_split(splits_dir, "test")})
-    last = run_dir / train_multi_organ.LAST_CHECKPOINT
+    last = run_dir / LAST_CHECKPOINT
     epochs = epochs_for(budget.steps, n_train_slices, budget.batch_size)
     start = time.perf_counter()
     result = train_multi_organ.run(
@@ -648,7 +653,7 @@ def run(*, configs: Sequence[str] = BUILTIN_CONFIGS, seeds: Sequence[int] = DEFA
           f"{len(parsed)} configurations x {len(folds)} folds x {len(seeds)} seeds = "
           f"{len(parsed) * len(folds) * len(seeds)} trainings of {budget.steps} steps", flush=True)
 
-    from normalize_ct_and_masks import read_cache_meta
+    from thoracic_seg.layout import read_cache_meta
 
     data_roots: dict[bool, Path] = {}
     runs: list[dict[str, Any]] = []
@@ -675,16 +680,16 @@ def run(*, configs: Sequence[str] = BUILTIN_CONFIGS, seeds: Sequence[int] = DEFA
                 print(f"  trained {record['train_seconds']:.0f} s ({record['train_slices_per_s']:.1f} slices/s), "
                       f"evaluated {record['evaluation_seconds']:.0f} s", flush=True)
     names = [c.name for c in parsed]
-    import evaluate_multi_organ as ev
-    import organs
+    from thoracic_seg import organs
+    from thoracic_seg.postprocess import POSTPROCESS_CANDIDATES, SINGLE_COMPONENT_LABELS, describe_postprocess
 
-    candidates = list(ev.POSTPROCESS_CANDIDATES)
+    candidates = list(POSTPROCESS_CANDIDATES)
     comparison = compare_postprocessing(rows, [DEFAULT_POSTPROCESS, *candidates],
-                                        [organs.structure(label).key for label in ev.SINGLE_COMPONENT_LABELS])
+                                        [organs.structure(label).key for label in SINGLE_COMPONENT_LABELS])
     return {"benchmark": "bench_quality", "machine": machine(budget.device), "budget": asdict(budget),
             "configs": names, "skipped": skipped, "seeds": list(seeds), "folds": fold_records,
             "runs": runs, "rows": rows, "summary": summarize(rows, names),
-            "postprocess_rule": ev.describe_postprocess(), "postprocess_comparison": comparison,
+            "postprocess_rule": describe_postprocess(), "postprocess_comparison": comparison,
             "postprocess_chosen": choose_postprocessing(comparison, candidates)}
 
 
@@ -756,8 +761,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_sample and not ARCHIVE.is_file():
         print(f"real sample data not found at {ARCHIVE} (give --no-sample --extra-root DIR)", file=sys.stderr)
         return 2
-    from pipeline_io import setup_logging
-    from unet_multi_organ import resolve_device
+    from thoracic_seg.batch import setup_logging
+    from thoracic_seg.precision import resolve_device
 
     try:
         device = resolve_device(args.device)

@@ -31,14 +31,18 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/bench_training.py` from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-from losses_multi_organ import multi_organ_loss  # noqa: E402  (imports only torch)
-from precision import FLOAT32, Precision, training_precision  # noqa: E402  (imports only torch)
-from unet_multi_organ import UNetMultiOrgan, resolve_device  # noqa: E402
+from thoracic_seg.losses import multi_organ_loss  # noqa: E402  (imports only torch)
+from thoracic_seg.precision import (  # noqa: E402  (imports only torch)
+    FLOAT32,
+    Precision,
+    resolve_device,
+    training_precision,
+)
+from unet_multi_organ import UNetMultiOrgan
 
 DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "bench_training.json"
 DEFAULT_BATCH_SIZES = (8, 16, 32, 64)

@@ -64,7 +64,8 @@ def synthetic_cohort(tmp_path_factory: pytest.TempPathFactory):
 def write_mask_record(masks_dir: Path, patient_id: str, annotated, ptv=None) -> None:
     """Phase 2.5's per-patient record ``<PatientID>.json`` for a label map a test wrote by hand, as
     extract_multi_organ_masks.py writes it (``ptv`` default: derived, 10 mm)."""
-    from pipeline_io import PROCESSED_FORMAT, file_sha256
+    from thoracic_seg.batch import file_sha256
+    from thoracic_seg.layout import PROCESSED_FORMAT
 
     mask = Path(masks_dir) / f"{patient_id}.nii.gz"
     record = {"format": PROCESSED_FORMAT, "patient_id": patient_id, "annotated": [bool(a) for a in annotated],

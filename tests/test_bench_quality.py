@@ -2,15 +2,15 @@
 cohort (two tiny synthetic patients standing in for the real ones, one synthetic training patient)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import load_benchmark
+
+from thoracic_seg.metrics import score_structures
 
 BENCH_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quality.py"
 STRUCTURES = ("gtv", "ptv", "lung_right", "lung_left", "heart", "esophagus", "spinal_cord")
@@ -121,8 +121,7 @@ def test_postprocessed_rows_rescore_what_a_rule_changed(bench, tmp_path, monkeyp
     import SimpleITK as sitk
 
     import evaluate_multi_organ as ev
-    import organs
-    import pipeline_io
+    from thoracic_seg import batch, organs
 
     truth = np.zeros((4, 8, 8), np.uint8)
     truth[0:3, 0:4, 0:4] = organs.RIGHT_LUNG
@@ -131,11 +130,11 @@ def test_postprocessed_rows_rescore_what_a_rule_changed(bench, tmp_path, monkeyp
     predicted[3, 0, 7] = organs.RIGHT_LUNG                      # not touching the lung: a second piece
     predicted[3, 6, 6] = 0                                      # the cord one voxel short
     arrays = {"pred": predicted, "masks": truth}
-    monkeypatch.setattr(pipeline_io, "read_nifti",
+    monkeypatch.setattr(batch, "read_nifti",
                         lambda path: sitk.GetImageFromArray(arrays["pred" if "pred" in str(path) else "masks"]))
     monkeypatch.setattr(ev, "truth_record", lambda layout, pid: ([True] * organs.NUM_CLASSES, {}))
     plain = [{"config": "2d", "fold": 0, "seed": 0, "patient_id": "P", "postprocess": "none", **row}
-             for row in ev.score_structures(predicted, truth, (1.0, 1.0, 1.0), [True] * organs.NUM_CLASSES)]
+             for row in score_structures(predicted, truth, (1.0, 1.0, 1.0), [True] * organs.NUM_CLASSES)]
     rows = bench.postprocessed_rows(plain, data_root=tmp_path, predictions_dir=tmp_path / "pred",
                                     variants={"largest": {organs.RIGHT_LUNG: 1.0, organs.SPINAL_CORD: 1.0}})
     by = {r["structure"]: r for r in rows}

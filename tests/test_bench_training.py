@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import load_benchmark
 
 BENCH_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_training.py"

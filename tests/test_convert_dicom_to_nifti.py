@@ -26,7 +26,11 @@ import SimpleITK as sitk
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, RLELossless, generate_uid
 
 import convert_dicom_to_nifti as conv
-from pipeline_io import DONE, FAILED, SKIPPED, PatientError
+from thoracic_seg.batch import DONE, FAILED, SKIPPED, PatientError
+from thoracic_seg.dicom_ct import (
+    PatientDicom, RTStructInfo, SeriesInfo, choose_ct_series, find_dicom_series, read_ct_series,
+)
+from thoracic_seg.layout import REPORT_NAME, read_report
 
 SIZE = 32
 IBSI_SLICES = 10
@@ -158,7 +162,7 @@ def assert_failed_cleanly(tmp_path: Path, results: dict, patient_id: str, match:
     assert not (out_dir(tmp_path) / f"{patient_id}.nii.gz").exists()
     assert not (out_dir(tmp_path) / ".partial").exists()
     assert results["GOOD"].status == DONE
-    report = conv.read_report(out_dir(tmp_path) / conv.REPORT_NAME)
+    report = read_report(out_dir(tmp_path) / REPORT_NAME)
     assert report[patient_id]["status"] == FAILED and report[patient_id]["message"] == result.message
     assert report["GOOD"]["status"] == DONE
 
@@ -199,7 +203,7 @@ def test_real_patient_matches_reference_json(real_converted, reference_json, pat
     assert int(array.min()) == ref["hu_min"]
     assert int(array.max()) == ref["hu_max"]
     assert int(array.sum(dtype=np.int64)) == ref["hu_sum"]
-    row = conv.read_report(data_root / "processed" / "ct_nifti" / conv.REPORT_NAME)[patient_id]
+    row = read_report(data_root / "processed" / "ct_nifti" / REPORT_NAME)[patient_id]
     series_folder = Path(row["series_folder"]).relative_to(Path(row["patient_folder"]).parent)
     assert series_folder.as_posix() == ref["ct_series_folder"]
     assert row["slices"] == "91" and row["shape_zyx"] == "91 512 512" and row["spacing_xyz"] == "0.977 0.977 3"
@@ -253,7 +257,7 @@ def test_synthetic_cohort_end_to_end(synthetic_cohort, tmp_path):
     raw_dir, truth_dir, cohort = synthetic_cohort
     results = conv.run(data_root=tmp_path, dicom_root=raw_dir)
     assert [r.status for r in results] == [DONE] * len(cohort)
-    report = conv.read_report(out_dir(tmp_path) / conv.REPORT_NAME)
+    report = read_report(out_dir(tmp_path) / REPORT_NAME)
     for record in cohort:
         pid = record["patient_id"]
         _, image = read_volume(tmp_path, pid)
@@ -287,7 +291,7 @@ def test_clean_series_converts_with_exact_hu_and_geometry(tmp_path, template):
 
 def test_read_ct_series_lists_each_slice_uid_and_position(tmp_path, template):
     folder = write_patient(tmp_path / "raw", "GOOD", template)
-    ct = conv.read_ct_series(sorted(folder.glob("*.dcm"), reverse=True))
+    ct = read_ct_series(sorted(folder.glob("*.dcm"), reverse=True))
     assert [s.sop_instance_uid for s in ct.slices] == [ds.SOPInstanceUID for ds in template.slices]
     assert [s.z_mm for s in ct.slices] == pytest.approx(template.z(), abs=1e-4)
     assert ct.series_uid == template.slices[0].SeriesInstanceUID
@@ -310,19 +314,19 @@ def test_find_dicom_series_patient_folders(tmp_path, template):
         for f in (flat / name).glob("*.dcm"):
             f.rename(flat / f.name)
         (flat / name).rmdir()
-    p1, p2, p3 = conv.find_dicom_series(tmp_path / "collection")
+    p1, p2, p3 = find_dicom_series(tmp_path / "collection")
     assert (p1.patient_id, p2.patient_id, p3.patient_id) == ("P1", "P2", "P3")
     assert p1.folder == tmp_path / "collection" / "P1"
     assert p2.folder == tmp_path / "collection" / "cohort" / "P2"  # CT and RTSTRUCT study folders
     assert p3.folder == tmp_path / "collection" / "cohort" / "P3" / "01-study" / "1.000-series"
     assert [r.referenced_series_uids for r in p2.rtstructs] == [{"1.2.3"}] and p2.ignored == {"RTSTRUCT": 1}
-    a, b = conv.find_dicom_series(flat)
+    a, b = find_dicom_series(flat)
     assert (a.patient_id, b.patient_id) == ("A", "B") and a.folder == b.folder == flat
     assert [len(s.files) for s in a.ct_series.values()] == [len(template.slices)]
 
 
-def _series(uid: str, n: int) -> conv.SeriesInfo:
-    return conv.SeriesInfo(uid, "S", "F1", [Path(f"/d/{uid}/{k}.dcm") for k in range(n)])
+def _series(uid: str, n: int) -> SeriesInfo:
+    return SeriesInfo(uid, "S", "F1", [Path(f"/d/{uid}/{k}.dcm") for k in range(n)])
 
 
 @pytest.mark.parametrize("sizes, referenced, frames, expected, why", [
@@ -337,19 +341,19 @@ def _series(uid: str, n: int) -> conv.SeriesInfo:
     ({"1.1": 5, "1.2": 9}, set(), {"F1"}, "1.2", "because it is in the RTSTRUCT's frame of reference"),
 ])
 def test_choose_ct_series(sizes, referenced, frames, expected, why):
-    patient = conv.PatientDicom("P", "P", Path("/d"), {u: _series(u, n) for u, n in sizes.items()})
+    patient = PatientDicom("P", "P", Path("/d"), {u: _series(u, n) for u, n in sizes.items()})
     if referenced or frames:
-        patient.rtstructs.append(conv.RTStructInfo(Path("/d/rs.dcm"), referenced, frames))
-    chosen, note = conv.choose_ct_series(patient)
+        patient.rtstructs.append(RTStructInfo(Path("/d/rs.dcm"), referenced, frames))
+    chosen, note = choose_ct_series(patient)
     assert chosen.series_uid == expected
     assert (why in note) if why else note == ""
 
 
 def test_choose_ct_series_without_ct_names_what_was_found():
-    patient = conv.PatientDicom("P", "P", Path("/d"))
+    patient = PatientDicom("P", "P", Path("/d"))
     patient.ignored.update({"RTSTRUCT": 1, "SEG": 2})
     with pytest.raises(PatientError, match=r"no CT image series under /d \(found: 1 RTSTRUCT, 2 SEG\)"):
-        conv.choose_ct_series(patient)
+        choose_ct_series(patient)
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,7 +401,7 @@ def test_rtdose_rtplan_seg_and_text_beside_the_ct_are_ignored(tmp_path, template
     assert any("notes.txt: not a DICOM file" in r.getMessage() for r in caplog.records)
     array, _ = read_volume(tmp_path, "MIXED")
     np.testing.assert_array_equal(array, template.hu())
-    (patient,) = [p for p in conv.find_dicom_series(raw) if p.patient_id == "MIXED"]
+    (patient,) = [p for p in find_dicom_series(raw) if p.patient_id == "MIXED"]
     assert patient.ignored == {"RTDOSE": 1, "RTPLAN": 1, "SEG": 1}
 
 
@@ -416,7 +420,7 @@ def test_two_ct_series_in_one_patient_folder(tmp_path, template, rtstruct_refers
         write_rtstruct(raw, "TWO", template, small_uid)
     results = convert(tmp_path)
     array, _ = read_volume(tmp_path, "TWO")
-    row = conv.read_report(out_dir(tmp_path) / conv.REPORT_NAME)["TWO"]
+    row = read_report(out_dir(tmp_path) / REPORT_NAME)["TWO"]
     n = len(template.slices)
     if rtstruct_refers_to_smaller:
         assert "referenced by the RTSTRUCT" in results["TWO"].message
@@ -451,10 +455,10 @@ def test_rtstruct_frame_of_reference_is_also_read_from_the_roi_sequence(tmp_path
     for item in ds.StructureSetROISequence:
         item.ReferencedFrameOfReferenceUID = small_frame
     ds.save_as(path)
-    (patient,) = conv.find_dicom_series(raw)
+    (patient,) = find_dicom_series(raw)
     (rtstruct,) = patient.rtstructs
     assert (rtstruct.referenced_series_uids, rtstruct.frame_of_reference_uids) == (set(), {small_frame})
-    chosen, note = conv.choose_ct_series(patient)
+    chosen, note = choose_ct_series(patient)
     assert chosen.series_uid == small_uid and "because it is in the RTSTRUCT's frame of reference" in note
 
 
@@ -507,10 +511,10 @@ def test_missing_slice_is_interpolated_with_fill_gaps(tmp_path, template):
     expected[3] = np.rint((hu[2].astype(np.float64) + hu[4]) / 2)
     np.testing.assert_array_equal(array, expected)
     assert image.GetSpacing()[2] == pytest.approx(template.z()[1] - template.z()[0], abs=1e-4)
-    row = conv.read_report(out_dir(tmp_path) / conv.REPORT_NAME)["GAP"]
+    row = read_report(out_dir(tmp_path) / REPORT_NAME)["GAP"]
     assert (row["filled_slices"], row["slices"]) == ("1", str(len(hu) - 1))
     assert row["shape_zyx"] == f"{len(hu)} {SIZE} {SIZE}"
-    ct = conv.read_ct_series(sorted((raw / "GAP").rglob("*.dcm")), fill_gaps=True)
+    ct = read_ct_series(sorted((raw / "GAP").rglob("*.dcm")), fill_gaps=True)
     assert ct.slices[3].sop_instance_uid is None and ct.slices[3].z_mm == pytest.approx(template.z()[3], abs=1e-4)
 
 
@@ -729,9 +733,9 @@ def test_unsafe_patient_id_stays_inside_the_output_folder(tmp_path, template, pa
     results = convert(tmp_path)
     assert results[expected_file].status == DONE and results["GOOD"].status == DONE
     assert {p.name for p in out_dir(tmp_path).iterdir()} == {
-        "GOOD.nii.gz", conv.REPORT_NAME, f"{expected_file}.nii.gz"}
+        "GOOD.nii.gz", REPORT_NAME, f"{expected_file}.nii.gz"}
     assert not list(tmp_path.parent.glob("*.nii.gz")) and not (tmp_path / "etc").exists()
-    assert conv.read_report(out_dir(tmp_path) / conv.REPORT_NAME)[expected_file]["dicom_patient_id"] == patient_id
+    assert read_report(out_dir(tmp_path) / REPORT_NAME)[expected_file]["dicom_patient_id"] == patient_id
 
 
 def test_two_patient_ids_with_the_same_file_name_both_fail(tmp_path, template):
@@ -744,7 +748,7 @@ def test_two_patient_ids_with_the_same_file_name_both_fail(tmp_path, template):
     assert "several patients would be written to etc.nii.gz" in results["etc"].message
     assert "'../../etc'" in results["etc"].message and "'etc'" in results["etc"].message
     assert not (out_dir(tmp_path) / "etc.nii.gz").exists() and results["GOOD"].status == DONE
-    assert conv.read_report(out_dir(tmp_path) / conv.REPORT_NAME)["etc"]["status"] == FAILED
+    assert read_report(out_dir(tmp_path) / REPORT_NAME)["etc"]["status"] == FAILED
 
 
 def test_output_folder_without_write_permission(tmp_path, template, capsys):
@@ -777,11 +781,11 @@ def test_existing_output_is_skipped_unless_overwrite_and_report_rows_merge(tmp_p
     results = convert(tmp_path)
     assert results["GOOD"].status == SKIPPED and results["OTHER"].status == DONE
     assert target.stat().st_mtime == 1
-    report = conv.read_report(out_dir(tmp_path) / conv.REPORT_NAME)
+    report = read_report(out_dir(tmp_path) / REPORT_NAME)
     assert report["GOOD"]["status"] == DONE and report["OTHER"]["status"] == DONE  # first run's row kept
     assert convert(tmp_path, patients=["GOOD"], overwrite=True)["GOOD"].status == DONE
     assert target.stat().st_mtime > 1
-    assert set(conv.read_report(out_dir(tmp_path) / conv.REPORT_NAME)) == {"GOOD", "OTHER"}
+    assert set(read_report(out_dir(tmp_path) / REPORT_NAME)) == {"GOOD", "OTHER"}
 
 
 def test_failed_overwrite_keeps_the_previous_output_and_says_so(tmp_path, template):
@@ -794,7 +798,7 @@ def test_failed_overwrite_keeps_the_previous_output_and_says_so(tmp_path, templa
     assert result.status == FAILED and result.message.endswith("the previous GOOD.nii.gz was left in place")
     assert (out_dir(tmp_path) / "GOOD.nii.gz").read_bytes() == before
     assert convert(tmp_path)["GOOD"].status == SKIPPED
-    assert conv.read_report(out_dir(tmp_path) / conv.REPORT_NAME)["GOOD"]["status"] == SKIPPED
+    assert read_report(out_dir(tmp_path) / REPORT_NAME)["GOOD"]["status"] == SKIPPED
 
 
 def test_main_exit_status_and_summary_line(tmp_path, template, capsys):

@@ -11,19 +11,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import organs
 from dataset_multi_organ import (
-    MultiOrganDataset,
-    SliceAugmentation,
-    batch_to_device,
-    load_split,
-    context_indices,
-    context_stack,
-    make_tumour_oversampling_sampler,
-    read_npy_header,
+    MultiOrganDataset, SliceAugmentation, batch_to_device, make_tumour_oversampling_sampler, read_npy_header,
 )
-from normalize_ct_and_masks import slice_label_bits
-from pipeline_io import PROCESSED_FORMAT, DataLayout
+from thoracic_seg import organs
+from thoracic_seg.grid import context_indices, context_stack
+from thoracic_seg.layout import PROCESSED_FORMAT, DataLayout, slice_label_bits
+from thoracic_seg.splits import load_split
 
 SIZE = 32
 

@@ -17,14 +17,14 @@ import SimpleITK as sitk
 import torch
 
 import convert_dicom_to_nifti
-import organs
 import evaluate_multi_organ
 import extract_multi_organ_masks
 import normalize_ct_and_masks
 import predict_multi_organ
 import prepare_train_val_test_splits
 import train_multi_organ
-from pipeline_io import DataLayout
+from thoracic_seg import organs
+from thoracic_seg.layout import DataLayout
 
 SIZE = "64"
 TINY_TRAINING = ["--base-channels", "4", "--batch-size", "4", "--epochs", "1", "--max-steps", "3",

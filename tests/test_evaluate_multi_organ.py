@@ -13,16 +13,22 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import write_mask_record
 from scipy.spatial.distance import cdist
 
 import evaluate_multi_organ as ev
-import predict_multi_organ as pm
 import normalize_ct_and_masks as phase3
-import organs
-import precision
-from conftest import write_mask_record
-from extract_multi_organ_masks import ptv_from_gtv
-from pipeline_io import DONE, FAILED, DataLayout, exit_status, same_geometry
+import predict_multi_organ as pm
+from thoracic_seg import inference
+from thoracic_seg import organs, precision
+from thoracic_seg.batch import DONE, FAILED, exit_status, same_geometry
+from thoracic_seg.grid import resize_labels_to_shape, to_network_array
+from thoracic_seg.layout import DataLayout, read_cache_meta
+from thoracic_seg.metrics import dice_3d, hd95_mm, score_structures, volume_ml
+from thoracic_seg.postprocess import (
+    describe_postprocess, keep_largest_component, postprocess_labels, remove_small_components,
+)
+from thoracic_seg.ptv import ptv_from_gtv
 
 STRUCTURE_COLUMNS = ("patient_id", "label", "structure", "annotated", "source_rois", "derived",
                      "voxels", "volume_ml", "voxels_lost")
@@ -57,11 +63,11 @@ EMPTY = np.zeros((12, 12, 12), bool)
     (cube(), EMPTY, 0.0),
 ])
 def test_dice_3d_hand_values(pred, truth, expected):
-    assert ev.dice_3d(pred, truth) == pytest.approx(expected, abs=1e-12)
+    assert dice_3d(pred, truth) == pytest.approx(expected, abs=1e-12)
 
 
 def test_dice_3d_both_empty_is_nan():
-    assert math.isnan(ev.dice_3d(EMPTY, EMPTY))
+    assert math.isnan(dice_3d(EMPTY, EMPTY))
 
 
 @pytest.mark.parametrize("pred, truth, spacing, expected", [
@@ -78,14 +84,14 @@ def test_dice_3d_both_empty_is_nan():
     (cube(z=(3, 7)), cube(), (0.5, 0.5, 0.5), 0.5),
 ])
 def test_hd95_mm_hand_values(pred, truth, spacing, expected):
-    assert ev.hd95_mm(pred, truth, spacing) == pytest.approx(expected, abs=1e-9)
-    assert ev.hd95_mm(truth, pred, spacing) == pytest.approx(expected, abs=1e-9)  # symmetric
+    assert hd95_mm(pred, truth, spacing) == pytest.approx(expected, abs=1e-9)
+    assert hd95_mm(truth, pred, spacing) == pytest.approx(expected, abs=1e-9)  # symmetric
 
 
 def test_hd95_mm_empty_rules():
-    assert math.isnan(ev.hd95_mm(EMPTY, EMPTY, (1, 1, 1)))
-    assert ev.hd95_mm(EMPTY, cube(), (1, 1, 1)) == math.inf
-    assert ev.hd95_mm(cube(), EMPTY, (1, 1, 1)) == math.inf
+    assert math.isnan(hd95_mm(EMPTY, EMPTY, (1, 1, 1)))
+    assert hd95_mm(EMPTY, cube(), (1, 1, 1)) == math.inf
+    assert hd95_mm(cube(), EMPTY, (1, 1, 1)) == math.inf
 
 
 def _brute_force_hd95(a: np.ndarray, b: np.ndarray, spacing) -> float:
@@ -112,7 +118,7 @@ def test_hd95_mm_matches_brute_force_on_random_blobs(seed):
         r = rng.uniform((2, 3, 3), (4, 7, 7))
         blobs.append(((zz - c[0]) / r[0]) ** 2 + ((yy - c[1]) / r[1]) ** 2 + ((xx - c[2]) / r[2]) ** 2 <= 1)
     spacing = (2.5, 0.7, 0.9)
-    assert ev.hd95_mm(blobs[0], blobs[1], spacing) == pytest.approx(_brute_force_hd95(*blobs, spacing), abs=1e-9)
+    assert hd95_mm(blobs[0], blobs[1], spacing) == pytest.approx(_brute_force_hd95(*blobs, spacing), abs=1e-9)
 
 
 @pytest.mark.parametrize("args, match", [
@@ -124,11 +130,11 @@ def test_hd95_mm_matches_brute_force_on_random_blobs(seed):
 ])
 def test_hd95_mm_bad_arguments(args, match):
     with pytest.raises(ValueError, match=match):
-        ev.hd95_mm(*args)
+        hd95_mm(*args)
 
 
 def test_volume_ml_uses_the_voxel_volume():
-    assert ev.volume_ml(cube(), (3.0, 0.5, 2.0)) == pytest.approx(64 * 3.0 / 1000)
+    assert volume_ml(cube(), (3.0, 0.5, 2.0)) == pytest.approx(64 * 3.0 / 1000)
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,7 +149,7 @@ def test_score_structures_ptv_union_and_unannotated_skipped():
     predicted[0, 0, :3] = 0
     annotated = [True, True, True, False, False, False, False, False]
 
-    rows = {r["structure"]: r for r in ev.score_structures(predicted, truth, (2.0, 1.0, 1.0), annotated)}
+    rows = {r["structure"]: r for r in score_structures(predicted, truth, (2.0, 1.0, 1.0), annotated)}
 
     assert [r["structure"] for r in rows.values()] == [organs.structure(k).key for k in range(1, 8)]
     ptv = rows["ptv"]
@@ -170,21 +176,21 @@ def test_score_structures_derived_ptv_is_the_margin_of_each_gtv():
     predicted[0, 0, 0] = organs.PTV                          # never counted for a derived PTV
     spacing = (3.0, 1.0, 1.0)
     annotated = [True, True, False, True, False, False, False, False]
-    rows = {r["structure"]: r for r in ev.score_structures(predicted, truth, spacing, annotated,
+    rows = {r["structure"]: r for r in score_structures(predicted, truth, spacing, annotated,
                                                             {"source": "derived", "margin_mm": 4.0})}
     ptv = rows["ptv"]
     pred_ptv = ptv_from_gtv(predicted == organs.GTV, spacing, 4.0)
     true_ptv = ptv_from_gtv(truth == organs.GTV, spacing, 4.0)
     assert (ptv["annotated"], ptv["labels"]) == (True, "GTV + 4 mm")
-    assert ptv["dice"] == pytest.approx(ev.dice_3d(pred_ptv, true_ptv)) and 0.8 < ptv["dice"] < 1
+    assert ptv["dice"] == pytest.approx(dice_3d(pred_ptv, true_ptv)) and 0.8 < ptv["dice"] < 1
     assert ptv["truth_ml"] == pytest.approx(true_ptv.sum() * 3.0 / 1000)
     assert rows["gtv"]["dice"] == pytest.approx(2 * 12 / 36)
     # Without a GTV contour there is nothing to grow: PTV not scored. A contoured PTV: labels 1 + 2.
     annotated[organs.GTV] = False
-    no_gtv = {r["structure"]: r for r in ev.score_structures(predicted, truth, spacing, annotated,
+    no_gtv = {r["structure"]: r for r in score_structures(predicted, truth, spacing, annotated,
                                                               {"source": "derived", "margin_mm": 4.0})}
     assert no_gtv["ptv"]["annotated"] is False and no_gtv["ptv"]["dice"] is None
-    assert ev.score_structures(predicted, truth, spacing, annotated, CONTOURED)[1]["labels"] == "1+2"
+    assert score_structures(predicted, truth, spacing, annotated, CONTOURED)[1]["labels"] == "1+2"
 
 
 def test_ptv_scoring_line_of_the_summary():
@@ -196,7 +202,7 @@ def test_ptv_scoring_line_of_the_summary():
 
 def test_score_structures_needs_8_flags():
     with pytest.raises(ValueError, match="annotated needs 8 flags .*got 7"):
-        ev.score_structures(np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), (1, 1, 1), [True] * 7)
+        score_structures(np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), (1, 1, 1), [True] * 7)
 
 
 def test_summarize_counts_and_ignores_unscored_rows():
@@ -226,7 +232,7 @@ def test_keep_largest_component_per_organ_but_not_tumour():
     labels[5, 0, 6] = organs.HEART                   # stray, removed
     labels[0:2, 0:2, 8:10] = organs.GTV              # primary
     labels[4, 8, 8] = organs.GTV                     # node: a second focus, kept
-    out = ev.keep_largest_component(labels)
+    out = keep_largest_component(labels)
 
     expected = labels.copy()
     expected[5, 10, 10] = 0
@@ -243,38 +249,38 @@ def test_remove_small_components_by_fraction_of_the_largest():
     labels[3, 10, 5] = organs.HEART                  # left alone: not in the rule
     labels[5, 0, 11] = organs.HEART
     rules = {organs.ESOPHAGUS: 0.1}
-    out = ev.remove_small_components(labels, rules)
+    out = remove_small_components(labels, rules)
     expected = labels.copy()
     expected[5, 10, 0] = 0                           # under 10%: removed; the 20% piece stays
     np.testing.assert_array_equal(out, expected)
     expected[0, 8:12, 8:12] = 0                      # under 25%: the 20% piece goes too
-    np.testing.assert_array_equal(ev.remove_small_components(labels, {organs.ESOPHAGUS: 0.25}), expected)
-    np.testing.assert_array_equal(ev.remove_small_components(labels, {organs.ESOPHAGUS: 0.0}), labels)
+    np.testing.assert_array_equal(remove_small_components(labels, {organs.ESOPHAGUS: 0.25}), expected)
+    np.testing.assert_array_equal(remove_small_components(labels, {organs.ESOPHAGUS: 0.0}), labels)
     only_largest = labels.copy()
     only_largest[(labels == organs.ESOPHAGUS) & ~np.pad(np.ones((5, 4, 4), bool), ((0, 1), (0, 8), (0, 8)))] = 0
-    np.testing.assert_array_equal(ev.remove_small_components(labels, {organs.ESOPHAGUS: 1.0}), only_largest)
+    np.testing.assert_array_equal(remove_small_components(labels, {organs.ESOPHAGUS: 1.0}), only_largest)
     with pytest.raises(ValueError, match="label 6: the fraction of the largest component must be >= 0, got -0.1"):
-        ev.remove_small_components(labels, {organs.ESOPHAGUS: -0.1})
+        remove_small_components(labels, {organs.ESOPHAGUS: -0.1})
     with pytest.raises(ValueError, match="label 6: the fraction of the largest component must be >= 0, got nan"):
-        ev.remove_small_components(labels, {organs.ESOPHAGUS: float("nan")})
+        remove_small_components(labels, {organs.ESOPHAGUS: float("nan")})
     for label in (0, -1, 8):
         with pytest.raises(ValueError, match=f"rules are for labels 1-7, got label {label}"):
-            ev.remove_small_components(labels, {label: 0.5})
+            remove_small_components(labels, {label: 0.5})
 
 
 def test_describe_postprocess():
-    assert ev.describe_postprocess({}) == "none"
-    assert ev.describe_postprocess({organs.HEART: 1.0, organs.RIGHT_LUNG: 1.0, organs.ESOPHAGUS: 0.1,
+    assert describe_postprocess({}) == "none"
+    assert describe_postprocess({organs.HEART: 1.0, organs.RIGHT_LUNG: 1.0, organs.ESOPHAGUS: 0.1,
                                     organs.SPINAL_CORD: 0.0}) == (
         "largest component: Right lung, Heart; components under 10% of the largest removed: Esophagus")
-    assert ev.describe_postprocess({organs.HEART: 0.005, organs.ESOPHAGUS: 0.125}) == (
+    assert describe_postprocess({organs.HEART: 0.005, organs.ESOPHAGUS: 0.125}) == (
         "components under 12.5% of the largest removed: Esophagus; "
         "components under 0.5% of the largest removed: Heart")
 
 
 def test_keep_largest_component_rejects_2d():
     with pytest.raises(ValueError, match=r"expected a 3D \(z, y, x\) label map, got shape \(4, 4\)"):
-        ev.keep_largest_component(np.zeros((4, 4), np.uint8))
+        keep_largest_component(np.zeros((4, 4), np.uint8))
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,7 +439,7 @@ def _stand_in_checkpoint(model: torch.nn.Module, tmp_path: Path, monkeypatch, cr
     preprocessing = {"size": SIZE, "window": [-1000, 400], "zscore": "per_patient",
                      **({"crop": dict(crop)} if crop else {})}
     record = {"preprocessing": preprocessing, "model_config": {"in_channels": 1, "out_channels": organs.NUM_CLASSES}}
-    monkeypatch.setattr(pm, "load_checkpoint_model", lambda path, device: (model, record))
+    monkeypatch.setattr(inference, "load_checkpoint_model", lambda path, device: (model, record))
     return checkpoint
 
 
@@ -500,14 +506,14 @@ def test_a_feet_first_transposed_patient_is_predicted_in_lps_and_scored_on_its_s
     """The network sees the ARI patient in LPS (phase 3's cache, 128 x 64 before the resize); its
     labels go back to phase 2's stored order and grid exactly: Dice 1 against masks_multi_organ."""
     layout = DataLayout(data_root)
-    meta = phase3.read_cache_meta(data_root, "P-FEET")
+    meta = read_cache_meta(data_root, "P-FEET")
     assert meta["orientation"] == {"stored": "ARI", "network": "LPS"}
     assert meta["original_shape_zyx"] == [10, 64, 128] and meta["original_direction"] == list(FEET_FIRST_TRANSPOSED)
     truth = sitk.ReadImage(str(layout.masks / "P-FEET.nii.gz"))
     cached = np.load(layout.training_cache / "P-FEET" / "mask.npy")
-    network_truth = phase3.to_network_array(sitk.GetArrayFromImage(truth), "ARI")
+    network_truth = to_network_array(sitk.GetArrayFromImage(truth), "ARI")
     assert network_truth.shape == (10, 128, 64)
-    np.testing.assert_array_equal(cached, phase3.resize_labels_to_shape(network_truth, (SIZE, SIZE)))
+    np.testing.assert_array_equal(cached, resize_labels_to_shape(network_truth, (SIZE, SIZE)))
     checkpoint = _stand_in_checkpoint(PerfectModel([layout.training_cache / "P-FEET"]), tmp_path, monkeypatch)
     [result] = ev.run(checkpoint=checkpoint, data_root=data_root, patients=["P-FEET"], device="cpu")
     assert result.status == DONE, result.message
@@ -560,7 +566,7 @@ def test_main_with_a_real_checkpoint_writes_predictions_and_reuses_them(data_roo
     assert same_geometry(prediction, sitk.ReadImage(str(DataLayout(data_root).ct_nifti / "P-ODD.nii.gz")))
     labels = sitk.GetArrayFromImage(prediction)
     assert labels.dtype == np.uint8 and labels.max() < organs.NUM_CLASSES
-    np.testing.assert_array_equal(ev.postprocess_labels(labels), labels)       # post-processed
+    np.testing.assert_array_equal(postprocess_labels(labels), labels)       # post-processed
     first = (out / "metrics.csv").read_text()
 
     assert ev.main(argv) == 0                                               # predictions reused
@@ -663,8 +669,8 @@ def test_perfect_model_on_a_cropped_cache_scores_dice_one_on_the_original_grid(c
     # 28 px body + 2 px each side; C-SAME's rows are flipped into LPS (80 - 48 = 32 -> rows 30-61);
     # C-FEET's rows are its stored columns reversed (72 - 58 = 14 -> rows 12-43), its columns its
     # stored rows reversed (80 - 48 = 32 -> columns 30-61).
-    assert phase3.read_cache_meta(cropped_root, "C-SAME")["crop"] == {**CROP_2MM, "box_yx": [30, 28, 32]}
-    assert phase3.read_cache_meta(cropped_root, "C-FEET")["crop"] == {**CROP_2MM, "box_yx": [12, 30, 32]}
+    assert read_cache_meta(cropped_root, "C-SAME")["crop"] == {**CROP_2MM, "box_yx": [30, 28, 32]}
+    assert read_cache_meta(cropped_root, "C-FEET")["crop"] == {**CROP_2MM, "box_yx": [12, 30, 32]}
     model = PerfectModel([layout.training_cache / p for p in ("C-SAME", "C-FEET")])
     checkpoint = _stand_in_checkpoint(model, tmp_path, monkeypatch, crop=CROP_2MM)
     results = ev.run(checkpoint=checkpoint, data_root=cropped_root, patients=["C-SAME", "C-FEET"], device="cpu")

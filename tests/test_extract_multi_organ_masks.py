@@ -19,8 +19,18 @@ import pytest
 import SimpleITK as sitk
 
 import extract_multi_organ_masks as em
-import organs
-from pipeline_io import DONE, FAILED, SKIPPED, DataLayout
+from thoracic_seg import organs
+from thoracic_seg.batch import DONE, FAILED, SKIPPED
+from thoracic_seg.geometry import BoxMask, Grid
+from thoracic_seg.layout import (
+    CONVERSION_REPORT, STRUCTURES_COLUMNS, STRUCTURES_CSV, UNMATCHED_CSV, DataLayout, _read_csv,
+    read_mask_record, read_structures_csv,
+)
+from thoracic_seg.ptv import expand_mm, ptv_from_gtv
+from thoracic_seg.rtstruct_read import (
+    _RTSTRUCT_IN_HEADER, Contour, _Notes, _planar_polygons, fill_polygons_2d, masks_from_rtstruct,
+    rasterize_contours, read_rois, referenced_uids,
+)
 
 
 def make_image(size_xyz=(20, 12, 4), spacing=(0.5, 0.8, 2.5), origin=(-10.0, 20.0, -30.0),
@@ -49,14 +59,14 @@ def rectangle(image, x0, x1, y0, y1, k) -> np.ndarray:
 def test_continuous_index_inverts_simpleitk(direction) -> None:
     image = make_image(direction=direction)
     index = np.array([[0, 0, 0], [3.25, 7.5, 2], [19, 11, 3]])
-    np.testing.assert_allclose(em.Grid.of(image).continuous_index(lps(image, index)), index, atol=1e-9)
+    np.testing.assert_allclose(Grid.of(image).continuous_index(lps(image, index)), index, atol=1e-9)
 
 
 @pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (-1, 0, 0, 0, 1, 0, 0, 0, -1)])
 def test_rectangle_fills_voxel_centres_inside_without_transpose(direction) -> None:
     image = make_image(direction=direction)
     # Columns 3..12 (x centres 3..12 lie in (2.5, 12.5)), rows 2..5, slice 1.
-    mask = em.rasterize_contours([rectangle(image, 2.5, 12.5, 1.5, 5.5, 1)], image)
+    mask = rasterize_contours([rectangle(image, 2.5, 12.5, 1.5, 5.5, 1)], image)
     expected = np.zeros((4, 12, 20), dtype=bool)
     expected[1, 2:6, 3:13] = True
     assert mask.dtype == bool and mask.shape == (4, 12, 20)
@@ -68,14 +78,14 @@ def test_square_ring_keeps_its_hole_and_the_island_inside() -> None:
     outer = rectangle(image, 2.5, 12.5, 2.5, 12.5, 1)  # 10 x 10 = 100 voxels
     hole = rectangle(image, 5.5, 9.5, 5.5, 9.5, 1)[::-1]  # 4 x 4 = 16, drawn the other way round
     island = rectangle(image, 6.5, 8.5, 6.5, 8.5, 1)  # 2 x 2 = 4, inside the hole
-    ring = em.rasterize_contours([outer, hole], image)
+    ring = rasterize_contours([outer, hole], image)
     assert ring.sum() == 84
     assert not ring[1, 6:10, 6:10].any() and ring[1, 3:13, 3].all()
-    assert em.rasterize_contours([outer, hole, island], image).sum() == 88
+    assert rasterize_contours([outer, hole, island], image).sum() == 88
     # Same contours in any order: even-odd does not care.
-    assert em.rasterize_contours([island, hole, outer], image).sum() == 88
+    assert rasterize_contours([island, hole, outer], image).sum() == 88
     # An exported duplicate must not cancel its twin.
-    assert em.rasterize_contours([outer, outer.copy(), hole], image).sum() == 84
+    assert rasterize_contours([outer, outer.copy(), hole], image).sum() == 84
 
 
 def test_fill_agrees_with_point_in_polygon_on_random_polygons() -> None:
@@ -86,7 +96,7 @@ def test_fill_agrees_with_point_in_polygon_on_random_polygons() -> None:
     for _ in range(20):
         n = rng.integers(3, 12)
         xy = rng.uniform(-5, 45, size=(n, 2))  # self-intersecting, partly outside: even-odd everywhere
-        mask = em.rasterize_contours([np.c_[xy, np.zeros(n)]], image)[0]
+        mask = rasterize_contours([np.c_[xy, np.zeros(n)]], image)[0]
         expected = np.zeros((30, 40), dtype=bool)
         rr, cc = polygon(xy[:, 1], xy[:, 0], shape=(30, 40))
         expected[rr, cc] = True
@@ -96,16 +106,16 @@ def test_fill_agrees_with_point_in_polygon_on_random_polygons() -> None:
 def test_fill_polygons_2d_counts_voxel_centres_and_makes_holes() -> None:
     square = np.array([[0.5, 0.5], [3.5, 0.5], [3.5, 3.5], [0.5, 3.5]])  # centres 1, 2, 3 inside
     hole = np.array([[1.5, 1.5], [2.5, 1.5], [2.5, 2.5], [1.5, 2.5]])  # centre (2, 2) inside
-    assert em.fill_polygons_2d([square], (6, 6)).sum() == 9
-    filled = em.fill_polygons_2d([square, hole], (6, 6))
+    assert fill_polygons_2d([square], (6, 6)).sum() == 9
+    filled = fill_polygons_2d([square, hole], (6, 6))
     assert filled.dtype == bool and filled.shape == (6, 6)
     assert filled.sum() == 8 and not filled[2, 2] and filled[1, 1]
     # x is the column, y the row: a wide, short rectangle fills a row band
     wide = np.array([[0.5, 0.5], [4.5, 0.5], [4.5, 1.5], [0.5, 1.5]])
-    assert np.array_equal(np.nonzero(em.fill_polygons_2d([wide], (6, 6)))[0], [1, 1, 1, 1])
+    assert np.array_equal(np.nonzero(fill_polygons_2d([wide], (6, 6)))[0], [1, 1, 1, 1])
     # polygons reaching outside the grid are clipped, not wrapped
-    assert em.fill_polygons_2d([square - 2.0], (6, 6)).sum() == 4  # centres 0 and 1 on each axis
-    assert not em.fill_polygons_2d([], (6, 6)).any()
+    assert fill_polygons_2d([square - 2.0], (6, 6)).sum() == 4  # centres 0 and 1 on each axis
+    assert not fill_polygons_2d([], (6, 6)).any()
 
 
 def test_fill_polygons_2d_centres_on_an_edge_follow_the_half_open_rule() -> None:
@@ -113,8 +123,8 @@ def test_fill_polygons_2d_centres_on_an_edge_follow_the_half_open_rule() -> None
     square = np.array([[1.0, 1.0], [3.0, 1.0], [3.0, 3.0], [1.0, 3.0]])
     expected = np.zeros((5, 5), dtype=bool)
     expected[1:3, 1:3] = True
-    np.testing.assert_array_equal(em.fill_polygons_2d([square], (5, 5)), expected)
-    np.testing.assert_array_equal(em.fill_polygons_2d([square[::-1]], (5, 5)), expected)  # either winding
+    np.testing.assert_array_equal(fill_polygons_2d([square], (5, 5)), expected)
+    np.testing.assert_array_equal(fill_polygons_2d([square[::-1]], (5, 5)), expected)  # either winding
 
 
 def test_fill_polygons_2d_agrees_with_matplotlib_on_random_star_shapes() -> None:
@@ -128,7 +138,7 @@ def test_fill_polygons_2d_agrees_with_matplotlib_on_random_star_shapes() -> None
         r = rng.uniform(3, 14, 15)
         poly = np.stack([20 + r * np.cos(theta), 15 + r * np.sin(theta)], axis=1)
         expected = MplPath(poly).contains_points(centres).reshape(30, 40)
-        np.testing.assert_array_equal(em.fill_polygons_2d([poly], (30, 40)), expected)
+        np.testing.assert_array_equal(fill_polygons_2d([poly], (30, 40)), expected)
 
 
 @pytest.mark.parametrize("polygons, shape, match", [
@@ -140,7 +150,7 @@ def test_fill_polygons_2d_agrees_with_matplotlib_on_random_star_shapes() -> None
 ])
 def test_fill_polygons_2d_rejects_bad_arguments(polygons, shape, match) -> None:
     with pytest.raises(ValueError, match=match):
-        em.fill_polygons_2d(polygons, shape)
+        fill_polygons_2d(polygons, shape)
 
 
 def _rtstruct_references(series=(), frames=(), roi_frames=()) -> pydicom.Dataset:
@@ -174,7 +184,7 @@ def _rtstruct_references(series=(), frames=(), roi_frames=()) -> pydicom.Dataset
                  marks=pytest.mark.filterwarnings("ignore:Invalid value for VR UI"), id="padding-stripped"),
 ])
 def test_referenced_uids_reads_series_and_both_frame_of_reference_places(kwargs, series, frames) -> None:
-    assert em.referenced_uids(_rtstruct_references(**kwargs)) == (series, frames)
+    assert referenced_uids(_rtstruct_references(**kwargs)) == (series, frames)
 
 
 def test_contours_go_to_the_slice_within_half_a_thickness_and_bad_ones_are_reported(caplog) -> None:
@@ -183,7 +193,7 @@ def test_contours_go_to_the_slice_within_half_a_thickness_and_bad_ones_are_repor
     shifted = square + [0, 0, 2.5 + 1.2]  # 1.2 mm above slice 1: slice 1
     beyond = square + [0, 0, 4 * 2.5 + 0.1]  # 1.35 mm past the last slice's half thickness
     with caplog.at_level(logging.WARNING):
-        mask = em.rasterize_contours([shifted, beyond, square[:2]], image, roi_name="Heart")
+        mask = rasterize_contours([shifted, beyond, square[:2]], image, roi_name="Heart")
     assert mask.sum() == 16 and mask[1].sum() == 16
     text = caplog.text
     assert "ROI 'Heart': contour matching no CT slice (slices span z = -30.00 .. -22.50 mm" in text
@@ -193,11 +203,11 @@ def test_contours_go_to_the_slice_within_half_a_thickness_and_bad_ones_are_repor
 
 def test_point_and_open_contours_are_skipped_with_the_roi_and_slice_named() -> None:
     image = make_image()
-    notes = em._Notes()
-    contours = [em.Contour("POINT", lps(image, [(4, 4, 2)])),
-                em.Contour("OPEN_PLANAR", rectangle(image, 2.5, 6.5, 2.5, 6.5, 3)),
-                em.Contour("CLOSED_PLANAR", rectangle(image, 2.5, 6.5, 2.5, 6.5, 3))]
-    polygons = em._planar_polygons(contours, em.Grid.of(image), "GTV-1", notes)
+    notes = _Notes()
+    contours = [Contour("POINT", lps(image, [(4, 4, 2)])),
+                Contour("OPEN_PLANAR", rectangle(image, 2.5, 6.5, 2.5, 6.5, 3)),
+                Contour("CLOSED_PLANAR", rectangle(image, 2.5, 6.5, 2.5, 6.5, 3))]
+    polygons = _planar_polygons(contours, Grid.of(image), "GTV-1", notes)
     assert [k for k, _ in polygons] == [3]
     assert notes.all() == [
         "ROI 'GTV-1': contour of type POINT (not CLOSED_PLANAR), skipped (slice 2, z = -25.00 mm)",
@@ -210,14 +220,14 @@ def test_point_and_open_contours_are_skipped_with_the_roi_and_slice_named() -> N
 # past the ValueError handler, and a geometric type holding a newline split the patient's message.
 def test_non_finite_contour_points_are_skipped_with_the_roi_named() -> None:
     image = make_image()
-    notes = em._Notes()
+    notes = _Notes()
     square = rectangle(image, 2.5, 6.5, 2.5, 6.5, 1)
     nan_z, inf_x = square.copy(), square.copy()
     nan_z[0, 2], inf_x[1, 0] = np.nan, np.inf
-    contours = [em.Contour("CLOSED_PLANAR", np.array([[1e-320, 1.5, np.nan]])),
-                em.Contour("CLOSED_PLANAR", nan_z), em.Contour("CLOSED_PLANAR", inf_x),
-                em.Contour("CLOSED_PLANAR", square)]
-    polygons = em._planar_polygons(contours, em.Grid.of(image), "Heart", notes)
+    contours = [Contour("CLOSED_PLANAR", np.array([[1e-320, 1.5, np.nan]])),
+                Contour("CLOSED_PLANAR", nan_z), Contour("CLOSED_PLANAR", inf_x),
+                Contour("CLOSED_PLANAR", square)]
+    polygons = _planar_polygons(contours, Grid.of(image), "Heart", notes)
     assert [k for k, _ in polygons] == [1]
     assert notes.all() == [
         "ROI 'Heart': contour with fewer than 3 points (1), skipped (z = nan mm)",
@@ -241,39 +251,39 @@ def test_read_rois_keeps_unconvertible_roi_numbers_and_one_line_geometric_types(
     contour.ContourData = [0.0, 0.0, 0.0] * 3
     roi_contour.ContourSequence = [contour]
     ds.StructureSetROISequence, ds.ROIContourSequence = [roi], [roi_contour]
-    rois = em.read_rois(ds)
+    rois = read_rois(ds)
     assert [(r.number, r.name, [c.geometric_type for c in r.contours]) for r in rois] == [
         ("1e309", "Heart", ["OPEN PLANAR"])]
 
 
 def test_expand_mm_is_isotropic_in_mm_on_an_anisotropic_grid() -> None:
-    grid = em.Grid.of(make_image(size_xyz=(15, 15, 9), spacing=(1.0, 1.0, 3.0)))
-    seed = em.BoxMask((4, 7, 7), np.ones((1, 1, 1), dtype=bool))
+    grid = Grid.of(make_image(size_xyz=(15, 15, 9), spacing=(1.0, 1.0, 3.0)))
+    seed = BoxMask((4, 7, 7), np.ones((1, 1, 1), dtype=bool))
     # Within 3 mm: the 29 in-plane voxels with i^2 + j^2 <= 9, plus one voxel 3 mm above and below.
-    grown = em.expand_mm(seed, 3.0, grid)
+    grown = expand_mm(seed, 3.0, grid)
     assert grown.count() == 31
     full = grown.to_full(grid.shape_zyx)
     assert full[3, 7, 7] and full[5, 7, 7] and not full[3, 7, 8] and full[4, 7, 10] and not full[4, 7, 11]
-    assert em.expand_mm(seed, 0.0, grid).count() == 1
+    assert expand_mm(seed, 0.0, grid).count() == 1
     # Clipped at the grid's corner: the quadrant i, j in 0..2 (i^2 + j^2 <= 8 <= 2.9^2), z neighbours 3 mm away.
-    corner = em.BoxMask((4, 0, 0), np.ones((1, 1, 1), dtype=bool))
-    assert em.expand_mm(corner, 2.9, grid).count() == 9
+    corner = BoxMask((4, 0, 0), np.ones((1, 1, 1), dtype=bool))
+    assert expand_mm(corner, 2.9, grid).count() == 9
 
 
 def test_expand_mm_rejects_a_negative_margin() -> None:
-    grid = em.Grid.of(make_image())
+    grid = Grid.of(make_image())
     with pytest.raises(ValueError, match="margin must be a finite number >= 0 mm, got -1"):
-        em.expand_mm(em.BoxMask((0, 0, 0), np.ones((1, 1, 1), bool)), -1, grid)
+        expand_mm(BoxMask((0, 0, 0), np.ones((1, 1, 1), bool)), -1, grid)
 
 
-def _box(shape_zyx, region) -> em.BoxMask:
+def _box(shape_zyx, region) -> BoxMask:
     full = np.zeros(shape_zyx, dtype=bool)
     full[region] = True
-    return em.BoxMask((0, 0, 0), full)
+    return BoxMask((0, 0, 0), full)
 
 
 def test_split_at_midline_follows_the_spinal_cord_per_slice() -> None:
-    grid = em.Grid.of(make_image(size_xyz=(20, 10, 3), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)))
+    grid = Grid.of(make_image(size_xyz=(20, 10, 3), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)))
     lungs = _box((3, 10, 20), np.s_[:, 2:8, 1:19])
     square = np.array([[-0.4, -0.4], [0.4, -0.4], [0.4, 0.4], [-0.4, 0.4]])  # smaller than a voxel
     # Slice 0: two pieces of opposite winding centred at 9.5 together; slice 1 interpolates to x = 7.5.
@@ -288,7 +298,7 @@ def test_split_at_midline_follows_the_spinal_cord_per_slice() -> None:
 
 
 def test_split_at_midline_without_cord_uses_the_lungs_centroid() -> None:
-    grid = em.Grid.of(make_image(size_xyz=(20, 10, 2), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)))
+    grid = Grid.of(make_image(size_xyz=(20, 10, 2), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)))
     lungs = _box((2, 10, 20), np.s_[:, 2:8, 2:16])  # centroid x = 8.5
     right, left, method = em.split_at_midline(lungs, grid)
     assert method == "lungs centroid"
@@ -313,17 +323,17 @@ def test_read_structures_csv(tmp_path) -> None:
     path = tmp_path / "structures.csv"
     rows = [{"patient_id": "P1", "label": label, "annotated": "yes" if label in (1, 3, 4) else "no"}
             for label in range(1, 8)] + [{"patient_id": "P2", "label": 5, "annotated": "yes"}]
-    path.write_text(em._csv_text(em.STRUCTURES_COLUMNS, rows))
-    assert em.read_structures_csv(path) == {
+    path.write_text(em._csv_text(STRUCTURES_COLUMNS, rows))
+    assert read_structures_csv(path) == {
         "P1": [True, True, False, True, True, False, False, False],
         "P2": [True, False, False, False, False, True, False, False],
     }
     path.write_text("patient_id,label\nP1,1\n")
     with pytest.raises(ValueError, match=r"structures.csv: missing columns \['annotated'\]"):
-        em.read_structures_csv(path)
+        read_structures_csv(path)
     path.write_text("patient_id,label,annotated\nP1,9,yes\n")
     with pytest.raises(ValueError, match="line 2: label '9', annotated 'yes'; expected label 1-7"):
-        em.read_structures_csv(path)
+        read_structures_csv(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,8 +348,8 @@ def convert_ct(data_root: Path, raw_dir: Path, record: dict) -> None:
     layout = DataLayout(data_root)
     layout.ct_nifti.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(sitk.Cast(reader.Execute(), sitk.sitkInt16), str(layout.ct_nifti / f"{pid}.nii.gz"))
-    report = layout.ct_nifti / em.CONVERSION_REPORT
-    rows = [r for r in em._read_csv(report) if r["patient_id"] != pid] + [{
+    report = layout.ct_nifti / CONVERSION_REPORT
+    rows = [r for r in _read_csv(report) if r["patient_id"] != pid] + [{
         "patient_id": pid, "dicom_patient_id": pid, "patient_folder": pid,  # relative to --dicom-root
         "series_uid": record["ct_series_uid"], "frame_of_reference_uid": record["frame_of_reference_uid"]}]
     report.write_text(em._csv_text(list(rows[-1]), rows))
@@ -391,7 +401,7 @@ def mask_of(root: Path, pid: str) -> np.ndarray:
 
 
 def structure_rows(root: Path) -> dict[tuple[str, str], dict]:
-    rows = em._read_csv(DataLayout(root).masks / em.STRUCTURES_CSV)
+    rows = _read_csv(DataLayout(root).masks / STRUCTURES_CSV)
     return {(r["patient_id"], r["structure"]): r for r in rows}
 
 
@@ -405,8 +415,8 @@ def assert_failed_cleanly(root: Path, results: dict, pid: str, match: str) -> No
     assert re.search(match, results[pid].message), results[pid].message
     assert results["SYN-002"].status == DONE
     masks = DataLayout(root).masks
-    assert sorted(p.name for p in masks.iterdir()) == ["SYN-002.json", "SYN-002.nii.gz", em.STRUCTURES_CSV, em.UNMATCHED_CSV]
-    assert {r["patient_id"] for r in em._read_csv(masks / em.STRUCTURES_CSV)} == {"SYN-002"}
+    assert sorted(p.name for p in masks.iterdir()) == ["SYN-002.json", "SYN-002.nii.gz", STRUCTURES_CSV, UNMATCHED_CSV]
+    assert {r["patient_id"] for r in _read_csv(masks / STRUCTURES_CSV)} == {"SYN-002"}
 
 
 def test_run_reproduces_the_synthetic_truth(synthetic_cohort, tmp_path) -> None:
@@ -425,7 +435,7 @@ def test_run_reproduces_the_synthetic_truth(synthetic_cohort, tmp_path) -> None:
     assert all(r.status == DONE for r in convert_dicom_to_nifti.run(data_root=tmp_path, dicom_root=raw_dir, workers=1))
     results = em.run(data_root=tmp_path, dicom_root=raw_dir, workers=1, derive_ptv=False)
     assert [r.status for r in results] == [DONE] * len(records)
-    flags = em.read_structures_csv(DataLayout(tmp_path).masks / em.STRUCTURES_CSV)
+    flags = read_structures_csv(DataLayout(tmp_path).masks / STRUCTURES_CSV)
     checked = 0
     for record in records:
         pid = record["patient_id"]
@@ -440,7 +450,7 @@ def test_run_reproduces_the_synthetic_truth(synthetic_cohort, tmp_path) -> None:
                 assert dice >= 0.97, (pid, organs.structure(label).key, dice)
                 checked += 1
     assert checked >= 8  # lungs and hearts of the 64-px cohort
-    unmatched = {r["roi_name"] for r in em._read_csv(DataLayout(tmp_path).masks / em.UNMATCHED_CSV)}
+    unmatched = {r["roi_name"] for r in _read_csv(DataLayout(tmp_path).masks / UNMATCHED_CSV)}
     assert unmatched == {n for r in records for n, label in r["roi_names"].items() if label is None}
 
 
@@ -453,7 +463,7 @@ def test_structures_csv_says_uncontoured_heart_and_esophagus_are_not_annotated(t
     for key in ("heart", "esophagus"):
         assert (rows["SYN-001", key]["annotated"], rows["SYN-001", key]["voxels"]) == ("no", "0")
     assert rows["SYN-001", "gtv"]["annotated"] == "yes"
-    flags = em.read_structures_csv(DataLayout(tmp_path).masks / em.STRUCTURES_CSV)["SYN-001"]
+    flags = read_structures_csv(DataLayout(tmp_path).masks / STRUCTURES_CSV)["SYN-001"]
     assert flags == [True, True, False, True, True, False, False, True]  # PTV: derived, not a label
     assert records["SYN-001"]["annotated"][organs.HEART] is False
 
@@ -490,14 +500,14 @@ def test_ptv_derived_by_default_contoured_when_given_and_optional(tmp_path) -> N
             rows["SYN-002", "ptv"]["source_rois"]) == ("yes", "", "PTV")
     assert organs.PTV in np.unique(mask_of(tmp_path, "SYN-002"))
     masks = DataLayout(tmp_path).masks
-    assert em.read_mask_record(masks / "SYN-001.nii.gz")["ptv"] == {"source": "derived", "margin_mm": 0.0}
-    assert em.read_mask_record(masks / "SYN-002.nii.gz")["ptv"] == {"source": "contoured"}
+    assert read_mask_record(masks / "SYN-001.nii.gz")["ptv"] == {"source": "derived", "margin_mm": 0.0}
+    assert read_mask_record(masks / "SYN-002.nii.gz")["ptv"] == {"source": "contoured"}
 
     run_phase(tmp_path, overwrite=True, derive_ptv=False)
     rows = structure_rows(tmp_path)
     assert (rows["SYN-001", "ptv"]["annotated"], rows["SYN-001", "ptv"]["derived"],
             rows["SYN-001", "ptv"]["voxels"]) == ("no", "", "0")
-    assert em.read_mask_record(masks / "SYN-001.nii.gz")["ptv"] == {"source": "none"}
+    assert read_mask_record(masks / "SYN-001.nii.gz")["ptv"] == {"source": "none"}
     assert rows["SYN-002", "ptv"]["annotated"] == "yes"
 
 
@@ -507,18 +517,18 @@ def test_ptv_from_gtv_single_voxel_on_a_1x1x3_mm_grid() -> None:
     (r^2 = 64); k = +-3: 61 (r^2 = 19); |k| = 4 is 12 mm away. 317 + 2 * (293 + 197 + 61) = 1419."""
     gtv = np.zeros((11, 25, 25), dtype=np.uint8)
     gtv[5, 12, 12] = 1
-    ptv = em.ptv_from_gtv(gtv, (3.0, 1.0, 1.0), 10.0)
+    ptv = ptv_from_gtv(gtv, (3.0, 1.0, 1.0), 10.0)
     assert ptv.dtype == bool and ptv.shape == gtv.shape
     assert ptv.sum() == 1419
     assert ptv[5, 12, 2] and ptv[5, 12, 22] and not ptv[5, 12, 1]  # 10 mm along x, not 11
     assert ptv[2, 12, 12] and not ptv[1, 12, 12]  # 9 mm along z, not 12
     assert ptv.sum(axis=(1, 2)).tolist() == [0, 0, 61, 197, 293, 317, 293, 197, 61, 0, 0]
     # 0 mm is the GTV itself; an empty GTV gives an empty PTV; the edge of the grid clips.
-    assert (em.ptv_from_gtv(gtv, (3.0, 1.0, 1.0), 0.0) == gtv.astype(bool)).all()
-    assert not em.ptv_from_gtv(np.zeros((3, 4, 4)), (3.0, 1.0, 1.0), 10.0).any()
+    assert (ptv_from_gtv(gtv, (3.0, 1.0, 1.0), 0.0) == gtv.astype(bool)).all()
+    assert not ptv_from_gtv(np.zeros((3, 4, 4)), (3.0, 1.0, 1.0), 10.0).any()
     corner = np.zeros((2, 3, 3), dtype=bool)
     corner[0, 0, 0] = True
-    assert em.ptv_from_gtv(corner, (3.0, 1.0, 1.0), 1.0).sum() == 3
+    assert ptv_from_gtv(corner, (3.0, 1.0, 1.0), 1.0).sum() == 3
 
 
 @pytest.mark.parametrize("margin,spacing,match", [
@@ -530,18 +540,18 @@ def test_ptv_from_gtv_rejects_bad_arguments(margin, spacing, match) -> None:
     gtv = np.zeros((3, 3, 3), dtype=bool)
     gtv[1, 1, 1] = True
     with pytest.raises(ValueError, match=match):
-        em.ptv_from_gtv(gtv, spacing, margin)
+        ptv_from_gtv(gtv, spacing, margin)
 
 
 def test_rerun_skips_unchanged_and_redoes_changed_inputs_or_settings(tmp_path) -> None:
     make_patients(tmp_path, {"SYN-001": {}})
     masks = DataLayout(tmp_path).masks
     assert run_phase(tmp_path)["SYN-001"].status == DONE
-    first = em.read_mask_record(masks / "SYN-001.nii.gz")
+    first = read_mask_record(masks / "SYN-001.nii.gz")
     assert run_phase(tmp_path)["SYN-001"].status == SKIPPED
     result = run_phase(tmp_path, ptv_margin_mm=5.0)["SYN-001"]  # another margin: redone, and said so
     assert result.status == DONE and "settings changed" in result.message
-    record = em.read_mask_record(masks / "SYN-001.nii.gz")
+    record = read_mask_record(masks / "SYN-001.nii.gz")
     assert record["ptv"] == {"source": "derived", "margin_mm": 5.0}
     assert record["inputs_fingerprint"] != first["inputs_fingerprint"]
     assert record["mask_sha256"] == first["mask_sha256"]  # the label map itself holds no PTV
@@ -555,14 +565,14 @@ def test_outputs_of_an_earlier_version_are_redone_or_refused(tmp_path) -> None:
     run_phase(tmp_path)
     (masks / "SYN-001.json").unlink()  # what the previous version left: a label map without a record
     with pytest.raises(ValueError, match="written by an earlier version of extract_multi_organ_masks.py"):
-        em.read_mask_record(masks / "SYN-001.nii.gz")
+        read_mask_record(masks / "SYN-001.nii.gz")
     result = run_phase(tmp_path)["SYN-001"]
     assert result.status == DONE and "earlier version" in result.message
     old_csv = masks / "old_structures.csv"
     old_csv.write_text("patient_id,label,structure,annotated,source_rois,synthetic,voxels,volume_ml,voxels_lost\n"
                        "P1,2,ptv,yes,GTV-1 + 10 mm margin,yes,10,0.1,0\n")
     with pytest.raises(ValueError, match="earlier version.*re-run extract_multi_organ_masks.py --overwrite"):
-        em.read_structures_csv(old_csv)
+        read_structures_csv(old_csv)
 
 
 def test_rtstruct_in_another_frame_of_reference_fails_that_patient_only(cohort) -> None:
@@ -612,7 +622,7 @@ def test_missing_and_unreadable_rtstruct_fail_that_patient_only(cohort) -> None:
 def test_unusable_contours_are_skipped_with_a_warning_naming_roi_and_slice(cohort, edit, expected) -> None:
     root, records = cohort
     path, ds = rtstruct_of(root, records["SYN-001"])
-    before = em.masks_from_rtstruct(ds, ct_image(root, "SYN-001"))["Heart"]
+    before = masks_from_rtstruct(ds, ct_image(root, "SYN-001"))["Heart"]
     contours = roi_contours(ds, "Heart").ContourSequence
     victim = contours[0]
     points = np.asarray(victim.ContourData, dtype=float).reshape(-1, 3)
@@ -637,7 +647,7 @@ def test_unusable_contours_are_skipped_with_a_warning_naming_roi_and_slice(cohor
     results = run_phase(root)
     assert results["SYN-001"].status == DONE and results["SYN-002"].status == DONE
     assert expected.format(k=k, z=points[0, 2] if edit != "no_slice" else 0) in results["SYN-001"].message
-    assert (em.masks_from_rtstruct(path, ct_image(root, "SYN-001"))["Heart"] == expected_mask).all()
+    assert (masks_from_rtstruct(path, ct_image(root, "SYN-001"))["Heart"] == expected_mask).all()
     assert expected_mask.any()
 
 
@@ -659,7 +669,7 @@ def test_hand_made_square_ring_keeps_its_hole_through_the_whole_phase(cohort) ->
     assert int(heart["voxels"]) + int(heart["voxels_lost"]) == 84
     labels = mask_of(root, "SYN-001")
     assert not (labels[3, 12:16, 12:16] == organs.HEART).any()
-    assert em.masks_from_rtstruct(path, image)["Heart"].sum() == 84
+    assert masks_from_rtstruct(path, image)["Heart"].sum() == 84
 
 
 def test_roi_without_contours_annotates_nothing(cohort) -> None:
@@ -700,7 +710,7 @@ def test_contours_are_placed_by_coordinates_not_by_image_references(cohort, edit
 def test_duplicate_roi_names_are_merged_and_reported(cohort) -> None:
     root, records = cohort
     path, ds = rtstruct_of(root, records["SYN-001"])
-    before = em.masks_from_rtstruct(ds, ct_image(root, "SYN-001"))
+    before = masks_from_rtstruct(ds, ct_image(root, "SYN-001"))
     next(r for r in ds.StructureSetROISequence if r.ROIName == "Esophagus").ROIName = "Heart"
     ds.save_as(path)
     results = run_phase(root, derive_ptv=False)
@@ -710,7 +720,7 @@ def test_duplicate_roi_names_are_merged_and_reported(cohort) -> None:
     assert int(rows["SYN-001", "heart"]["voxels"]) + int(rows["SYN-001", "heart"]["voxels_lost"]) == merged.sum()
     assert rows["SYN-001", "heart"]["source_rois"] == "Heart"
     assert rows["SYN-001", "esophagus"]["annotated"] == "no"
-    np.testing.assert_array_equal(em.masks_from_rtstruct(path, ct_image(root, "SYN-001"))["Heart"], merged)
+    np.testing.assert_array_equal(masks_from_rtstruct(path, ct_image(root, "SYN-001"))["Heart"], merged)
 
 
 def test_rtstructs_of_other_series_are_reported_and_other_patients_ignored(cohort) -> None:
@@ -804,15 +814,15 @@ def test_real_structures_match_plastimatch_before_the_overlay(real_run, real_sam
                                                              reference_masks_dir, pid) -> None:
     """Every structure's own mask (GTVs fused) at Dice >= 0.995 with the reference; measured
     0.998-1.000 for the lungs and 1.000 for everything else."""
-    grid = em.Grid.of(ct_image(real_run, pid))
+    grid = Grid.of(ct_image(real_run, pid))
     rtstruct = next(p for p in (real_sample_root / pid).rglob("*.dcm")
-                    if em._RTSTRUCT_IN_HEADER.search(p.read_bytes()[:1024]))
-    structures, unmatched = em.build_structures(em.read_rois(pydicom.dcmread(rtstruct)), grid)
+                    if _RTSTRUCT_IN_HEADER.search(p.read_bytes()[:1024]))
+    structures, unmatched = em.build_structures(read_rois(pydicom.dcmread(rtstruct)), grid)
     assert unmatched == []
     references: dict[int, np.ndarray] = {}
     for roi in reference_json[pid]["reference_masks"]:
         ref = sitk.ReadImage(str(reference_masks_dir / pid / f"{roi}.nii.gz"))
-        assert em.Grid.of(ref).size == grid.size
+        assert Grid.of(ref).size == grid.size
         label = organs.match_roi_name(roi)
         references[label] = references.get(label, False) | (sitk.GetArrayFromImage(ref) > 0)
     assert sorted(references) == [1, 3, 4, 5, 6, 7]
@@ -829,7 +839,7 @@ def test_real_label_maps_and_structures_csv(real_run, reference_json) -> None:
         labels = mask_of(real_run, pid)
         image = sitk.ReadImage(str(DataLayout(real_run).masks / f"{pid}.nii.gz"))
         ct = ct_image(real_run, pid)
-        assert image.GetPixelID() == sitk.sitkUInt8 and em.Grid.of(image) == em.Grid.of(ct)
+        assert image.GetPixelID() == sitk.sitkUInt8 and Grid.of(image) == Grid.of(ct)
         counts = np.bincount(labels.ravel(), minlength=8)
         for label in organs.FOREGROUND_LABELS:
             row = rows[pid, organs.structure(label).key]

@@ -41,7 +41,11 @@ from pydicom.tag import Tag
 
 import convert_dicom_to_nifti as conv
 import extract_multi_organ_masks as em
-from pipeline_io import DONE, FAILED, SKIPPED, DataLayout
+from thoracic_seg.batch import DONE, FAILED, SKIPPED
+from thoracic_seg.layout import (
+    REPORT_NAME, STRUCTURES_CSV, UNMATCHED_CSV, DataLayout, read_mask_record, read_report,
+    read_structures_csv, record_path,
+)
 
 #: pydicom warns about every invalid value it reads: here they are the point.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -436,7 +440,7 @@ def check_phase2(data: Path, results) -> list[str]:
     """Phase 2's outputs agree with its results; returns the converted patient ids."""
     assert isinstance(results, list) and results
     out = DataLayout(data).ct_nifti
-    report = conv.read_report(out / conv.REPORT_NAME)
+    report = read_report(out / REPORT_NAME)
     converted = []
     for result in results:
         check_result(result, data)
@@ -460,7 +464,7 @@ def check_phase2(data: Path, results) -> list[str]:
                                        rtol=1e-5, atol=1e-3)
             converted.append(result.patient_id)
     names = {p.name for p in out.iterdir()}
-    assert names <= {conv.REPORT_NAME} | {f"{r.patient_id}.nii.gz" for r in results if r.status != FAILED}, names
+    assert names <= {REPORT_NAME} | {f"{r.patient_id}.nii.gz" for r in results if r.status != FAILED}, names
     return converted
 
 
@@ -470,7 +474,7 @@ def check_phase25(data: Path, results) -> None:
         check_result(result, data)
         mask_path = layout.masks / f"{result.patient_id}.nii.gz"
         if result.status == FAILED:
-            assert not mask_path.exists() and not em.record_path(mask_path).exists(), f"{mask_path} of a failed patient"
+            assert not mask_path.exists() and not record_path(mask_path).exists(), f"{mask_path} of a failed patient"
         else:
             assert result.status == DONE, result
             mask = sitk.ReadImage(str(mask_path))
@@ -480,9 +484,9 @@ def check_phase25(data: Path, results) -> None:
             np.testing.assert_allclose(mask.GetOrigin(), ct.GetOrigin(), atol=1e-3)
             np.testing.assert_allclose(mask.GetSpacing(), ct.GetSpacing(), rtol=1e-6)
             assert int(sitk.GetArrayViewFromImage(mask).max()) <= 7
-            assert em.read_mask_record(mask_path)["patient_id"] == result.patient_id
+            assert read_mask_record(mask_path)["patient_id"] == result.patient_id
     if layout.masks.is_dir():
-        allowed = {em.STRUCTURES_CSV, em.UNMATCHED_CSV} | {
+        allowed = {STRUCTURES_CSV, UNMATCHED_CSV} | {
             f"{r.patient_id}{suffix}" for r in results if r.status == DONE for suffix in (".nii.gz", ".json")}
         assert {p.name for p in layout.masks.iterdir()} <= allowed
 
@@ -580,4 +584,4 @@ def test_contour_of_a_million_points_is_rasterised(pristine, tmp_path, caplog) -
         set_raw(contour, NUMBER_OF_POINTS, "IS", b"1000000")
         ds.save_as(path)
         run_both_phases(data, caplog)
-        assert em.read_structures_csv(DataLayout(data).masks / em.STRUCTURES_CSV)[PID][3]  # heart annotated
+        assert read_structures_csv(DataLayout(data).masks / STRUCTURES_CSV)[PID][3]  # heart annotated

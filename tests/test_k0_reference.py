@@ -7,9 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 import k0_reference
+import pytest
 
 REFERENCE = Path(__file__).parent / "data" / "k0_reference.json"
 

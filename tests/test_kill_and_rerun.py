@@ -25,7 +25,8 @@ import convert_dicom_to_nifti as conv
 import extract_multi_organ_masks as em
 import normalize_ct_and_masks as norm
 import train_multi_organ as tm
-from pipeline_io import PARTIAL_DIR_NAME, DataLayout
+from thoracic_seg.batch import PARTIAL_DIR_NAME
+from thoracic_seg.layout import BEST_CHECKPOINT, HISTORY_JSON, LAST_CHECKPOINT, DataLayout
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZE, SLICES = 32, 8
@@ -168,20 +169,20 @@ def test_a_killed_training_resumed_ends_as_a_run_never_killed(reference, tmp_pat
     assert tm.main(common + ["--output-dir", str(straight)]) == 0
 
     out = tmp_path / "killed"
-    ready = (first_output(out, tm.LAST_CHECKPOINT) if moment == "after the first epoch" else writing(out))
+    ready = (first_output(out, LAST_CHECKPOINT) if moment == "after the first epoch" else writing(out))
     kill_when("train_multi_organ.py", common + ["--output-dir", str(out)], ready)
-    resume = ["--resume", str(out)] if (out / tm.LAST_CHECKPOINT).is_file() else []
+    resume = ["--resume", str(out)] if (out / LAST_CHECKPOINT).is_file() else []
     assert tm.main(common + ["--output-dir", str(out), *resume]) == 0
 
-    expected = torch.load(straight / tm.LAST_CHECKPOINT, weights_only=True)
-    got = torch.load(out / tm.LAST_CHECKPOINT, weights_only=True)
+    expected = torch.load(straight / LAST_CHECKPOINT, weights_only=True)
+    got = torch.load(out / LAST_CHECKPOINT, weights_only=True)
     assert got["steps_done"] == expected["steps_done"] == 6
     for name, value in expected["model_state"].items():
         assert torch.allclose(value.float(), got["model_state"][name].float(), atol=1e-6), name
-    rows = [json.loads((folder / tm.HISTORY_JSON).read_text()) for folder in (straight, out)]
+    rows = [json.loads((folder / HISTORY_JSON).read_text()) for folder in (straight, out)]
     assert len(rows[0]) == len(rows[1]) == 2 and [row["partial_epoch"] for row in rows[1]] == [False, True]
     for row_a, row_b in zip(*rows):
         assert {k: row_b[k] for k in COMPARED} == pytest.approx({k: row_a[k] for k in COMPARED}, abs=1e-6)
-    best = [torch.load(folder / tm.BEST_CHECKPOINT, weights_only=True) for folder in (straight, out)]
+    best = [torch.load(folder / BEST_CHECKPOINT, weights_only=True) for folder in (straight, out)]
     assert best[0]["epoch"] == best[1]["epoch"]
     no_temporary_files(out)

@@ -10,20 +10,19 @@ import pytest
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
+from conftest import write_mask_record
 
 import normalize_ct_and_masks as n3
-import organs
-from conftest import write_mask_record
-from pipeline_io import (
-    DONE,
-    FAILED,
-    PARTIAL_DIR_NAME,
-    PROCESSED_FORMAT,
-    SKIPPED,
-    DataLayout,
-    exit_status,
-    write_nifti,
+from thoracic_seg import organs
+from thoracic_seg.batch import DONE, FAILED, PARTIAL_DIR_NAME, SKIPPED, exit_status, write_nifti
+from thoracic_seg.grid import (
+    _AXIS_LETTERS, _bilinear_resize, apply_zscore, body_box, crop_box_of, crop_settings_of, crop_to_box,
+    from_network_orientation, network_shape_zyx, orientation_code, probabilities_to_ct_labels,
+    resize_ct_slices, resize_labels_to_shape, resize_mask_slices, to_network_array, window_and_zscore,
 )
+from thoracic_seg.image_grid import image_on_resized_grid, to_network_orientation
+from thoracic_seg.layout import PROCESSED_FORMAT, DataLayout, read_cache_meta, slice_label_bits
+from thoracic_seg.splits import SPLIT_NAMES
 
 STRUCTURES_HEADER = "patient_id,label,structure,annotated,source_rois,derived,voxels,volume_ml,voxels_lost"
 DERIVED_PTV = {"source": "derived", "margin_mm": 10.0}
@@ -105,7 +104,7 @@ def data_root(tmp_path) -> Path:
 def test_window_and_zscore_exact_values() -> None:
     # Clipped to [-1000, 400]: -1000, -1000, 400, 400 -> mean -300 HU, std 700 HU.
     hu = np.tile(np.array([-3000, -1000, 400, 2000], dtype=np.int16), (4, 1))
-    z, mean, std = n3.window_and_zscore(hu)
+    z, mean, std = window_and_zscore(hu)
     assert (mean, std) == (-300.0, 700.0)
     assert z.dtype == np.float32 and z.shape == (4, 4)
     np.testing.assert_array_equal(z, np.tile(np.float32([-1, -1, 1, 1]), (4, 1)))
@@ -113,15 +112,15 @@ def test_window_and_zscore_exact_values() -> None:
 
 def test_window_and_zscore_custom_window() -> None:
     hu = np.array([[-50, 25], [75, 300]], dtype=np.int16)  # clipped to 0, 25, 75, 100
-    z, mean, std = n3.window_and_zscore(hu, window=(0, 100))
+    z, mean, std = window_and_zscore(hu, window=(0, 100))
     assert mean == 50.0 and std == pytest.approx(np.sqrt(1562.5))
     np.testing.assert_allclose(z, (np.array([[0, 25], [75, 100]]) - 50) / np.sqrt(1562.5), rtol=1e-6)
 
 
 def test_apply_zscore_reproduces_phase_3() -> None:
     hu, _ = phantom()
-    z, mean, std = n3.window_and_zscore(hu, (-1000, 400))
-    np.testing.assert_array_equal(n3.apply_zscore(hu, (-1000, 400), mean, std), z)
+    z, mean, std = window_and_zscore(hu, (-1000, 400))
+    np.testing.assert_array_equal(apply_zscore(hu, (-1000, 400), mean, std), z)
 
 
 @pytest.mark.parametrize("window,match", [
@@ -131,12 +130,12 @@ def test_apply_zscore_reproduces_phase_3() -> None:
 ])
 def test_bad_window(window, match) -> None:
     with pytest.raises(ValueError, match=match):
-        n3.window_and_zscore(np.zeros((2, 2)), window)
+        window_and_zscore(np.zeros((2, 2)), window)
 
 
 def test_constant_volume_cannot_be_zscored() -> None:
     with pytest.raises(ValueError, match="constant"):
-        n3.window_and_zscore(np.full((2, 3, 3), -2000, dtype=np.int16))
+        window_and_zscore(np.full((2, 3, 3), -2000, dtype=np.int16))
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,46 +143,46 @@ def test_constant_volume_cannot_be_zscored() -> None:
 # --------------------------------------------------------------------------------------------
 def test_resize_ct_shrink_is_antialiased_bilinear() -> None:
     ramp = np.tile(np.arange(4, dtype=np.float32), (3, 4, 1))  # 3 slices of rows 0 1 2 3
-    out = n3.resize_ct_slices(ramp, 2)
+    out = resize_ct_slices(ramp, 2)
     # Tent kernel widened 2x around the output centre (input coordinate 0.5): weights 3, 3, 1.
     assert out.shape == (3, 2, 2) and out.dtype == np.float32
     np.testing.assert_allclose(out, np.tile(np.float32([5 / 7, 16 / 7]), (3, 2, 1)), rtol=1e-6)
 
 
 def test_resize_ct_enlarge_is_bilinear() -> None:
-    out = n3.resize_ct_slices(np.array([[[0, 1], [0, 1]]], dtype=np.int16), 4)
+    out = resize_ct_slices(np.array([[[0, 1], [0, 1]]], dtype=np.int16), 4)
     np.testing.assert_allclose(out, np.tile(np.float32([0, 0.25, 0.75, 1]), (1, 4, 1)))
 
 
 def test_resize_ct_same_size_and_constant() -> None:
     volume = np.random.default_rng(0).normal(size=(2, 8, 8)).astype(np.float32)
-    np.testing.assert_array_equal(n3.resize_ct_slices(volume, 8), volume)
-    np.testing.assert_allclose(n3.resize_ct_slices(np.full((2, 30, 50), 7.5), 16), 7.5, rtol=1e-6)
+    np.testing.assert_array_equal(resize_ct_slices(volume, 8), volume)
+    np.testing.assert_allclose(resize_ct_slices(np.full((2, 30, 50), 7.5), 16), 7.5, rtol=1e-6)
 
 
 def test_resize_mask_nearest_exact() -> None:
     mask = (np.arange(16, dtype=np.uint8).reshape(1, 4, 4) % 8)
     # Shrink 2x: output pixel i takes input floor((i + 0.5) * 2) = 1, 3.
-    np.testing.assert_array_equal(n3.resize_mask_slices(mask, 2), [[[5, 7], [5, 7]]])
+    np.testing.assert_array_equal(resize_mask_slices(mask, 2), [[[5, 7], [5, 7]]])
     # Enlarge 2x: every pixel doubled.
     small = np.array([[[1, 2], [3, 4]]], dtype=np.uint8)
-    np.testing.assert_array_equal(n3.resize_mask_slices(small, 4)[0], np.kron(small[0], np.ones((2, 2))))
+    np.testing.assert_array_equal(resize_mask_slices(small, 4)[0], np.kron(small[0], np.ones((2, 2))))
 
 
 def test_resize_mask_never_creates_labels() -> None:
     rng = np.random.default_rng(1)
     mask = rng.choice(np.array([0, 3, 4, 7], dtype=np.uint8), size=(5, 37, 53))
     for size in (32, 64):
-        out = n3.resize_mask_slices(mask, size)
+        out = resize_mask_slices(mask, size)
         assert out.dtype == np.uint8 and out.shape == (5, size, size)
         assert set(np.unique(out)) <= {0, 3, 4, 7}
 
 
 def test_resize_labels_to_shape_inverts_the_resize() -> None:
     labels = np.random.default_rng(2).integers(0, 8, size=(3, 32, 32), dtype=np.uint8)
-    enlarged = n3.resize_labels_to_shape(labels, (64, 64))
-    np.testing.assert_array_equal(n3.resize_mask_slices(enlarged, 32), labels)
-    assert n3.resize_labels_to_shape(labels, (40, 50)).shape == (3, 40, 50)
+    enlarged = resize_labels_to_shape(labels, (64, 64))
+    np.testing.assert_array_equal(resize_mask_slices(enlarged, 32), labels)
+    assert resize_labels_to_shape(labels, (40, 50)).shape == (3, 40, 50)
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +208,7 @@ def _labels_of_evaluate(probabilities: torch.Tensor, shape) -> np.ndarray:
 
 def _labels_of_phase3(probabilities: np.ndarray, shape) -> np.ndarray:
     """The former ``resize_probabilities_to_shape``: every class plane resized on its own, numpy argmax."""
-    return n3._bilinear_resize(probabilities.astype(np.float32), tuple(shape)).argmax(axis=1).astype(np.uint8)
+    return _bilinear_resize(probabilities.astype(np.float32), tuple(shape)).argmax(axis=1).astype(np.uint8)
 
 
 def _labels_of_predict(logits: torch.Tensor, shape) -> np.ndarray:
@@ -226,14 +225,14 @@ def _labels_of_predict(logits: torch.Tensor, shape) -> np.ndarray:
 def test_probabilities_to_ct_labels_of_one_hot_blocks() -> None:
     labels = np.kron(np.array([[0, 5], [3, 4]], dtype=np.uint8), np.ones((2, 2), np.uint8))[None]
     probs = np.eye(8, dtype=np.float32)[labels].transpose(0, 3, 1, 2)  # one-hot (1, 8, 4, 4)
-    out = n3.probabilities_to_ct_labels(probs, (8, 8))
+    out = probabilities_to_ct_labels(probs, (8, 8))
     assert out.dtype == np.uint8
-    np.testing.assert_array_equal(out, n3.resize_labels_to_shape(labels, (8, 8)))
+    np.testing.assert_array_equal(out, resize_labels_to_shape(labels, (8, 8)))
 
 
 def test_probabilities_to_ct_labels_same_size_is_identity() -> None:
     small = _random_labels((3, 16, 16))
-    np.testing.assert_array_equal(n3.probabilities_to_ct_labels(_one_hot(small), (16, 16)), small)
+    np.testing.assert_array_equal(probabilities_to_ct_labels(_one_hot(small), (16, 16)), small)
 
 
 def test_probabilities_to_ct_labels_inverts_a_2x_shrink() -> None:
@@ -243,8 +242,8 @@ def test_probabilities_to_ct_labels_inverts_a_2x_shrink() -> None:
     factors bilinear rounds the outer corners of the blocks, by design.)"""
     small = _random_labels((3, 16, 16), seed=2)
     original = np.kron(small, np.ones((1, 2, 2), np.uint8))
-    np.testing.assert_array_equal(n3.resize_mask_slices(original, 16), small)   # phase 3 down
-    np.testing.assert_array_equal(n3.probabilities_to_ct_labels(_one_hot(small), original.shape[1:], batch_size=2),
+    np.testing.assert_array_equal(resize_mask_slices(original, 16), small)   # phase 3 down
+    np.testing.assert_array_equal(probabilities_to_ct_labels(_one_hot(small), original.shape[1:], batch_size=2),
                                   original)                                     # and back up
 
 
@@ -256,24 +255,24 @@ def test_probabilities_to_ct_labels_gives_the_labels_of_the_three_former_version
     the labels of all three, on softmax outputs and on random scores, numpy or torch, in any batch."""
     logits = torch.randn(5, organs.NUM_CLASSES, 32, 32, generator=torch.Generator().manual_seed(0)) * 3
     probabilities = torch.softmax(logits, dim=1)
-    got = n3.probabilities_to_ct_labels(probabilities, shape)
+    got = probabilities_to_ct_labels(probabilities, shape)
     assert got.dtype == np.uint8 and got.shape == (5, *shape)
     np.testing.assert_array_equal(got, _labels_of_evaluate(probabilities, shape))
     np.testing.assert_array_equal(got, _labels_of_phase3(probabilities.numpy(), shape))
     np.testing.assert_array_equal(got, _labels_of_predict(logits, shape))
-    np.testing.assert_array_equal(n3.probabilities_to_ct_labels(probabilities.numpy(), shape, batch_size=2), got)
+    np.testing.assert_array_equal(probabilities_to_ct_labels(probabilities.numpy(), shape, batch_size=2), got)
     scores = np.random.default_rng(3).random((5, organs.NUM_CLASSES, 32, 32), dtype=np.float32)
-    np.testing.assert_array_equal(n3.probabilities_to_ct_labels(scores, shape),
+    np.testing.assert_array_equal(probabilities_to_ct_labels(scores, shape),
                                   _labels_of_phase3(scores, shape))
-    np.testing.assert_array_equal(n3.probabilities_to_ct_labels(torch.from_numpy(scores).double(), shape),
+    np.testing.assert_array_equal(probabilities_to_ct_labels(torch.from_numpy(scores).double(), shape),
                                   _labels_of_evaluate(torch.from_numpy(scores), shape))
 
 
 def test_probabilities_to_ct_labels_ties_go_to_the_first_class() -> None:
     probs = np.zeros((1, organs.NUM_CLASSES, 2, 2), np.float32)
     probs[:, [2, 5]] = 0.5
-    np.testing.assert_array_equal(n3.probabilities_to_ct_labels(probs, (2, 2)), np.full((1, 2, 2), 2))
-    np.testing.assert_array_equal(n3.probabilities_to_ct_labels(probs, (4, 3)), np.full((1, 4, 3), 2))
+    np.testing.assert_array_equal(probabilities_to_ct_labels(probs, (2, 2)), np.full((1, 2, 2), 2))
+    np.testing.assert_array_equal(probabilities_to_ct_labels(probs, (4, 3)), np.full((1, 4, 3), 2))
 
 
 @pytest.mark.parametrize("probs, shape, batch_size, match", [
@@ -284,7 +283,7 @@ def test_probabilities_to_ct_labels_ties_go_to_the_first_class() -> None:
 ])
 def test_probabilities_to_ct_labels_bad_arguments(probs, shape, batch_size, match) -> None:
     with pytest.raises(ValueError, match=match):
-        n3.probabilities_to_ct_labels(probs, shape, batch_size=batch_size)
+        probabilities_to_ct_labels(probs, shape, batch_size=batch_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,7 +318,7 @@ def body_phantom(shape_yx=(40, 60), rows=(10, 20), cols=(15, 35), z=3) -> np.nda
     (body_phantom((32, 32), rows=(0, 32), cols=(0, 32)), (1.0, 1.0), 10, (0, 0, 32)),
 ])
 def test_body_box_exact(hu, spacing_yx, margin_mm, expected) -> None:
-    assert n3.body_box(hu, spacing_yx, margin_mm=margin_mm) == expected
+    assert body_box(hu, spacing_yx, margin_mm=margin_mm) == expected
 
 
 def test_body_box_keeps_the_largest_component_and_uses_the_threshold() -> None:
@@ -327,11 +326,11 @@ def test_body_box_keeps_the_largest_component_and_uses_the_threshold() -> None:
     hu[:, 36:38, 0:60] = 100       # the couch: 120 px per slice, apart from the body (200 px)
     hu[1, 0, 0] = 1000             # a bright stray voxel
     hu[:, 20:23, 15:35] = -600     # below -500 HU: not body, so not in the box
-    assert n3.body_box(hu, (1.0, 1.0), margin_mm=2) == (3, 13, 24)
+    assert body_box(hu, (1.0, 1.0), margin_mm=2) == (3, 13, 24)
     # above -700 HU it is: rows 10-22 + 2 px = 8-24 (17), widened 3 rows before, 4 after
-    assert n3.body_box(hu, (1.0, 1.0), threshold_hu=-700, margin_mm=2) == (5, 13, 24)
+    assert body_box(hu, (1.0, 1.0), threshold_hu=-700, margin_mm=2) == (5, 13, 24)
     hu[:, 28:36, 0:60] = 100       # the couch (rows 28-37, 600 px) grows larger than the body: it wins,
-    assert n3.body_box(hu, (1.0, 1.0), margin_mm=0) == (0, 0, 60)  # centred start 3 shifted to cover all rows
+    assert body_box(hu, (1.0, 1.0), margin_mm=0) == (0, 0, 60)  # centred start 3 shifted to cover all rows
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -344,36 +343,36 @@ def test_body_box_keeps_the_largest_component_and_uses_the_threshold() -> None:
 ])
 def test_body_box_bad_arguments(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
-        n3.body_box(**kwargs)
+        body_box(**kwargs)
 
 
 def test_crop_to_box_inside_is_a_view_and_outside_is_filled() -> None:
     volume = np.arange(2 * 4 * 5, dtype=np.int16).reshape(2, 4, 5)
-    inside = n3.crop_to_box(volume, (1, 2, 3))
+    inside = crop_to_box(volume, (1, 2, 3))
     assert inside.shape == (2, 3, 3) and np.shares_memory(inside, volume)
     np.testing.assert_array_equal(inside, volume[:, 1:4, 2:5])
-    padded = n3.crop_to_box(volume, (-1, 0, 6), fill=-7)   # one row above, one below, a column right
+    padded = crop_to_box(volume, (-1, 0, 6), fill=-7)   # one row above, one below, a column right
     assert padded.shape == (2, 6, 6) and padded.dtype == np.int16
     np.testing.assert_array_equal(padded[:, 1:5, 0:5], volume)
     assert (padded[:, 0] == -7).all() and (padded[:, 5] == -7).all() and (padded[:, :, 5] == -7).all()
     with pytest.raises(ValueError, match=r"crop box \(4, 0, 2\) \(y0, x0, side\) does not overlap a \(4, 5\) image"):
-        n3.crop_to_box(volume, (4, 0, 2))
+        crop_to_box(volume, (4, 0, 2))
 
 
 def test_probabilities_to_ct_labels_pastes_the_box_back_exactly() -> None:
     """S x S labels of a box of side S go back exactly into the box; outside it is background;
     the part of the box beyond the image is dropped."""
     small = _random_labels((3, 16, 16), seed=4)
-    out = n3.probabilities_to_ct_labels(_one_hot(small), (20, 30), box_yx=(2, 5, 16), batch_size=2)
+    out = probabilities_to_ct_labels(_one_hot(small), (20, 30), box_yx=(2, 5, 16), batch_size=2)
     assert out.shape == (3, 20, 30) and out.dtype == np.uint8
     np.testing.assert_array_equal(out[:, 2:18, 5:21], small)
     out[:, 2:18, 5:21] = 0
     assert not out.any()
-    out = n3.probabilities_to_ct_labels(_one_hot(small), (10, 30), box_yx=(-3, 5, 16))   # 3 rows above, 3 below
+    out = probabilities_to_ct_labels(_one_hot(small), (10, 30), box_yx=(-3, 5, 16))   # 3 rows above, 3 below
     np.testing.assert_array_equal(out[:, :, 5:21], small[:, 3:13])
     assert not out[:, :, :5].any() and not out[:, :, 21:].any()
     original = np.kron(small, np.ones((1, 2, 2), np.uint8))  # a 2x shrink of the box, inverted exactly
-    out = n3.probabilities_to_ct_labels(_one_hot(small), (40, 40), box_yx=(4, 6, 32))
+    out = probabilities_to_ct_labels(_one_hot(small), (40, 40), box_yx=(4, 6, 32))
     np.testing.assert_array_equal(out[:, 4:36, 6:38], original)
 
 
@@ -386,13 +385,13 @@ def test_a_label_map_goes_through_crop_resize_and_back_to_its_place() -> None:
     lung = ((yy - 105) / 40) ** 2 + ((xx - 95) / 30) ** 2 <= 1
     hu = np.where(body, 40, -1000).astype(np.int16)[None].repeat(2, axis=0)
     labels = np.where(lung, organs.RIGHT_LUNG, organs.BACKGROUND).astype(np.uint8)[None].repeat(2, axis=0)
-    box = n3.body_box(hu, (1.0, 1.0), margin_mm=5)
+    box = body_box(hu, (1.0, 1.0), margin_mm=5)
     assert box == (10, 20, 201)  # rows 40-180 and cols 25-215 + 5 px: square 201, 25 rows more each side
-    small = n3.resize_mask_slices(n3.crop_to_box(labels, box), 144)
-    back = n3.probabilities_to_ct_labels(_one_hot(small), labels.shape[1:], box_yx=box)
+    small = resize_mask_slices(crop_to_box(labels, box), 144)
+    back = probabilities_to_ct_labels(_one_hot(small), labels.shape[1:], box_yx=box)
     dice = 2 * np.sum((back == 3) & lung) / (np.sum(back == 3) + 2 * np.sum(lung))
     assert dice >= 0.99, dice
-    whole = n3.probabilities_to_ct_labels(_one_hot(n3.resize_mask_slices(labels, 144)), labels.shape[1:])
+    whole = probabilities_to_ct_labels(_one_hot(resize_mask_slices(labels, 144)), labels.shape[1:])
     assert 2 * np.sum((whole == 3) & lung) / (np.sum(whole == 3) + 2 * np.sum(lung)) <= dice
 
 
@@ -403,8 +402,8 @@ def test_a_label_map_goes_through_crop_resize_and_back_to_its_place() -> None:
      {"method": "body", "threshold_hu": -500, "margin_mm": 10}),
 ])
 def test_crop_settings_of_records(record, expected) -> None:
-    assert n3.crop_settings_of(record, "here") == expected
-    assert n3.crop_box_of(record, "here") == (None if expected is None else (1, 2, 3))
+    assert crop_settings_of(record, "here") == expected
+    assert crop_box_of(record, "here") == (None if expected is None else (1, 2, 3))
 
 
 @pytest.mark.parametrize("crop, match", [
@@ -414,13 +413,13 @@ def test_crop_settings_of_records(record, expected) -> None:
 ])
 def test_crop_settings_of_bad_records(crop, match) -> None:
     with pytest.raises(ValueError, match=match):
-        n3.crop_settings_of({"crop": crop}, "here")
+        crop_settings_of({"crop": crop}, "here")
 
 
 def test_crop_box_of_a_bad_box() -> None:
     record = {"crop": {"method": "body", "threshold_hu": -500, "margin_mm": 10, "box_yx": [1, 2]}}
     with pytest.raises(ValueError, match=r"here: crop box_yx must be three integers \[y0, x0, side >= 1\], got \[1, 2\]"):
-        n3.crop_box_of(record, "here")
+        crop_box_of(record, "here")
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,7 +436,7 @@ def corners_and_centre(image: sitk.Image) -> np.ndarray:
                                        (-1, 0, 0, 0, -1, 0, 0, 0, 1)])
 def test_resized_grid_overlays_the_original(direction) -> None:
     original = make_image(np.zeros((5, 30, 40), np.int16), direction=direction)
-    resized = n3.image_on_resized_grid(np.zeros((5, 32, 32), np.float32), original)
+    resized = image_on_resized_grid(np.zeros((5, 32, 32), np.float32), original)
     np.testing.assert_allclose(corners_and_centre(resized), corners_and_centre(original), atol=1e-9)
     assert resized.GetSpacing() == pytest.approx((0.8 * 40 / 32, 0.9 * 30 / 32, 3.0))
     assert resized.GetDirection() == original.GetDirection()
@@ -457,14 +456,14 @@ def test_run_writes_normalized_volumes_and_cache(data_root) -> None:
     for pid, annotated, stored in (("P1", [True] * 8, "LPS"), ("P2", NO_HEART, "ALS")):
         ct = sitk.ReadImage(str(layout.ct_nifti / f"{pid}.nii.gz"))
         mask = sitk.ReadImage(str(layout.masks / f"{pid}.nii.gz"))
-        assert n3.orientation_code(ct) == stored
-        ct_network, code = n3.to_network_orientation(ct)
+        assert orientation_code(ct) == stored
+        ct_network, code = to_network_orientation(ct)
         assert code == stored and ct_network.GetDirection() == pytest.approx(np.eye(3).ravel())
         hu = sitk.GetArrayFromImage(ct_network)
-        labels = n3.to_network_array(sitk.GetArrayFromImage(mask), stored)
-        assert np.array_equal(hu, n3.to_network_array(sitk.GetArrayFromImage(ct), stored))
+        labels = to_network_array(sitk.GetArrayFromImage(mask), stored)
+        assert np.array_equal(hu, to_network_array(sitk.GetArrayFromImage(ct), stored))
         assert (stored == "LPS") == np.array_equal(hu, sitk.GetArrayFromImage(ct))
-        zscored, mean, std = n3.window_and_zscore(hu)
+        zscored, mean, std = window_and_zscore(hu)
 
         norm_ct = sitk.ReadImage(str(layout.normalized_ct / f"{pid}.nii.gz"))
         norm_mask = sitk.ReadImage(str(layout.normalized_masks / f"{pid}.nii.gz"))
@@ -472,15 +471,15 @@ def test_run_writes_normalized_volumes_and_cache(data_root) -> None:
         mask_array = sitk.GetArrayFromImage(norm_mask)
         assert ct_array.dtype == np.float32 and ct_array.shape == (6, 32, 32)
         assert mask_array.dtype == np.uint8 and mask_array.shape == (6, 32, 32)
-        np.testing.assert_allclose(ct_array, n3.resize_ct_slices(zscored, 32), atol=1e-5)
-        np.testing.assert_array_equal(mask_array, n3.resize_mask_slices(labels, 32))
+        np.testing.assert_allclose(ct_array, resize_ct_slices(zscored, 32), atol=1e-5)
+        np.testing.assert_array_equal(mask_array, resize_mask_slices(labels, 32))
         assert set(np.unique(mask_array)) <= set(np.unique(labels))
 
         # Overlay: same corners and centre (in network order), and each structure's centre of mass
         # stays put; the normalized volumes are LPS.
         for image in (norm_ct, norm_mask):
             np.testing.assert_allclose(corners_and_centre(image), corners_and_centre(ct_network), atol=1e-4)
-            assert n3.orientation_code(image) == "LPS"
+            assert orientation_code(image) == "LPS"
         for label in (organs.RIGHT_LUNG, organs.LEFT_LUNG, organs.HEART):
             before = centre_of_mass_mm(mask, label)
             after = centre_of_mass_mm(norm_mask, label)
@@ -492,7 +491,7 @@ def test_run_writes_normalized_volumes_and_cache(data_root) -> None:
         np.testing.assert_allclose(ct_npy, ct_array, atol=2e-3)
         np.testing.assert_array_equal(mask_npy, mask_array)
         meta = json.loads((cache / "meta.json").read_text())
-        assert meta == n3.read_cache_meta(data_root, pid)
+        assert meta == read_cache_meta(data_root, pid)
         assert meta["format"] == PROCESSED_FORMAT and meta["ptv"] == DERIVED_PTV
         assert meta["annotated"] == annotated
         assert meta["shape_zyx"] == [6, 32, 32] and meta["original_shape_zyx"] == [6, 40, 48]
@@ -502,7 +501,7 @@ def test_run_writes_normalized_volumes_and_cache(data_root) -> None:
         assert meta["original_spacing_xyz"] == pytest.approx([0.8, 0.9, 3.0])
         assert meta["original_direction"] == pytest.approx(list(ct.GetDirection()))  # phase 2's grid
         assert meta["original_origin_xyz"] == pytest.approx(list(ct.GetOrigin()))
-        assert meta["slice_labels"] == n3.slice_label_bits(mask_npy)
+        assert meta["slice_labels"] == slice_label_bits(mask_npy)
         assert meta["slice_labels"][2] == 0b111011  # slice 2: background, GTV, lungs, heart
         assert normalization[pid] == {k: meta[k] for k in normalization[pid]}
     assert not list(data_root.rglob(PARTIAL_DIR_NAME))
@@ -526,26 +525,26 @@ def test_run_with_crop_body_records_the_box_and_overlays_the_ct(data_root) -> No
     layout = DataLayout(data_root)
     normalization = json.loads((layout.normalized_ct / "normalization.json").read_text())
     for pid, stored, box in (("P1", "LPS", (-3, 1, 46)), ("P2", "ALS", (1, -3, 46))):
-        ct_network, _ = n3.to_network_orientation(sitk.ReadImage(str(layout.ct_nifti / f"{pid}.nii.gz")))
+        ct_network, _ = to_network_orientation(sitk.ReadImage(str(layout.ct_nifti / f"{pid}.nii.gz")))
         mask = sitk.ReadImage(str(layout.masks / f"{pid}.nii.gz"))
         hu = sitk.GetArrayFromImage(ct_network)
-        labels = n3.to_network_array(sitk.GetArrayFromImage(mask), stored)
+        labels = to_network_array(sitk.GetArrayFromImage(mask), stored)
         spacing_x, spacing_y = ct_network.GetSpacing()[:2]
-        assert n3.body_box(hu, (spacing_y, spacing_x), margin_mm=2) == box
-        meta = n3.read_cache_meta(data_root, pid)
+        assert body_box(hu, (spacing_y, spacing_x), margin_mm=2) == box
+        meta = read_cache_meta(data_root, pid)
         assert meta["crop"] == {"method": "body", "threshold_hu": -500, "margin_mm": 2, "box_yx": list(box)}
         assert normalization[pid]["crop"] == meta["crop"]
-        zscored, mean, std = n3.window_and_zscore(hu)
+        zscored, mean, std = window_and_zscore(hu)
         assert (meta["mean"], meta["std"]) == (mean, std)  # statistics of the whole windowed volume
         assert meta["shape_zyx"] == [6, 32, 32] and meta["original_shape_zyx"] == [6, 40, 48]
 
         norm_ct = sitk.ReadImage(str(layout.normalized_ct / f"{pid}.nii.gz"))
         norm_mask = sitk.ReadImage(str(layout.normalized_masks / f"{pid}.nii.gz"))
         air = np.float32((-1000 - mean) / std)
-        expected_ct = n3.resize_ct_slices(n3.crop_to_box(zscored, box, fill=air), 32)
+        expected_ct = resize_ct_slices(crop_to_box(zscored, box, fill=air), 32)
         np.testing.assert_allclose(sitk.GetArrayFromImage(norm_ct), expected_ct, atol=1e-5)
         assert sitk.GetArrayFromImage(norm_ct)[:, 0, 0] == pytest.approx(air, abs=1e-5)  # padded with air
-        expected_mask = n3.resize_mask_slices(n3.crop_to_box(labels, box), 32)
+        expected_mask = resize_mask_slices(crop_to_box(labels, box), 32)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(norm_mask), expected_mask)
         np.testing.assert_array_equal(np.load(layout.training_cache / pid / "mask.npy"), expected_mask)
         assert norm_ct.GetSpacing() == pytest.approx((spacing_x * 46 / 32, spacing_y * 46 / 32, 3.0))
@@ -565,7 +564,7 @@ def test_rerun_with_other_crop_settings_is_refused(data_root) -> None:
         assert results[0].message == (f"P1: outputs exist with body crop (> -500 HU, margin 2 mm), this run asks "
                                       f"for {asked}; pass --overwrite to redo them")
     assert [r.status for r in n3.run(data_root=data_root, size=32, overwrite=True)] == [DONE] * 2
-    assert n3.read_cache_meta(data_root, "P1")["crop"] is None   # off: recorded as null
+    assert read_cache_meta(data_root, "P1")["crop"] is None   # off: recorded as null
     normalization = json.loads((DataLayout(data_root).normalized_ct / "normalization.json").read_text())
     assert normalization["P1"]["crop"] is None
     results = n3.run(data_root=data_root, size=32, crop_body=True, crop_margin_mm=2, patients=["P2"])
@@ -581,7 +580,7 @@ def centre_of_mass_mm(image: sitk.Image, label: int) -> np.ndarray:
 def test_slice_label_bits() -> None:
     mask = np.zeros((3, 2, 2), np.uint8)
     mask[1, 0, 0], mask[2] = organs.GTV, organs.SPINAL_CORD
-    assert n3.slice_label_bits(mask) == [0b1, 0b11, 0b10000000]
+    assert slice_label_bits(mask) == [0b1, 0b11, 0b10000000]
 
 
 def test_rerun_skips_and_overwrite_redoes(data_root) -> None:
@@ -612,7 +611,7 @@ def test_changed_inputs_are_redone_without_overwrite_and_said(data_root) -> None
     results = n3.run(data_root=data_root, size=32)
     assert [r.status for r in results] == [DONE, SKIPPED]
     assert results[0].message.startswith("redone: its CT, label map or phase 2.5 record changed")
-    assert n3.read_cache_meta(data_root, "P1")["ptv"] == {"source": "derived", "margin_mm": 5.0}
+    assert read_cache_meta(data_root, "P1")["ptv"] == {"source": "derived", "margin_mm": 5.0}
     assert [r.status for r in n3.run(data_root=data_root, size=32)] == [SKIPPED, SKIPPED]
     _, labels = phantom(seed=1)
     labels[0, 10:14, 10:14] = organs.SPINAL_CORD
@@ -632,10 +631,10 @@ def test_a_cache_of_an_earlier_version_is_redone_here_and_refused_downstream(dat
     with pytest.raises(ValueError, match=r"P1: .*meta.json was written by an earlier version of this pipeline "
                                          r"\(format 1.*re-run extract_multi_organ_masks.py --overwrite, then "
                                          r"normalize_ct_and_masks.py --overwrite"):
-        n3.read_cache_meta(data_root, "P1")
+        read_cache_meta(data_root, "P1")
     results = n3.run(data_root=data_root, size=32)
     assert [r.status for r in results] == [DONE, SKIPPED] and "earlier version" in results[0].message
-    assert n3.read_cache_meta(data_root, "P1")["format"] == PROCESSED_FORMAT
+    assert read_cache_meta(data_root, "P1")["format"] == PROCESSED_FORMAT
 
 
 def test_a_cache_without_orientation_record_is_redone_here_and_refused_downstream(data_root) -> None:
@@ -646,13 +645,13 @@ def test_a_cache_without_orientation_record_is_redone_here_and_refused_downstrea
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"^P2: .*meta.json was written by an earlier version of this pipeline "
                                          r"\(orientation None, .*re-run normalize_ct_and_masks.py --overwrite$"):
-        n3.read_cache_meta(data_root, "P2")
+        read_cache_meta(data_root, "P2")
     results = n3.run(data_root=data_root, size=32)
     assert [r.status for r in results] == [SKIPPED, DONE]
     assert results[1].message.startswith("redone: its training cache was written by an earlier version "
                                          "(no orientation record)")
     assert results[1].message.endswith(", stored ALS -> LPS")
-    assert n3.read_cache_meta(data_root, "P2")["orientation"] == {"stored": "ALS", "network": "LPS"}
+    assert read_cache_meta(data_root, "P2")["orientation"] == {"stored": "ALS", "network": "LPS"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -675,16 +674,16 @@ def test_orientation_round_trip_of_a_label_map_is_exact(signs, transposed) -> No
     rng = np.random.default_rng(3)
     labels = rng.integers(0, organs.NUM_CLASSES, size=(4, 5, 6), dtype=np.uint8)
     image = make_image(labels, direction=direction)
-    code = n3.orientation_code(image)
-    assert code == "".join(n3._AXIS_LETTERS["xyz".index(a)][0 if v > 0 else 1]
+    code = orientation_code(image)
+    assert code == "".join(_AXIS_LETTERS["xyz".index(a)][0 if v > 0 else 1]
                            for c in columns for a, v in zip("xyz", c) if v)
-    network, stored = n3.to_network_orientation(image)
-    assert stored == code and n3.orientation_code(network) == "LPS"
+    network, stored = to_network_orientation(image)
+    assert stored == code and orientation_code(network) == "LPS"
     assert network.GetDirection() == pytest.approx(np.eye(3).ravel())
     network_labels = sitk.GetArrayFromImage(network)
-    assert network_labels.shape == n3.network_shape_zyx(labels.shape, code)
-    assert np.array_equal(network_labels, n3.to_network_array(labels, code))
-    back = n3.from_network_orientation(network_labels, code)
+    assert network_labels.shape == network_shape_zyx(labels.shape, code)
+    assert np.array_equal(network_labels, to_network_array(labels, code))
+    back = from_network_orientation(network_labels, code)
     assert back.dtype == np.uint8 and back.flags.c_contiguous and np.array_equal(back, labels)
     assert (code == "LPS") == np.array_equal(network_labels, labels)
     for index in [(0, 0, 0), (5, 4, 3), (2, 1, 3)]:  # (x, y, z) of the stored image
@@ -699,13 +698,13 @@ def test_orientation_round_trip_of_a_label_map_is_exact(signs, transposed) -> No
 @pytest.mark.parametrize("code, expected", [("LPS", (3, 4, 5)), ("RAI", (3, 4, 5)), ("pls", (3, 5, 4)),
                                            ("SLP", (5, 3, 4))])
 def test_network_shape_of_stored_codes(code, expected) -> None:
-    assert n3.network_shape_zyx((3, 4, 5), code) == expected
+    assert network_shape_zyx((3, 4, 5), code) == expected
 
 
 @pytest.mark.parametrize("code", ["LPX", "LLS", "LP", "", "SPL1"])
 def test_bad_orientation_codes_are_refused(code) -> None:
     with pytest.raises(ValueError, match="orientation code must be three letters, one of each of L/R, P/A, S/I"):
-        n3.from_network_orientation(np.zeros((2, 2, 2)), code)
+        from_network_orientation(np.zeros((2, 2, 2)), code)
 
 
 def test_an_oblique_image_is_refused_clearly(tmp_path) -> None:
@@ -716,12 +715,12 @@ def test_an_oblique_image_is_refused_clearly(tmp_path) -> None:
                                          r"30.0 deg from the nearest patient axis \(at most 10 deg\).*cannot be "
                                          r"brought to LPS by permuting and flipping axes; "
                                          r"resample it to an axial grid"):
-        n3.to_network_orientation(image)
+        to_network_orientation(image)
     slight = np.radians(4)  # within phase 2's axial limit: permuted, the small rotation kept
     tilted = make_image(np.zeros((3, 4, 5), np.int16),
                         direction=[-np.cos(slight), np.sin(slight), 0, -np.sin(slight), -np.cos(slight), 0, 0, 0, 1])
-    network, code = n3.to_network_orientation(tilted)
-    assert code == "RAS" and n3.orientation_code(network) == "LPS"
+    network, code = to_network_orientation(tilted)
+    assert code == "RAS" and orientation_code(network) == "LPS"
     # phase 3 reports an oblique patient and goes on
     root = make_data_root(tmp_path / "DATA", {"P1": {}, "P9": {"direction": rotation}})
     results = n3.run(data_root=root, size=32)
@@ -811,7 +810,7 @@ def real_processed(real_sample_root, tmp_path_factory) -> tuple[Path, list]:
 @pytest.mark.real_data
 @pytest.mark.slow
 def test_real_patients_normalize_and_overlay(real_processed) -> None:
-    from extract_multi_organ_masks import read_structures_csv
+    from thoracic_seg.layout import read_structures_csv
 
     root, results = real_processed
     assert [(r.patient_id, r.status) for r in results] == [(p, DONE) for p in REAL_PATIENTS]
@@ -829,10 +828,10 @@ def test_real_patients_normalize_and_overlay(real_processed) -> None:
         assert ct_array.shape == mask_array.shape == (91, 256, 256)
         assert ct_array.dtype == np.float32 and mask_array.dtype == np.uint8
 
-        zscored, mean, std = n3.window_and_zscore(hu)
+        zscored, mean, std = window_and_zscore(hu)
         assert normalization[pid]["mean"] == mean and normalization[pid]["std"] == std
         assert -1000 < mean < 400 and std > 100  # a thorax, not a phantom
-        np.testing.assert_allclose(ct_array[::10], n3.resize_ct_slices(zscored[::10], 256), atol=1e-4)
+        np.testing.assert_allclose(ct_array[::10], resize_ct_slices(zscored[::10], 256), atol=1e-4)
         assert set(np.unique(mask_array)) <= set(np.unique(labels)) <= set(range(8))
 
         for image in (norm_ct, norm_mask):
@@ -861,7 +860,7 @@ def test_real_patients_split_and_load(real_processed, tmp_path) -> None:
 
     root, _ = real_processed
     summary = splits.run(data_root=root, splits_dir=tmp_path / "splits")
-    assert [summary[n]["patients"] for n in splits.SPLIT_NAMES] == [1, 0, 1]
+    assert [summary[n]["patients"] for n in SPLIT_NAMES] == [1, 0, 1]
     assert summary["total"]["slices"] == 182
     ds = MultiOrganDataset("train", data_root=root, splits_dir=tmp_path / "splits")
     cache = DataLayout(root).training_cache / ds.patients[0]
@@ -885,12 +884,12 @@ def test_phase_2_5_rerun_with_another_margin_then_phase_3_recomputes_once(synthe
     assert convert_dicom_to_nifti.run(data_root=root, dicom_root=raw_dir, patients=None)[0].status == DONE
     extract_multi_organ_masks.run(data_root=root, dicom_root=raw_dir, patients=["SYN-001"])
     assert [r.status for r in n3.run(data_root=root, size=32, patients=["SYN-001"])] == [DONE]
-    assert n3.read_cache_meta(root, "SYN-001")["ptv"] == {"source": "derived", "margin_mm": 10.0}
+    assert read_cache_meta(root, "SYN-001")["ptv"] == {"source": "derived", "margin_mm": 10.0}
 
     [again] = extract_multi_organ_masks.run(data_root=root, dicom_root=raw_dir, patients=["SYN-001"],
                                             ptv_margin_mm=7.5)
     assert again.status == DONE and "settings changed" in again.message
     [redone] = n3.run(data_root=root, size=32, patients=["SYN-001"])
     assert redone.status == DONE and redone.message.startswith("redone: its CT, label map or phase 2.5 record")
-    assert n3.read_cache_meta(root, "SYN-001")["ptv"] == {"source": "derived", "margin_mm": 7.5}
+    assert read_cache_meta(root, "SYN-001")["ptv"] == {"source": "derived", "margin_mm": 7.5}
     assert [r.status for r in n3.run(data_root=root, size=32, patients=["SYN-001"])] == [SKIPPED]

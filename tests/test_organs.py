@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-import organs
+from thoracic_seg import organs
 
 ROI_TABLE = {
     organs.GTV: ["GTV-1", "GTV-2", "gtv-2", "gtv-3", "gtv_10_r", "gtv_supraclav", "GTV", "GTVp",

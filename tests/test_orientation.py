@@ -21,12 +21,13 @@ import torch
 from pydicom.valuerep import DSfloat
 
 import convert_dicom_to_nifti as phase2
-import normalize_ct_and_masks as n3
-import organs
-import precision
 import predict_multi_organ as pm
-from extract_multi_organ_masks import read_rois
-from pipeline_io import DONE, DataLayout, same_geometry
+from thoracic_seg import organs, precision
+from thoracic_seg.batch import DONE, same_geometry
+from thoracic_seg.grid import orientation_code
+from thoracic_seg.inference import Predictor
+from thoracic_seg.layout import DataLayout
+from thoracic_seg.rtstruct_read import read_rois
 
 #: Sign of the row (ImageOrientationPatient[:3]) and column ([3:]) directions of each patient
 #: position relative to head-first supine, as scanners store an axial series (DICOM PS3.3 C.7.6.2.1.1).
@@ -83,8 +84,8 @@ class LateralityModel(torch.nn.Module):
         return logits
 
 
-def laterality_predictor(size: int) -> pm.Predictor:
-    return pm.Predictor(LateralityModel(), Path("laterality.pth"), torch.device("cpu"), precision.FLOAT32,
+def laterality_predictor(size: int) -> Predictor:
+    return Predictor(LateralityModel(), Path("laterality.pth"), torch.device("cpu"), precision.FLOAT32,
                         batch_size=16, window=(-1000.0, 400.0), size=size)
 
 
@@ -118,7 +119,7 @@ def check_positions(original_series: Path, patient_id: str, work: Path, size: in
         else:
             restore_series(original_series, series, position)
         image = convert(dicom_root, work / position / "DATA", patient_id)
-        assert n3.orientation_code(image) == STORED_CODE[position]
+        assert orientation_code(image) == STORED_CODE[position]
         images[position] = image
         (case,) = pm.find_cases(dicom_root)
         out = work / position / "predictions"

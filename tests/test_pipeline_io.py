@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-import pipeline_io as pio
+from thoracic_seg import batch as pio
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ import contextlib
 import pytest
 import torch
 
-import precision
-from precision import FLOAT32, Precision
+from thoracic_seg import precision
+from thoracic_seg.precision import FLOAT32, Precision
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 BF16_CL = Precision(torch.bfloat16, grad_scaler=False, channels_last=True)

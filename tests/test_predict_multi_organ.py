@@ -12,12 +12,17 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-import organs
-import precision
 import predict_multi_organ as pm
-from extract_multi_organ_masks import Grid, build_structures, combine_labels, ptv_from_gtv, read_rois
-from pipeline_io import DONE, FAILED, SKIPPED, PatientError, same_geometry
-from unet_multi_organ import UNetMultiOrgan, build_checkpoint, checkpoint_ptv, fold_derived_ptv
+from extract_multi_organ_masks import build_structures, combine_labels
+from thoracic_seg import inference
+from thoracic_seg import organs, precision
+from thoracic_seg.batch import DONE, FAILED, SKIPPED, PatientError, same_geometry
+from thoracic_seg.geometry import Grid
+from thoracic_seg.image_grid import segment_image
+from thoracic_seg.inference import MAX_BATCH_SIZE, CheckpointError, Predictor, auto_batch_size
+from thoracic_seg.ptv import fold_derived_ptv, ptv_from_gtv
+from thoracic_seg.rtstruct_read import read_rois
+from unet_multi_organ import UNetMultiOrgan, build_checkpoint, checkpoint_ptv
 
 TINY_SIZE = 32  # network input: 32 x 32 slices (the synthetic CTs are 64 x 64)
 PREPROCESSING = {"window": [-1000, 400], "size": TINY_SIZE, "zscore": "per_patient"}
@@ -143,7 +148,7 @@ def test_overlay_is_a_png_montage(cohort_prediction):
 
 def test_nifti_input_gives_the_same_labels_and_no_rtstruct(cohort_prediction, tiny_checkpoint, tmp_path):
     _, out, raw_dir, _, cohort = cohort_prediction
-    from convert_dicom_to_nifti import read_ct_series
+    from thoracic_seg.dicom_ct import read_ct_series
 
     record = cohort[2]
     ct = read_ct_series(sorted((raw_dir / record["ct_folder"]).glob("*.dcm")))
@@ -210,7 +215,7 @@ def test_predict_maps_back_to_the_ct_grid_with_a_model_that_thresholds_intensity
         model.weight[organs.RIGHT_LUNG, 0, 0, 0] = 5.0
         model.bias[organs.BACKGROUND] = 0.0
         model.bias[organs.RIGHT_LUNG] = 0.0
-    predictor = pm.Predictor(model, Path("threshold.pth"), torch.device("cpu"), precision.FLOAT32, batch_size=3,
+    predictor = Predictor(model, Path("threshold.pth"), torch.device("cpu"), precision.FLOAT32, batch_size=3,
                              window=(-1000.0, 400.0), size=TINY_SIZE)
     hu = np.full((5, 64, 64), -1000, np.int16)
     hu[:, 16:48, 8:40] = 400  # bright square: half of the in-window mean is -650 HU
@@ -241,10 +246,10 @@ def test_map_back_gives_the_labels_of_the_evaluation(shape):
     """Softmax first, then phase 3's ``probabilities_to_ct_labels`` (evaluation's way back; its
     tests compare it with the former formulations): the labels of a direct anti-aliased
     bilinear resize of the probabilities and argmax."""
-    from normalize_ct_and_masks import probabilities_to_ct_labels
+    from thoracic_seg.grid import probabilities_to_ct_labels
 
     logits = torch.randn(3, organs.NUM_CLASSES, 32, 32, generator=torch.Generator().manual_seed(0)) * 3
-    predictor = pm.Predictor(FixedLogits(logits), Path("fixed.pth"), torch.device("cpu"), precision.FLOAT32,
+    predictor = Predictor(FixedLogits(logits), Path("fixed.pth"), torch.device("cpu"), precision.FLOAT32,
                              batch_size=2, window=(-1000.0, 400.0), size=32)
     seconds: dict[str, float] = {}
     got = predictor.predict(np.arange(3, dtype=np.float32)[:, None, None].repeat(32, 1).repeat(32, 2), shape, seconds)
@@ -270,7 +275,7 @@ def test_predictor_takes_the_prediction_precision_policy(tiny_checkpoint, monkey
                                                          channels_last):
     """The table of the policy itself is in test_precision.py; here: the model follows it."""
     monkeypatch.setattr(precision, "cpu_has_native_bfloat16", lambda: native)
-    predictor = pm.Predictor.load(tiny_checkpoint, device="cpu", precision=request_, batch_size=2)
+    predictor = Predictor.load(tiny_checkpoint, device="cpu", precision=request_, batch_size=2)
     assert predictor.precision == precision.prediction_precision(request_, torch.device("cpu"))
     assert (predictor.dtype, predictor.channels_last) == (dtype, channels_last)
     weight = predictor.model.inc[3].weight  # 4 -> 4 channels: the layouts differ
@@ -280,19 +285,19 @@ def test_predictor_takes_the_prediction_precision_policy(tiny_checkpoint, monkey
 
 def test_unknown_precision_is_refused(tiny_checkpoint):
     with pytest.raises(ValueError, match="precision must be one of auto, float32, bfloat16, got 'half'"):
-        pm.Predictor.load(tiny_checkpoint, device="cpu", precision="half")
+        Predictor.load(tiny_checkpoint, device="cpu", precision="half")
 
 
 def test_auto_batch_size_fits_memory(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(pm, "_available_memory_bytes", lambda device: 64 * 1024**3)
-    assert pm.auto_batch_size(cpu, 256, 64, torch.float32) == pm.MAX_BATCH_SIZE["cpu"]
+    monkeypatch.setattr(inference, "_available_memory_bytes", lambda device: 64 * 1024**3)
+    assert auto_batch_size(cpu, 256, 64, torch.float32) == MAX_BATCH_SIZE["cpu"]
     # one float32 slice of the default network needs 8 * 4 * 64 * 256^2 bytes = 128 MiB: 1 GiB free -> 2
-    monkeypatch.setattr(pm, "_available_memory_bytes", lambda device: 1024**3)
-    assert pm.auto_batch_size(cpu, 256, 64, torch.float32) == 2
-    assert pm.auto_batch_size(cpu, 256, 64, torch.bfloat16) == 4
-    monkeypatch.setattr(pm, "_available_memory_bytes", lambda device: 1024**2)
-    assert pm.auto_batch_size(cpu, 256, 64, torch.float32) == 1
+    monkeypatch.setattr(inference, "_available_memory_bytes", lambda device: 1024**3)
+    assert auto_batch_size(cpu, 256, 64, torch.float32) == 2
+    assert auto_batch_size(cpu, 256, 64, torch.bfloat16) == 4
+    monkeypatch.setattr(inference, "_available_memory_bytes", lambda device: 1024**2)
+    assert auto_batch_size(cpu, 256, 64, torch.float32) == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,8 +334,8 @@ def test_folder_without_ct_series_is_refused(synthetic_cohort, tiny_checkpoint, 
 ])
 def test_checkpoint_that_is_not_ours_or_does_not_fit_is_refused(tmp_path, changes, message):
     checkpoint = save_checkpoint(tmp_path / "bad.pth", **changes)
-    with pytest.raises(pm.CheckpointError, match=message):
-        pm.Predictor.load(checkpoint, device="cpu")
+    with pytest.raises(CheckpointError, match=message):
+        Predictor.load(checkpoint, device="cpu")
 
 
 def test_checkpoint_of_another_model_shape_or_file_type_is_refused(tmp_path):
@@ -338,11 +343,11 @@ def test_checkpoint_of_another_model_shape_or_file_type_is_refused(tmp_path):
     wrong = build_checkpoint(UNetMultiOrgan(in_channels=1, out_channels=3, base_channels=4),
                              preprocessing=PREPROCESSING, epoch=0, val_loss=1.0)
     torch.save(wrong, tmp_path / "three.pth")
-    with pytest.raises(pm.CheckpointError, match=r"maps 1 channel.* to 3 classes; expected 1 CT channel\(s\) -> 8 labels"):
-        pm.Predictor.load(tmp_path / "three.pth", device="cpu")
+    with pytest.raises(CheckpointError, match=r"maps 1 channel.* to 3 classes; expected 1 CT channel\(s\) -> 8 labels"):
+        Predictor.load(tmp_path / "three.pth", device="cpu")
     (tmp_path / "text.pth").write_text("not a checkpoint")
-    with pytest.raises(pm.CheckpointError, match="not a unet_multi_organ checkpoint"):
-        pm.Predictor.load(tmp_path / "text.pth", device="cpu")
+    with pytest.raises(CheckpointError, match="not a unet_multi_organ checkpoint"):
+        Predictor.load(tmp_path / "text.pth", device="cpu")
 
 
 def test_bad_checkpoint_on_the_command_line_is_one_line_error(synthetic_cohort, tmp_path, capsys):
@@ -432,7 +437,7 @@ def test_ras_nifti_is_segmented_in_the_training_orientation(cohort_prediction, t
     """A NIfTI stored RAS (as dcm2niix writes it) is predicted in phase 2's voxel order and its
     labels come back on the input's own grid: the same labels as from the DICOM, flipped."""
     _, out, raw_dir, _, cohort = cohort_prediction
-    from convert_dicom_to_nifti import read_ct_series
+    from thoracic_seg.dicom_ct import read_ct_series
 
     record = cohort[2]
     ct = read_ct_series(sorted((raw_dir / record["ct_folder"]).glob("*.dcm")))
@@ -479,9 +484,9 @@ def test_checkpoint_ptv_refuses_a_negative_margin():
 
 def lookup_predictor(case: "pm.Case", truth: np.ndarray, size: int, ptv: dict) -> "pm.Predictor":
     """A Predictor whose network answers ``truth`` (resized to the network grid as phase 3 does)."""
-    from normalize_ct_and_masks import resize_labels_to_shape
+    from thoracic_seg.grid import resize_labels_to_shape
 
-    predictor = pm.Predictor(torch.nn.Identity(), Path("lookup.pth"), torch.device("cpu"), precision.FLOAT32,
+    predictor = Predictor(torch.nn.Identity(), Path("lookup.pth"), torch.device("cpu"), precision.FLOAT32,
                              batch_size=8, window=(-1000.0, 400.0), size=size, ptv=dict(ptv))
     inputs = predictor.preprocess(sitk.GetArrayFromImage(pm.read_case(case).image))
     predictor.model = _LookupModel(inputs, resize_labels_to_shape(truth, (size, size)))
@@ -518,7 +523,7 @@ def test_derived_ptv_is_the_grown_gtv_written_beside_the_label_map(derived_predi
 def test_derived_ptv_is_its_own_rtstruct_roi_overlapping_the_lungs(derived_prediction):
     """Phase 2.5's reader gives the PTV ROI back voxel for voxel; the lung ROIs are the label map's
     lungs, whole, so the PTV overlaps them (real contours overlap)."""
-    from extract_multi_organ_masks import masks_from_rtstruct
+    from thoracic_seg.rtstruct_read import masks_from_rtstruct
 
     _, out, _, record = derived_prediction
     pid = record["patient_id"]
@@ -533,9 +538,9 @@ def test_derived_ptv_is_its_own_rtstruct_roi_overlapping_the_lungs(derived_predi
 
 def test_ptv_margin_on_the_command_line_overrides_the_run(synthetic_cohort, tmp_path, capsys):
     checkpoint = save_checkpoint(tmp_path / "derived.pth", ptv=DERIVED_10MM)
-    assert pm.Predictor.load(checkpoint, device="cpu").ptv == DERIVED_10MM
-    assert pm.Predictor.load(checkpoint, device="cpu", ptv_margin_mm=4).ptv == {"source": "derived", "margin_mm": 4.0}
-    assert "PTV = GTV + 4 mm" in pm.Predictor.load(checkpoint, device="cpu", ptv_margin_mm=4).describe()
+    assert Predictor.load(checkpoint, device="cpu").ptv == DERIVED_10MM
+    assert Predictor.load(checkpoint, device="cpu", ptv_margin_mm=4).ptv == {"source": "derived", "margin_mm": 4.0}
+    assert "PTV = GTV + 4 mm" in Predictor.load(checkpoint, device="cpu", ptv_margin_mm=4).describe()
     with pytest.raises(SystemExit):
         pm.main(["--input", str(synthetic_cohort[0]), "--checkpoint", str(checkpoint), "--output", str(tmp_path),
                  "--ptv-margin-mm", "-1"])
@@ -563,7 +568,7 @@ def test_real_patient_rtstruct_ptv_overlaps_the_lung_and_contains_the_gtv(real_s
     """LUNG1-005 segmented by a model that answers plastimatch's reference labels (resized to the
     network grid as phase 3 does): the RTSTRUCT, read back by rt-utils (an independent reader),
     holds a PTV ROI that overlaps the right lung's ROI and contains the GTV's."""
-    import rtstruct_export as rx
+    from thoracic_seg import rtstruct_write as rx
 
     pid = "LUNG1-005"
     ct_folder = real_sample_root / reference_json[pid]["ct_series_folder"]
@@ -597,16 +602,16 @@ def test_context_checkpoint_feeds_neighbour_stacks_and_refuses_another_k(synthet
     checkpoint = tmp_path / "k1.pth"
     torch.save(build_checkpoint(model, preprocessing=PREPROCESSING, context_slices=1, epoch=0, val_loss=1.0),
                checkpoint)
-    predictor = pm.Predictor.load(checkpoint, device="cpu")
+    predictor = Predictor.load(checkpoint, device="cpu")
     assert predictor.context_slices == 1
     seen = []
     original = predictor.model.forward
     predictor.model.forward = lambda x: (seen.append(tuple(x.shape)), original(x))[1]
     labels = predictor.predict(np.zeros((5, TINY_SIZE, TINY_SIZE), np.float32), (TINY_SIZE, TINY_SIZE))
     assert labels.shape == (5, TINY_SIZE, TINY_SIZE) and seen[0][1] == 3
-    with pytest.raises(pm.CheckpointError, match=r"trained with 1 context slice\(s\) per side \(3 input channels\); "
+    with pytest.raises(CheckpointError, match=r"trained with 1 context slice\(s\) per side \(3 input channels\); "
                                                  r"this run asks for 0"):
-        pm.Predictor.load(checkpoint, device="cpu", context_slices=0)
+        Predictor.load(checkpoint, device="cpu", context_slices=0)
     raw_dir = synthetic_cohort[0]
     with pytest.raises(SystemExit):
         pm.main(["--input", str(raw_dir), "--checkpoint", str(checkpoint), "--output", str(tmp_path / "o"),
@@ -622,7 +627,7 @@ CROP_10MM = {"method": "body", "threshold_hu": -500, "margin_mm": 10}
 
 def _network_view(case: "pm.Case") -> tuple[sitk.Image, np.ndarray, str, tuple[float, float]]:
     """(stored image, HU in LPS order, stored orientation code, (spacing y, spacing x) mm in LPS)."""
-    from normalize_ct_and_masks import to_network_orientation
+    from thoracic_seg.image_grid import to_network_orientation
 
     image = pm.read_case(case).image
     network, stored = to_network_orientation(image)
@@ -631,11 +636,11 @@ def _network_view(case: "pm.Case") -> tuple[sitk.Image, np.ndarray, str, tuple[f
 
 
 def test_a_crop_checkpoint_writes_labels_on_the_ct_grid_background_outside_the_body_box(synthetic_cohort, tmp_path):
-    from normalize_ct_and_masks import body_box, to_network_array
+    from thoracic_seg.grid import body_box, to_network_array
 
     raw_dir, _, cohort = synthetic_cohort
     checkpoint = save_checkpoint(tmp_path / "crop.pth", preprocessing={**PREPROCESSING, "crop": CROP_10MM})
-    predictor = pm.Predictor.load(checkpoint, device="cpu")
+    predictor = Predictor.load(checkpoint, device="cpu")
     assert predictor.crop == CROP_10MM and "body crop (> -500 HU, margin 10 mm)" in predictor.describe()
     pid = cohort[1]["patient_id"]
     (result,) = pm.run(input_path=raw_dir / pid, checkpoint=checkpoint, output_dir=tmp_path / "out", device="cpu")
@@ -650,7 +655,7 @@ def test_a_crop_checkpoint_writes_labels_on_the_ct_grid_background_outside_the_b
     inside = np.zeros(network_labels.shape[1:], bool)
     inside[max(y0, 0):y0 + side, max(x0, 0):x0 + side] = True
     assert not network_labels[:, ~inside].any() and network_labels[:, inside].any()
-    np.testing.assert_array_equal(labels, predictor.segment_image(ct))
+    np.testing.assert_array_equal(labels, segment_image(predictor, ct))
 
 
 def test_a_crop_network_answering_the_truth_puts_it_back_in_place(synthetic_cohort):
@@ -658,8 +663,9 @@ def test_a_crop_network_answering_the_truth_puts_it_back_in_place(synthetic_coho
     labels come back on the CT grid through phase 3's inverse, exactly, where the truth is. At
     5.7 mm pixels the 53 px box is still shrunk to 32 px, so the lungs (about 140 px a slice) lose
     their border pixels: Dice 0.927 and 0.945, against 0.923 and 0.921 for the whole slice."""
-    from normalize_ct_and_masks import (
-        crop_to_box, from_network_orientation, probabilities_to_ct_labels, resize_labels_to_shape, to_network_array,
+    from thoracic_seg.grid import (
+        crop_to_box, from_network_orientation, probabilities_to_ct_labels, resize_labels_to_shape,
+        to_network_array,
     )
 
     raw_dir, truth_dir, cohort = synthetic_cohort
@@ -667,14 +673,14 @@ def test_a_crop_network_answering_the_truth_puts_it_back_in_place(synthetic_coho
     (case,) = pm.find_cases(raw_dir / record["patient_id"])
     ct, hu, stored, spacing_yx = _network_view(case)
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_dir / record["truth_file"])))
-    predictor = pm.Predictor(torch.nn.Identity(), Path("lookup.pth"), torch.device("cpu"), precision.FLOAT32,
+    predictor = Predictor(torch.nn.Identity(), Path("lookup.pth"), torch.device("cpu"), precision.FLOAT32,
                              batch_size=8, window=(-1000.0, 400.0), size=TINY_SIZE, crop=dict(CROP_10MM))
     box = predictor.crop_box(hu, spacing_yx)
     assert box == (5, 7, 53)
     network_truth = to_network_array(truth, stored)
     answers = resize_labels_to_shape(crop_to_box(network_truth, box), (TINY_SIZE, TINY_SIZE))
     predictor.model = _LookupModel(predictor.preprocess(hu, box), answers)
-    labels = predictor.segment_image(ct)
+    labels = segment_image(predictor, ct)
     one_hot = np.moveaxis(np.eye(organs.NUM_CLASSES, dtype=np.float32)[answers], -1, 1)
     expected = from_network_orientation(probabilities_to_ct_labels(one_hot, hu.shape[1:], box_yx=box), stored)
     np.testing.assert_array_equal(labels, expected)
@@ -684,9 +690,9 @@ def test_a_crop_network_answering_the_truth_puts_it_back_in_place(synthetic_coho
 
 
 def test_a_checkpoint_without_crop_settings_preprocesses_as_before_and_refuses_a_box(tiny_checkpoint, synthetic_cohort):
-    from normalize_ct_and_masks import resize_ct_slices, window_and_zscore
+    from thoracic_seg.grid import resize_ct_slices, window_and_zscore
 
-    predictor = pm.Predictor.load(tiny_checkpoint, device="cpu")
+    predictor = Predictor.load(tiny_checkpoint, device="cpu")
     assert "crop" not in torch.load(tiny_checkpoint, weights_only=True)["preprocessing"] and predictor.crop is None
     raw_dir, _, cohort = synthetic_cohort
     (case,) = pm.find_cases(raw_dir / cohort[0]["patient_id"])
@@ -698,7 +704,7 @@ def test_a_checkpoint_without_crop_settings_preprocesses_as_before_and_refuses_a
 
 
 def test_a_crop_checkpoint_needs_the_box_and_the_spacing(tmp_path):
-    predictor = pm.Predictor.load(save_checkpoint(tmp_path / "crop.pth", preprocessing={**PREPROCESSING, "crop": CROP_10MM}),
+    predictor = Predictor.load(save_checkpoint(tmp_path / "crop.pth", preprocessing={**PREPROCESSING, "crop": CROP_10MM}),
                                   device="cpu")
     hu = np.full((2, 40, 40), -1000, np.int16)
     hu[:, 10:30, 5:35] = 0

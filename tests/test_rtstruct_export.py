@@ -1,23 +1,24 @@
 """rtstruct_export: label map -> RTSTRUCT, read back by phase 2.5's rasteriser and by rt-utils."""
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 import subprocess
-
-import datetime as dt
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from scipy import ndimage
 from pydicom.dataset import Dataset
+from scipy import ndimage
 
-import organs
-import rtstruct_export as rx
-from convert_dicom_to_nifti import read_ct_series
-from extract_multi_organ_masks import Grid, build_structures, combine_labels, masks_from_rtstruct, read_rois
+from extract_multi_organ_masks import build_structures, combine_labels
+from thoracic_seg import organs
+from thoracic_seg import rtstruct_write as rx
+from thoracic_seg.dicom_ct import read_ct_series
+from thoracic_seg.geometry import Grid
+from thoracic_seg.rtstruct_read import masks_from_rtstruct, read_rois
 
 STUDY, SERIES, FRAME = "1.2.826.0.1.3680043.10.1", "1.2.826.0.1.3680043.10.2", "1.2.826.0.1.3680043.10.3"
 FIXED_TIME = dt.datetime(2024, 5, 6, 7, 8, 9)
@@ -141,7 +142,7 @@ def test_contours_rasterise_back_to_the_same_pixels(name, mask):
     headers = ct_headers(1, *mask.shape, spacing=(1.0, 1.0))
     reference = rx.CTReference.from_datasets(headers)
     contours = [reference.pixel_to_patient(0, c.points_rc) for c in rx.mask_contours(mask)]
-    from extract_multi_organ_masks import rasterize_contours
+    from thoracic_seg.rtstruct_read import rasterize_contours
 
     back = rasterize_contours(contours, image_of(reference)) if contours else np.zeros((1, *mask.shape), bool)
     assert np.array_equal(back[0], mask), name

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import organs
 import prepare_train_val_test_splits as sp
-from pipeline_io import PROCESSED_FORMAT, DataLayout
+from thoracic_seg import organs
+from thoracic_seg.layout import PROCESSED_FORMAT, DataLayout
+from thoracic_seg.splits import SPLIT_NAMES, check_splits
 
 ALL = [True] * 8
 
@@ -120,7 +121,7 @@ def test_run_writes_sorted_files_and_summary(tmp_path) -> None:
     root = write_cohort(tmp_path / "DATA", heart_cohort(12, with_heart=3))
     splits_dir = tmp_path / "splits"
     summary = sp.run(data_root=root, splits_dir=splits_dir)
-    lists = {name: (splits_dir / f"{name}.txt").read_text().splitlines() for name in sp.SPLIT_NAMES}
+    lists = {name: (splits_dir / f"{name}.txt").read_text().splitlines() for name in SPLIT_NAMES}
     assert all(v == sorted(v) and v for v in lists.values())
     assert sorted(p for v in lists.values() for p in v) == sorted(heart_cohort())
     on_disk = json.loads((splits_dir / "summary.json").read_text())
@@ -136,7 +137,7 @@ def test_run_writes_sorted_files_and_summary(tmp_path) -> None:
     assert summary["total"] == {"patients": 12, "slices": sum(range(10, 22)),
                                 "annotated": {"gtv": 12, "ptv": 3, "lung_right": 12, "lung_left": 12,
                                               "heart": 3, "esophagus": 12, "spinal_cord": 12}}
-    assert sp.check_splits(splits_dir, root) == lists
+    assert check_splits(splits_dir, root) == lists
 
 
 def test_refuses_to_overwrite_without_force(tmp_path, capsys) -> None:
@@ -161,13 +162,13 @@ def test_check_splits_finds_overlap_and_missing_cache(tmp_path) -> None:
     for name, text in (("train", "P00\nP01\n"), ("val", "P02\n"), ("test", "P03\nP01\n")):
         (splits_dir / f"{name}.txt").write_text(text)
     with pytest.raises(ValueError, match="patient P01 is listed in both train.txt and test.txt"):
-        sp.check_splits(splits_dir, root)
+        check_splits(splits_dir, root)
     (splits_dir / "test.txt").write_text("P03\nP99\n")
     with pytest.raises(FileNotFoundError, match=r"1 patient\(s\) .* no training cache .*: P99"):
-        sp.check_splits(splits_dir, root)
+        check_splits(splits_dir, root)
     (splits_dir / "test.txt").unlink()
     with pytest.raises(FileNotFoundError, match=r"split file .*test.txt not found"):
-        sp.check_splits(splits_dir, root)
+        check_splits(splits_dir, root)
 
 
 def test_requested_patient_without_cache(tmp_path) -> None:
@@ -185,7 +186,7 @@ def test_empty_cache_is_an_error(tmp_path) -> None:
 def test_small_cohort_still_gets_val_and_test(tmp_path) -> None:
     root = write_cohort(tmp_path / "DATA", heart_cohort(3, with_heart=1))
     summary = sp.run(data_root=root, splits_dir=tmp_path / "splits")
-    assert [summary[n]["patients"] for n in sp.SPLIT_NAMES] == [1, 1, 1]
+    assert [summary[n]["patients"] for n in SPLIT_NAMES] == [1, 1, 1]
     assert summary["train"]["annotated"]["heart"] == 1
 
 

@@ -23,11 +23,9 @@ import pytest
 import SimpleITK as sitk
 from matplotlib.path import Path as MplPath
 
-import organs
-from make_synthetic_cohort import (
-    VARIANT_CYCLE, Variant, generate_cohort, generate_patient, main,
-)
-from pipeline_io import same_geometry
+from make_synthetic_cohort import VARIANT_CYCLE, Variant, generate_cohort, generate_patient, main
+from thoracic_seg import organs
+from thoracic_seg.batch import same_geometry
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,19 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import organs
-import precision
 import train_multi_organ as tm
-from losses_multi_organ import (
-    dice_counts,
-    dice_from_counts,
-    marginal_cross_entropy,
-    multi_organ_loss,
-    soft_dice_loss,
+from thoracic_seg import organs, precision
+from thoracic_seg.layout import PROCESSED_FORMAT, slice_label_bits
+from thoracic_seg.losses import (
+    dice_counts, dice_from_counts, marginal_cross_entropy, multi_organ_loss, soft_dice_loss,
 )
-from normalize_ct_and_masks import slice_label_bits
-from pipeline_io import PROCESSED_FORMAT
-from precision import Precision
+from thoracic_seg.precision import Precision
 from unet_multi_organ import load_checkpoint_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -8,15 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import organs
+from thoracic_seg import organs
 from unet_multi_organ import (
-    UNetMultiOrgan,
-    build_checkpoint,
-    count_parameters,
-    label_table,
-    load_checkpoint_model,
-    preprocessing_from_cache,
-    unwrap_model,
+    UNetMultiOrgan, build_checkpoint, count_parameters, label_table, load_checkpoint_model,
+    preprocessing_from_cache, unwrap_model,
 )
 
 PREPROCESSING = {"window": [-1000.0, 400.0], "size": 32, "zscore": "per_patient"}
@@ -192,7 +187,7 @@ def test_preprocessing_carries_the_crop_settings_and_refuses_a_mixed_cache(tmp_p
 
 
 def test_resolve_device_never_falls_back_silently(monkeypatch):
-    from unet_multi_organ import resolve_device
+    from thoracic_seg.precision import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")

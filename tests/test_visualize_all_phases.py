@@ -11,11 +11,16 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-import organs
 import visualize_all_phases as viz
-from pipeline_io import DataLayout
+from thoracic_seg import organs
+from thoracic_seg.figures import (
+    FIGURES, _dice_series, best_slice, label_colormap, levels_around, load_patient, multi_organ_figure,
+    pick_examples, present_labels, read_history, slice_dice, spread, structure_flags, structures_per_slice,
+    volume_histogram,
+)
+from thoracic_seg.layout import BEST_CHECKPOINT, DataLayout
 
-ALL_FIGURES = [viz.FIGURES[k] for k in (*viz.PHASE_FIGURES, *viz.RUN_FIGURES)]
+ALL_FIGURES = [FIGURES[k] for k in (*viz.PHASE_FIGURES, *viz.RUN_FIGURES)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -43,7 +48,7 @@ def demo(synthetic_cohort, tmp_path_factory):
     prepare_train_val_test_splits.run(data_root=root, splits_dir=splits)
     train_multi_organ.run(data_root=root, splits_dir=splits, output_dir=run_dir, base_channels=4,
                           epochs=2, batch_size=4, max_steps=2, device="cpu", workers=0)
-    evaluate_multi_organ.run(checkpoint=run_dir / train_multi_organ.BEST_CHECKPOINT, data_root=root,
+    evaluate_multi_organ.run(checkpoint=run_dir / BEST_CHECKPOINT, data_root=root,
                              splits_dir=splits, device="cpu")
     return root, splits, run_dir
 
@@ -66,8 +71,8 @@ def _rgb(path):
 # Pure helpers
 # --------------------------------------------------------------------------------------------
 def test_label_colormap_maps_each_label_to_its_organs_colour():
-    cmap = viz.label_colormap()
-    overlay = viz.label_colormap(transparent_background=True)
+    cmap = label_colormap()
+    overlay = label_colormap(transparent_background=True)
     assert cmap.N == overlay.N == organs.NUM_CLASSES
     for s in organs.STRUCTURES:
         assert cmap(s.label)[:3] == pytest.approx(s.color_float)
@@ -82,9 +87,9 @@ def test_structures_per_slice_and_best_slice():
     labels[2, :2, :] = organs.RIGHT_LUNG  # 3 structures, 12 voxels: wins the tie
     labels[2, 4, :2] = [organs.HEART, organs.ESOPHAGUS]
     labels[3, 0, 0] = organs.GTV
-    assert viz.structures_per_slice(labels).tolist() == [0, 3, 3, 1]
-    assert viz.best_slice(labels) == 2
-    assert viz.present_labels(labels[1]) == [organs.GTV, organs.HEART, organs.SPINAL_CORD]
+    assert structures_per_slice(labels).tolist() == [0, 3, 3, 1]
+    assert best_slice(labels) == 2
+    assert present_labels(labels[1]) == [organs.GTV, organs.HEART, organs.SPINAL_CORD]
 
 
 @pytest.mark.parametrize("items, n, expected", [
@@ -93,57 +98,57 @@ def test_structures_per_slice_and_best_slice():
     ([], 4, []),
 ])
 def test_spread(items, n, expected):
-    assert viz.spread(items, n) == expected
+    assert spread(items, n) == expected
 
 
 def test_pick_examples_shares_the_picks_between_patients_at_the_centres_of_their_slices():
     candidates = [("A", z) for z in range(10, 15)] + [("B", 3), ("B", 4)]
-    assert viz.pick_examples(candidates, 2) == [("A", 12), ("B", 4)]
-    assert viz.pick_examples(candidates, 4) == [("A", 11), ("A", 13), ("B", 3), ("B", 4)]
-    assert viz.pick_examples(candidates[:2], 4) == [("A", 10), ("A", 11)]
+    assert pick_examples(candidates, 2) == [("A", 12), ("B", 4)]
+    assert pick_examples(candidates, 4) == [("A", 11), ("A", 13), ("B", 3), ("B", 4)]
+    assert pick_examples(candidates[:2], 4) == [("A", 10), ("A", 11)]
     one_patient = [("A", z) for z in range(24)]
-    assert viz.pick_examples(one_patient, 4) == [("A", 3), ("A", 9), ("A", 15), ("A", 21)]
+    assert pick_examples(one_patient, 4) == [("A", 3), ("A", 9), ("A", 15), ("A", 21)]
     many = [(p, 0) for p in "ABCDEFG"]
-    assert viz.pick_examples(many, 3) == [("A", 0), ("D", 0), ("G", 0)]
+    assert pick_examples(many, 3) == [("A", 0), ("D", 0), ("G", 0)]
 
 
 def test_levels_around_keeps_the_chosen_slice_and_spreads_two_others():
     labels = np.zeros((30, 4, 4), np.uint8)
     labels[10:21, 0, 0] = organs.HEART  # labelled extent 10-20: others at 12 and 18
-    assert viz.levels_around(labels, 15) == [12, 15, 18]
-    assert viz.levels_around(labels, 12) == [12, 18]  # never the same level twice
+    assert levels_around(labels, 15) == [12, 15, 18]
+    assert levels_around(labels, 12) == [12, 18]  # never the same level twice
 
 
 def test_volume_histogram_counts_every_voxel_chunk_by_chunk():
     volume = np.array([-1024, -1000, -500, 0, 400, 1500], np.int16).reshape(6, 1, 1)
-    counts, edges = viz.volume_histogram(volume, bins=4, chunk=4)
+    counts, edges = volume_histogram(volume, bins=4, chunk=4)
     assert edges.tolist() == [-1024, -393, 238, 869, 1500]
     assert counts.tolist() == [3, 1, 1, 1]
-    counts, edges = viz.volume_histogram(volume, bins=2, clip=(-1000, 400), chunk=1)
+    counts, edges = volume_histogram(volume, bins=2, clip=(-1000, 400), chunk=1)
     assert edges.tolist() == [-1000, -300, 400] and counts.tolist() == [3, 3]
 
 
 def test_slice_dice():
     truth = np.array([[3, 3, 0, 5]])
     prediction = np.array([[3, 0, 0, 5]])
-    assert viz.slice_dice(prediction, truth) == pytest.approx((2 / 3 + 1) / 2)
-    assert math.isnan(viz.slice_dice(np.zeros((2, 2)), np.zeros((2, 2))))
+    assert slice_dice(prediction, truth) == pytest.approx((2 / 3 + 1) / 2)
+    assert math.isnan(slice_dice(np.zeros((2, 2)), np.zeros((2, 2))))
 
 
 def test_read_history_from_json_or_csv(tmp_path):
     rows = [{"epoch": 1, "train_loss": 1.5, "val_loss": 1.6, "dice_heart": 0.25},
             {"epoch": 2, "train_loss": 1.2, "val_loss": 1.4, "dice_heart": 0.5}]
     (tmp_path / "history.json").write_text(json.dumps(rows))
-    assert viz.read_history(tmp_path) == rows
+    assert read_history(tmp_path) == rows
     (tmp_path / "history.json").unlink()
     (tmp_path / "history.csv").write_text("epoch,train_loss,val_loss,dice_heart\n1,1.5,1.6,\n2,1.2,1.4,0.5\n")
-    history = viz.read_history(tmp_path)
+    history = read_history(tmp_path)
     assert [r["val_loss"] for r in history] == [1.6, 1.4]
-    series = viz._dice_series(history)
+    series = _dice_series(history)
     assert list(series) == ["heart"] and math.isnan(series["heart"][0]) and series["heart"][1] == 0.5
     (tmp_path / "history.csv").unlink()
     with pytest.raises(FileNotFoundError, match="no history.json or history.csv in run folder"):
-        viz.read_history(tmp_path)
+        read_history(tmp_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,7 +156,7 @@ def test_read_history_from_json_or_csv(tmp_path):
 # --------------------------------------------------------------------------------------------
 def test_find_raw_slice_matches_the_nifti_slice_by_position(demo):
     """The synthetic series' file names are shuffled against z: only the position can match."""
-    from convert_dicom_to_nifti import REPORT_NAME, read_report
+    from thoracic_seg.layout import REPORT_NAME, read_report
 
     root, _, _ = demo
     layout = DataLayout(root)
@@ -193,13 +198,13 @@ def test_label_map_and_overlay_use_the_organ_colours(demo, figures):
     patient = viz.default_patient(layout, splits)
     assert patient == (splits / "test.txt").read_text().split()[0]
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.masks / f"{patient}.nii.gz")))
-    levels = viz.levels_around(labels, viz.best_slice(labels))
-    shown = viz.present_labels(labels[levels])
+    levels = levels_around(labels, best_slice(labels))
+    shown = present_labels(labels[levels])
     assert {organs.HEART, organs.RIGHT_LUNG} <= set(shown)  # the synthetic default slice has both
-    if viz.load_patient(layout, patient)["ptv"][levels].any():
+    if load_patient(layout, patient)["ptv"][levels].any():
         shown.append(organs.PTV)  # the derived PTV: an outline in its colour, not in the label map
 
-    rgb = _rgb(out / viz.FIGURES["phase2_5"])
+    rgb = _rgb(out / FIGURES["phase2_5"])
     height = rgb.shape[0]
     for label in organs.FOREGROUND_LABELS:
         exact = np.all(rgb == organs.structure(label).color, axis=2).sum()
@@ -228,21 +233,21 @@ def test_structure_flags_read_annotated_and_derived_structures(demo, synthetic_c
     root, _, _ = demo
     layout = DataLayout(root)
     for record in synthetic_cohort[2]:
-        annotated, ptv = viz.structure_flags(layout, record["patient_id"])
+        annotated, ptv = structure_flags(layout, record["patient_id"])
         assert annotated == list(record["annotated"])  # no PTV ROI: not a label, derived from the GTV
         assert annotated[organs.PTV] is False and ptv == {"source": "derived", "margin_mm": 10.0}
-    assert viz.structure_flags(layout, "NOPE") == (None, {})
-    assert viz.structure_flags(DataLayout(root / "nowhere"), "SYN-001") == (None, {})
+    assert structure_flags(layout, "NOPE") == (None, {})
+    assert structure_flags(DataLayout(root / "nowhere"), "SYN-001") == (None, {})
 
 
 def test_phase2_5_figure_draws_the_derived_ptv_as_an_outline(demo):
     root, _, _ = demo
     layout = DataLayout(root)
     patient = sorted(p.name[: -len(".nii.gz")] for p in layout.masks.glob("*.nii.gz"))[0]
-    data = viz.load_patient(layout, patient)
+    data = load_patient(layout, patient)
     assert data["ptv"] is not None and data["ptv"].sum() > (data["labels"] == organs.GTV).sum() > 0
     z = int(np.argmax((data["labels"] == organs.GTV).sum(axis=(1, 2))))
-    fig = viz.multi_organ_figure(patient, data["hu"], data["labels"], z, data["annotated"], data["ptv"])
+    fig = multi_organ_figure(patient, data["hu"], data["labels"], z, data["annotated"], data["ptv"])
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "PTV (derived, outline)" in legend and not any("not annotated: PTV" in t for t in legend)
     overlays = fig.axes[2 * len(fig.axes) // 3:]  # third row: the overlays
@@ -270,7 +275,7 @@ def test_missing_run_outputs_are_reported_and_the_other_figures_written(demo, tm
                        "--output", str(tmp_path / "out"), "--dpi", "40"])
     assert status == 1
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == sorted(viz.FIGURES[k] for k in viz.PHASE_FIGURES)
+    assert written == sorted(FIGURES[k] for k in viz.PHASE_FIGURES)
     assert "5 written" in capsys.readouterr().out
 
 

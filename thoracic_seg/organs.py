@@ -26,10 +26,8 @@ LEFT_LUNG = 4
 HEART = 5
 ESOPHAGUS = 6
 SPINAL_CORD = 7
-
 NUM_CLASSES = 8
 FOREGROUND_LABELS: tuple[int, ...] = tuple(range(1, NUM_CLASSES))
-
 #: Pseudo-label returned by :func:`match_roi_name` for an ROI holding both lungs
 #: (``Lungs-Total``). Phase 2.5 splits it at the midline; it is never written to a label map.
 BOTH_LUNGS = 34
@@ -72,11 +70,9 @@ STRUCTURES: tuple[Structure, ...] = (
 )
 BY_LABEL: dict[int, Structure] = {s.label: s for s in STRUCTURES}
 BY_KEY: dict[str, Structure] = {s.key: s for s in STRUCTURES}
-
 #: Who wins a voxel claimed by several structures, first wins:
 #: GTV > PTV > spinal cord > esophagus > heart > lungs.
 PRIORITY: tuple[int, ...] = (GTV, PTV, SPINAL_CORD, ESOPHAGUS, HEART, RIGHT_LUNG, LEFT_LUNG)
-
 #: Label values that make up each structure when it is scored or exported: the label map holds
 #: a voxel once (GTV wins over PTV), but a PTV contains its GTV, so the whole PTV is 1 + 2.
 STRUCTURE_MEMBERS: dict[int, tuple[int, ...]] = {

@@ -1,16 +1,9 @@
-"""Shared plumbing of the phase scripts: the ``DATA/`` layout, safe file names, atomic writes,
-NIfTI I/O that keeps geometry, and the batch runner (workers, tqdm bar, summary, exit status).
+"""Atomic writes, NIfTI I/O that keeps geometry, and the batch runner shared by every phase.
 
-Every phase follows the same conventions:
-
-* ``--data-root DIR`` (default ``DATA``); outputs under ``<data-root>/processed/``;
-* ``--patients ID ...`` runs a subset, ``--workers N`` processes, ``--overwrite`` redoes outputs
-  that exist (they are skipped otherwise);
-* every output is written under ``<output folder>/.partial/`` and renamed into place, so an
-  interrupted run never leaves a file that the next phase would read (the next write to the
-  folder removes what a killed writer left in ``.partial/``);
-* one bad patient is reported and skipped, the batch goes on, a summary line closes the run and
-  the exit status is 0 only when no patient failed.
+Every output is written under ``<folder>/.partial/`` and renamed into place, so a killed run never
+leaves a file the next phase would read; one bad patient is reported (:class:`PatientError`) and
+skipped, the batch goes on, a summary line closes it and the exit status is 0 only when nothing
+failed. ``--patients``, ``--workers`` and ``--overwrite`` are :func:`add_common_arguments`.
 """
 from __future__ import annotations
 
@@ -29,67 +22,14 @@ import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from tqdm import tqdm
 
+from thoracic_seg.layout import DEFAULT_DATA_ROOT
+
 log = logging.getLogger(__name__)
-
-DEFAULT_DATA_ROOT = Path("DATA")
-DEFAULT_SPLITS_DIR = Path("splits")
 PARTIAL_DIR_NAME = ".partial"
-
-
-@dataclass(frozen=True)
-class DataLayout:
-    """Where each phase reads and writes, below one data root (default ``DATA``)."""
-
-    root: Path = DEFAULT_DATA_ROOT
-
-    @property
-    def raw(self) -> Path:
-        """Raw DICOM collection (any nesting); ``--dicom-root`` overrides it."""
-        return self.root / "raw"
-
-    @property
-    def synthetic_raw(self) -> Path:
-        """Where ``make_synthetic_cohort.py`` writes its DICOM cohort by default."""
-        return self.raw / "synthetic"
-
-    @property
-    def synthetic_truth(self) -> Path:
-        """True label maps of the synthetic cohort (outside ``raw/`` so phase 2 never sees them)."""
-        return self.root / "synthetic_truth"
-
-    @property
-    def processed(self) -> Path:
-        return self.root / "processed"
-
-    @property
-    def ct_nifti(self) -> Path:
-        """Phase 2 output: ``<PatientID>.nii.gz``, int16 HU, + ``conversion_report.csv``."""
-        return self.processed / "ct_nifti"
-
-    @property
-    def masks(self) -> Path:
-        """Phase 2.5 output: ``<PatientID>.nii.gz`` uint8 labels 0-7, + ``structures.csv``."""
-        return self.processed / "masks_multi_organ"
-
-    @property
-    def normalized_ct(self) -> Path:
-        """Phase 3 output: z-scored CT at 256x256, + ``normalization.json``."""
-        return self.processed / "normalized_ct"
-
-    @property
-    def normalized_masks(self) -> Path:
-        return self.processed / "normalized_masks"
-
-    @property
-    def training_cache(self) -> Path:
-        """Phase 3 output: memory-mappable ``.npy`` arrays per patient for the dataset."""
-        return self.processed / "training_cache"
-
-
 # --------------------------------------------------------------------------------------------
 # Names and files
 # --------------------------------------------------------------------------------------------
@@ -161,9 +101,6 @@ def list_patients(folder: Path, suffix: str = ".nii.gz") -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Fingerprints: a phase records what it read, so a later run redoes a patient whose inputs changed
 # --------------------------------------------------------------------------------------------
-#: Format of the per-patient records that phases 2.5 and 3 write beside their outputs. Version 2:
-#: a derived PTV is no longer painted into the label map (issue 12); older outputs are refused.
-PROCESSED_FORMAT = 2
 
 
 def file_sha256(path: Path | str, chunk_bytes: int = 1 << 20) -> str:

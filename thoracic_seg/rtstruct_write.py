@@ -49,17 +49,15 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ImplicitVRLittleEndian, gene
 from scipy import ndimage
 from skimage import measure
 
-import organs
-from pipeline_io import atomic_output
+from thoracic_seg import organs
+from thoracic_seg.batch import atomic_output
 
 log = logging.getLogger(__name__)
-
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 #: Referenced SOP class of an RTReferencedStudySequence item (Study Component Management, as
 #: the standard's examples and every planning system use it).
 STUDY_COMPONENT_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
-
 #: Label values that make up each ROI: the PTV contains its GTV (see the module docstring).
 ROI_MEMBERS: dict[int, tuple[int, ...]] = organs.STRUCTURE_MEMBERS
 #: RTROIInterpretedType of each label (DICOM defined terms).
@@ -67,7 +65,6 @@ INTERPRETED_TYPE: dict[int, str] = {
     label: ("GTV" if label == organs.GTV else "PTV" if label == organs.PTV else "ORGAN")
     for label in organs.FOREGROUND_LABELS
 }
-
 #: Attributes copied from the CT: patient and general study modules (and the character set that
 #: encodes them). Type 2 attributes the CT lacks are written empty.
 COPIED_TYPE2 = (
@@ -76,7 +73,6 @@ COPIED_TYPE2 = (
     "ReferringPhysicianName", "PositionReferenceIndicator",  # the last: Frame of Reference module
 )
 COPIED_IF_PRESENT = ("SpecificCharacterSet", "StudyDescription", "PatientAge", "IssuerOfPatientID")
-
 DEFAULT_STRUCTURE_SET_LABEL = "AUTOSEG"
 DEFAULT_SERIES_DESCRIPTION = "Automatic multi-organ segmentation (research use)"
 _CONTOUR_DATA_TAG = 0x30060050

@@ -155,3 +155,19 @@ def prediction_precision(precision: str, device: torch.device) -> Precision:
         fast = cpu_has_native_bfloat16()
     bfloat16 = precision == "bfloat16" or (precision == "auto" and fast)
     return Precision(torch.bfloat16, False, True) if bfloat16 else FLOAT32
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cpu``, ``cuda``, ``cuda:N`` as
+    given. ``ValueError`` naming the value when CUDA is asked for but absent (never a silent CPU)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch {torch.__version__} sees no CUDA GPU; use --device cpu")
+    return device

@@ -1,0 +1,293 @@
+"""The one inference path: a CT volume and a trained checkpoint in, labels on the CT grid out.
+
+:class:`Predictor` applies the checkpoint's preprocessing (window, z-score, body crop, resize) to HU,
+runs the network batch by batch under ``torch.inference_mode`` in the precision of
+``precision.prediction_precision`` and maps the probabilities back (``grid.probabilities_to_ct_labels``).
+Evaluation, prediction, the notebook and the benchmarks call it (``image_grid.segment_image`` for an
+image). PyTorch and numpy only: no SimpleITK or pydicom.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from thoracic_seg import organs
+from thoracic_seg.grid import (
+    AIR_HU, apply_zscore, body_box, check_size, check_window, context_stack, crop_settings_of, crop_to_box,
+    describe_crop, from_network_orientation, network_shape_zyx, probabilities_to_ct_labels, resize_ct_slices,
+    to_network_array, window_and_zscore,
+)
+from thoracic_seg.postprocess import describe_postprocess, postprocess_labels
+from thoracic_seg.precision import (
+    DEFAULT_PREDICTION_PRECISION, Precision, prediction_precision, resolve_device,
+)
+from thoracic_seg.ptv import PTV_DERIVED, fold_derived_ptv, ptv_description, ptv_from_gtv
+from unet_multi_organ import checkpoint_context_slices, checkpoint_ptv, label_table, load_checkpoint_model
+
+
+#: Peak activations of one slice in inference, in first-level feature maps (base channels x S x S).
+#: 8 maps = 134 MB in float32 and 67 MB in bfloat16 for the default network at 256 px; measured
+#: (growth of the peak RSS from batch 1 to 4, per slice): 120 MB and 52 MB.
+_FEATURE_MAPS_PER_SLICE = 8
+MAX_BATCH_SIZE = {"cpu": 8, "cuda": 64}  # beyond these, larger batches are no faster
+
+
+class CheckpointError(ValueError):
+    """The checkpoint is not a ``unet_multi_organ`` checkpoint usable for prediction."""
+
+
+def _available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 1024**3  # unknown: assume a modest machine
+
+
+def auto_batch_size(device: torch.device, size: int, base_channels: int, dtype: torch.dtype) -> int:
+    """Slices per forward pass: a quarter of the free (GPU or system) memory over the activation
+    memory of one slice, between 1 and :data:`MAX_BATCH_SIZE` for the device type."""
+    element_bytes = 2 if dtype == torch.bfloat16 else 4
+    per_slice = _FEATURE_MAPS_PER_SLICE * element_bytes * base_channels * size * size
+    fit = _available_memory_bytes(device) // 4 // max(per_slice, 1)
+    return int(max(1, min(MAX_BATCH_SIZE.get(device.type, 8), fit)))
+
+
+@dataclass
+class Predictor:
+    """A loaded checkpoint with everything needed to segment a CT the way it was trained.
+
+    Build it with :meth:`load`; :meth:`segment` turns HU (Z, Y, X) into labels (Z, Y, X).
+    """
+
+    model: torch.nn.Module
+    checkpoint_path: Path
+    device: torch.device
+    precision: Precision
+    batch_size: int
+    window: tuple[float, float]
+    size: int
+    postprocess: bool = False
+    #: How the PTV is made: ``{"source": "derived", "margin_mm": m}`` or ``{"source": "contoured"}``
+    #: (``unet_multi_organ.checkpoint_ptv``).
+    ptv: dict[str, Any] = field(default_factory=lambda: {"source": "contoured"})
+    #: Neighbours per side each slice goes in with (``dataset_multi_organ.context_stack``).
+    context_slices: int = 0
+    #: Phase 3's body crop the network was trained with (``normalize_ct_and_masks.crop_settings``:
+    #: method, threshold HU, margin mm), or None: whole slices, as checkpoints of earlier versions.
+    crop: dict[str, Any] | None = None
+
+    @classmethod
+    def load(
+        cls,
+        checkpoint: Path | str,
+        *,
+        device: str = "auto",
+        precision: str = DEFAULT_PREDICTION_PRECISION,
+        batch_size: int | None = None,
+        postprocess: bool = False,
+        ptv_margin_mm: float | None = None,
+        context_slices: int | None = None,
+    ) -> "Predictor":
+        """Load ``checkpoint`` onto ``device`` (``auto``/``cpu``/``cuda``) in ``precision``
+        (``precision.prediction_precision``: float32, bfloat16 or auto). ``ptv_margin_mm``
+        overrides the run's PTV margin (and derives the PTV from the GTV whatever the run did).
+        ``context_slices`` None takes the checkpoint's K; another value is refused.
+
+        Raises:
+            FileNotFoundError: no such checkpoint file.
+            CheckpointError: not one of our checkpoints, weights that do not fit its model
+                configuration, a model that does not predict the labels of ``organs.py`` from one
+                CT channel, or missing/invalid preprocessing settings.
+            ValueError: an unknown device/precision, CUDA asked for but absent, or a negative margin.
+        """
+        torch_device = resolve_device(device)
+        policy = prediction_precision(precision, torch_device)
+        try:
+            model, record = load_checkpoint_model(checkpoint, torch_device)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
+        window, size, crop = preprocessing_of(record, checkpoint)
+        ptv = checkpoint_ptv(record, ptv_margin_mm)
+        try:
+            k = checkpoint_context_slices(record, context_slices, checkpoint)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
+        config = record.get("model_config", {})
+        if config.get("in_channels") != 2 * k + 1 or config.get("out_channels") != organs.NUM_CLASSES:
+            raise CheckpointError(
+                f"{checkpoint}: the model maps {config.get('in_channels')} channel(s) to "
+                f"{config.get('out_channels')} classes; expected {2 * k + 1} CT channel(s) -> {organs.NUM_CLASSES} labels"
+            )
+        labels = {str(k): str(v) for k, v in (record.get("labels") or {}).items()}
+        if labels and labels != label_table():
+            raise CheckpointError(
+                f"{checkpoint}: its labels {labels} differ from organs.py {label_table()}; "
+                "the label values would be misread"
+            )
+        if policy.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if batch_size is None:
+            batch_size = auto_batch_size(torch_device, size, int(config.get("base_channels", 64)), policy.dtype)
+        return cls(model.eval(), Path(checkpoint), torch_device, policy, int(batch_size), window, size, postprocess,
+                   ptv, k, crop)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: ``torch.float32`` or ``torch.bfloat16``."""
+        return self.precision.dtype
+
+    @property
+    def channels_last(self) -> bool:
+        return self.precision.channels_last
+
+    def describe(self) -> str:
+        """One line for the log: device, precision, batch size, preprocessing."""
+        layout = " + channels-last" if self.channels_last else ""
+        return (f"{self.checkpoint_path.name} on {self.device} ({self.precision.name}{layout}), "
+                f"batch {self.batch_size}, window {list(self.window)} HU, {self.size}x{self.size} slices, "
+                f"{describe_crop(self.crop)}, PTV = {self.ptv_text}" + (f", post-processing: {describe_postprocess()}" if self.postprocess else ""))
+
+    @property
+    def ptv_text(self) -> str:
+        """``GTV + 10 mm`` (derived) or ``labels GTV + PTV`` (a network that learnt the PTV)."""
+        if self.ptv.get("source") == PTV_DERIVED:
+            return ptv_description(float(self.ptv["margin_mm"]))
+        return "labels GTV + PTV"
+
+    def ptv_mask(self, labels_zyx: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
+        """bool (Z, Y, X): the PTV of a predicted label map on its grid (``spacing_zyx`` mm)."""
+        if self.ptv.get("source") == PTV_DERIVED:
+            return ptv_from_gtv(labels_zyx == organs.GTV, spacing_zyx, float(self.ptv["margin_mm"]))
+        return np.isin(labels_zyx, organs.STRUCTURE_MEMBERS[organs.PTV]) & (labels_zyx == organs.PTV).any()
+
+    def crop_box(self, hu_zyx: np.ndarray, spacing_yx: Sequence[float] | None) -> tuple[int, int, int] | None:
+        """The body box ``(y0, x0, side)`` of a CT (HU (Z, Y, X) in the network's orientation, pixel
+        spacing ``spacing_yx`` mm) by phase 3's ``body_box`` with the checkpoint's settings; None
+        for a network trained on whole slices. ``ValueError`` without a spacing or a body."""
+        if self.crop is None:
+            return None
+        if spacing_yx is None:
+            raise ValueError(f"{self.checkpoint_path.name} crops to the body ({describe_crop(self.crop)}): "
+                             "the pixel spacing (mm) is needed")
+        return body_box(hu_zyx, spacing_yx, self.crop["threshold_hu"], self.crop["margin_mm"])
+
+    def _check_box(self, box_yx: Sequence[int] | None) -> None:
+        if (box_yx is None) != (self.crop is None):
+            raise ValueError(
+                f"{self.checkpoint_path.name} was trained with {describe_crop(self.crop)}, got box_yx {box_yx!r}: "
+                "pass Predictor.crop_box(hu, spacing_yx), which is None exactly when the network crops nothing"
+            )
+
+    def preprocess(self, hu_zyx: np.ndarray, box_yx: Sequence[int] | None = None) -> np.ndarray:
+        """HU (Z, Y, X) -> network input (Z, S, S) float32 as phase 3 makes it: window, per-patient
+        z-score (statistics of the whole volume), crop to ``box_yx`` (:meth:`crop_box`, padded with
+        air; required exactly when the checkpoint crops), resize."""
+        self._check_box(box_yx)
+        normalized, mean, std = window_and_zscore(hu_zyx, self.window)
+        if box_yx is not None:
+            air = float(apply_zscore(np.array([AIR_HU]), self.window, mean, std)[0])
+            normalized = crop_to_box(normalized, box_yx, fill=air)
+        return resize_ct_slices(normalized, self.size)
+
+    def predict(self, ct_normalized: np.ndarray, output_shape_yx: Sequence[int],
+                seconds: dict[str, float] | None = None, box_yx: Sequence[int] | None = None) -> np.ndarray:
+        """Network input (Z, S, S) -> uint8 labels (Z, H, W) on the CT's in-plane grid.
+
+        ``batch_size`` slices per forward pass; per-class probabilities are resized bilinearly to
+        ``output_shape_yx`` before the argmax, as the evaluation does
+        (``normalize_ct_and_masks.probabilities_to_ct_labels``); with ``box_yx`` (the crop box of
+        :meth:`preprocess`) to the box, background outside it.
+        ``seconds`` (optional) accumulates ``predict`` (network) and ``map_back`` (resize + argmax).
+        """
+        if ct_normalized.ndim != 3 or ct_normalized.shape[1:] != (self.size, self.size):
+            raise ValueError(f"expected a (Z, {self.size}, {self.size}) input, got {ct_normalized.shape}")
+        self._check_box(box_yx)
+        seconds = seconds if seconds is not None else {}
+        shape = tuple(int(n) for n in output_shape_yx)
+        labels = np.empty((len(ct_normalized), *shape), dtype=np.uint8)
+        with torch.inference_mode():
+            for start in range(0, len(ct_normalized), self.batch_size):
+                with _timer(seconds, "predict", self.device):
+                    batch = torch.from_numpy(np.ascontiguousarray(
+                        context_stack(ct_normalized, start, start + self.batch_size, self.context_slices)))
+                    batch = batch.to(self.device)
+                    if self.channels_last:
+                        batch = batch.contiguous(memory_format=torch.channels_last)
+                    with self.precision.autocast(self.device):
+                        logits = self.model(batch)
+                with _timer(seconds, "map_back", self.device):
+                    probabilities = fold_derived_ptv(torch.softmax(logits.float(), dim=1), self.ptv)
+                    labels[start:start + len(batch)] = probabilities_to_ct_labels(probabilities, shape, box_yx=box_yx)
+        return labels
+
+    def segment_stored(self, hu_zyx: np.ndarray, stored_code: str, spacing_zyx: Sequence[float],
+                       seconds: dict[str, float] | None = None) -> np.ndarray:
+        """HU (Z, Y, X) in the array order of a CT stored in ``stored_code`` (``grid.orientation_code``,
+        e.g. ``RPI`` feet first), voxel spacing ``spacing_zyx`` mm in that order -> uint8 labels (Z, Y, X)
+        in the same order: brought to the network's orientation by exact flips and transposes
+        (``grid.to_network_array``), segmented (:meth:`segment`) and put back
+        (``grid.from_network_orientation``). ``image_grid.segment_image`` calls it with an image."""
+        seconds = seconds if seconds is not None else {}
+        with _timer(seconds, "preprocess"):
+            hu = np.ascontiguousarray(to_network_array(hu_zyx, stored_code))
+        spacing = network_shape_zyx(range(3), stored_code)  # network axis -> stored array axis
+        spacing_yx = (float(spacing_zyx[spacing[1]]), float(spacing_zyx[spacing[2]]))
+        return from_network_orientation(self.segment(hu, seconds, spacing_yx), stored_code)
+
+    def segment(self, hu_zyx: np.ndarray, seconds: dict[str, float] | None = None,
+                spacing_yx: Sequence[float] | None = None) -> np.ndarray:
+        """HU (Z, Y, X) in the network's orientation (LPS) -> uint8 labels (Z, Y, X) on the same grid
+        (with ``postprocess`` applied). ``spacing_yx`` (mm) is needed when the checkpoint crops to
+        the body (:meth:`crop_box`). :meth:`segment_stored` takes a CT stored in any orientation."""
+        seconds = seconds if seconds is not None else {}
+        with _timer(seconds, "preprocess"):
+            box = self.crop_box(hu_zyx, spacing_yx)
+            ct_small = self.preprocess(hu_zyx, box)
+        labels = self.predict(ct_small, hu_zyx.shape[1:], seconds, box)
+        if self.postprocess:
+            with _timer(seconds, "postprocess"):
+                labels = postprocess_labels(labels)
+        return labels
+
+
+def preprocessing_of(
+    record: dict[str, Any], checkpoint: Path | str,
+) -> tuple[tuple[float, float], int, dict[str, Any] | None]:
+    """``(window HU, slice size, crop settings or None)`` from a checkpoint's ``preprocessing``
+    (no ``crop``: whole slices, as checkpoints of earlier versions); :class:`CheckpointError` if unusable."""
+    settings = record.get("preprocessing")
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{checkpoint}: no 'preprocessing' settings in the checkpoint")
+    if settings.get("zscore", "per_patient") != "per_patient":
+        raise CheckpointError(
+            f"{checkpoint}: preprocessing zscore={settings.get('zscore')!r}; only 'per_patient' is implemented"
+        )
+    try:
+        return (check_window(settings["window"]), check_size(settings["size"]),
+                crop_settings_of(settings, f"{checkpoint}: preprocessing"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{checkpoint}: invalid preprocessing {settings}: {exc}") from None
+
+
+@contextlib.contextmanager
+def _timer(seconds: dict[str, float], stage: str, device: torch.device | None = None) -> Iterator[None]:
+    """Add the wall time of the block to ``seconds[stage]`` (waiting for the GPU to finish)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
