@@ -2,27 +2,13 @@
 
     (nothing) -> DATA/raw/synthetic/<PatientID>/<study>/<series>/*.dcm  +  DATA/synthetic_truth/
 
-Each patient is a thoracic CT series (CT Image Storage, int16 stored values, rescale 1 / -1024,
-Hounsfield values with noise) and an RTSTRUCT in a *different* study/series folder linked only by
-UIDs, laid out as a TCIA download. The anatomy (body, fat, muscle, two lungs with vessels and
-sometimes a cavity, heart, aorta, esophagus sometimes with an air lumen, vertebra with the spinal
-cord in its canal, ribs, sternum, one to three tumours) varies per patient and smoothly along z.
-Every contour is a smooth closed polygon in patient millimetres (DICOM LPS: +x = patient left =
-image right, +y = posterior = image down, +z = head) lying exactly on a CT slice. The true label
-map (``<truth>/<PatientID>.nii.gz``, uint8 0-7, organs.PRIORITY applied, CT grid) is the even-odd,
-voxel-centre rasterisation of the very polygons written to the RTSTRUCT, and ``cohort.json``
-records which labels each patient has an ROI for and under which name.
-
-ROI sets vary like the real collection's: default names (``GTV-1``, ``gtv-2``, ``Lung-Right``,
-``Lung-Left``, ``Heart``, ``Esophagus``, ``Spinal-Cord``), patients without a heart or esophagus
-contour, extra tumours, ``Lungs-Total`` instead of left/right lungs, French names, unrelated ROIs
-(``External``, ``Lungs-GTV``). No PTV unless ``--ptv`` (GTV grown by 10 mm). Patient ``i`` of a
-cohort has variant ``i % 6`` of :data:`VARIANT_CYCLE` for ``i < 6`` (so any cohort of 6 or more has
-every variant) and random variants after that. Everything is a function of the seed: the same
-arguments give byte-identical files.
-
-Shared, not defined here: the polygon fill is phase 2.5's (``extract_multi_organ_masks.fill_polygons_2d``),
-the ContourData encoding ``rtstruct_export.contour_data_element``.
+Each patient is a thoracic CT series and an RTSTRUCT in another study/series folder, linked only by
+UIDs, laid out as a TCIA download; ROI names and sets vary as in the real collection (:class:`Variant`).
+The true label map ``<truth>/<PatientID>.nii.gz`` (uint8 0-7, CT grid) is the rasterisation of the
+very polygons written to the RTSTRUCT; ``<truth>/cohort.json`` records each patient's ROI names and
+labels. Everything is a function of the seed: the same arguments give byte-identical files. Polygons
+are filled by ``thoracic_seg/rtstruct_read.py`` (``fill_polygons_2d``), the RTSTRUCT is written by
+``thoracic_seg/rtstruct_write.py``.
 
 Usage: python make_synthetic_cohort.py --data-root DATA --patients 20 --size 128 --slices 40
 """
@@ -44,10 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import pydicom
-from pydicom.charset import default_encoding
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sequence import Sequence as DicomSequence
-from pydicom.tag import Tag
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RTStructureSetStorage
 from tqdm import tqdm
 
@@ -55,7 +38,7 @@ from thoracic_seg import organs
 from thoracic_seg.batch import write_nifti, write_text_atomic
 from thoracic_seg.layout import DataLayout
 from thoracic_seg.rtstruct_read import fill_polygons_2d
-from thoracic_seg.rtstruct_write import contour_data_element
+from thoracic_seg.rtstruct_write import CTReference, RoiContours, add_structure_set, write_rtstruct
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +53,6 @@ PTV_MARGIN_MM = 10.0
 RIB_RADIUS_MM = (3.5, 6.0)
 COHORT_JSON = "cohort.json"
 PATIENT_ID_PATTERN = re.compile(r"SYN-\d{3,}")
-DETACHED_STUDY_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"  # ReferencedSOPClassUID of a study
-CONTOUR_DATA_TAG = Tag(0x3006, 0x0050)
 _UID_NAMESPACE = uuid.UUID("6f1d3c52-5b8e-4a4f-9a53-7d2b0c1e9f41")  # this generator's UIDs
 
 #: Mean Hounsfield values of the tissues (noise is added on top).
@@ -123,8 +104,9 @@ VARIANT_CYCLE: tuple[Variant, ...] = (
 
 
 def variant_for(index: int, rng: np.random.Generator) -> Variant:
-    """The variant of cohort patient ``index`` (0-based): :data:`VARIANT_CYCLE` first, then random
-    draws with roughly the real collection's frequencies (heart contoured in ~1/3 of patients)."""
+    """The variant of cohort patient ``index`` (0-based): :data:`VARIANT_CYCLE` first (so a cohort of
+    6 or more has every variant), then random draws with roughly the real collection's frequencies
+    (heart contoured in ~1/3 of patients)."""
     if index < len(VARIANT_CYCLE):
         return VARIANT_CYCLE[index]
     return Variant(
@@ -254,7 +236,12 @@ class Tumour:
 
 @dataclass
 class Anatomy:
-    """Per-patient anatomical parameters (mm, LPS). ``slice_shapes(z)`` turns them into polygons."""
+    """Per-patient anatomical parameters (mm, LPS). ``slice_shapes(z)`` turns them into polygons.
+
+    Body, fat, muscle, two lungs with vessels and sometimes a cavity, heart, aorta, esophagus
+    sometimes with an air lumen, vertebra with the spinal cord in its canal, ribs, sternum, one to
+    three tumours; all vary per patient and smoothly along z.
+    """
 
     grid: Grid
     variant: Variant
@@ -331,6 +318,9 @@ class Anatomy:
 
     def slice_shapes(self, z: float) -> dict[str, Any]:
         """Polygons (lists of (N, 2) x, y mm arrays, rounded to 0.01 mm) on slice ``z``.
+
+        Smooth closed polygons in patient mm (DICOM LPS: +x = patient left = image right,
+        +y = posterior = image down, +z = head); the RTSTRUCT places them exactly on the slice.
 
         Keys of structures that get an ROI: ``body``, ``lung_right``, ``lung_left`` (outer
         contour plus, with a cavity, the hole), ``heart``, ``esophagus``, ``spinal_cord``,
@@ -664,8 +654,14 @@ class Roi:
 
 
 def build_rois(an: Anatomy, slice_shapes: list[dict[str, Any]], with_ptv: bool) -> list[Roi]:
-    """The ROIs of the RTSTRUCT for this patient's variant, in a shuffled-looking but
-    deterministic order (real structure sets list ROIs in no particular order)."""
+    """The ROIs of the RTSTRUCT for this patient's variant (the caller shuffles them with the
+    patient's generator: real structure sets list ROIs in no particular order).
+
+    Default names (``GTV-1``, ``gtv-2``, ``Lung-Right``, ``Lung-Left``, ``Heart``, ``Esophagus``,
+    ``Spinal-Cord``) or French ones, no heart or esophagus ROI, extra tumours, ``Lungs-Total``
+    instead of right and left lungs, unrelated ROIs (``External``, ``Lungs-GTV``), as the variant
+    says. No PTV unless ``with_ptv`` (``--ptv``: the GTV grown by 10 mm).
+    """
     v = an.variant
     names = FRENCH_NAMES if v.french_names else DEFAULT_NAMES
     rois: list[Roi] = []
@@ -714,60 +710,51 @@ def _uid(*parts: object) -> str:
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, '|'.join(str(p) for p in parts)).int}"
 
 
-def _file_meta(sop_class: str, sop_instance: str) -> FileMetaDataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return meta
-
-
-def _patient_module(ds: Dataset, patient_id: str, sex: str) -> None:
+def _new_instance(sop_class: str, sop: str, modality: str, patient_id: str, sex: str, study: str, series: str,
+                  study_id: str, series_number: int, date_time: tuple[str, str]) -> Dataset:
+    """A dataset with file meta (Explicit VR Little Endian) and the attributes the CT slices and the
+    RTSTRUCT share: patient, general study and series (``date_time``: their date and time),
+    general equipment, SOP common."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = sop_class, sop
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.PatientName = patient_id.replace("-", "^")
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = ""
-    ds.PatientSex = sex
+    ds.PatientName, ds.PatientID, ds.PatientSex = patient_id.replace("-", "^"), patient_id, sex
+    ds.PatientBirthDate = ds.AccessionNumber = ds.ReferringPhysicianName = ""
     ds.PatientIdentityRemoved = "YES"
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality, ds.Manufacturer = sop_class, sop, modality, "SYNTHETIC"
+    ds.StudyDate = ds.SeriesDate = date_time[0]
+    ds.StudyTime = ds.SeriesTime = date_time[1]
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.StudyID, ds.SeriesNumber = study, series, study_id, series_number
+    return ds
 
 
 def write_ct_series(folder: Path, an: Anatomy, hu_volume: np.ndarray, uids: dict[str, str],
-                    patient_id: str, sex: str, rng: np.random.Generator) -> list[str]:
-    """Write the CT slices (one file each) with shuffled file names and InstanceNumbers.
+                    patient_id: str, sex: str, rng: np.random.Generator) -> list[Dataset]:
+    """Write the CT slices (CT Image Storage, one file each) with shuffled file names and
+    InstanceNumbers; stored values int16 = HU + 1024 (rescale slope 1, intercept -1024).
 
-    ``hu_volume`` is float (Z, rows, cols) HU; returns the SOPInstanceUIDs by slice index (z up).
+    ``hu_volume`` is float (Z, rows, cols) HU; returns the slices' headers (no pixel data) by slice
+    index (z up).
     """
     g = an.grid
     folder.mkdir(parents=True, exist_ok=True)
     file_order = rng.permutation(g.slices)  # file name number of each slice
     instance_order = rng.permutation(g.slices) + 1
     stored = (np.clip(np.rint(hu_volume), HU_MIN, HU_MAX) - RESCALE_INTERCEPT).astype("<i2")
-    sop_uids = []
+    headers = []
     for k, z in enumerate(g.z_positions):
-        sop = _uid(uids["ct_series"], "slice", k)
-        sop_uids.append(sop)
-        ds = Dataset()
-        ds.file_meta = _file_meta(CTImageStorage, sop)
-        _patient_module(ds, patient_id, sex)
+        ds = _new_instance(CTImageStorage, _uid(uids["ct_series"], "slice", k), "CT", patient_id, sex,
+                           uids["ct_study"], uids["ct_series"], uids["study_id"], 1, ("20140101", "101500"))
+        ds.ContentDate, ds.ContentTime = ds.StudyDate, ds.StudyTime
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20140101"
-        ds.StudyTime = ds.SeriesTime = ds.ContentTime = "101500"
-        ds.AccessionNumber = ""
-        ds.Modality = "CT"
-        ds.Manufacturer = "SYNTHETIC"
-        ds.ReferringPhysicianName = ""
         ds.StudyDescription = "Synthetic thorax CT"
         ds.SeriesDescription = "CT THORAX"
         ds.BodyPartExamined = "CHEST"
         ds.SliceThickness = _ds_text(g.thickness)
         ds.KVP = "120"
         ds.PatientPosition = "HFS"
-        ds.StudyInstanceUID = uids["ct_study"]
-        ds.SeriesInstanceUID = uids["ct_series"]
-        ds.StudyID = uids["study_id"]
-        ds.SeriesNumber = 1
         ds.AcquisitionNumber = 1
         ds.InstanceNumber = int(instance_order[k])
         ds.ImagePositionPatient = [_ds_text(g.origin[0]), _ds_text(g.origin[1]), _ds_text(z)]
@@ -790,94 +777,27 @@ def write_ct_series(folder: Path, an: Anatomy, hu_volume: np.ndarray, uids: dict
         ds.RescaleType = "HU"
         ds.PixelData = stored[k].tobytes()
         pydicom.dcmwrite(folder / f"{int(file_order[k]):06d}.dcm", ds, enforce_file_format=True)
-    return sop_uids
+        del ds.PixelData  # the RTSTRUCT needs the headers only
+        headers.append(ds)
+    return headers
 
 
-def write_rtstruct(path: Path, an: Anatomy, rois: list[Roi], uids: dict[str, str],
-                   sop_uids: list[str], patient_id: str, sex: str) -> None:
-    """Write the RT Structure Set: ROIs, CLOSED_PLANAR contours on the CT slices (one item per
-    polygon; a hole is one more polygon of the same ROI on the slice), references to the CT."""
-    g = an.grid
-    sop = uids["rtstruct"]
-    ds = Dataset()
-    ds.file_meta = _file_meta(RTStructureSetStorage, sop)
-    _patient_module(ds, patient_id, sex)
-    ds.SOPClassUID = RTStructureSetStorage
-    ds.SOPInstanceUID = sop
-    ds.StudyDate = ds.SeriesDate = ds.StructureSetDate = "20190225"
-    ds.StudyTime = ds.SeriesTime = ds.StructureSetTime = "093000"
-    ds.AccessionNumber = ""
-    ds.Modality = "RTSTRUCT"
-    ds.Manufacturer = "SYNTHETIC"
-    ds.ReferringPhysicianName = ""
-    ds.OperatorsName = ""
-    ds.SeriesDescription = "RTSTRUCT"
-    ds.StudyInstanceUID = uids["rt_study"]
-    ds.SeriesInstanceUID = uids["rt_series"]
-    ds.StudyID = uids["study_id"]
-    ds.SeriesNumber = 2
-    ds.InstanceNumber = 1
-    ds.StructureSetLabel = "RTSTRUCT"
-    ds.StructureSetName = "Synthetic"
-
-    def image_ref(k: int) -> Dataset:
-        item = Dataset()
-        item.ReferencedSOPClassUID = CTImageStorage
-        item.ReferencedSOPInstanceUID = sop_uids[k]
-        return item
-
-    series_ref = Dataset()
-    series_ref.SeriesInstanceUID = uids["ct_series"]
-    series_ref.ContourImageSequence = DicomSequence([image_ref(k) for k in range(g.slices)])
-    study_ref = Dataset()
-    study_ref.ReferencedSOPClassUID = DETACHED_STUDY_MANAGEMENT
-    study_ref.ReferencedSOPInstanceUID = uids["ct_study"]
-    study_ref.RTReferencedSeriesSequence = DicomSequence([series_ref])
-    frame_ref = Dataset()
-    frame_ref.FrameOfReferenceUID = uids["frame"]
-    frame_ref.RTReferencedStudySequence = DicomSequence([study_ref])
-    ds.ReferencedFrameOfReferenceSequence = DicomSequence([frame_ref])
-
-    roi_items, contour_items, observation_items = [], [], []
-    for number, roi in enumerate(rois, start=1):
-        item = Dataset()
-        item.ROINumber = number
-        item.ReferencedFrameOfReferenceUID = uids["frame"]
-        item.ROIName = roi.name
-        item.ROIGenerationAlgorithm = "MANUAL"
-        roi_items.append(item)
-
-        contours = []
-        for k, polys in enumerate(roi.contours):
-            z = float(g.z_positions[k])
-            for poly in polys:
-                c = Dataset()
-                c.ContourImageSequence = DicomSequence([image_ref(k)])
-                c.ContourGeometricType = "CLOSED_PLANAR"
-                c.NumberOfContourPoints = len(poly)
-                c.ContourNumber = len(contours) + 1
-                c[CONTOUR_DATA_TAG] = contour_data_element(np.column_stack([poly, np.full(len(poly), z)]),
-                                                           implicit_vr=False)
-                # Declared as already explicit little endian, so dcmwrite keeps the raw value.
-                c.set_original_encoding(False, True, default_encoding)
-                contours.append(c)
-        rc = Dataset()
-        rc.ROIDisplayColor = list(roi.color)
-        rc.ReferencedROINumber = number
-        rc.ContourSequence = DicomSequence(contours)
-        contour_items.append(rc)
-
-        obs = Dataset()
-        obs.ObservationNumber = number
-        obs.ReferencedROINumber = number
-        obs.RTROIInterpretedType = roi.interpreted_type
-        obs.ROIInterpreter = ""
-        observation_items.append(obs)
-    ds.StructureSetROISequence = DicomSequence(roi_items)
-    ds.ROIContourSequence = DicomSequence(contour_items)
-    ds.RTROIObservationsSequence = DicomSequence(observation_items)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+def rtstruct_of(an: Anatomy, rois: list[Roi], uids: dict[str, str], reference: CTReference,
+                patient_id: str, sex: str) -> Dataset:
+    """The RT Structure Set of ``rois`` (ROINumbers 1, 2, ... in list order) drawn on the CT
+    ``reference``: one CLOSED_PLANAR contour per polygon at its slice's z (a hole is one more
+    polygon of the same ROI on the slice), filled in by ``rtstruct_write.add_structure_set``."""
+    ds = _new_instance(RTStructureSetStorage, uids["rtstruct"], "RTSTRUCT", patient_id, sex, uids["rt_study"],
+                       uids["rt_series"], uids["study_id"], 2, ("20190225", "093000"))
+    ds.StructureSetDate, ds.StructureSetTime = ds.StudyDate, ds.StudyTime
+    ds.SeriesDescription = ds.StructureSetLabel = "RTSTRUCT"
+    ds.StructureSetName, ds.OperatorsName, ds.InstanceNumber = "Synthetic", "", 1
+    z = an.grid.z_positions
+    add_structure_set(ds, reference, [
+        RoiContours(roi.name, roi.color, roi.interpreted_type, [
+            (k, np.column_stack([poly, np.full(len(poly), z[k])])) for k, polys in enumerate(roi.contours)
+            for poly in polys]) for roi in rois], algorithm="MANUAL", observation_labels=False)
+    return ds
 
 
 # --------------------------------------------------------------------------------------------
@@ -921,8 +841,9 @@ def _make_patient(out_dir: Path, truth_dir: Path, patient_id: str, *, seed: int,
 
     staging = out_dir / ".partial" / patient_id
     shutil.rmtree(staging, ignore_errors=True)
-    sop_uids = write_ct_series(staging / ct_rel.relative_to(patient_id), an, hu, uids, patient_id, sex, rng)
-    write_rtstruct(staging / rt_rel.relative_to(patient_id), an, rois, uids, sop_uids, patient_id, sex)
+    ct = write_ct_series(staging / ct_rel.relative_to(patient_id), an, hu, uids, patient_id, sex, rng)
+    rtstruct = rtstruct_of(an, rois, uids, CTReference.from_datasets(ct), patient_id, sex)
+    write_rtstruct(rtstruct, staging / rt_rel.relative_to(patient_id))
     final = out_dir / patient_id
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)

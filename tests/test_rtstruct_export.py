@@ -1,4 +1,5 @@
-"""rtstruct_export: label map -> RTSTRUCT, read back by phase 2.5's rasteriser and by rt-utils."""
+"""thoracic_seg/rtstruct_write.py: label map (or given polygons) -> RTSTRUCT, read back by phase 2.5's
+rasteriser and by rt-utils."""
 from __future__ import annotations
 
 import datetime as dt
@@ -374,6 +375,38 @@ def test_a_gtv_without_ptv_voxels_makes_no_ptv_roi():
     labels[0, 2:5, 2:5] = organs.GTV
     reference = rx.CTReference.from_datasets(ct_headers(1, 10, 10))
     assert rx.roi_summary(rx.build_rtstruct(labels, reference)) == {"GTV": 1}
+
+
+@pytest.mark.parametrize("syntax", [pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian])
+def test_add_structure_set_writes_given_polygons_as_given(syntax, tmp_path):
+    """The synthetic cohort's path: its own header and transfer syntax, polygons it already has."""
+    reference = rx.CTReference.from_datasets(ct_headers(3, 8, 9))  # slice 2 at z = 16
+    triangle = np.array([[0.0, 0.0, 16.0], [1.5, 0.0, 16.0], [1.5, 2.25, 16.0]])
+    ds = Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = rx.RT_STRUCTURE_SET_STORAGE
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = "1.2.826.0.1.3680043.10.9"
+    rx.add_structure_set(ds, reference, [
+        rx.RoiContours("GTV-1", (255, 0, 0), "GTV", [(2, triangle), (2, triangle + [0.5, 0.5, 0])]),
+        rx.RoiContours("External", (0, 128, 0), "EXTERNAL", [])], algorithm="MANUAL", observation_labels=False)
+    back = reread(ds, tmp_path)
+
+    assert back.file_meta.TransferSyntaxUID == syntax
+    assert [(r.ROINumber, r.ROIName, r.ROIGenerationAlgorithm, "ROIGenerationDescription" in r)
+            for r in back.StructureSetROISequence] == [(1, "GTV-1", "MANUAL", False), (2, "External", "MANUAL", False)]
+    assert [(c.ReferencedROINumber, list(c.ROIDisplayColor)) for c in back.ROIContourSequence] == [
+        (1, [255, 0, 0]), (2, [0, 128, 0])]
+    assert [(o.ReferencedROINumber, o.RTROIInterpretedType, "ROIObservationLabel" in o)
+            for o in back.RTROIObservationsSequence] == [(1, "GTV", False), (2, "EXTERNAL", False)]
+    gtv, external = back.ROIContourSequence
+    assert [(c.ContourNumber, c.ContourImageSequence[0].ReferencedSOPInstanceUID, list(c.ContourData))
+            for c in gtv.ContourSequence] == [
+        (1, reference.sop_instance_uids[2], [0, 0, 16, 1.5, 0, 16, 1.5, 2.25, 16]),
+        (2, reference.sop_instance_uids[2], [0.5, 0.5, 16, 2, 0.5, 16, 2, 2.75, 16])]
+    assert len(external.ContourSequence) == 0
+    (frame,) = back.ReferencedFrameOfReferenceSequence
+    assert frame.FrameOfReferenceUID == FRAME
 
 
 def test_from_image_matches_from_datasets():

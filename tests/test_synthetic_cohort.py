@@ -3,10 +3,10 @@ the slices, truth maps on the CT grid, left/right, Hounsfield ranges, ROI varian
 refusal to overwrite and one-line argument errors.
 
 The truth maps are not an independent check of phase 2.5's rasteriser: the generator fills the very
-polygons it writes to the RTSTRUCT with phase 2.5's own even-odd fill
-(``extract_multi_organ_masks.fill_polygons_2d``, one fill algorithm in the repository), so phase 2.5
-reproducing the truth (``test_run_reproduces_the_synthetic_truth``) checks geometry, pairing, ROI names
-and the priority overlay, while a rasterisation error would sit on both sides and cancel. The
+polygons it writes to the RTSTRUCT with phase 2.5's own even-odd fill (``fill_polygons_2d`` of
+``thoracic_seg/rtstruct_read.py``, one fill algorithm in the repository), so phase 2.5 reproducing
+the truth (``test_run_reproduces_the_synthetic_truth``) checks geometry, pairing, ROI names and the
+priority overlay, while a rasterisation error would sit on both sides and cancel. The
 rasteriser is checked independently by its own tests against matplotlib and scikit-image
 (tests/test_extract_multi_organ_masks.py), by :func:`mpl_rasterise` below, and on real patients against
 plastimatch's reference masks.
@@ -198,6 +198,8 @@ def test_roi_names_types_and_cohort_json_agree(patients) -> None:
     for record, _, rt, _ in items:
         names = [roi.ROIName for roi in rt.StructureSetROISequence]
         assert list(record["roi_names"]) == names
+        assert [(roi.ROINumber, roi.ROIGenerationAlgorithm) for roi in rt.StructureSetROISequence] == [
+            (number, "MANUAL") for number in range(1, len(names) + 1)]  # contoured by hand, as in TCIA
         kinds = {o.ReferencedROINumber: o.RTROIInterpretedType for o in rt.RTROIObservationsSequence}
         numbers = {roi.ROIName: roi.ROINumber for roi in rt.StructureSetROISequence}
         annotated = [True] + [False] * 7

@@ -1,36 +1,17 @@
 """Label map -> DICOM RT Structure Set: the contours a treatment-planning system imports.
 
-A label map (z, y, x) uint8 with the values of ``organs.py`` on a CT's own grid, together with
-the CT's DICOM headers (one per slice, in the label map's z order), becomes an RTSTRUCT that
-references the CT's study, series, frame of reference and every SOP instance:
+A label map (z, y, x) uint8 with the values of ``organs.py`` on a CT's own grid, together with the
+CT's DICOM headers (one per slice, in the label map's z order), becomes an RTSTRUCT that references
+the CT's study, series, frame of reference and every SOP instance: one ROI per structure present,
+one CLOSED_PLANAR contour per 4-connected component and per hole on every slice:
 
     reference = CTReference.from_datasets(headers)          # pydicom Datasets, z order
     rtstruct = build_rtstruct(labels_zyx, reference)
     write_rtstruct(rtstruct, "LUNG1-005_RTSTRUCT.dcm")
 
-Contours. On every slice each 4-connected component of a structure gets one ``CLOSED_PLANAR``
-contour around it and each hole one more contour inside it (planning systems and phase 2.5 fill
-contours of one ROI on one slice with the even-odd rule, so an inner contour is a hole). The
-contour is the 0.5 iso-line of the binary mask (marching squares): it runs half-way between
-every inside voxel centre and every outside one, so a reader that counts a voxel as inside when
-its centre is inside the polygon (plastimatch, ``extract_multi_organ_masks.py``) gets the same
-voxels back exactly. Collinear points are merged, so straight runs cost two points.
-
-Structures and labels. One ROI per structure present in the label map, named and coloured from
-``organs.py`` (``GTV``, ``PTV``, ``Lung_R``, ``Lung_L``, ``Heart``, ``Esophagus``,
-``SpinalCord``). A PTV in the label map (a contoured PTV the network learnt as label 2) is written
-as labels GTV + PTV together, because a PTV contains its GTV. A structure passed in
-``overlapping`` (the PTV grown from the predicted GTV) is written from its own mask: ROIs overlap
-freely, as real contours do, so the lungs keep the voxels the PTV covers.
-
-The Frame of Reference module is written at the top level (FrameOfReferenceUID, and the CT's
-PositionReferenceIndicator, empty when it has none), so the file passes ``dciodvfy``.
-
-Coordinates: pixel (column c, row r) of slice k is at
-``ImagePositionPatient[k] + c * PixelSpacing[1] * row_direction + r * PixelSpacing[0] * column_direction``
-in DICOM patient coordinates (LPS, mm), with the directions from ``ImageOrientationPatient``.
-
-Shared from here: :func:`contour_data_element`, the one ContourData encoder (also the synthetic cohort's).
+A writer of polygons it already has (the synthetic cohort) fills its own dataset's header and calls
+:func:`add_structure_set` with :class:`RoiContours`; :func:`contour_data_element` is the one
+ContourData encoder.
 """
 from __future__ import annotations
 
@@ -58,7 +39,7 @@ CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 #: Referenced SOP class of an RTReferencedStudySequence item (Study Component Management, as
 #: the standard's examples and every planning system use it).
 STUDY_COMPONENT_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
-#: Label values that make up each ROI: the PTV contains its GTV (see the module docstring).
+#: Label values that make up each ROI: the PTV contains its GTV (see :func:`build_rtstruct`).
 ROI_MEMBERS: dict[int, tuple[int, ...]] = organs.STRUCTURE_MEMBERS
 #: RTROIInterpretedType of each label (DICOM defined terms).
 INTERPRETED_TYPE: dict[int, str] = {
@@ -148,19 +129,8 @@ class CTReference:
                 "CT slices are not in order along the slice normal (or two share a position): "
                 "pass them in the label map's z order"
             )
-        return cls(
-            study_instance_uid=str(first.StudyInstanceUID),
-            series_instance_uid=str(first.SeriesInstanceUID),
-            frame_of_reference_uid=str(first.FrameOfReferenceUID),
-            sop_class_uid=str(first.get("SOPClassUID", CT_IMAGE_STORAGE)),
-            sop_instance_uids=uids,
-            image_positions=positions,
-            row_direction=row_dir,
-            column_direction=col_dir,
-            pixel_spacing=(float(spacing[0, 0]), float(spacing[0, 1])),
-            shape_yx=sizes.pop(),
-            header=_copied_header(first),
-        )
+        return cls._of_header(first, uids, positions, row_dir, col_dir,
+                              (float(spacing[0, 0]), float(spacing[0, 1])), sizes.pop())
 
     @classmethod
     def from_image(
@@ -207,26 +177,28 @@ class CTReference:
             positions = np.asarray(image_positions, dtype=np.float64).reshape(-1, 3)
             if len(positions) != size_z:
                 raise ValueError(f"{len(positions)} slice positions for a CT of {size_z} slices")
-        return cls(
-            study_instance_uid=str(header.StudyInstanceUID),
-            series_instance_uid=str(header.SeriesInstanceUID),
-            frame_of_reference_uid=str(header.FrameOfReferenceUID),
-            sop_class_uid=str(header.get("SOPClassUID", CT_IMAGE_STORAGE)),
-            sop_instance_uids=uids,
-            image_positions=positions,
-            row_direction=direction[:, 0].copy(),
-            column_direction=direction[:, 1].copy(),
-            pixel_spacing=(float(spacing[1]), float(spacing[0])),
-            shape_yx=(int(size_y), int(size_x)),
-            header=_copied_header(header),
-        )
+        return cls._of_header(header, uids, positions, direction[:, 0].copy(), direction[:, 1].copy(),
+                              (float(spacing[1]), float(spacing[0])), (int(size_y), int(size_x)))
+
+    @classmethod
+    def _of_header(cls, header: Dataset, uids: tuple[str, ...], positions: np.ndarray, row_direction: np.ndarray,
+                   column_direction: np.ndarray, pixel_spacing: tuple[float, float],
+                   shape_yx: tuple[int, int]) -> "CTReference":
+        """The UIDs, SOP class and copied attributes of one slice ``header``, the geometry as given."""
+        return cls(str(header.StudyInstanceUID), str(header.SeriesInstanceUID), str(header.FrameOfReferenceUID),
+                   str(header.get("SOPClassUID", CT_IMAGE_STORAGE)), uids, positions, row_direction,
+                   column_direction, pixel_spacing, shape_yx, _copied_header(header))
 
     @property
     def num_slices(self) -> int:
         return len(self.sop_instance_uids)
 
     def pixel_to_patient(self, slice_index: int, rows_cols: np.ndarray) -> np.ndarray:
-        """(N, 2) (row, column) pixel coordinates on one slice -> (N, 3) LPS mm (pixel centres at integers)."""
+        """(N, 2) (row, column) pixel coordinates on one slice -> (N, 3) LPS mm (pixel centres at integers).
+
+        Pixel (column c, row r) of slice k is at ``ImagePositionPatient[k] + c * PixelSpacing[1] *
+        row_direction + r * PixelSpacing[0] * column_direction`` (directions of ImageOrientationPatient).
+        """
         rows_cols = np.asarray(rows_cols, dtype=np.float64)
         row_mm = rows_cols[:, :1] * self.pixel_spacing[0]
         col_mm = rows_cols[:, 1:2] * self.pixel_spacing[1]
@@ -260,8 +232,10 @@ def mask_contours(mask_yx: np.ndarray) -> list[Contour]:
     The contours are the 0.5 iso-lines of the mask (marching squares on the mask padded with
     background, so components touching the image border are closed too) with collinear points
     merged. Every inside pixel centre is strictly inside the union of contours under the
-    even-odd rule and every outside one strictly outside. Outer boundaries run counter-clockwise
-    in (column, row) coordinates, holes clockwise.
+    even-odd rule and every outside one strictly outside, so a reader that fills contours
+    even-odd and counts a voxel whose centre is inside (planning systems, plastimatch, phase 2.5)
+    gets the mask back exactly. Outer boundaries run counter-clockwise in (column, row)
+    coordinates, holes clockwise.
     """
     mask = np.asarray(mask_yx, dtype=bool)
     if mask.ndim != 2:
@@ -308,14 +282,14 @@ def _format_ds(values_mm: np.ndarray) -> list[str]:
 def contour_data_element(points_mm: np.ndarray, *, implicit_vr: bool = True) -> RawDataElement:
     """ContourData (3006,0050) of (N, 3) LPS mm points as an already encoded DS value.
 
-    The one ContourData encoder: this module's RTSTRUCTs and the synthetic cohort's
-    (``make_synthetic_cohort``) use it. Values ``x1\\y1\\z1\\x2...`` are rounded to 6 decimals
+    The one ContourData encoder (:func:`add_structure_set` calls it for every RTSTRUCT written
+    here, prediction's and the synthetic cohort's). Values ``x1\\y1\\z1\\x2...`` are rounded to 6 decimals
     with trailing zeros dropped (:func:`_format_ds`), so coordinates already on a 0.01 or 0.001 mm
     grid are written with their own digits. Encoding the numbers ourselves is 10x faster than letting
     pydicom build and validate one ``DSfloat`` per coordinate (100 000s on a real patient). The item
     holding the element must be marked with the file's encoding (``set_original_encoding``) so
     pydicom writes the bytes as they are; ``implicit_vr`` records that encoding in the element too
-    (Implicit VR here, Explicit VR in the synthetic files; the value bytes are the same).
+    (Implicit VR in prediction's files, Explicit VR in the synthetic ones; the value bytes are the same).
     """
     text = "\\".join(_format_ds(points_mm)).encode("ascii")
     if len(text) % 2:
@@ -330,30 +304,95 @@ def _image_reference(sop_class_uid: str, sop_instance_uid: str) -> Dataset:
     return item
 
 
-def _structure_contours(
+@dataclass(frozen=True)
+class RoiContours:
+    """One ROI to write: ROIName ``name``, ROIDisplayColor ``color`` (R, G, B 0-255),
+    RTROIInterpretedType ``interpreted_type`` (``ORGAN``, ``GTV``, ``PTV``, ``EXTERNAL``...), and
+    ``contours``: (slice index k of the :class:`CTReference`, (N, 3) float LPS mm points of one
+    closed polygon on that slice, first point not repeated), in the order they are written."""
+
+    name: str
+    color: tuple[int, int, int]
+    interpreted_type: str
+    contours: Sequence[tuple[int, np.ndarray]]
+
+
+def _mask_contours_mm(
     inside: np.ndarray, box: tuple[slice, slice, slice], reference: CTReference,
-) -> list[Dataset]:
-    """ContourSequence items of one ROI: every contour of every slice of ``inside`` (bool, the
+) -> list[tuple[int, np.ndarray]]:
+    """(slice index, (N, 3) LPS mm) of every contour of every slice of ``inside`` (bool, the
     ROI's mask cut to ``box``)."""
-    items = []
     z0, y0, x0 = (s.start for s in box)
-    for dz in range(inside.shape[0]):
-        if not inside[dz].any():
-            continue
-        k = z0 + dz
-        for contour in mask_contours(inside[dz]):
-            points_mm = reference.pixel_to_patient(k, contour.points_rc + (y0, x0))
-            item = Dataset()
-            item.ContourImageSequence = DicomSequence(
-                [_image_reference(reference.sop_class_uid, reference.sop_instance_uids[k])]
-            )
-            item.ContourGeometricType = "CLOSED_PLANAR"
-            item.NumberOfContourPoints = len(points_mm)
-            item.ContourNumber = len(items) + 1
-            item[_CONTOUR_DATA_TAG] = contour_data_element(points_mm)
-            item.set_original_encoding(True, True, "iso8859")  # lets the raw value be written as is
-            items.append(item)
-    return items
+    return [(z0 + dz, reference.pixel_to_patient(z0 + dz, contour.points_rc + (y0, x0)))
+            for dz in range(inside.shape[0]) for contour in mask_contours(inside[dz])]
+
+
+def add_structure_set(ds: Dataset, reference: CTReference, rois: Sequence[RoiContours], *,
+                      algorithm: str = "AUTOMATIC", description: str = "",
+                      observation_labels: bool = True) -> None:
+    """Add the structure set drawn on ``reference`` to ``ds`` (its header is the caller's).
+
+    Writes ReferencedFrameOfReferenceSequence (frame, study, series and every slice of the CT),
+    and one ROI per item of ``rois``, numbered 1, 2, ... in order: StructureSetROISequence
+    (ROIGenerationAlgorithm ``algorithm``; ROIGenerationDescription ``description`` unless empty),
+    ROIContourSequence (one CLOSED_PLANAR item per polygon, numbered 1, 2, ... within its ROI,
+    referencing its CT slice; ContourData in ``ds.file_meta``'s transfer syntax) and
+    RTROIObservationsSequence (ROIObservationLabel = ROIName when ``observation_labels``).
+    """
+    implicit_vr = ds.file_meta.TransferSyntaxUID.is_implicit_VR
+    series_item = Dataset()
+    series_item.SeriesInstanceUID = reference.series_instance_uid
+    series_item.ContourImageSequence = DicomSequence(
+        [_image_reference(reference.sop_class_uid, uid) for uid in reference.sop_instance_uids]
+    )
+    study_item = Dataset()
+    study_item.ReferencedSOPClassUID = STUDY_COMPONENT_MANAGEMENT
+    study_item.ReferencedSOPInstanceUID = reference.study_instance_uid
+    study_item.RTReferencedSeriesSequence = DicomSequence([series_item])
+    frame_item = Dataset()
+    frame_item.FrameOfReferenceUID = reference.frame_of_reference_uid
+    frame_item.RTReferencedStudySequence = DicomSequence([study_item])
+    ds.ReferencedFrameOfReferenceSequence = DicomSequence([frame_item])
+
+    roi_items, contour_items, observation_items = [], [], []
+    for number, roi in enumerate(rois, start=1):
+        item = Dataset()
+        item.ROINumber = number
+        item.ReferencedFrameOfReferenceUID = reference.frame_of_reference_uid
+        item.ROIName = roi.name
+        item.ROIGenerationAlgorithm = algorithm
+        if description:
+            item.ROIGenerationDescription = description
+        roi_items.append(item)
+
+        contours = []
+        for k, points_mm in roi.contours:
+            contour = Dataset()
+            contour.ContourImageSequence = DicomSequence(
+                [_image_reference(reference.sop_class_uid, reference.sop_instance_uids[k])])
+            contour.ContourGeometricType = "CLOSED_PLANAR"
+            contour.NumberOfContourPoints = len(points_mm)
+            contour.ContourNumber = len(contours) + 1
+            contour[_CONTOUR_DATA_TAG] = contour_data_element(points_mm, implicit_vr=implicit_vr)
+            contour.set_original_encoding(implicit_vr, True, "iso8859")  # the raw value is written as is
+            contours.append(contour)
+        roi_contour = Dataset()
+        roi_contour.ROIDisplayColor = list(roi.color)
+        roi_contour.ContourSequence = DicomSequence(contours)
+        roi_contour.ReferencedROINumber = number
+        contour_items.append(roi_contour)
+
+        observation = Dataset()
+        observation.ObservationNumber = number
+        observation.ReferencedROINumber = number
+        if observation_labels:
+            observation.ROIObservationLabel = roi.name
+        observation.RTROIInterpretedType = roi.interpreted_type
+        observation.ROIInterpreter = ""
+        observation_items.append(observation)
+    ds.StructureSetROISequence = DicomSequence(roi_items)
+    ds.ROIContourSequence = DicomSequence(contour_items)
+    ds.RTROIObservationsSequence = DicomSequence(observation_items)
 
 
 def _union_box(boxes: Iterable[tuple[slice, ...] | None]) -> tuple[slice, slice, slice]:
@@ -375,6 +414,15 @@ def build_rtstruct(
     now: _dt.datetime | None = None,
 ) -> FileDataset:
     """An RT Structure Set of the structures present in ``labels_zyx`` (and in ``overlapping``).
+
+    One ROI per structure present, named and coloured from ``organs.py`` (``GTV``, ``PTV``,
+    ``Lung_R``, ``Lung_L``, ``Heart``, ``Esophagus``, ``SpinalCord``), its contours those of
+    :func:`mask_contours` on every slice. A PTV in the label map (a contoured PTV the network
+    learnt as label 2) is written as labels GTV + PTV together, because a PTV contains its GTV. A
+    structure in ``overlapping`` (the PTV grown from the predicted GTV) is written from its own
+    mask: ROIs overlap freely, as real contours do, so the lungs keep the voxels the PTV covers.
+    The Frame of Reference module is written at the top level (FrameOfReferenceUID, and the CT's
+    PositionReferenceIndicator, empty when it has none), so the file passes ``dciodvfy``.
 
     Args:
         labels_zyx: (Z, Y, X) integer label map (values 0-7, ``organs.py``) on the CT grid:
@@ -447,27 +495,14 @@ def build_rtstruct(
     ds.Manufacturer = "lung-ct-multi-organ"
     ds.InstanceNumber = 1
 
-    # Structure set: the CT it is drawn on
     ds.StructureSetLabel = structure_set_label
     ds.StructureSetDate, ds.StructureSetTime = date, time
-    series_item = Dataset()
-    series_item.SeriesInstanceUID = reference.series_instance_uid
-    series_item.ContourImageSequence = DicomSequence(
-        [_image_reference(reference.sop_class_uid, uid) for uid in reference.sop_instance_uids]
-    )
-    study_item = Dataset()
-    study_item.ReferencedSOPClassUID = STUDY_COMPONENT_MANAGEMENT
-    study_item.ReferencedSOPInstanceUID = reference.study_instance_uid
-    study_item.RTReferencedSeriesSequence = DicomSequence([series_item])
-    frame_item = Dataset()
-    frame_item.FrameOfReferenceUID = reference.frame_of_reference_uid
-    frame_item.RTReferencedStudySequence = DicomSequence([study_item])
-    ds.ReferencedFrameOfReferenceSequence = DicomSequence([frame_item])
     ds.FrameOfReferenceUID = reference.frame_of_reference_uid  # Frame of Reference module (type 1)
+    ds.ApprovalStatus = "UNAPPROVED"  # automatic contours must be reviewed before planning
 
     # One ROI per structure present
     boxes = ndimage.find_objects(labels_zyx.astype(np.int32, copy=False), max_label=organs.NUM_CLASSES - 1)
-    roi_items, contour_items, observation_items = [], [], []
+    rois = []
     for label in labels:
         if label in overlapping:
             found = ndimage.find_objects(overlapping[label].astype(np.uint8))
@@ -481,39 +516,14 @@ def build_rtstruct(
             box = _union_box(boxes[m - 1] for m in ROI_MEMBERS[label])
             inside = np.isin(labels_zyx[box], ROI_MEMBERS[label])
         struct = organs.structure(label)
-        number = len(roi_items) + 1
-        roi = Dataset()
-        roi.ROINumber = number
-        roi.ReferencedFrameOfReferenceUID = reference.frame_of_reference_uid
-        roi.ROIName = struct.rtstruct_name
-        roi.ROIGenerationAlgorithm = "AUTOMATIC"
-        if algorithm_name:
-            roi.ROIGenerationDescription = algorithm_name[:64]
-        roi_items.append(roi)
-
-        roi_contour = Dataset()
-        roi_contour.ROIDisplayColor = list(struct.color)
-        roi_contour.ContourSequence = DicomSequence(_structure_contours(inside, box, reference))
-        roi_contour.ReferencedROINumber = number
-        contour_items.append(roi_contour)
-
-        observation = Dataset()
-        observation.ObservationNumber = number
-        observation.ReferencedROINumber = number
-        observation.ROIObservationLabel = struct.rtstruct_name
-        observation.RTROIInterpretedType = INTERPRETED_TYPE[label]
-        observation.ROIInterpreter = ""
-        observation_items.append(observation)
-    ds.StructureSetROISequence = DicomSequence(roi_items)
-    ds.ROIContourSequence = DicomSequence(contour_items)
-    ds.RTROIObservationsSequence = DicomSequence(observation_items)
-    ds.ApprovalStatus = "UNAPPROVED"  # automatic contours must be reviewed before planning
-    log.debug("RTSTRUCT: %d ROIs, %d contours", len(roi_items),
-              sum(len(c.ContourSequence) for c in contour_items))
+        rois.append(RoiContours(struct.rtstruct_name, struct.color, INTERPRETED_TYPE[label],
+                                _mask_contours_mm(inside, box, reference)))
+    add_structure_set(ds, reference, rois, description=algorithm_name[:64])
+    log.debug("RTSTRUCT: %d ROIs, %d contours", len(rois), sum(len(r.contours) for r in rois))
     return ds
 
 
-def write_rtstruct(rtstruct: FileDataset, path: Path | str) -> None:
+def write_rtstruct(rtstruct: Dataset, path: Path | str) -> None:
     """Save an RTSTRUCT as a DICOM Part 10 file (preamble, file meta), atomically."""
     with atomic_output(path) as tmp:
         rtstruct.save_as(tmp, enforce_file_format=True)
