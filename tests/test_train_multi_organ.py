@@ -2,6 +2,7 @@
 non-finite loss, early stopping, and data-parallel training under torchrun (2 CPU processes)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import socket
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import train_multi_organ as tm
-from thoracic_seg import organs, precision
+from thoracic_seg import organs, precision, training
 from thoracic_seg.layout import PROCESSED_FORMAT, slice_label_bits
 from thoracic_seg.losses import (
     dice_counts, dice_from_counts, marginal_cross_entropy, multi_organ_loss, soft_dice_loss,
@@ -199,7 +200,7 @@ def test_loss_shape_errors():
 # --------------------------------------------------------------------------------------------
 def test_class_weights_count_only_annotating_patients(cache):
     root, _ = cache
-    record = tm.compute_class_weights(root, ["P1", "P2", "P3"])
+    record = training.compute_class_weights(root, ["P1", "P2", "P3"])
     volume = SLICES * SIZE * SIZE  # 4096 pixels per patient
     # heart: 16 px x 4 slices in P1 and P2 only (P3 does not annotate it)
     assert record["pixel_counts"][organs.HEART] == 2 * 64
@@ -217,7 +218,7 @@ def test_class_weights_count_only_annotating_patients(cache):
 
 def test_class_weights_cached_reused_and_recomputed_when_the_split_changes(cache, monkeypatch):
     root, splits = cache
-    weights, reused = tm.load_or_compute_class_weights(root, splits, ["P1", "P2", "P3"])
+    weights, reused = training.load_or_compute_class_weights(root, splits, ["P1", "P2", "P3"])
     assert not reused
     stored = json.loads((splits / "class_weights.json").read_text())
     assert stored["weights"] == weights and stored["n_patients"] == 3
@@ -226,10 +227,10 @@ def test_class_weights_cached_reused_and_recomputed_when_the_split_changes(cache
         raise AssertionError("class weights recomputed although cached")
 
     with monkeypatch.context() as patch:
-        patch.setattr(tm, "compute_class_weights", forbidden)
-        assert tm.load_or_compute_class_weights(root, splits, ["P3", "P1", "P2"]) == (weights, True)
+        patch.setattr(training, "compute_class_weights", forbidden)
+        assert training.load_or_compute_class_weights(root, splits, ["P3", "P1", "P2"]) == (weights, True)
 
-    new_weights, reused = tm.load_or_compute_class_weights(root, splits, ["P1", "P3"])
+    new_weights, reused = training.load_or_compute_class_weights(root, splits, ["P1", "P3"])
     assert not reused and new_weights != weights
     assert json.loads((splits / "class_weights.json").read_text())["fingerprint"] != stored["fingerprint"]
 
@@ -239,7 +240,7 @@ def test_class_weights_cached_reused_and_recomputed_when_the_split_changes(cache
 # --------------------------------------------------------------------------------------------
 def test_epoch_sampler_shares_one_draw_across_ranks_and_depends_on_the_epoch():
     data = list(range(10))
-    samplers = [tm.EpochSampler(data, num_replicas=2, rank=r, seed=3, with_seeds=True) for r in (0, 1)]
+    samplers = [training.EpochSampler(data, num_replicas=2, rank=r, seed=3, with_seeds=True) for r in (0, 1)]
     for s in samplers:
         s.set_epoch(4)
     shares = [list(s) for s in samplers]
@@ -248,7 +249,7 @@ def test_epoch_sampler_shares_one_draw_across_ranks_and_depends_on_the_epoch():
     assert list(samplers[0]) == shares[0]  # same epoch, same draw and seeds
     samplers[0].set_epoch(5)
     assert list(samplers[0]) != shares[0]
-    weighted = tm.EpochSampler(data, seed=0, weights=torch.tensor([0.0] * 9 + [1.0]))
+    weighted = training.EpochSampler(data, seed=0, weights=torch.tensor([0.0] * 9 + [1.0]))
     assert list(weighted) == [9] * 10
 
 
@@ -327,7 +328,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cache, monkeyp
         return loss
 
     monkeypatch.setattr(tm, "multi_organ_loss", loss_going_nan)
-    with pytest.raises(tm.NonFiniteLossError,
+    with pytest.raises(training.NonFiniteLossError,
                        match=r"non-finite training loss at epoch 2, step 1: training stopped\. "
                              r"The last good checkpoint is .*last_checkpoint.pth \(epoch 1\)"):
         tm.run(data_root=root, splits_dir=splits, output_dir=out, epochs=3, **TINY)
@@ -396,6 +397,7 @@ def test_missing_split_is_reported(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--tumour-oversampling", "1.5"], "must be a fraction in (0, 1), got 1.5"),
     (["--time-limit", "soon"], "expected seconds or a duration like 5m or 1.5h, got 'soon'"),
+    (["--time-limit=-5m"], "--time-limit must be > 0 seconds, got -300.0"),
     (["--lr", "0"], "must be > 0, got 0"),
     (["--workers", "-1"], "--workers must be >= 0, got -1"),
     (["--device", "tpu"], "invalid choice: 'tpu'"),
@@ -407,22 +409,58 @@ def test_bad_arguments_are_one_line_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"epochs": 0}, "^--epochs must be >= 1, got 0$"),
+    ({"batch_size": -2}, "^--batch-size must be >= 1, got -2$"),
+    ({"max_steps": 0}, "^--max-steps must be >= 1, got 0$"),
+    ({"base_channels": 0}, "^--base-channels must be >= 1, got 0$"),
+    ({"lr": 0.0}, r"^--lr must be > 0, got 0.0$"),
+    ({"lr_schedule": "step"}, "^lr_schedule must be one of constant, cosine, got 'step'$"),
+    ({"context_slices": 9}, "^context slices must be an integer in 0-8, got 9$"),
+    ({"tumour_oversampling": 1.5}, r"^--tumour-oversampling must be a fraction in \(0, 1\), got 1.5$"),
+    ({"time_limit": 0}, "^--time-limit must be > 0 seconds, got 0$"),
+    ({"workers": -1}, "^--workers must be >= 0, got -1$"),
+    ({"device": "tpu"}, "^--device must be auto, cuda or cpu, got tpu$"),
+])
+def test_bad_options_are_refused_by_the_configuration_before_any_work(options, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        training.TrainConfig(**options)
+    with pytest.raises(ValueError, match=message):
+        tm.run(output_dir=tmp_path / "r", **options)
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_configuration_is_frozen_and_stored_with_the_run(cache):
+    root, splits = cache
+    config = training.TrainConfig(data_root=root, epochs=2)
+    with pytest.raises(AttributeError):
+        config.epochs = 3  # type: ignore[misc]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'epoch'"):
+        tm.run(data_root=root, splits_dir=splits, epoch=2)
+    out = splits.parent / "run"
+    tm.run(data_root=root, splits_dir=splits, output_dir=out, epochs=1, **TINY)
+    stored = torch.load(out / "last_checkpoint.pth", weights_only=True)["train_config"]
+    assert list(stored) == [f.name for f in dataclasses.fields(training.TrainConfig)]
+    assert stored == training.TrainConfig(data_root=root, splits_dir=splits, output_dir=out, epochs=1,
+                                          **TINY).jsonable()
+
+
 def test_learning_rate_schedules():
-    assert tm.learning_rate(1e-3, 0.6, "constant") == 1e-3
-    assert tm.learning_rate(1e-3, 0.0, "cosine") == pytest.approx(1e-3)
-    assert tm.learning_rate(1e-3, 0.5, "cosine") == pytest.approx((1e-3 + 1e-5) / 2)
-    assert tm.learning_rate(1e-3, 1.0, "cosine") == pytest.approx(1e-5)
+    assert training.learning_rate(1e-3, 0.6, "constant") == 1e-3
+    assert training.learning_rate(1e-3, 0.0, "cosine") == pytest.approx(1e-3)
+    assert training.learning_rate(1e-3, 0.5, "cosine") == pytest.approx((1e-3 + 1e-5) / 2)
+    assert training.learning_rate(1e-3, 1.0, "cosine") == pytest.approx(1e-5)
     with pytest.raises(ValueError, match="lr_schedule must be one of constant, cosine, got 'step'"):
-        tm.learning_rate(1e-3, 0.0, "step")
-    assert tm.training_progress(1, 11) == 0.0 and tm.training_progress(6, 11) == 0.5
-    assert tm.training_progress(3, 11, elapsed=90, time_limit=100) == 0.9  # time runs out first
-    assert tm.training_progress(11, 11, elapsed=10, time_limit=100) == 1.0
-    assert tm.training_progress(5, 1) == 0.0
+        training.learning_rate(1e-3, 0.0, "step")
+    assert training.training_progress(1, 11) == 0.0 and training.training_progress(6, 11) == 0.5
+    assert training.training_progress(3, 11, elapsed=90, time_limit=100) == 0.9  # time runs out first
+    assert training.training_progress(11, 11, elapsed=10, time_limit=100) == 1.0
+    assert training.training_progress(5, 1) == 0.0
     # --max-steps 1470 of 105-step epochs with --epochs 30: the schedule ends with the steps
     # (epoch 14 starts at 1365 steps, 93%), not at epoch 30 (45%).
-    assert tm.training_progress(14, 30, steps_done=1365, max_steps=1470) == pytest.approx(1365 / 1470)
-    assert tm.training_progress(14, 30, steps_done=1365) == pytest.approx(13 / 29)
-    assert tm.training_progress(29, 30, steps_done=10, max_steps=1470) == pytest.approx(28 / 29)
+    assert training.training_progress(14, 30, steps_done=1365, max_steps=1470) == pytest.approx(1365 / 1470)
+    assert training.training_progress(14, 30, steps_done=1365) == pytest.approx(13 / 29)
+    assert training.training_progress(29, 30, steps_done=10, max_steps=1470) == pytest.approx(28 / 29)
 
 
 def test_duration_choices():
@@ -439,7 +477,7 @@ def test_runtime_takes_the_training_precision_policy(monkeypatch, amp, native, e
     """The table of the policy itself is in test_precision.py; here: setup_runtime follows it."""
     monkeypatch.setattr(precision, "cpu_has_native_bfloat16", lambda: native)
     monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # leave the thread count alone
-    assert tm.setup_runtime("cpu", amp).precision == expected
+    assert training.setup_runtime("cpu", amp).precision == expected
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,17 +545,17 @@ DERIVED = {"source": "derived", "margin_mm": 10.0}
 
 def test_ptv_of_patients(cache):
     root, _ = cache
-    assert tm.ptv_of_patients(root, ["P1", "P2"]) == {"source": "contoured"}
+    assert training.ptv_of_patients(root, ["P1", "P2"]) == {"source": "contoured"}
     for pid in ("P1", "P2", "P3"):
         _set_ptv(root, pid, DERIVED, False)
-    assert tm.ptv_of_patients(root, ["P1", "P2", "P3"]) == DERIVED
-    assert tm.ptv_of_patients(root, ["P1", "P4"]) == {"source": "contoured", "margin_mm": 10.0}  # mixed
+    assert training.ptv_of_patients(root, ["P1", "P2", "P3"]) == DERIVED
+    assert training.ptv_of_patients(root, ["P1", "P4"]) == {"source": "contoured", "margin_mm": 10.0}  # mixed
     _set_ptv(root, "P5", {"source": "none"}, False)
-    assert tm.ptv_of_patients(root, ["P5"]) == {"source": "none"}
+    assert training.ptv_of_patients(root, ["P5"]) == {"source": "none"}
     _set_ptv(root, "P3", {"source": "derived", "margin_mm": 5.0}, False)
     with pytest.raises(ValueError, match=r"derived with different margins \(5 mm: P3; 10 mm: P1, P2\); "
                                          "re-run extract_multi_organ_masks.py --overwrite"):
-        tm.ptv_of_patients(root, ["P1", "P2", "P3"])
+        training.ptv_of_patients(root, ["P1", "P2", "P3"])
 
 
 def test_derived_ptv_is_not_taught_and_its_margin_travels_with_the_run(cache):
@@ -569,7 +607,7 @@ class TrainingTrace:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.now, self.kill_at, self.steps = 0.0, None, []
-        monkeypatch.setattr(tm, "clock", lambda: self.now)
+        monkeypatch.setattr(training, "clock", lambda: self.now)
         real_loss, real_to_device, real_step = tm.multi_organ_loss, tm._to_device, torch.amp.GradScaler.step
         trace = self
 
@@ -623,7 +661,7 @@ def test_a_killed_run_resumed_keeps_the_time_based_schedule_and_the_whole_run_ti
     straight = tm.run(data_root=root, splits_dir=splits, output_dir=splits.parent / "straight", epochs=10,
                       time_limit=10, **CUT_OPTIONS)
     assert [row["lr"] for row in straight.history] == pytest.approx(
-        [tm.learning_rate(1e-3, t / 10, "cosine") for t in (0, 3, 6, 9)])
+        [training.learning_rate(1e-3, t / 10, "cosine") for t in (0, 3, 6, 9)])
     assert straight.history[-1]["partial_epoch"] and len(trace.steps) == 10
     straight_steps, trace.steps, trace.now = trace.steps, [], 100.0  # another process, another clock
 
@@ -709,13 +747,13 @@ def test_max_steps_ends_the_cosine_schedule(cache):
     result = tm.run(data_root=root, splits_dir=splits, output_dir=splits.parent / "cosine-steps", epochs=30,
                     max_steps=6, patience=30, **CUT_OPTIONS)
     assert [row["lr"] for row in result.history] == pytest.approx(
-        [tm.learning_rate(TINY["lr"], p, "cosine") for p in (0.0, 0.5)])
+        [training.learning_rate(TINY["lr"], p, "cosine") for p in (0.0, 0.5)])
     assert "max-steps (6 steps)" in result.stop_reason
 
 
 def test_epoch_sampler_skips_the_part_of_a_cut_epoch():
     data = list(range(10))
-    sampler = tm.EpochSampler(data, num_replicas=2, rank=1, seed=3, with_seeds=True)
+    sampler = training.EpochSampler(data, num_replicas=2, rank=1, seed=3, with_seeds=True)
     sampler.set_epoch(2)
     whole = list(sampler)
     sampler.set_epoch(2, skip=3)
