@@ -1,42 +1,17 @@
 """Phase 6: segment new patients: CT (DICOM or NIfTI) in, label map + RTSTRUCT + volumes + overlay out.
 
 ``--input`` (a patient's DICOM folder at any nesting, a folder of patient folders, or a CT NIfTI
-file) -> ``--output DIR``: ``<PatientID>_labels.nii.gz`` (uint8 labels 0-7 of ``organs.py`` on the
-CT's own grid and geometry: the non-overlapping structures), ``<PatientID>_PTV.nii.gz`` (uint8 0/1:
-the PTV, which overlaps the organs), ``<PatientID>_RTSTRUCT.dcm`` (DICOM input only: references the
-CT's study, series, frame of reference and slices; the PTV is its own ROI, overlapping the lungs as
-real contours do), ``<PatientID>_volumes.csv`` (ml per structure) and ``<PatientID>_overlay.png``
-(a montage for a quick look; the PTV drawn as an outline over the organs).
+file) -> ``--output DIR``: ``<PatientID>_labels.nii.gz`` (uint8 labels 0-7 on the CT's own grid),
+``_PTV.nii.gz`` (uint8 0/1, overlapping the organs), ``_RTSTRUCT.dcm`` (DICOM input only; the PTV its
+own ROI, overlapping the lungs as real contours do), ``_volumes.csv`` (ml) and ``_overlay.png``.
 
     python predict_multi_organ.py --input DICOM_DIR --checkpoint best_unet_multi_organ.pth --output OUT
 
-For each patient, exactly as in training and evaluation:
-
-1. the CT series is found and read by phase 2 (``convert_dicom_to_nifti``: slices ordered along
-   the normal, gantry tilt and missing slices refused) or read from the NIfTI; either way it is
-   brought to the network's one orientation (head-first supine, LPS) by axis permutations and
-   flips only, and its labels go back to the CT's stored grid (``normalize_ct_and_masks.
-   to_network_orientation`` / ``from_network_orientation``, as phase 3 and the evaluation do), so
-   a feet-first or prone series is segmented like a head-first supine one; an oblique one is refused;
-2. preprocessing comes from the checkpoint (``preprocessing``: HU window, slice size, per-patient
-   z-score, and the body crop when phase 3 ran with ``--crop-body``: the box is computed on the new
-   CT by phase 3's ``body_box`` with the checkpoint's threshold and margin) through phase 3's
-   functions, never re-typed;
-3. all slices are predicted in batches under ``torch.inference_mode``; per-class probabilities
-   are resized back to the CT's own in-plane size (or to the crop box, background around it)
-   and arg-maxed (phase 3's ``probabilities_to_ct_labels``, as the evaluation does);
-   ``--postprocess`` removes small components per structure, as the evaluation's ``--postprocess``
-   does (``evaluate_multi_organ.postprocess_labels``);
-4. the PTV is made as the checkpoint says (``ptv`` of the run): the predicted GTV grown by the
-   run's margin (``extract_multi_organ_masks.ptv_from_gtv``; ``--ptv-margin-mm`` overrides it), or,
-   for a network that learnt a contoured PTV as label 2 (and checkpoints of earlier versions),
-   labels GTV + PTV;
-5. the outputs are written atomically; existing ones are kept unless ``--overwrite``.
-
-Precision: float32 by default. ``--precision auto`` takes the fast path — bfloat16 autocast
-with channels-last tensors — where the CPU/GPU runs bfloat16 natively. The precision policy, and
-the measured reason why prediction defaults to float32 while training does not, lives in
-``precision.py``; ``benchmarks/bench_inference.py`` measures both and the Dice between their labels.
+DICOM is read as phase 2 reads it (``thoracic_seg/dicom_ct.py``); each CT is segmented by the one
+inference path evaluation also uses (``image_grid.segment_image``: orientation, the checkpoint's
+preprocessing, back to the stored grid), and the PTV is made as the checkpoint says
+(:meth:`Predictor.ptv_mask`). float32 by default; ``--precision auto`` is faster, and
+``thoracic_seg/precision.py`` says why it is not the default.
 """
 from __future__ import annotations
 
@@ -44,6 +19,7 @@ import argparse
 import csv
 import functools
 import io
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -57,16 +33,16 @@ import SimpleITK as sitk
 from thoracic_seg import organs
 from thoracic_seg.batch import (
     DONE, SKIPPED, PatientError, PatientResult, atomic_output, check_same_geometry, check_writable,
-    exit_status, nifti_stem, positive_int, run_batch, safe_patient_id, setup_logging, summary_line,
-    write_nifti, write_text_atomic,
+    exit_status, file_sha256, nifti_stem, positive_int, run_batch, run_from_command_line, safe_patient_id,
+    setup_logging, summary_line, write_nifti, write_text_atomic,
 )
 from thoracic_seg.dicom_ct import PatientDicom, choose_ct_series, find_dicom_series, read_ct_series
 from thoracic_seg.grid import NETWORK_ORIENTATION, orientation_code, to_network_array
-from thoracic_seg.inference import Predictor, _timer
+from thoracic_seg.image_grid import segment_image
+from thoracic_seg.inference import Predictor, stage_timer
 from thoracic_seg.postprocess import describe_postprocess
 from thoracic_seg.precision import DEFAULT_PREDICTION_PRECISION, PREDICTION_PRECISIONS
 from thoracic_seg.rtstruct_write import ROI_MEMBERS, CTReference, build_rtstruct, roi_summary, write_rtstruct
-from thoracic_seg.image_grid import segment_image
 
 log = logging.getLogger(__name__)
 
@@ -78,21 +54,14 @@ OUTPUT_SUFFIXES = {
     "rtstruct": "_RTSTRUCT.dcm",
     "volumes": "_volumes.csv",
     "overlay": "_overlay.png",
+    "provenance": "_provenance.json",  # written last: what made the others (prediction_provenance)
 }
+#: Bumped when the outputs of the same inputs and settings change: outputs of another format are redone.
+PREDICTION_FORMAT = 1
 VOLUME_COLUMNS = ("patient_id", "label", "structure", "rtstruct_name", "labels", "voxels", "volume_ml")
 #: Stages of one patient, timed in ``PatientResult.info["seconds"]`` (and by the benchmark).
 STAGES = ("read", "preprocess", "predict", "map_back", "postprocess", "rtstruct", "write")
 _MONTAGE_TILES = 12
-
-
-# --------------------------------------------------------------------------------------------
-# Device, precision, batch size
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# The model and its preprocessing
-# --------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,7 +214,7 @@ def montage_slices(labels_zyx: np.ndarray, count: int = _MONTAGE_TILES) -> list[
 
 def write_overlay_png(hu_zyx: np.ndarray, labels_zyx: np.ndarray, path: Path, title: str,
                       window: Sequence[float] = (-1000, 400), ptv_zyx: np.ndarray | None = None) -> None:
-    """A montage of axial slices: CT in grey (``window`` HU), structures filled in their ``organs.py``
+    """A montage of axial slices: CT in grey (``window`` HU), structures filled in their ``organs``
     colours; ``ptv_zyx`` (bool, overlapping the organs) drawn as a 1-pixel outline in the PTV colour."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -308,12 +277,12 @@ def write_outputs(ct: LoadedCT, hu_zyx: np.ndarray, labels_zyx: np.ndarray, outp
     seconds = seconds if seconds is not None else {}
     rtstruct = None
     spacing_zyx = ct.image.GetSpacing()[::-1]
-    with _timer(seconds, "rtstruct"):
+    with stage_timer(seconds, "rtstruct"):
         ptv = predictor.ptv_mask(labels_zyx, spacing_zyx)
         if ct.reference is not None:
             rtstruct = build_rtstruct(labels_zyx, ct.reference, overlapping={organs.PTV: ptv},
                                       algorithm_name=f"U-Net {predictor.checkpoint_path.name}")
-    with _timer(seconds, "write"):
+    with stage_timer(seconds, "write"):
         for key, array in (("labels", labels_zyx), ("ptv", ptv.astype(np.uint8))):
             image = labels_image(array, ct.image)
             check_same_geometry(image, ct.image, f"{ct.patient_id}: {key} vs CT")
@@ -328,19 +297,42 @@ def write_outputs(ct: LoadedCT, hu_zyx: np.ndarray, labels_zyx: np.ndarray, outp
     return {"volumes": volumes, "rois": roi_summary(rtstruct) if rtstruct is not None else {}}
 
 
-def predict_case(case: Case, predictor: Predictor, output_dir: Path, overwrite: bool = False) -> PatientResult:
-    """Segment one patient and write its outputs; the batch task.
+def prediction_provenance(predictor: Predictor) -> dict[str, Any]:
+    """What decides a patient's outputs besides its CT: the checkpoints' bytes (sha256), their
+    preprocessing, slice context and PTV, post-processing, precision and the output format."""
+    paths = predictor.checkpoint_paths or (predictor.checkpoint_path,)
+    return {"format": PREDICTION_FORMAT, "checkpoints_sha256": [file_sha256(p) for p in paths],
+            "window": list(predictor.window), "size": predictor.size, "crop": predictor.crop,
+            "context_slices": predictor.context_slices, "ptv": predictor.ptv,
+            "postprocess_rule": describe_postprocess() if predictor.postprocess else None,
+            "precision": predictor.precision.name}
+
+
+def _read_provenance(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def predict_case(case: Case, predictor: Predictor, output_dir: Path, overwrite: bool = False,
+                 provenance: dict[str, Any] | None = None) -> PatientResult:
+    """Segment one patient and write its outputs; the batch task. Outputs that exist are kept
+    when their provenance record equals ``provenance`` (:func:`prediction_provenance`), else redone.
 
     ``info["seconds"]`` holds the time of each stage of :data:`STAGES`, ``info["outputs"]`` the
     paths, ``info["volumes"]`` the rows of the volumes CSV and ``info["rois"]`` the contours per
     ROI. Raises :class:`PatientError` for a CT that phase 2 rejects.
     """
     outputs = output_paths(output_dir, case.patient_id, dicom=case.dicom is not None)
+    redone = ""
     if not overwrite and all(p.is_file() for p in outputs.values()):
-        return PatientResult(case.patient_id, SKIPPED, "outputs exist (use --overwrite to redo)",
-                             {"outputs": outputs})
+        if _read_provenance(outputs["provenance"]) == provenance:
+            return PatientResult(case.patient_id, SKIPPED, "outputs exist (use --overwrite to redo)",
+                                 {"outputs": outputs})
+        redone = "redone: the outputs there were made with another checkpoint or settings"
     seconds: dict[str, float] = {}
-    with _timer(seconds, "read"):
+    with stage_timer(seconds, "read"):
         ct = read_case(case)
         hu = sitk.GetArrayFromImage(ct.image)
     try:
@@ -348,8 +340,9 @@ def predict_case(case: Case, predictor: Predictor, output_dir: Path, overwrite: 
     except ValueError as exc:  # e.g. a constant volume cannot be z-scored
         raise PatientError(f"{case.patient_id}: {exc}") from None
     written = write_outputs(ct, hu, labels, outputs, predictor, seconds)
+    write_text_atomic(outputs["provenance"], json.dumps(provenance, indent=2) + "\n")
     found = [f"{r['rtstruct_name']} {r['volume_ml']:.1f} ml" for r in written["volumes"] if r["voxels"]]
-    message = "; ".join(ct.notes + [", ".join(found) or "no structure found"])
+    message = "; ".join([redone] * bool(redone) + ct.notes + [", ".join(found) or "no structure found"])
     return PatientResult(case.patient_id, DONE, message, {"seconds": seconds, "outputs": outputs, **written})
 
 
@@ -359,7 +352,7 @@ def predict_case(case: Case, predictor: Predictor, output_dir: Path, overwrite: 
 def run(
     *,
     input_path: Path | str,
-    checkpoint: Path | str,
+    checkpoint: Path | str | Sequence[Path | str],
     output_dir: Path | str,
     device: str = "auto",
     precision: str = DEFAULT_PREDICTION_PRECISION,
@@ -369,7 +362,8 @@ def run(
     ptv_margin_mm: float | None = None,
     context_slices: int | None = None,
 ) -> list[PatientResult]:
-    """Segment every patient under ``input_path`` with ``checkpoint``; write into ``output_dir``.
+    """Segment every patient under ``input_path`` with ``checkpoint`` (several: an ensemble, their
+    probabilities averaged); write into ``output_dir``.
     ``ptv_margin_mm`` overrides the run's PTV margin (see :meth:`Predictor.load`).
 
     Patients are processed one after another (one tqdm bar); a patient whose CT is rejected is
@@ -387,7 +381,8 @@ def run(
     output_dir = Path(output_dir)
     check_writable(output_dir)
     log.info("%s: %d patient(s) from %s with %s", PHASE, len(cases), input_path, predictor.describe())
-    task = functools.partial(predict_case, predictor=predictor, output_dir=output_dir, overwrite=overwrite)
+    task = functools.partial(predict_case, predictor=predictor, output_dir=output_dir, overwrite=overwrite,
+                             provenance=prediction_provenance(predictor))
     return run_batch(cases, task, workers=1, desc=PHASE, patient_id_of=lambda c: c.patient_id)
 
 
@@ -396,7 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, required=True,
                         help="a patient's DICOM folder (any nesting), a folder of patient folders, or a CT NIfTI file")
-    parser.add_argument("--checkpoint", type=Path, required=True, help="best_unet_multi_organ.pth of train_multi_organ.py")
+    parser.add_argument("--checkpoint", type=Path, nargs="+", required=True, metavar="PTH",
+                        help="best_unet_multi_organ.pth of train_multi_organ.py; several: an ensemble "
+                             "(probabilities averaged; same preprocessing required)")
     parser.add_argument("--output", type=Path, required=True, help="folder for the per-patient outputs")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto = CUDA when available (default: %(default)s)")
@@ -422,13 +419,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    try:
-        results = run(input_path=args.input, checkpoint=args.checkpoint, output_dir=args.output,
-                      device=args.device, precision=args.precision, batch_size=args.batch_size,
-                      postprocess=args.postprocess, overwrite=args.overwrite, ptv_margin_mm=args.ptv_margin_mm,
-                      context_slices=args.context_slices)
-    except (FileNotFoundError, PermissionError, ValueError) as exc:
-        parser.error(str(exc))
+    results = run_from_command_line(
+        parser, run, errors=(FileNotFoundError, PermissionError, ValueError), input_path=args.input,
+        checkpoint=args.checkpoint, output_dir=args.output, device=args.device, precision=args.precision,
+        batch_size=args.batch_size, postprocess=args.postprocess, overwrite=args.overwrite,
+        ptv_margin_mm=args.ptv_margin_mm, context_slices=args.context_slices)
     for result in results:
         if result.status == DONE:
             stages = ", ".join(f"{s} {result.info['seconds'][s]:.1f}" for s in STAGES if s in result.info["seconds"])

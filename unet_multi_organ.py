@@ -1,17 +1,15 @@
-"""Phase 5 model: a 2D U-Net that segments the seven structures of ``organs.py`` on CT slices.
+"""Phase 5 model: a 2D U-Net that segments the seven structures of ``thoracic_seg.organs`` on CT slices.
 
-Input  ``(N, in_channels, H, W)`` float32 z-scored CT slices (H and W divisible by 16);
-output ``(N, out_channels, H, W)`` logits (no softmax), one channel per label value 0-7.
+Input ``(N, in_channels, H, W)`` float32 z-scored CT slices (2K + 1 channels with slice context K;
+H and W divisible by 16); output ``(N, out_channels, H, W)`` logits (no softmax), one per label 0-7.
 
-The architecture is the classic U-Net (Ronneberger et al. 2015, with BatchNorm): four max-pool
-downsamplings (64 -> 128 -> 256 -> 512 channels, bottleneck 1024), each level a double
-3x3 conv + BatchNorm + ReLU block, transposed-convolution upsampling, skip connections by
-concatenation, a 1x1 convolution to logits. At the defaults it has exactly 31,036,936
-parameters (118.4 MiB of float32). ``base_channels`` scales every width, so CPU demos and tests
-can use a small network (``base_channels=16`` has 1/16 of the parameters).
+The classic U-Net (Ronneberger et al. 2015, with BatchNorm): four max-pool levels (64 -> 512
+channels, bottleneck 1024) of double 3x3 conv + BatchNorm + ReLU, transposed-convolution upsampling,
+skips by concatenation, a 1x1 convolution to logits: 31,036,936 parameters at the defaults (118.4 MiB
+of float32). ``base_channels`` scales every width (16: 1/16 of the parameters, for CPU demos and tests).
 
-Checkpoints (written by ``train_multi_organ.py`` through :func:`build_checkpoint`) are plain
-dicts of tensors and built-in types, loadable with ``torch.load(weights_only=True)``:
+Checkpoints (``train_multi_organ.py`` through :func:`build_checkpoint`) are plain dicts of tensors
+and built-in types, loadable with ``torch.load(weights_only=True)``:
 
     model, checkpoint = load_checkpoint_model("runs/x/best_unet_multi_organ.pth", "cpu")
 """
@@ -71,7 +69,7 @@ class UNetMultiOrgan(nn.Module):
     """2D U-Net: ``(N, in_channels, H, W)`` float -> ``(N, out_channels, H, W)`` logits.
 
     Args:
-        in_channels: image channels (1 for CT).
+        in_channels: image channels: 2K + 1 CT slices (1 without slice context).
         out_channels: classes, label values 0..out_channels-1 (8: background + 7 structures).
         base_channels: width of the first level; levels are 1, 2, 4, 8 and 16 times it.
 
@@ -158,7 +156,7 @@ def preprocessing_from_cache(cache_dir: Path | str) -> dict[str, Any]:
     patients when the cache mixes preprocessings (phase 3 re-run with other settings for some).
     """
     from thoracic_seg.grid import (
-        crop_settings_of,  # phase 3's reader; keeps this module torch-only
+        crop_settings_of,  # the network grid's reader (numpy and torch only)
     )
 
     cache_dir = Path(cache_dir)
@@ -189,6 +187,23 @@ def _preprocessing_text(settings: Mapping[str, Any]) -> str:
     from thoracic_seg.grid import describe_crop
 
     return f"window {settings['window']}, size {settings['size']}, {describe_crop(settings['crop'])}"
+
+
+def save_untrained_checkpoint(path: Path | str, settings: Mapping[str, Any], *, base_channels: int,
+                              seed: int, **extra: Any) -> Path:
+    """A checkpoint of this U-Net with random weights (``seed``) and zero biases, for benchmarks and
+    tests: with PyTorch's default initialisation the output bias outweighs the image and every voxel
+    gets the same label; without it the labels vary with the CT. ``settings``: phase 3's
+    preprocessing; ``extra`` keys override the record's."""
+    torch.manual_seed(seed)
+    model = UNetMultiOrgan(base_channels=base_channels)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)) and module.bias is not None:
+                module.bias.zero_()
+    torch.save({**build_checkpoint(model, preprocessing=dict(settings), epoch=0, val_loss=float("nan")),
+                **extra}, path)
+    return Path(path)
 
 
 def build_checkpoint(
@@ -253,16 +268,21 @@ def checkpoint_context_slices(checkpoint: Mapping[str, Any], expected: int | Non
 def checkpoint_ptv(checkpoint: Mapping[str, Any], margin_mm: float | None = None) -> dict[str, Any]:
     """How a checkpoint's PTV is made: ``{"source": "derived", "margin_mm": m}`` (grow the predicted
     GTV by ``m`` mm) or ``{"source": "contoured"}`` (the network predicts label 2; the PTV is
-    labels GTV + PTV). Checkpoints of earlier versions (no ``ptv``) learnt the PTV as label 2.
-    ``margin_mm`` (prediction's ``--ptv-margin-mm``) overrides the margin and asks for a derived PTV.
-    Raises ``ValueError`` for a negative or non-finite margin.
+    labels GTV + PTV). ``margin_mm`` (prediction's ``--ptv-margin-mm``) overrides the margin and asks
+    for a derived PTV. Raises ``ValueError`` for a negative or non-finite margin, and for a checkpoint
+    that does not say how its PTV is made (an earlier version's, which may have learnt a PTV shell
+    painted over the lungs) unless ``margin_mm`` is given.
     """
-    ptv = dict(checkpoint.get("ptv") or {"source": "contoured"})
     if margin_mm is not None:
         if not (margin_mm >= 0 and math.isfinite(margin_mm)):
             raise ValueError(f"PTV margin must be a finite number >= 0 mm, got {margin_mm}")
-        ptv = {"source": "derived", "margin_mm": float(margin_mm)}
-    return ptv
+        return {"source": "derived", "margin_mm": float(margin_mm)}
+    ptv = checkpoint.get("ptv")
+    if not isinstance(ptv, Mapping) or ptv.get("source") not in ("derived", "contoured", "none"):
+        raise ValueError(f"the checkpoint does not say how its PTV is made (ptv {ptv!r}: written by an earlier "
+                         "version, whose network may have learnt a PTV painted over the lungs); give "
+                         "--ptv-margin-mm MM to grow the predicted GTV into the PTV, or train again with this version")
+    return dict(ptv)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

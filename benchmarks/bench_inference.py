@@ -1,25 +1,11 @@
 """Benchmark: one real patient from DICOM in to RTSTRUCT out, in float32 and in the fast path.
 
-Runs ``predict_multi_organ.py``'s own functions (find the CT series, read it, preprocess as the
-checkpoint says, predict every slice, map back to the CT grid, build the RTSTRUCT, write the
-label map, RTSTRUCT, volumes CSV and overlay) once per precision and times every stage. The fast
-path is bfloat16 autocast + channels-last tensors, what ``--precision auto`` picks on a CPU with
-AVX512-BF16/AMX or a bfloat16 GPU; the precision policy lives in ``precision.py``.
-
-Input: a patient's DICOM folder (``--input``), by default LUNG1-005 (91 slices of 512 x 512)
-unpacked from ``../shared/data/nsclc-radiomics-sample.tar.xz`` into a temporary folder.
-
-Network: ``--checkpoint``, by default the full-size U-Net (base 64 channels, 31.0 M parameters)
-with random weights and zero biases: the network stages cost the same whatever the weights. An
-untrained network labels a CT in speckles, though (10^5 tiny contours), so with the random network
-the RTSTRUCT and files are made from the patient's clinical label map (the shared reference
-masks, combined with ``organs.PRIORITY``), the work a real prediction gives those stages.
-
-Precision check: ``--dice-checkpoint`` (a trained network) predicts the same CT in float32 and in
-bfloat16; the Dice per structure between the two label maps says whether bfloat16 changes the
-labels materially (and the Dice of each against the clinical labels how good the network is).
-The random network's own float32-vs-bfloat16 Dice is reported too; it is a worst case, as an
-untrained network has small margins between its class scores.
+Runs ``predict_multi_organ.py``'s functions (read the CT, segment through ``thoracic_seg.inference``,
+write the RTSTRUCT and files) once per precision and times every stage; the fast path is bfloat16
+autocast + channels-last, what ``--precision auto`` picks where bfloat16 is native. Input: ``--input``,
+by default LUNG1-005 (91 x 512 x 512) from the shared sample archive; network: ``--checkpoint``, by
+default the full-size U-Net with random weights (see :func:`run`); ``--dice-checkpoint`` (trained)
+compares its float32 and bfloat16 labels.
 
     python benchmarks/bench_inference.py                          # LUNG1-005, float32 vs bfloat16
     python benchmarks/bench_inference.py --dice-checkpoint runs/x/best_unet_multi_organ.pth
@@ -49,12 +35,12 @@ if str(REPO_ROOT) not in sys.path:  # `python benchmarks/bench_inference.py` fro
     sys.path.insert(0, str(REPO_ROOT))
 
 import predict_multi_organ as pm  # noqa: E402
-from thoracic_seg import organs  # noqa: E402  # noqa: E402
+from thoracic_seg import organs  # noqa: E402
 from thoracic_seg.grid import DEFAULT_SIZE, DEFAULT_WINDOW  # noqa: E402
 from thoracic_seg.image_grid import segment_image
 from thoracic_seg.inference import Predictor
 from thoracic_seg.precision import cpu_has_native_bfloat16  # noqa: E402
-from unet_multi_organ import UNetMultiOrgan, build_checkpoint, count_parameters  # noqa: E402
+from unet_multi_organ import count_parameters, save_untrained_checkpoint  # noqa: E402
 from thoracic_seg.precision import resolve_device
 
 DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "bench_inference.json"
@@ -91,16 +77,9 @@ def machine_description(device: torch.device) -> dict[str, Any]:
 
 
 def random_checkpoint(path: Path, base_channels: int, seed: int, size: int = DEFAULT_SIZE) -> Path:
-    """The default U-Net with random weights and zero biases, saved as a training checkpoint."""
-    torch.manual_seed(seed)
-    model = UNetMultiOrgan(base_channels=base_channels)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) and module.bias is not None:
-                module.bias.zero_()
+    """The U-Net with random weights and zero biases, saved as a training checkpoint."""
     preprocessing = {"window": list(DEFAULT_WINDOW), "size": size, "zscore": "per_patient"}
-    torch.save(build_checkpoint(model, preprocessing=preprocessing, epoch=0, val_loss=float("nan")), path)
-    return path
+    return save_untrained_checkpoint(path, preprocessing, base_channels=base_channels, seed=seed)
 
 
 def unpack_sample(patient: str, dest: Path) -> Path:
@@ -237,8 +216,9 @@ def run(*, input_dir: Path | None, checkpoint: Path | None, device: str, precisi
     With the default random network the RTSTRUCT and output files are made from the patient's
     clinical label map when the shared reference masks have it: an untrained network labels the
     CT in speckles (10^5 tiny contours), which is not the work a planner's RTSTRUCT takes. The
-    network stages do not depend on the weights. ``dice_checkpoint`` (a trained network) measures
-    how much bfloat16 changes the labels, on the same CT.
+    network stages do not depend on the weights; its own bfloat16-vs-float32 Dice is a worst case
+    (small margins between class scores). ``dice_checkpoint`` (a trained network) measures how much
+    bfloat16 changes the labels on the same CT, and the Dice of each against the clinical labels.
     """
     torch_device = resolve_device(device)
     clinical_outputs = checkpoint is None

@@ -438,7 +438,8 @@ def _stand_in_checkpoint(model: torch.nn.Module, tmp_path: Path, monkeypatch, cr
     checkpoint.write_bytes(b"stand-in: load_checkpoint_model is replaced")
     preprocessing = {"size": SIZE, "window": [-1000, 400], "zscore": "per_patient",
                      **({"crop": dict(crop)} if crop else {})}
-    record = {"preprocessing": preprocessing, "model_config": {"in_channels": 1, "out_channels": organs.NUM_CLASSES}}
+    record = {"preprocessing": preprocessing, "model_config": {"in_channels": 1, "out_channels": organs.NUM_CLASSES},
+              "ptv": CONTOURED}
     monkeypatch.setattr(inference, "load_checkpoint_model", lambda path, device: (model, record))
     return checkpoint
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -18,33 +19,23 @@ from thoracic_seg import inference
 from thoracic_seg import organs, precision
 from thoracic_seg.batch import DONE, FAILED, SKIPPED, PatientError, same_geometry
 from thoracic_seg.geometry import Grid
+from thoracic_seg.grid import to_network_array
 from thoracic_seg.image_grid import segment_image
 from thoracic_seg.inference import MAX_BATCH_SIZE, CheckpointError, Predictor, auto_batch_size
 from thoracic_seg.ptv import fold_derived_ptv, ptv_from_gtv
 from thoracic_seg.rtstruct_read import read_rois
-from unet_multi_organ import UNetMultiOrgan, build_checkpoint, checkpoint_ptv
+from unet_multi_organ import UNetMultiOrgan, build_checkpoint, checkpoint_ptv, save_untrained_checkpoint
 
 TINY_SIZE = 32  # network input: 32 x 32 slices (the synthetic CTs are 64 x 64)
 PREPROCESSING = {"window": [-1000, 400], "size": TINY_SIZE, "zscore": "per_patient"}
 
 
 def save_checkpoint(path: Path, *, base_channels: int = 4, seed: int = 1, **changes) -> Path:
-    """An untrained U-Net checkpoint in the training script's format, with ``changes`` applied.
-
-    Its biases are zero: with PyTorch's default initialisation the output bias outweighs the
-    image and every voxel gets the same label; without it this network (seed 1) gives the
-    synthetic CTs all eight labels in speckled regions, which exercises every output path.
-    """
-    torch.manual_seed(seed)
-    model = UNetMultiOrgan(base_channels=base_channels)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) and module.bias is not None:
-                module.bias.zero_()
-    checkpoint = build_checkpoint(model, preprocessing=PREPROCESSING, epoch=0, val_loss=1.0)
-    checkpoint.update(changes)
-    torch.save(checkpoint, path)
-    return path
+    """An untrained U-Net checkpoint in the training script's format (zero biases: this network,
+    seed 1, gives the synthetic CTs all eight labels in speckled regions, which exercises every
+    output path), with ``changes`` applied."""
+    return save_untrained_checkpoint(path, PREPROCESSING, base_channels=base_channels, seed=seed,
+                                     **{"val_loss": 1.0, **changes})
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -155,9 +146,10 @@ def test_nifti_input_gives_the_same_labels_and_no_rtstruct(cohort_prediction, ti
     nifti = tmp_path / f"{record['patient_id']}.nii.gz"
     sitk.WriteImage(ct.image, str(nifti))
     (result,) = pm.run(input_path=nifti, checkpoint=tiny_checkpoint, output_dir=tmp_path / "out")
-    assert result.status == DONE and set(result.info["outputs"]) == {"labels", "ptv", "volumes", "overlay"}
+    assert result.status == DONE and set(result.info["outputs"]) == {"labels", "ptv", "volumes", "overlay", "provenance"}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        f"{record['patient_id']}{s}" for s in ("_PTV.nii.gz", "_labels.nii.gz", "_overlay.png", "_volumes.csv")]
+        f"{record['patient_id']}{s}" for s in ("_PTV.nii.gz", "_labels.nii.gz", "_overlay.png", "_provenance.json",
+                                              "_volumes.csv")]
     from_nifti, image = _labels(tmp_path / "out" / f"{record['patient_id']}_labels.nii.gz")
     from_dicom, _ = _labels(out / f"{record['patient_id']}_labels.nii.gz")
     assert same_geometry(image, ct.image) and np.array_equal(from_nifti, from_dicom)
@@ -174,6 +166,27 @@ def test_existing_outputs_are_skipped_unless_overwrite(synthetic_cohort, tiny_ch
     assert second.status == SKIPPED
     (third,) = pm.run(**kwargs, overwrite=True)
     assert third.status == DONE
+
+
+@pytest.mark.parametrize("change", [
+    {"ptv_margin_mm": 5.0},                                # another PTV margin
+    {"postprocess": True},                                 # another post-processing
+    {"checkpoint": "other"},                               # another checkpoint
+])
+def test_outputs_of_other_settings_are_redone_the_same_are_skipped(synthetic_cohort, tiny_checkpoint, tmp_path,
+                                                                   change):
+    raw_dir, _, cohort = synthetic_cohort
+    kwargs = dict(input_path=raw_dir / cohort[0]["patient_id"], checkpoint=tiny_checkpoint, output_dir=tmp_path,
+                  device="cpu")
+    assert pm.run(**kwargs)[0].status == DONE
+    if change.get("checkpoint") == "other":
+        change = {"checkpoint": save_checkpoint(tmp_path / "other.pth", seed=2)}
+    (redone,) = pm.run(**{**kwargs, **change})
+    assert redone.status == DONE and redone.message.startswith("redone: the outputs there were made with another "
+                                                               "checkpoint or settings")
+    assert pm.run(**{**kwargs, **change})[0].status == SKIPPED
+    record = json.loads((tmp_path / f"{cohort[0]['patient_id']}_provenance.json").read_text())
+    assert record["format"] == pm.PREDICTION_FORMAT and len(record["checkpoints_sha256"]) == 1
 
 
 def test_postprocess_applies_the_rule_of_each_structure(synthetic_cohort, tiny_checkpoint, tmp_path):
@@ -323,7 +336,7 @@ def test_folder_without_ct_series_is_refused(synthetic_cohort, tiny_checkpoint, 
 @pytest.mark.parametrize("changes, message", [
     ({"format": "something_else"}, "not a unet_multi_organ checkpoint"),
     ({"model_config": {"in_channels": 1, "out_channels": 8, "base_channels": 8}}, "weights do not match model_config"),
-    ({"labels": {"0": "background", "1": "heart"}}, "differ from organs.py"),
+    ({"labels": {"0": "background", "1": "heart"}}, "differ from thoracic_seg/organs.py"),
     ({"preprocessing": None}, "no 'preprocessing' settings"),
     ({"preprocessing": {"window": [400, -1000], "size": 32}}, "window LOW must be below HIGH"),
     ({"preprocessing": {"window": [-1000, 400], "size": 32, "zscore": "global"}}, "only 'per_patient'"),
@@ -468,7 +481,7 @@ def test_fold_derived_ptv_hand_values():
 
 
 @pytest.mark.parametrize("record, margin, expected", [
-    ({}, None, {"source": "contoured"}),                      # checkpoints of earlier versions
+    ({}, 10, DERIVED_10MM),                                   # an earlier version's, with --ptv-margin-mm
     ({"ptv": DERIVED_10MM}, None, DERIVED_10MM),
     ({"ptv": DERIVED_10MM}, 5, {"source": "derived", "margin_mm": 5.0}),
     ({"ptv": {"source": "contoured"}}, 0, {"source": "derived", "margin_mm": 0.0}),
@@ -480,6 +493,17 @@ def test_checkpoint_ptv(record, margin, expected):
 def test_checkpoint_ptv_refuses_a_negative_margin():
     with pytest.raises(ValueError, match="PTV margin must be a finite number >= 0 mm, got -1"):
         checkpoint_ptv({}, -1)
+
+
+def test_a_checkpoint_without_ptv_information_is_refused_with_what_to_do(tmp_path):
+    checkpoint = save_checkpoint(tmp_path / "old.pth")
+    record = torch.load(checkpoint, weights_only=True)
+    del record["ptv"]
+    torch.save(record, checkpoint)
+    with pytest.raises(CheckpointError, match=r"old.pth: the checkpoint does not say how its PTV is made \(ptv None: "
+                                              r".*give --ptv-margin-mm MM .*or train again with this version"):
+        Predictor.load(checkpoint, device="cpu")
+    assert Predictor.load(checkpoint, device="cpu", ptv_margin_mm=10).ptv == DERIVED_10MM
 
 
 def lookup_predictor(case: "pm.Case", truth: np.ndarray, size: int, ptv: dict) -> "pm.Predictor":
@@ -716,3 +740,80 @@ def test_a_crop_checkpoint_needs_the_box_and_the_spacing(tmp_path):
         predictor.segment(hu)
     assert predictor.crop_box(hu, (2.0, 2.0)) == (0, 0, 40)   # rows 10-29, cols 5-34 + 5 px, cut at the border
     assert predictor.segment(hu, spacing_yx=(2.0, 2.0)).shape == (2, 40, 40)
+
+
+# --------------------------------------------------------------------------------------------
+# The one inference function: ensembles and probabilities on the CT grid
+# --------------------------------------------------------------------------------------------
+def test_an_ensemble_averages_its_members_probabilities(tmp_path):
+    """Two networks as one: the probabilities written are the mean of each one's, and the labels
+    their argmax; one network alone is not wrapped (its outputs stay bit for bit)."""
+    paths = [save_checkpoint(tmp_path / f"m{seed}.pth", seed=seed) for seed in (1, 2)]
+    hu = np.random.default_rng(0).normal(0, 300, (3, 40, 40)).astype(np.float32)
+    single = [Predictor.load(p, device="cpu", batch_size=2) for p in paths]
+    assert not isinstance(single[0].model, inference.ProbabilityAverage)
+    each = []
+    for predictor in single:
+        probabilities = np.empty((3, organs.NUM_CLASSES, 40, 40), np.float32)
+        predictor.segment_stored(hu, "LPS", (3.0, 1.0, 1.0), probabilities=probabilities)
+        each.append(probabilities)
+    ensemble = Predictor.load(paths, device="cpu", batch_size=2)
+    assert "m1.pth + 1 more (probabilities averaged)" in ensemble.describe()
+    mean = np.empty_like(each[0])
+    labels = ensemble.segment_stored(hu, "LPS", (3.0, 1.0, 1.0), probabilities=mean)
+    np.testing.assert_allclose(mean, (each[0] + each[1]) / 2, atol=1e-6)
+    np.testing.assert_allclose(mean.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(labels, mean.argmax(axis=1))
+    assert not np.array_equal(each[0].argmax(axis=1), each[1].argmax(axis=1))  # the members disagree
+
+
+def test_probabilities_follow_the_labels_back_to_a_feet_first_grid_and_a_crop_box(tmp_path):
+    predictor = Predictor.load(save_checkpoint(tmp_path / "crop.pth", preprocessing={**PREPROCESSING, "crop": CROP_10MM}),
+                               device="cpu", batch_size=2)
+    hu = np.full((4, 40, 48), -1000.0, np.float32)
+    hu[:, 8:30, 10:36] = np.random.default_rng(1).normal(40, 200, (4, 22, 26))
+    probabilities = np.empty((4, organs.NUM_CLASSES, 40, 48), np.float32)
+    labels = predictor.segment_stored(hu, "RPI", (3.0, 1.0, 1.0), probabilities=probabilities)
+    assert labels.shape == (4, 40, 48) and len(np.unique(labels)) >= 3
+    np.testing.assert_array_equal(labels, probabilities.argmax(axis=1))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    y0, x0, side = predictor.crop_box(to_network_array(hu, "RPI"), (1.0, 1.0))
+    outside = np.ones((40, 48), bool)
+    outside[max(y0, 0):y0 + side, max(x0, 0):x0 + side] = False
+    background = to_network_array(probabilities[:, organs.BACKGROUND], "RPI")
+    assert outside.any() and (background[:, outside] == 1).all()  # certain background outside the box
+
+
+def test_ensemble_members_must_share_their_preprocessing(tmp_path):
+    paths = [save_checkpoint(tmp_path / "a.pth"),
+             save_checkpoint(tmp_path / "b.pth", preprocessing={**PREPROCESSING, "window": [-500, 500]})]
+    with pytest.raises(inference.CheckpointError, match=r"b.pth was trained with .*only networks trained on the "
+                                                          r"same preprocessing"):
+        Predictor.load(paths, device="cpu")
+    with pytest.raises(inference.CheckpointError, match="no checkpoint given"):
+        Predictor.load([], device="cpu")
+
+
+def test_main_takes_several_checkpoints(tmp_path):
+    paths = [str(save_checkpoint(tmp_path / f"m{seed}.pth", seed=seed)) for seed in (1, 2)]
+    image = sitk.GetImageFromArray(np.random.default_rng(2).normal(0, 300, (3, 40, 40)).astype(np.int16))
+    sitk.WriteImage(image, str(tmp_path / "CT-1.nii.gz"))
+    assert pm.main(["--input", str(tmp_path / "CT-1.nii.gz"), "--checkpoint", *paths, "--output",
+                    str(tmp_path / "out"), "--device", "cpu", "--batch-size", "2"]) == 0
+    assert (tmp_path / "out" / "CT-1_labels.nii.gz").is_file()
+
+
+@pytest.mark.parametrize("direction, code", [
+    ((1, 0, 0, 0, 0, 1, 0, -1, 0), "LIP"),   # coronal: slices run posterior
+    ((0, 0, 1, 1, 0, 0, 0, 1, 0), "PSL"),    # sagittal: slices run towards the patient's left
+])
+def test_a_non_axial_nifti_is_refused_naming_its_orientation(tmp_path, tiny_checkpoint, direction, code):
+    image = sitk.GetImageFromArray(np.random.default_rng(3).normal(0, 300, (5, 40, 40)).astype(np.int16))
+    image.SetDirection(direction)
+    sitk.WriteImage(image, str(tmp_path / "SIDE.nii.gz"))
+    [result] = pm.run(input_path=tmp_path / "SIDE.nii.gz", checkpoint=tiny_checkpoint, output_dir=tmp_path / "out",
+                      device="cpu")
+    assert result.status == FAILED
+    assert result.message == (f"SIDE: not an axial CT: its slices run along {code[2]} (stored {code}; axial slices "
+                              "run S/I); resample it to axial slices first")
+    assert not (tmp_path / "out" / "SIDE_labels.nii.gz").exists()

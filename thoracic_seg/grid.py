@@ -13,6 +13,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from thoracic_seg import organs
 from scipy import ndimage
 
 
@@ -37,7 +39,7 @@ def check_window(window: Sequence[float]) -> tuple[float, float]:
     """``(low, high)`` HU with ``low < high``; ``ValueError`` naming the values otherwise."""
     if len(window) != 2:
         raise ValueError(f"window must be two HU values (LOW HIGH), got {list(window)}")
-    low, high = (_plain_number(v) for v in window)
+    low, high = (plain_number(v) for v in window)
     if not np.isfinite([low, high]).all() or not low < high:
         raise ValueError(f"window LOW must be below HIGH (HU), got LOW={low} HIGH={high}")
     return low, high
@@ -52,7 +54,7 @@ def check_size(size: int) -> int:
     return int(size)
 
 
-def _plain_number(value: float) -> float:
+def plain_number(value: float) -> float:
     """-1000.0 -> -1000 so JSON records read like the command line."""
     value = float(value)
     return int(value) if value.is_integer() else value
@@ -90,10 +92,10 @@ def window_and_zscore(
 def apply_zscore(
     hu: np.ndarray, window: Sequence[float], mean: float, std: float
 ) -> np.ndarray:
-    """Clip HU to ``window`` and z-score with a recorded ``mean`` and ``std`` (HU) -> float32.
+    """Clip HU to ``window`` and z-score with a given ``mean`` and ``std`` (HU) -> float32.
 
-    Use the values from ``normalization.json`` / ``meta.json`` so that evaluation and prediction
-    preprocess exactly as phase 3 did.
+    Phase 3 and ``inference.Predictor`` z-score the body crop's padding (air) with it, using the
+    statistics :func:`window_and_zscore` returned for the whole volume.
     """
     low, high = check_window(window)
     if not std > 0:
@@ -127,7 +129,7 @@ def crop_settings(margin_mm: float = DEFAULT_CROP_MARGIN_MM,
         raise ValueError(f"crop margin must be a finite number >= 0 mm, got {margin_mm!r}")
     if not math.isfinite(threshold):
         raise ValueError(f"crop threshold must be a finite HU value, got {threshold_hu!r}")
-    return {"method": CROP_METHOD, "threshold_hu": _plain_number(threshold), "margin_mm": _plain_number(margin)}
+    return {"method": CROP_METHOD, "threshold_hu": plain_number(threshold), "margin_mm": plain_number(margin)}
 
 
 def crop_settings_of(record: Mapping[str, Any], where: str) -> dict[str, Any] | None:
@@ -322,12 +324,12 @@ def resize_mask_slices(mask_zyx: np.ndarray, size: int) -> np.ndarray:
 
 def probabilities_to_ct_labels(
     probabilities: np.ndarray | torch.Tensor, output_shape_yx: Sequence[int], batch_size: int | None = None,
-    box_yx: Sequence[int] | None = None,
+    box_yx: Sequence[int] | None = None, probabilities_out: np.ndarray | None = None,
 ) -> np.ndarray:
     """(B, C, S, S) class probabilities -> (B, H, W) uint8 labels on the CT's in-plane grid H x W.
 
     The inverse of :func:`resize_ct_slices` (the network grid -> CT grid half of the pair) used by
-    evaluation, prediction and the figures. ``probabilities`` are softmax outputs (take the
+    ``inference.Predictor`` (evaluation and prediction). ``probabilities`` are softmax outputs (take the
     softmax first: resizing logits gives other labels), a torch tensor on any device (resized
     there) or a numpy array; B is slices (z), C classes. Resized bilinearly with pixel centres
     aligned (``align_corners=False``), anti-aliased when shrinking either axis (when enlarging,
@@ -342,6 +344,9 @@ def probabilities_to_ct_labels(
     probabilities go back to side x side as above, the labels are pasted at the box, and every
     pixel outside it is background (0); the part of the box beyond the image is dropped. None
     (no crop): the whole S x S goes to H x W, as before the option existed.
+
+    ``probabilities_out`` (B, C, H, W), any float dtype (a memory map will do): filled with the
+    resized probabilities the labels are the argmax of (outside a crop box, background 1).
     """
     if not isinstance(probabilities, torch.Tensor):
         probabilities = np.asarray(probabilities)
@@ -362,6 +367,9 @@ def probabilities_to_ct_labels(
     n_slices = int(probabilities.shape[0])
     step = int(batch_size) if batch_size is not None else max(n_slices, 1)
     labels = (np.empty if box_yx is None else np.zeros)((n_slices, *shape), dtype=np.uint8)
+    if probabilities_out is not None and tuple(probabilities_out.shape) != (n_slices, probabilities.shape[1], *shape):
+        raise ValueError(f"probabilities_out must have shape {(n_slices, probabilities.shape[1], *shape)}, "
+                         f"got {tuple(probabilities_out.shape)}")
     with torch.no_grad():
         for start in range(0, n_slices, step):
             chunk = probabilities[start:start + step]
@@ -373,10 +381,19 @@ def probabilities_to_ct_labels(
                 chunk = F.interpolate(chunk, size=target, mode="bilinear", align_corners=False, antialias=shrinking)
             # max(dim).indices: the argmax, 6x faster than argmax(dim) over the class axis on a CPU
             chunk_labels = chunk.max(dim=1).indices.to(torch.uint8).cpu().numpy()
+            stop = start + len(chunk)
             if box_yx is None:
-                labels[start:start + len(chunk)] = chunk_labels
+                labels[start:stop] = chunk_labels
             else:
-                labels[start:start + len(chunk), image_y, image_x] = chunk_labels[:, box_y, box_x]
+                labels[start:stop, image_y, image_x] = chunk_labels[:, box_y, box_x]
+            if probabilities_out is not None:
+                chunk = chunk.cpu().numpy()
+                if box_yx is None:
+                    probabilities_out[start:stop] = chunk
+                else:
+                    probabilities_out[start:stop] = 0
+                    probabilities_out[start:stop, organs.BACKGROUND] = 1
+                    probabilities_out[start:stop, :, image_y, image_x] = chunk[:, :, box_y, box_x]
     return labels
 
 
@@ -384,7 +401,8 @@ def probabilities_to_ct_labels(
 #: (columns, rows, slices): head-first supine axial, columns towards the patient's left (patient
 #: right on image left), rows towards posterior (anterior up), slices towards the head. The
 #: training data are in it; a volume stored otherwise (feet first, prone, RAS NIfTI) is brought
-#: to it by :func:`to_network_orientation` and its labels go back by :func:`from_network_orientation`.
+#: to it by ``image_grid.to_network_orientation`` (arrays: :func:`to_network_array`) and its labels go
+#: back by :func:`from_network_orientation`.
 NETWORK_ORIENTATION = "LPS"
 #: Largest angle between an image axis and the patient axis it is mapped onto: phase 2's limit
 #: for an axial series. A volume beyond it is oblique: no permutation of axes makes it LPS.
@@ -440,7 +458,7 @@ def _orientation_axes(stored_code: str) -> tuple[tuple[int, int, int], tuple[int
 def to_network_array(array_zyx: np.ndarray, stored_code: str) -> np.ndarray:
     """A (Z, Y, X) array of an image stored in ``stored_code`` in network order (a view).
 
-    The array half of :func:`to_network_orientation` (same voxels, same order), for data already
+    The array half of ``image_grid.to_network_orientation`` (same voxels, same order), for data already
     read as arrays; ``from_network_orientation(to_network_array(a, code), code)`` is ``a``.
     """
     array = np.asarray(array_zyx)
@@ -453,7 +471,8 @@ def to_network_array(array_zyx: np.ndarray, stored_code: str) -> np.ndarray:
 def from_network_orientation(array_zyx: np.ndarray, stored_code: str) -> np.ndarray:
     """A (Z, Y, X) array in network order (e.g. predicted labels, any dtype) -> the array order of
     the image stored in ``stored_code`` (C-contiguous copy): the inverse of
-    :func:`to_network_orientation`, exact (flips and a transpose, no interpolation)."""
+    :func:`to_network_array` (and of ``image_grid.to_network_orientation``), exact (flips and a
+    transpose, no interpolation)."""
     array = np.asarray(array_zyx)
     if array.ndim != 3:
         raise ValueError(f"expected a (Z, Y, X) array, got shape {array.shape}")

@@ -20,7 +20,7 @@ def resized_geometry(
     origin (centre of the first voxel) moves by half the change of spacing along the image axes.
     z spacing, z origin and the direction are unchanged.
 
-    ``box_yx`` ``(y0, x0, side)`` (pixels of ``image``, :func:`body_box`): the extent is that of
+    ``box_yx`` ``(y0, x0, side)`` (pixels of ``image``, ``grid.body_box``): the extent is that of
     the box instead, a side x side image whose first voxel is voxel (x0, y0) of ``image`` (a
     negative y0 or x0 lies outside it): spacing ``spacing * side / size``.
     """
@@ -61,8 +61,8 @@ def to_network_orientation(image: sitk.Image) -> tuple[sitk.Image, str]:
 
     Exact: the voxels are only permuted (``sitk.DICOMOrient``: axis permutations and flips, no
     resampling) and the geometry follows them, so every voxel keeps its patient position. Phase 3
-    (cache and normalized NIfTIs), evaluation and prediction call it before the network; the
-    labels go back with :func:`from_network_orientation`. An image already in LPS comes back as is.
+    and the figures call it; :func:`segment_image` uses its array half (``grid.to_network_array``), the
+    labels go back with ``grid.from_network_orientation``. An image already in LPS comes back as is.
 
     Raises:
         ValueError: for an oblique image (:func:`orientation_code`).
@@ -73,9 +73,10 @@ def to_network_orientation(image: sitk.Image) -> tuple[sitk.Image, str]:
     return sitk.DICOMOrient(image, NETWORK_ORIENTATION), stored
 
 
-def segment_image(predictor: Any, image: sitk.Image, seconds: dict[str, float] | None = None) -> np.ndarray:
+def segment_image(predictor: Any, image: sitk.Image, seconds: dict[str, float] | None = None,
+                  probabilities: np.ndarray | None = None) -> np.ndarray:
     """A CT image (HU, any axis-aligned orientation) -> uint8 labels (Z, Y, X) in its own stored array
     order and grid, by ``predictor`` (``inference.Predictor``: evaluation and prediction both call
-    this). ``ValueError`` for an oblique image."""
+    this; ``probabilities``: see ``Predictor.segment_stored``). ``ValueError`` for an oblique image."""
     return predictor.segment_stored(sitk.GetArrayFromImage(image), orientation_code(image),
-                                    image.GetSpacing()[::-1], seconds)
+                                    image.GetSpacing()[::-1], seconds, probabilities)

@@ -82,16 +82,18 @@ class Predictor:
     #: How the PTV is made: ``{"source": "derived", "margin_mm": m}`` or ``{"source": "contoured"}``
     #: (``unet_multi_organ.checkpoint_ptv``).
     ptv: dict[str, Any] = field(default_factory=lambda: {"source": "contoured"})
-    #: Neighbours per side each slice goes in with (``dataset_multi_organ.context_stack``).
+    #: Neighbours per side each slice goes in with (``grid.context_stack``).
     context_slices: int = 0
-    #: Phase 3's body crop the network was trained with (``normalize_ct_and_masks.crop_settings``:
+    #: Phase 3's body crop the network was trained with (``grid.crop_settings``:
     #: method, threshold HU, margin mm), or None: whole slices, as checkpoints of earlier versions.
     crop: dict[str, Any] | None = None
+    #: Every checkpoint of an ensemble (``checkpoint_path`` is the first); empty: ``checkpoint_path`` alone.
+    checkpoint_paths: tuple[Path, ...] = ()
 
     @classmethod
     def load(
         cls,
-        checkpoint: Path | str,
+        checkpoint: Path | str | Sequence[Path | str],
         *,
         device: str = "auto",
         precision: str = DEFAULT_PREDICTION_PRECISION,
@@ -100,48 +102,42 @@ class Predictor:
         ptv_margin_mm: float | None = None,
         context_slices: int | None = None,
     ) -> "Predictor":
-        """Load ``checkpoint`` onto ``device`` (``auto``/``cpu``/``cuda``) in ``precision``
-        (``precision.prediction_precision``: float32, bfloat16 or auto). ``ptv_margin_mm``
-        overrides the run's PTV margin (and derives the PTV from the GTV whatever the run did).
-        ``context_slices`` None takes the checkpoint's K; another value is refused.
+        """Load ``checkpoint`` (one path, or several: an ensemble whose softmax probabilities are
+        averaged, :class:`ProbabilityAverage`) onto ``device`` (``auto``/``cpu``/``cuda``) in
+        ``precision`` (``precision.prediction_precision``: float32, bfloat16 or auto).
+        ``ptv_margin_mm`` overrides the run's PTV margin (and derives the PTV from the GTV whatever
+        the run did). ``context_slices`` None takes the checkpoint's K; another value is refused.
 
         Raises:
             FileNotFoundError: no such checkpoint file.
             CheckpointError: not one of our checkpoints, weights that do not fit its model
-                configuration, a model that does not predict the labels of ``organs.py`` from one
-                CT channel, or missing/invalid preprocessing settings.
+                configuration, a model that does not predict the labels of ``thoracic_seg.organs``
+                from its CT channels, missing/invalid preprocessing settings, or ensemble members
+                trained with different preprocessing, slice context or PTV.
             ValueError: an unknown device/precision, CUDA asked for but absent, or a negative margin.
         """
+        paths = [Path(checkpoint)] if isinstance(checkpoint, (str, Path)) else [Path(c) for c in checkpoint]
+        if not paths:
+            raise CheckpointError("no checkpoint given")
         torch_device = resolve_device(device)
         policy = prediction_precision(precision, torch_device)
-        try:
-            model, record = load_checkpoint_model(checkpoint, torch_device)
-        except ValueError as exc:
-            raise CheckpointError(str(exc)) from None
-        window, size, crop = preprocessing_of(record, checkpoint)
-        ptv = checkpoint_ptv(record, ptv_margin_mm)
-        try:
-            k = checkpoint_context_slices(record, context_slices, checkpoint)
-        except ValueError as exc:
-            raise CheckpointError(str(exc)) from None
-        config = record.get("model_config", {})
-        if config.get("in_channels") != 2 * k + 1 or config.get("out_channels") != organs.NUM_CLASSES:
-            raise CheckpointError(
-                f"{checkpoint}: the model maps {config.get('in_channels')} channel(s) to "
-                f"{config.get('out_channels')} classes; expected {2 * k + 1} CT channel(s) -> {organs.NUM_CLASSES} labels"
-            )
-        labels = {str(k): str(v) for k, v in (record.get("labels") or {}).items()}
-        if labels and labels != label_table():
-            raise CheckpointError(
-                f"{checkpoint}: its labels {labels} differ from organs.py {label_table()}; "
-                "the label values would be misread"
-            )
+        members = [_load_member(path, torch_device, ptv_margin_mm, context_slices) for path in paths]
+        model, settings = members[0]
+        for path, (_, other) in zip(paths[1:], members[1:]):
+            if {k: v for k, v in other.items() if k != "base_channels"} != \
+                    {k: v for k, v in settings.items() if k != "base_channels"}:
+                raise CheckpointError(f"{path} was trained with {other}, {paths[0]} with {settings}: only networks "
+                                      "trained on the same preprocessing, slice context and PTV can be ensembled")
+        if len(members) > 1:
+            model = ProbabilityAverage([m for m, _ in members])
         if policy.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if batch_size is None:
-            batch_size = auto_batch_size(torch_device, size, int(config.get("base_channels", 64)), policy.dtype)
-        return cls(model.eval(), Path(checkpoint), torch_device, policy, int(batch_size), window, size, postprocess,
-                   ptv, k, crop)
+            base_channels = sum(s["base_channels"] for _, s in members)  # every member runs on each batch
+            batch_size = auto_batch_size(torch_device, settings["size"], base_channels, policy.dtype)
+        return cls(model.eval(), paths[0], torch_device, policy, int(batch_size), settings["window"],
+                   settings["size"], postprocess, settings["ptv"], settings["context_slices"], settings["crop"],
+                   tuple(paths))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -155,7 +151,9 @@ class Predictor:
     def describe(self) -> str:
         """One line for the log: device, precision, batch size, preprocessing."""
         layout = " + channels-last" if self.channels_last else ""
-        return (f"{self.checkpoint_path.name} on {self.device} ({self.precision.name}{layout}), "
+        members = f" + {len(self.checkpoint_paths) - 1} more (probabilities averaged)" \
+            if len(self.checkpoint_paths) > 1 else ""
+        return (f"{self.checkpoint_path.name}{members} on {self.device} ({self.precision.name}{layout}), "
                 f"batch {self.batch_size}, window {list(self.window)} HU, {self.size}x{self.size} slices, "
                 f"{describe_crop(self.crop)}, PTV = {self.ptv_text}" + (f", post-processing: {describe_postprocess()}" if self.postprocess else ""))
 
@@ -174,7 +172,7 @@ class Predictor:
 
     def crop_box(self, hu_zyx: np.ndarray, spacing_yx: Sequence[float] | None) -> tuple[int, int, int] | None:
         """The body box ``(y0, x0, side)`` of a CT (HU (Z, Y, X) in the network's orientation, pixel
-        spacing ``spacing_yx`` mm) by phase 3's ``body_box`` with the checkpoint's settings; None
+        spacing ``spacing_yx`` mm) by ``grid.body_box``, as phase 3, with the checkpoint's settings; None
         for a network trained on whole slices. ``ValueError`` without a spacing or a body."""
         if self.crop is None:
             return None
@@ -202,14 +200,16 @@ class Predictor:
         return resize_ct_slices(normalized, self.size)
 
     def predict(self, ct_normalized: np.ndarray, output_shape_yx: Sequence[int],
-                seconds: dict[str, float] | None = None, box_yx: Sequence[int] | None = None) -> np.ndarray:
+                seconds: dict[str, float] | None = None, box_yx: Sequence[int] | None = None,
+                probabilities: np.ndarray | None = None) -> np.ndarray:
         """Network input (Z, S, S) -> uint8 labels (Z, H, W) on the CT's in-plane grid.
 
         ``batch_size`` slices per forward pass; per-class probabilities are resized bilinearly to
-        ``output_shape_yx`` before the argmax, as the evaluation does
-        (``normalize_ct_and_masks.probabilities_to_ct_labels``); with ``box_yx`` (the crop box of
-        :meth:`preprocess`) to the box, background outside it.
+        ``output_shape_yx`` before the argmax (``grid.probabilities_to_ct_labels``); with ``box_yx``
+        (the crop box of :meth:`preprocess`) to the box, background outside it.
         ``seconds`` (optional) accumulates ``predict`` (network) and ``map_back`` (resize + argmax).
+        ``probabilities`` (Z, 8, H, W), optional: filled batch by batch with the probabilities on
+        the CT grid (``grid.probabilities_to_ct_labels``); without it no more than a batch of them exists.
         """
         if ct_normalized.ndim != 3 or ct_normalized.shape[1:] != (self.size, self.size):
             raise ValueError(f"expected a (Z, {self.size}, {self.size}) input, got {ct_normalized.shape}")
@@ -219,7 +219,7 @@ class Predictor:
         labels = np.empty((len(ct_normalized), *shape), dtype=np.uint8)
         with torch.inference_mode():
             for start in range(0, len(ct_normalized), self.batch_size):
-                with _timer(seconds, "predict", self.device):
+                with stage_timer(seconds, "predict", self.device):
                     batch = torch.from_numpy(np.ascontiguousarray(
                         context_stack(ct_normalized, start, start + self.batch_size, self.context_slices)))
                     batch = batch.to(self.device)
@@ -227,39 +227,93 @@ class Predictor:
                         batch = batch.contiguous(memory_format=torch.channels_last)
                     with self.precision.autocast(self.device):
                         logits = self.model(batch)
-                with _timer(seconds, "map_back", self.device):
-                    probabilities = fold_derived_ptv(torch.softmax(logits.float(), dim=1), self.ptv)
-                    labels[start:start + len(batch)] = probabilities_to_ct_labels(probabilities, shape, box_yx=box_yx)
+                with stage_timer(seconds, "map_back", self.device):
+                    batch_probabilities = fold_derived_ptv(torch.softmax(logits.float(), dim=1), self.ptv)
+                    out = probabilities[start:start + len(batch)] if probabilities is not None else None
+                    labels[start:start + len(batch)] = probabilities_to_ct_labels(
+                        batch_probabilities, shape, box_yx=box_yx, probabilities_out=out)
         return labels
 
     def segment_stored(self, hu_zyx: np.ndarray, stored_code: str, spacing_zyx: Sequence[float],
-                       seconds: dict[str, float] | None = None) -> np.ndarray:
+                       seconds: dict[str, float] | None = None,
+                       probabilities: np.ndarray | None = None) -> np.ndarray:
         """HU (Z, Y, X) in the array order of a CT stored in ``stored_code`` (``grid.orientation_code``,
         e.g. ``RPI`` feet first), voxel spacing ``spacing_zyx`` mm in that order -> uint8 labels (Z, Y, X)
         in the same order: brought to the network's orientation by exact flips and transposes
         (``grid.to_network_array``), segmented (:meth:`segment`) and put back
-        (``grid.from_network_orientation``). ``image_grid.segment_image`` calls it with an image."""
+        (``grid.from_network_orientation``). ``image_grid.segment_image`` calls it with an image.
+        A CT whose slices do not run S/I (sagittal, coronal) is refused (``ValueError``).
+        ``probabilities`` (Z, 8, Y, X) in the stored order, optional: filled with the class
+        probabilities (before post-processing; holds a second copy while it is filled)."""
         seconds = seconds if seconds is not None else {}
-        with _timer(seconds, "preprocess"):
+        if str(stored_code)[2:3] not in ("S", "I"):
+            raise ValueError(f"not an axial CT: its slices run along {str(stored_code)[2:3] or '?'} (stored "
+                             f"{stored_code}; axial slices run S/I); resample it to axial slices first")
+        with stage_timer(seconds, "preprocess"):
             hu = np.ascontiguousarray(to_network_array(hu_zyx, stored_code))
-        spacing = network_shape_zyx(range(3), stored_code)  # network axis -> stored array axis
-        spacing_yx = (float(spacing_zyx[spacing[1]]), float(spacing_zyx[spacing[2]]))
-        return from_network_orientation(self.segment(hu, seconds, spacing_yx), stored_code)
+        axes = network_shape_zyx(range(3), stored_code)  # network array axis -> stored array axis
+        spacing_yx = (float(spacing_zyx[axes[1]]), float(spacing_zyx[axes[2]]))
+        network = None
+        if probabilities is not None:  # (Z, 8, Y, X) in the stored order: filled from the network's
+            network = np.empty((hu.shape[0], probabilities.shape[1], *hu.shape[1:]), probabilities.dtype)
+        labels = from_network_orientation(self.segment(hu, seconds, spacing_yx, network), stored_code)
+        if probabilities is not None:
+            for label in range(probabilities.shape[1]):
+                probabilities[:, label] = from_network_orientation(network[:, label], stored_code)
+        return labels
 
     def segment(self, hu_zyx: np.ndarray, seconds: dict[str, float] | None = None,
-                spacing_yx: Sequence[float] | None = None) -> np.ndarray:
+                spacing_yx: Sequence[float] | None = None, probabilities: np.ndarray | None = None) -> np.ndarray:
         """HU (Z, Y, X) in the network's orientation (LPS) -> uint8 labels (Z, Y, X) on the same grid
         (with ``postprocess`` applied). ``spacing_yx`` (mm) is needed when the checkpoint crops to
         the body (:meth:`crop_box`). :meth:`segment_stored` takes a CT stored in any orientation."""
         seconds = seconds if seconds is not None else {}
-        with _timer(seconds, "preprocess"):
+        with stage_timer(seconds, "preprocess"):
             box = self.crop_box(hu_zyx, spacing_yx)
             ct_small = self.preprocess(hu_zyx, box)
-        labels = self.predict(ct_small, hu_zyx.shape[1:], seconds, box)
+        labels = self.predict(ct_small, hu_zyx.shape[1:], seconds, box, probabilities)
         if self.postprocess:
-            with _timer(seconds, "postprocess"):
+            with stage_timer(seconds, "postprocess"):
                 labels = postprocess_labels(labels)
         return labels
+
+
+class ProbabilityAverage(torch.nn.Module):
+    """An ensemble as one network: the log of its members' mean softmax probabilities, so that the
+    softmax the predictor takes of it gives that mean. Members see the same input."""
+
+    def __init__(self, members: Sequence[torch.nn.Module]) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members]).mean(dim=0)
+        return torch.log(mean.clamp_min(torch.finfo(mean.dtype).tiny))
+
+
+def _load_member(checkpoint: Path, device: torch.device, ptv_margin_mm: float | None,
+                 context_slices: int | None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """One checkpoint's network and what it needs (window, size, crop, PTV, context, width);
+    :class:`CheckpointError` for a checkpoint prediction cannot use."""
+    try:
+        model, record = load_checkpoint_model(checkpoint, device)
+        k = checkpoint_context_slices(record, context_slices, checkpoint)
+        ptv = checkpoint_ptv(record, ptv_margin_mm)
+    except ValueError as exc:
+        raise CheckpointError(str(exc) if str(checkpoint) in str(exc) else f"{checkpoint}: {exc}") from None
+    window, size, crop = preprocessing_of(record, checkpoint)
+    config = record.get("model_config", {})
+    if config.get("in_channels") != 2 * k + 1 or config.get("out_channels") != organs.NUM_CLASSES:
+        raise CheckpointError(
+            f"{checkpoint}: the model maps {config.get('in_channels')} channel(s) to "
+            f"{config.get('out_channels')} classes; expected {2 * k + 1} CT channel(s) -> {organs.NUM_CLASSES} labels"
+        )
+    labels = {str(k): str(v) for k, v in (record.get("labels") or {}).items()}
+    if labels and labels != label_table():
+        raise CheckpointError(f"{checkpoint}: its labels {labels} differ from thoracic_seg/organs.py {label_table()}; "
+                              "the label values would be misread")
+    return model, {"window": window, "size": size, "crop": crop, "ptv": ptv,
+                   "context_slices": k, "base_channels": int(config.get("base_channels", 64))}
 
 
 def preprocessing_of(
@@ -282,7 +336,7 @@ def preprocessing_of(
 
 
 @contextlib.contextmanager
-def _timer(seconds: dict[str, float], stage: str, device: torch.device | None = None) -> Iterator[None]:
+def stage_timer(seconds: dict[str, float], stage: str, device: torch.device | None = None) -> Iterator[None]:
     """Add the wall time of the block to ``seconds[stage]`` (waiting for the GPU to finish)."""
     start = time.perf_counter()
     try:
