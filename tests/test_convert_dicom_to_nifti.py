@@ -584,6 +584,9 @@ def _set_raw(ds: pydicom.Dataset, keyword: str, vr: str, value: bytes) -> None:
     ("NumberOfFrames", "IS", b"1e309", r"000002\.dcm: NumberOfFrames is '1e309'; expected an integer \(1\)$"),
     ("RescaleSlope", "DS", b"NaN", r"000002\.dcm: RescaleSlope is 'NaN'; expected one finite number$"),
     ("RescaleSlope", "DS", b"abc", r"000002\.dcm: RescaleSlope is 'abc'; expected one finite number$"),
+    ("RescaleSlope", "DS", b"0", r"000002\.dcm: RescaleSlope is '0'; expected a number > 0 \(0 or a negative "
+                                 r"slope would give flat or inverted HU\)$"),
+    ("RescaleSlope", "DS", b"-1", r"000002\.dcm: RescaleSlope is '-1'; expected a number > 0"),
     ("RescaleIntercept", "DS", b"-inf", r"000002\.dcm: RescaleIntercept is '-inf'; expected one finite number$"),
     ("RescaleIntercept", "DS", b"19206321827", r"000002\.dcm: HU range \[1\.92063e\+10, 1\.92063e\+10\] .* "
                                               r"RescaleIntercept 1\.92063e\+10\) does not fit int16"),
@@ -592,7 +595,7 @@ def _set_raw(ds: pydicom.Dataset, keyword: str, vr: str, value: bytes) -> None:
                                                  r"fit the NIfTI header \(float32\)$"),
     ("PhotometricInterpretation", "CS", b"BAD\nVALUE", r"000002\.dcm: cannot decode pixel data \(\S+ VR Little "
                                                      r"Endian\): ValueError: .*'BAD VALUE'$"),
-], ids=["frames-text", "frames-inf", "slope-nan", "slope-text", "intercept-inf", "intercept-beyond-int32",
+], ids=["frames-text", "frames-inf", "slope-nan", "slope-text", "slope-zero", "slope-negative", "intercept-inf", "intercept-beyond-int32",
         "rows-empty", "position-beyond-float32", "photometric-newline"])
 def test_hostile_header_value_fails_naming_the_file(tmp_path, template, keyword, vr, value, match):
     raw = tmp_path / "raw"

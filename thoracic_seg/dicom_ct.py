@@ -26,7 +26,7 @@ from thoracic_seg.rtstruct_read import referenced_uids
 log = logging.getLogger(__name__)
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 #: Header elements read while scanning a collection (everything but these is skipped); the two
-#: RTSTRUCT sequences are what :func:`extract_multi_organ_masks.referenced_uids` reads.
+#: RTSTRUCT sequences are what :func:`thoracic_seg.rtstruct_read.referenced_uids` reads.
 SCAN_TAGS = (
     "PatientID", "SOPClassUID", "Modality", "SeriesInstanceUID", "StudyInstanceUID",
     "FrameOfReferenceUID", "NumberOfFrames", "ReferencedFrameOfReferenceSequence", "StructureSetROISequence",
@@ -183,7 +183,7 @@ def find_dicom_series(root: Path | str) -> list[PatientDicom]:
 
     Returns the patients sorted by ``patient_id``. Two patients can share a ``patient_id``
     when different PatientIDs become the same file name (``../../etc`` and ``etc``); the caller
-    must refuse to write either (``run`` does).
+    must refuse to write either (``convert_dicom_to_nifti.run`` does).
     """
     root = Path(root)
     groups: dict[str, dict] = {}
@@ -451,14 +451,18 @@ def _resampling_plan(distances: np.ndarray, fill_gaps: bool, where: str):
 
 
 def _rescale(ds: pydicom.Dataset, keyword: str, default: float, path: Path) -> float:
-    """RescaleSlope/RescaleIntercept as a finite float (``default`` when absent, empty or 0 as before)."""
+    """RescaleSlope/RescaleIntercept as a finite float (``default`` when absent or empty). A slope of
+    0 or below fails the patient: it would flatten or invert the Hounsfield scale silently."""
     value = _value(ds, keyword, default)
     try:
-        number = float(value or default)
+        number = float(default if value is None or value == "" else value)
     except (TypeError, ValueError):
         number = math.nan
     if not math.isfinite(number):
         raise PatientError(f"{path}: {keyword} is {value!r}; expected one finite number")
+    if keyword == "RescaleSlope" and number <= 0:
+        raise PatientError(f"{path}: RescaleSlope is {value!r}; expected a number > 0 (0 or a negative slope "
+                           "would give flat or inverted HU)")
     return number
 
 
