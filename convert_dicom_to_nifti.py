@@ -1,27 +1,15 @@
 """Phase 2: DICOM CT series -> NIfTI volumes (int16 HU) that keep the true patient geometry.
 
 ``<dicom-root>`` (default ``<data-root>/raw``, any nesting) -> ``<data-root>/processed/ct_nifti/<PatientID>.nii.gz``
-plus ``conversion_report.csv`` (one row per patient; Phase 2.5 reads it to pair RTSTRUCTs with the CT).
+plus ``conversion_report.csv`` (one row per patient; phase 2.5 reads it to pair RTSTRUCTs with the CT).
 
     python convert_dicom_to_nifti.py --data-root DATA [--dicom-root DIR] [--fill-gaps] [--patients ID ...]
 
-How a patient is converted:
-
-1. :func:`find_dicom_series` reads the headers (never the pixels) of every file below the root and
-   groups the CT image files by DICOM PatientID and SeriesInstanceUID. RTSTRUCT / RTPLAN / RTDOSE /
-   SEG / SR / PR and other non-CT objects are set aside; unreadable or non-DICOM files are reported.
-2. :func:`choose_ct_series` takes the series the patient's RTSTRUCT references, else the one with the
-   most slices, and says why when there was a choice. The references are read by phase 2.5's
-   ``extract_multi_organ_masks.referenced_uids`` (the one RTSTRUCT reference reader), so both phases
-   see the same series and frames of reference.
-3. :func:`read_ct_series` sorts the slices along the slice normal (never by file name or
-   InstanceNumber), drops exact duplicates, refuses gantry tilt / shear / non-axial stacks, detects
-   missing slices (fails, or with ``fill_gaps`` interpolates them linearly onto the nominal
-   spacing), applies each slice's own RescaleSlope/Intercept and returns an int16 HU SimpleITK image
-   in DICOM LPS geometry. Compressed transfer syntaxes decode through pydicom's plugins.
-4. The image is written atomically; SimpleITK stores the LPS geometry as the NIfTI RAS affine.
-
-The same image comes out of ``SimpleITK.ImageSeriesReader`` on a clean series, voxel for voxel.
+The reading is ``thoracic_seg/dicom_ct.py``: a header scan (``find_dicom_series``), the series the
+RTSTRUCT references, else the longest (``choose_ct_series``), read as int16 HU on its LPS grid
+(``read_ct_series``: slices sorted along the normal, tilt refused, gaps failed or ``--fill-gaps``).
+Here each image is written atomically (SimpleITK stores LPS as the NIfTI RAS affine) with its report
+row. On a clean series the image equals ``SimpleITK.ImageSeriesReader``'s, voxel for voxel.
 """
 from __future__ import annotations
 
@@ -40,26 +28,17 @@ import SimpleITK as sitk
 
 from thoracic_seg.batch import (
     DONE, FAILED, SKIPPED, PatientError, PatientResult, add_common_arguments, check_writable, exit_status,
-    run_batch, setup_logging, summary_line, write_nifti, write_text_atomic,
+    setup_logging, summary_line, write_nifti, write_text_atomic,
 )
 from thoracic_seg.dicom_ct import (
     PatientDicom, SeriesInfo, choose_ct_series, find_dicom_series, read_ct_series,
 )
 from thoracic_seg.layout import DEFAULT_DATA_ROOT, REPORT_COLUMNS, REPORT_NAME, DataLayout, read_report
+from thoracic_seg.batch import run_batch_into_report
 
 log = logging.getLogger(__name__)
 
 PHASE = "Phase 2"
-
-
-# --------------------------------------------------------------------------------------------
-# What a collection holds (headers only)
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# Reading one series
-# --------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,13 +190,9 @@ def run(*, data_root: Path | str = DEFAULT_DATA_ROOT, dicom_root: Path | str | N
     reported = frozenset(read_report(report_path))
     task = functools.partial(_convert_safely, out_dir=out_dir, fill_gaps=fill_gaps, overwrite=overwrite,
                              reported=reported)
-    # Each patient's row is merged into the report as it finishes: a killed run keeps its rows.
-    for result in run_batch(todo, task, workers=workers, desc=PHASE, patient_id_of=lambda p: p.patient_id,
-                            on_result=lambda r: _write_report(report_path, [r])):
-        results[result.patient_id] = result
-    ordered = [results[p] for p in wanted]
-    _write_report(report_path, ordered)
-    return ordered
+    return run_batch_into_report(todo, task, write_report=functools.partial(_write_report, report_path),
+                                 results=results, wanted=wanted, workers=workers, desc=PHASE,
+                                 patient_id_of=lambda p: p.patient_id)
 
 
 def build_parser() -> argparse.ArgumentParser:

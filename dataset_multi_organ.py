@@ -1,27 +1,16 @@
 """Phase 4 (loading): a PyTorch dataset of axial slices read through memory maps of the phase 3
-training cache, with anatomy-safe augmentation and a tumour-oversampling sampler. The cache is
-already in the network's one orientation (head-first supine, LPS: phase 3's
-``normalize_ct_and_masks.to_network_orientation``), so slices are served as they are stored.
+training cache (already in the network's LPS orientation, ``thoracic_seg/grid.py``), with
+anatomy-safe augmentation and a tumour-oversampling sampler.
 
     ds = MultiOrganDataset("train", data_root="DATA", splits_dir="splits", augment=True)
     loader = DataLoader(ds, batch_size=16, sampler=make_tumour_oversampling_sampler(ds), num_workers=2)
 
-Construction reads only each patient's ``meta.json`` and the ``.npy`` headers (no voxel); an item
-reads one slice from a memory map that each worker process opens on first use, so nothing is
-decompressed per item and no open file is pickled into a worker.
-
-With ``num_workers > 0`` most of the loading time is the DataLoader moving batches between
-processes (12 MB per batch of 16 float32 images and int64 masks at 256x256). ``compact=True``
-items keep the cache's dtypes (float16 image, uint8 mask: 4x fewer bytes);
-:func:`batch_to_device` widens them on the training device:
-
-    ds = MultiOrganDataset("train", data_root="DATA", compact=True)
-    for batch in DataLoader(ds, batch_size=16, num_workers=2):
-        batch = batch_to_device(batch, device)  # image float32, mask int64
-
-Slice context (2.5D): ``context_slices=K`` serves the slice and its K neighbours on each side as
-2K + 1 input channels, clamped at the ends of the volume (:func:`context_indices`, the one rule that
-training, evaluation and prediction share); the mask is the middle slice's. K = 0 is one channel.
+Construction reads only each patient's ``meta.json`` and ``.npy`` headers; an item reads one slice
+from a memory map each worker process opens on first use (nothing decompressed per item).
+``compact=True`` items keep the cache's float16 / uint8 (4x less DataLoader transport, 12 MB per
+batch of 16 at 256 px otherwise); :func:`batch_to_device` widens them on the training device.
+``context_slices=K`` (2.5D) serves 2K + 1 channels by ``grid.context_indices``, the rule that
+training, evaluation and prediction share; the mask is the middle slice's.
 """
 from __future__ import annotations
 
@@ -68,11 +57,11 @@ def read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, bool]:
 class SliceAugmentation:
     """Random in-plane rotation, scaling, optional elastic warp and intensity jitter of one slice.
 
-    One random spatial transform is applied to the image (bilinear) and to the mask (nearest
-    neighbour), so labels move with the anatomy and no new label value appears. There is no
-    left-right flip: the lungs are labelled by the patient's side (3 right, 4 left), and a mirrored
-    thorax (heart on the right) is not an anatomy the model will meet. Outside the original slice
-    the image is filled with the slice's minimum (air) and the mask with background.
+    One random spatial transform and one jitter are applied to every image channel (bilinear) and
+    to the mask (nearest neighbour), so labels move with the anatomy and no new label value appears.
+    There is no left-right flip: the lungs are labelled by the patient's side (3 right, 4 left), and
+    a mirrored thorax (heart on the right) is not an anatomy the model will meet. Outside the
+    original slice the image is filled with its minimum (air) and the mask with background.
 
     Args:
         max_rotation_deg: rotation drawn uniformly in [-max, +max] degrees.
@@ -124,7 +113,8 @@ class SliceAugmentation:
     def __call__(
         self, image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``image`` float32 (1, S, S), ``mask`` int64 (S, S) -> augmented copies, same shapes."""
+        """``image`` float32 (C, S, S), C = 2K + 1 context slices, ``mask`` int64 (S, S) -> augmented
+        copies, same shapes."""
         def uniform(low: float, high: float) -> float:
             return low + (high - low) * float(torch.rand((), generator=generator))
 

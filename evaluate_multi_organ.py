@@ -5,10 +5,10 @@ metrics.csv, summary.md, summary.json, dice_boxplot.png, predictions/<PatientID>
 
     python evaluate_multi_organ.py --checkpoint runs/demo/best_unet_multi_organ.pth --split test
 
-Each patient's CT is segmented by prediction's own path (``predict_multi_organ.Predictor``: the
+Each patient's CT is segmented by prediction's own path (``thoracic_seg.inference.Predictor``: the
 checkpoint's preprocessing applied to the HU volume, float32 by default), so the labels scored
 here are those ``predict_multi_organ.py`` writes. Each structure is scored in 3D at the CT's own
-resolution (:func:`score_structures`); unannotated structures are not scored.
+resolution (``thoracic_seg.metrics.score_structures``); unannotated structures are not scored.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -27,9 +27,11 @@ import SimpleITK as sitk
 from thoracic_seg import organs
 from thoracic_seg.batch import (
     DONE, FAILED, PatientError, PatientResult, check_same_geometry, exit_status, file_sha256, positive_int,
-    read_nifti, run_batch, setup_logging, summary_line, write_nifti, write_text_atomic,
+    read_nifti, run_batch, run_from_command_line, setup_logging, summary_line, write_nifti, write_text_atomic,
 )
 from thoracic_seg.figures import FIGURES, dice_boxplot_figure, save_figure
+from thoracic_seg.image_grid import segment_image
+from thoracic_seg.inference import Predictor
 from thoracic_seg.layout import (
     BEST_CHECKPOINT, DEFAULT_DATA_ROOT, DEFAULT_SPLITS_DIR, DataLayout, read_mask_record,
 )
@@ -38,19 +40,10 @@ from thoracic_seg.postprocess import describe_postprocess
 from thoracic_seg.precision import DEFAULT_PREDICTION_PRECISION, PREDICTION_PRECISIONS
 from thoracic_seg.ptv import PTV_DERIVED
 from thoracic_seg.splits import load_split
-from thoracic_seg.image_grid import segment_image
-
-if TYPE_CHECKING:
-    from thoracic_seg.inference import Predictor
 
 log = logging.getLogger(__name__)
 
 PROVENANCE_FILE = "provenance.json"
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics (pure functions on z-y-x boolean volumes)
-# --------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,7 +64,7 @@ def truth_record(layout: DataLayout, patient_id: str) -> tuple[list[bool], dict[
 
 
 def evaluate_patient(
-    patient_id: str, *, predictor: "Predictor", layout: DataLayout, predictions_dir: Path, overwrite: bool = False,
+    patient_id: str, *, predictor: Predictor, layout: DataLayout, predictions_dir: Path, overwrite: bool = False,
 ) -> PatientResult:
     """Predict (or reuse the saved prediction of) one patient, write it on the CT grid, score it.
 
@@ -255,10 +248,6 @@ def run(
     _check_provenance(predictions_dir, {"checkpoint_sha256": file_sha256(checkpoint), "postprocess": postprocess,
                                         "postprocess_rule": rule}, overwrite)
 
-    from thoracic_seg.inference import (
-        Predictor,  # it imports this module's post-processing
-    )
-
     predictor = Predictor.load(checkpoint, device=device, precision=precision, batch_size=batch_size,
                                postprocess=postprocess, context_slices=context_slices)
     log.info("evaluating %d patients (%s) with %s -> %s", len(patient_ids),
@@ -319,13 +308,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    try:
-        results = run(checkpoint=args.checkpoint, data_root=args.data_root, split=args.split,
-                      splits_dir=args.splits_dir, patients=args.patients, output_dir=args.output_dir,
-                      batch_size=args.batch_size, device=args.device, postprocess=args.postprocess,
-                      overwrite=args.overwrite, context_slices=args.context_slices, precision=args.precision)
-    except (FileNotFoundError, ValueError) as exc:
-        parser.error(str(exc))
+    results = run_from_command_line(
+        parser, run, checkpoint=args.checkpoint, data_root=args.data_root, split=args.split,
+        splits_dir=args.splits_dir, patients=args.patients, output_dir=args.output_dir, batch_size=args.batch_size,
+        device=args.device, postprocess=args.postprocess, overwrite=args.overwrite,
+        context_slices=args.context_slices, precision=args.precision)
     print(summary_line("Phase 5b", results, done_word="evaluated"))
     return exit_status(results)
 

@@ -1,36 +1,15 @@
 """Phase 2.5: RTSTRUCT contours -> one multi-organ label map per patient.
 
 ``<data-root>/processed/ct_nifti/<PatientID>.nii.gz`` (+ ``conversion_report.csv``) and the RTSTRUCTs
-found anywhere under each patient's DICOM folder -> ``<data-root>/processed/masks_multi_organ/
-<PatientID>.nii.gz`` (uint8 labels 0-7 from ``organs.py``, exactly the CT's grid and affine)
-+ ``structures.csv`` (what each label holds, per patient) + ``unmatched_roi_names.csv``.
+under each patient's DICOM folder -> ``<data-root>/processed/masks_multi_organ/<PatientID>.nii.gz``
+(uint8 labels 0-7 of ``thoracic_seg/organs.py`` on the CT's exact grid and affine) + ``<PatientID>.json``
+(annotated flags, how the PTV is made, inputs fingerprint) + ``structures.csv`` + ``unmatched_roi_names.csv``.
 
     python extract_multi_organ_masks.py --data-root DATA [--ptv-margin-mm 10] [--no-derived-ptv]
 
-How a mask is made:
-
-* RTSTRUCTs are paired with the converted CT through UIDs (referenced series, else frame of
-  reference), never through folder names; RTSTRUCTs that reference something else are reported.
-* CLOSED_PLANAR contours are rasterised in patient coordinates (DICOM LPS mm) onto the CT grid:
-  a voxel is inside when its centre is inside the polygon; all contours of one ROI on one slice
-  are combined with the even-odd rule, so holes (a contour inside another) stay holes. A contour
-  goes to the slice within half a slice thickness of its z; contours are placed by their
-  coordinates only, so references to SOP instances missing from the series do not matter.
-* All GTVs are fused into label 1; ``Lungs-Total`` is split into right and left lung at the
-  patient's midline (spinal cord centre per slice, else the lungs' centroid). Overlaps are resolved
-  with ``organs.PRIORITY``.
-* The PTV, as in the clinic, is *made*, not segmented: without a PTV ROI (no NSCLC-Radiomics patient
-  has one) the label map holds the contoured structures only, and ``structures.csv`` and the record
-  ``<PatientID>.json`` mark the PTV *derived* (``GTV + 10 mm``, ``--ptv-margin-mm``): training does
-  not teach label 2 for that patient, and evaluation and prediction grow the GTV with
-  :func:`ptv_from_gtv` (the one GTV -> PTV function of the repository). A contoured PTV ROI stays
-  label 2 and is trained and scored as a label.
-* ``<PatientID>.json`` beside each label map records the annotated flags, how the PTV is made and a
-  fingerprint of the inputs (CT NIfTI, RTSTRUCT files, settings): a run without ``--overwrite``
-  redoes a patient whose inputs or settings changed, and phase 3 reads its flags from it.
-
-Shared from here: :func:`referenced_uids` (the one RTSTRUCT reference reader, also phase 2's) and the
-one even-odd rasteriser (:func:`fill_polygons_2d` per slice, also the synthetic cohort's truth maps).
+RTSTRUCTs are paired with the CT through UIDs, never folder names (:func:`select_rtstructs`), and read
+and rasterised (even-odd, voxel centres in LPS mm) by ``thoracic_seg/rtstruct_read.py``. Without a PTV
+ROI the PTV is derived (GTV + margin, ``thoracic_seg/ptv.py``) and never painted: docs/labels.md.
 """
 from __future__ import annotations
 
@@ -52,44 +31,24 @@ import numpy as np
 from thoracic_seg import organs
 from thoracic_seg.batch import (
     DONE, FAILED, SKIPPED, PatientError, PatientResult, add_common_arguments, check_same_geometry,
-    check_writable, exit_status, file_sha256, fingerprint, run_batch, setup_logging, summary_line,
-    write_nifti, write_text_atomic,
+    check_writable, exit_status, file_sha256, fingerprint, run_batch_into_report, run_from_command_line,
+    setup_logging, summary_line, write_nifti, write_text_atomic,
 )
 from thoracic_seg.geometry import BoxMask, Grid
 from thoracic_seg.layout import (
     CONVERSION_REPORT, DEFAULT_DATA_ROOT, PROCESSED_FORMAT, STRUCTURES_COLUMNS, STRUCTURES_CSV, UNMATCHED_CSV,
-    DataLayout, _read_csv, read_mask_record, record_path,
+    DataLayout, read_csv_rows, read_mask_record, record_path,
 )
 from thoracic_seg.ptv import (
     DEFAULT_PTV_MARGIN_MM, PTV_CONTOURED, PTV_DERIVED, PTV_NONE, expand_mm, ptv_description,
 )
 from thoracic_seg.rtstruct_read import (
-    Roi, _even_odd_fill, _Notes, _planar_polygons, find_rtstruct_files, read_rois, referenced_uids,
+    RasterNotes, Roi, even_odd_fill, find_rtstruct_files, planar_polygons, read_rois, referenced_uids,
 )
 
 log = logging.getLogger(__name__)
 
 UNMATCHED_COLUMNS = ("roi_name", "patients", "patient_ids")
-
-
-# --------------------------------------------------------------------------------------------
-# Geometry
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# Masks confined to a bounding box (a lung is ~5% of the volume; never allocate the full grid per ROI)
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# RTSTRUCT reading
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# Rasterisation
-# --------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,17 +134,18 @@ def build_structures(
     *,
     ptv_margin_mm: float = DEFAULT_PTV_MARGIN_MM,
     derive_ptv: bool = True,
-    notes: _Notes | None = None,
+    notes: RasterNotes | None = None,
 ) -> tuple[dict[int, StructureMask], list[str]]:
     """Turn ROIs into one mask per label 1-7 (before the priority overlay).
 
     Returns ``({label: StructureMask}, unmatched ROI names)``. ROI names are matched with
     ``organs.match_roi_name``; several ROIs of one label (all GTVs, duplicate names) are merged by
     union. A ROI without a usable contour provides nothing (its structure may stay not annotated).
+    A both-lungs ROI (``Lungs-Total``) fills each lung not contoured alone (:func:`split_at_midline`).
     Without a PTV ROI and with ``derive_ptv``, the PTV is the GTV grown by ``ptv_margin_mm``: its
     mask is kept for the record (volume) but it stays *not annotated* and is never painted.
     """
-    notes = notes if notes is not None else _Notes()
+    notes = notes if notes is not None else RasterNotes()
     structures = {label: StructureMask(label) for label in organs.FOREGROUND_LABELS}
     both_lungs = StructureMask(organs.BOTH_LUNGS)
     cord_polygons: list[tuple[int, np.ndarray]] = []
@@ -198,14 +158,14 @@ def build_structures(
             if roi.name not in unmatched:
                 unmatched.append(roi.name)
             continue
-        polygons = _planar_polygons(roi.contours, grid, roi.name, notes)
+        polygons = planar_polygons(roi.contours, grid, roi.name, notes)
         if not polygons:
             notes.add(f"ROI {roi.name!r} has no usable contour: it annotates nothing")
             continue
         if label == organs.SPINAL_CORD:
             cord_polygons.extend(polygons)
         target = both_lungs if label == organs.BOTH_LUNGS else structures[label]
-        target.mask = target.mask.union(_even_odd_fill(polygons, grid.shape_zyx))
+        target.mask = target.mask.union(even_odd_fill(polygons, grid.shape_zyx))
         target.annotated = True
         if roi.name not in target.source_rois:
             target.source_rois.append(roi.name)
@@ -392,7 +352,7 @@ def extract_patient(job: PatientJob, settings: Settings = Settings()) -> Patient
             return PatientResult(pid, SKIPPED, f"{job.output_path.name} is up to date (use --overwrite to redo it)")
     reader = _read_grid(job.ct_path)
     grid = Grid.of(reader)
-    candidates, notes = [], _Notes()
+    candidates, notes = [], RasterNotes()
     for path in job.rtstruct_files:
         try:
             ds = pydicom.dcmread(path)
@@ -477,13 +437,13 @@ def write_summaries(masks_dir: Path, results: Sequence[PatientResult]) -> None:
     done = {r.patient_id: r.info for r in results if r.status == DONE and "rows" in r.info}
     if not done:
         return
-    rows = [row for row in _read_csv(masks_dir / STRUCTURES_CSV) if row["patient_id"] not in done]
+    rows = [row for row in read_csv_rows(masks_dir / STRUCTURES_CSV) if row["patient_id"] not in done]
     rows += [row for info in done.values() for row in info["rows"]]
     rows.sort(key=lambda r: (str(r["patient_id"]), int(r["label"])))
     write_text_atomic(masks_dir / STRUCTURES_CSV, _csv_text(STRUCTURES_COLUMNS, rows))
 
     patients_of: dict[str, set[str]] = defaultdict(set)
-    for row in _read_csv(masks_dir / UNMATCHED_CSV):
+    for row in read_csv_rows(masks_dir / UNMATCHED_CSV):
         for pid in filter(None, (row.get("patient_ids") or "").split("|")):
             if pid not in done:
                 patients_of[row["roi_name"]].add(pid)
@@ -499,7 +459,7 @@ def write_summaries(masks_dir: Path, results: Sequence[PatientResult]) -> None:
 # Batch
 # --------------------------------------------------------------------------------------------
 def _conversion_rows(ct_dir: Path) -> dict[str, dict[str, str]]:
-    rows = _read_csv(ct_dir / CONVERSION_REPORT)
+    rows = read_csv_rows(ct_dir / CONVERSION_REPORT)
     return {row.get("patient_id", ""): row for row in rows}  # a later row (re-run) wins
 
 
@@ -561,7 +521,7 @@ def run(
     results: dict[str, PatientResult] = {}
     jobs: list[PatientJob] = []
     scanned: dict[Path, list[tuple[Path, str]]] = {}
-    summarised = {row["patient_id"] for row in _read_csv(layout.masks / STRUCTURES_CSV)}
+    summarised = {row["patient_id"] for row in read_csv_rows(layout.masks / STRUCTURES_CSV)}
     for pid in wanted:
         row = report.get(pid)
         output = layout.masks / f"{pid}.nii.gz"
@@ -580,14 +540,10 @@ def run(
             jobs.append(PatientJob(pid, layout.ct_nifti / f"{pid}.nii.gz", row.get("series_uid", "") or "",
                                    row.get("frame_of_reference_uid", "") or "", rtstructs, output, folder,
                                    summarised=pid in summarised))
-    # Each patient's rows are merged into the summaries as it finishes: a killed run keeps its rows.
-    batch = run_batch(jobs, functools.partial(_task, settings=Settings(ptv_margin_mm, derive_ptv, overwrite)),
-                      workers=workers, desc="Phase 2.5 masks", patient_id_of=lambda job: job.patient_id,
-                      on_result=lambda result: write_summaries(layout.masks, [result]))
-    results.update((r.patient_id, r) for r in batch)
-    ordered = [results[pid] for pid in wanted]
-    write_summaries(layout.masks, ordered)
-    return ordered
+    task = functools.partial(_task, settings=Settings(ptv_margin_mm, derive_ptv, overwrite))
+    return run_batch_into_report(jobs, task, write_report=functools.partial(write_summaries, layout.masks),
+                                 results=results, wanted=wanted, workers=workers, desc="Phase 2.5 masks",
+                                 patient_id_of=lambda job: job.patient_id)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -612,12 +568,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (args.ptv_margin_mm >= 0 and math.isfinite(args.ptv_margin_mm)):
         parser.error(f"--ptv-margin-mm must be >= 0, got {args.ptv_margin_mm}")
     setup_logging(args.verbose)
-    try:
-        results = run(data_root=args.data_root, dicom_root=args.dicom_root, patients=args.patients,
-                      workers=args.workers, overwrite=args.overwrite, ptv_margin_mm=args.ptv_margin_mm,
-                      derive_ptv=not args.no_derived_ptv)
-    except (PermissionError, FileNotFoundError) as exc:  # FileNotFoundError: no patient at all
-        log.error("%s", exc)
+    results = run_from_command_line(  # FileNotFoundError: no patient at all
+        parser, run, errors=(PermissionError, FileNotFoundError), usage_error=False, data_root=args.data_root,
+        dicom_root=args.dicom_root, patients=args.patients, workers=args.workers, overwrite=args.overwrite,
+        ptv_margin_mm=args.ptv_margin_mm, derive_ptv=not args.no_derived_ptv)
+    if results is None:
         return 1
     print(summary_line("Phase 2.5", results, done_word="extracted"))
     return exit_status(results)

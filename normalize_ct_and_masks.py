@@ -8,38 +8,10 @@ memory-mappable training cache.
 
     python normalize_ct_and_masks.py --data-root DATA [--window -1000 400] [--size 256] [--crop-body]
 
-Per patient: the volume is first brought to the network's one orientation (head-first supine
-axial, ``LPS``: patient right on image left, anterior up) by axis permutations and flips only
-(:func:`to_network_orientation`; an oblique volume is refused), so a feet-first or prone series
-reaches the network as the training data do; the phase-2 NIfTIs keep their stored order. Then
-HU are clipped to the window, z-scored with the mean and standard deviation of the windowed
-volume (recorded in ``normalization.json``), and every axial slice is resized in-plane
-(bilinear, anti-aliased when shrinking, for CT; nearest neighbour for labels, so no new label
-value can appear). Slices are kept one for one, so z never changes. The NIfTI geometry is updated
-so that the normalized volumes overlay the originals voxel corner for voxel corner; the original
-shape, spacing, origin and direction (phase 2's stored grid) and the orientation step
-(``"orientation": {"stored": "RPI", "network": "LPS"}``) are recorded so predictions can be mapped back.
-
-``--crop-body`` (off by default; ``--crop-margin-mm``, default 10): after the z-score (whose
-statistics stay those of the whole windowed volume) every slice is cropped to the square in-plane
-box of the body (:func:`body_box`: the largest 3D connected component above -500 HU, plus the
-margin, shifted inside the image, padded with air where a square cannot fit) and only then
-resized, so the pixels are finer (about 1.4 mm instead of 1.95 mm at 256 px on a 500 mm field of
-view). The box is recorded on the network-orientation grid: ``"crop": {"method": "body",
-"threshold_hu": -500, "margin_mm": 10, "box_yx": [y0, x0, side]}`` (``null`` without the option);
-the normalized NIfTIs start at the box corner, so they still overlay the CT.
-
-``meta.json`` records the annotated flags and how the PTV is made (from phase 2.5's record) and a
-fingerprint of the inputs (CT and label-map bytes, phase 2.5's flags and PTV margin): a run without
-``--overwrite`` redoes a patient whose inputs changed and says so; the dataset, training and
-evaluation refuse a cache written by an earlier version (:func:`read_cache_meta`).
-
-The network grid <-> CT grid pair lives here; evaluation, prediction and the figures import it:
-orientation (``to_network_orientation`` / ``from_network_orientation``, exact), the body crop
-(``body_box`` / ``crop_to_box``; its settings and box read back by ``crop_settings_of`` /
-``crop_box_of``) and in-plane size (``resize_ct_slices`` / ``probabilities_to_ct_labels``, which
-also pastes the box back into the full grid). A cache without the orientation record (written by
-an earlier version) is redone without ``--overwrite`` and refused by the readers.
+The network grid (orientation to LPS, window and z-score, body crop, in-plane resize; z never
+changes) is ``thoracic_seg/grid.py``; :func:`normalize_patient` applies it and records each step
+and phase 2's grid in ``meta.json`` / ``normalization.json`` so labels can go back to the CT.
+Orientation and fingerprints: docs/reliability.md; the body crop: docs/training.md.
 """
 from __future__ import annotations
 
@@ -58,12 +30,12 @@ from thoracic_seg import organs
 from thoracic_seg.batch import (
     DONE, SKIPPED, PatientError, PatientResult, add_common_arguments, atomic_output, check_same_geometry,
     exit_status, file_sha256, fingerprint, list_patients, read_nifti, remove_stale_partials, run_batch,
-    setup_logging, summary_line, write_nifti, write_text_atomic,
+    run_from_command_line, setup_logging, summary_line, write_nifti, write_text_atomic,
 )
 from thoracic_seg.grid import (
     AIR_HU, CACHE_CT_DTYPE, DEFAULT_CROP_MARGIN_MM, DEFAULT_CROP_THRESHOLD_HU, DEFAULT_SIZE, DEFAULT_WINDOW,
-    NETWORK_ORIENTATION, _plain_number, apply_zscore, body_box, check_size, check_window, crop_settings,
-    crop_settings_of, crop_to_box, describe_crop, resize_ct_slices, resize_mask_slices, window_and_zscore,
+    NETWORK_ORIENTATION, apply_zscore, body_box, check_size, check_window, crop_settings, crop_settings_of,
+    crop_to_box, describe_crop, plain_number, resize_ct_slices, resize_mask_slices, window_and_zscore,
 )
 from thoracic_seg.image_grid import image_on_resized_grid, to_network_orientation
 from thoracic_seg.layout import (
@@ -72,36 +44,6 @@ from thoracic_seg.layout import (
 )
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------
-# Argument checks (shared by run() and the command line)
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# Intensities
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# Body crop (in plane, on the network-orientation grid, before the resize)
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# In-plane resizing (z is never touched)
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# Geometry
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# Orientation: one voxel order for the network (axis permutations and flips only, exact)
-# --------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,7 +99,7 @@ def _skip_or_why(out: dict[str, Path], fingerprint_now: str, window: tuple[float
         return None, "redone: its training cache was written by an earlier version (no orientation record)"
     if meta.get("inputs_fingerprint") != fingerprint_now:
         return None, "redone: its CT, label map or phase 2.5 record changed since it was normalised"
-    wanted = {"window": [_plain_number(v) for v in window], "size": size}
+    wanted = {"window": [plain_number(v) for v in window], "size": size}
     if any(meta.get(key) != value for key, value in wanted.items()):
         raise PatientError(  # a cohort must never mix two preprocessings
             f"{patient_id}: outputs exist with window {meta.get('window')} and size "
@@ -278,7 +220,7 @@ def normalize_patient(
         "annotated": [bool(a) for a in annotated],
         "ptv": record.get("ptv", {}),
         "inputs_fingerprint": fingerprint_now,
-        "window": [_plain_number(v) for v in window],
+        "window": [plain_number(v) for v in window],
         "mean": mean,
         "std": std,
         "size": size,
@@ -405,12 +347,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(f"argument --crop-margin-mm: {exc}")
     setup_logging(args.verbose)
-    try:
-        results = run(data_root=args.data_root, patients=args.patients, workers=args.workers,
-                      overwrite=args.overwrite, window=window, size=args.size, crop_body=args.crop_body,
-                      crop_margin_mm=margin)
-    except (ValueError, FileNotFoundError) as exc:  # FileNotFoundError: no patient at all
-        log.error("%s", exc)
+    results = run_from_command_line(  # FileNotFoundError: no patient at all
+        parser, run, usage_error=False, data_root=args.data_root, patients=args.patients, workers=args.workers,
+        overwrite=args.overwrite, window=window, size=args.size, crop_body=args.crop_body, crop_margin_mm=margin)
+    if results is None:
         return 1
     print(summary_line("Phase 3", results, done_word="normalized"))
     return exit_status(results)

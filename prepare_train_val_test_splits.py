@@ -6,12 +6,8 @@ made once and kept.
 
     python prepare_train_val_test_splits.py --data-root DATA [--splits-dir splits] [--seed 42] [--force]
 
-Whole patients go to one split, never slices. The assignment is an iterative stratification
-(Sechidis et al., 2011): structures are handled from the most rarely annotated to the most common,
-and each patient annotated with that structure goes to the split that has none of it yet, else
-to the split furthest below its share of it. So every split gets patients with each structure
-annotated where the data allows (the heart is contoured in only ~30% of NSCLC-Radiomics: a test
-split without one measures nothing). Deterministic for a seed.
+Whole patients go to one split, never slices; every split gets patients with each structure annotated
+where the data allows (:func:`assign_splits`); the same seed gives the same splits.
 """
 from __future__ import annotations
 
@@ -37,11 +33,6 @@ DEFAULT_FRACTIONS: tuple[float, float, float] = (0.70, 0.15, 0.15)
 # Who gets a patient when there are too few to go round (patients, or patients with a rare
 # structure): train first (to learn it), then test (to measure it), then val.
 _PREFERENCE: tuple[str, ...] = ("train", "test", "val")
-
-
-# --------------------------------------------------------------------------------------------
-# Split files
-# --------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,6 +83,11 @@ def assign_splits(
     seed: int = DEFAULT_SEED,
 ) -> dict[str, list[str]]:
     """Stratified patient-level split -> ``{"train": [...], "val": [...], "test": [...]}`` (sorted).
+
+    Iterative stratification (Sechidis et al., 2011): from the most rarely annotated structure to the
+    most common, each patient with it goes to a split that has none of it yet, else to the one furthest
+    below its share (the heart is contoured in ~30% of NSCLC-Radiomics; a test split without one
+    measures nothing).
 
     Args:
         patient_ids: P unique patient ids.

@@ -5,29 +5,12 @@
 
     python visualize_all_phases.py --data-root DATA --splits-dir DATA/splits [--patient ID] [--slice Z] [--run runs/demo]
 
-Figures (default patient: the first test patient; default slice: the one with the most structures):
-
-* ``phase2_dicom_to_nifti.png``  stored DICOM values | Hounsfield units | the saved NIfTI read back;
-* ``phase2_5_multi_organ.png``   CT, label map and overlay at three levels, legend of the structures;
-* ``phase3_normalization.png``   original HU | windowed | z-scored (network input), histograms below;
-* ``phase4_dataset_pytorch.png`` four training slices as ``MultiOrganDataset`` serves them;
-* ``dataset_statistics.png``     patients and slices per split, patients with each structure per split;
-* with ``--run DIR`` (a training run folder with ``history.json``/``history.csv`` and ``evaluation/``):
-  ``training_curves.png``, ``test_predictions.png`` (CT | truth | prediction | overlay for four test
-  slices, predictions read from the evaluation's label maps on the original CT grid) and
-  ``dice_boxplot.png`` (per-structure 3D Dice of the test patients).
-
-Label colours come from ``organs.py``. Images are shown as stored (z-y-x arrays of the DICOM grid:
-rows run anterior to posterior, columns patient right to left, the radiological view, for a
-head-first supine series); the phase 3 and phase 4 figures show the network's orientation (LPS,
-that view for every series: ``normalize_ct_and_masks.to_network_orientation``), the phase-2 CT
-brought to it for the comparison. Figures are
-drawn on :class:`matplotlib.figure.Figure` objects with the Agg canvas, so no global backend is set
-and the module is safe to import in a notebook.
-
-The one drawing of each figure lives here: training writes its curves with
-:func:`training_curves_figure` and evaluation its box plot with :func:`dice_boxplot_figure`
-(file names from :data:`FIGURES`); the run folder's file names are imported from ``train_multi_organ``.
+Default patient: the first test patient; default slice: the one with the most structures. The files
+are ``thoracic_seg.figures.FIGURES``, each drawn by one function of ``thoracic_seg/figures.py`` (the
+README shows them); ``--run DIR`` adds the training curves, test predictions and 3D Dice box plot.
+Phases 2 and 2.5 are shown in the stored array order (the radiological view for a head-first supine
+series), phases 3 and 4 in the network's LPS orientation. Matplotlib's object API on the Agg canvas:
+no global backend, safe to import in a notebook.
 """
 from __future__ import annotations
 
@@ -50,17 +33,13 @@ from thoracic_seg.figures import (
     training_curves_figure,
 )
 from thoracic_seg.layout import DEFAULT_DATA_ROOT, DEFAULT_SPLITS_DIR, DataLayout
+from thoracic_seg.batch import run_from_command_line
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT = Path("figures")
 PHASE_FIGURES = ("phase2", "phase2_5", "phase3", "phase4", "statistics")
 RUN_FIGURES = ("curves", "predictions", "dice")
-
-
-# --------------------------------------------------------------------------------------------
-# Colours and panels
-# --------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,26 +86,6 @@ def find_raw_slice(series_folder: Path, series_uid: str, image: sitk.Image, z: i
     return RawSlice(best[1], stored, np.asarray(apply_modality_lut(stored, ds), dtype=float),
                     float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0),
                     best[0])
-
-
-# --------------------------------------------------------------------------------------------
-# Phase 2.5: label map
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# Phase 3: windowing and z-scoring
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# Phase 4: what the dataset serves, and the splits
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# Training run and evaluation
-# --------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,11 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--dpi must be in 20-600, got {args.dpi}")
     if args.run_dir is not None and not args.run_dir.is_dir():
         parser.error(f"--run {args.run_dir}: no such folder")
-    try:
-        results = run(data_root=args.data_root, splits_dir=args.splits_dir, output=args.output,
-                      patient=args.patient, slice_index=args.slice_index, run_dir=args.run_dir, dpi=args.dpi)
-    except (FileNotFoundError, ValueError) as exc:
-        parser.error(str(exc))
+    results = run_from_command_line(parser, run, data_root=args.data_root, splits_dir=args.splits_dir,
+                                    output=args.output, patient=args.patient, slice_index=args.slice_index,
+                                    run_dir=args.run_dir, dpi=args.dpi)
     written = [r for r in results if r.path is not None]
     failed = [r.name for r in results if r.path is None]
     print(f"Figures: {len(written)} written to {args.output}, {len(failed)} not written"

@@ -4,20 +4,12 @@ NSCLC-Radiomics patients: seconds per patient and peak memory.
     .venv/bin/python benchmarks/bench_conversion.py [--repeats 3] [--sample-root DIR]
 
 Unpacks ../shared/data/nsclc-radiomics-sample.tar.xz into a temporary folder (or uses an unpacked
-``--sample-root``), then runs each phase on one patient at a time (``workers=1``, ``overwrite``),
-every (phase, patient) in a fresh Python process so that peak memory belongs to that run alone:
-
-* seconds: the phase's ``run()`` only (imports excluded), median of ``--repeats`` runs, plus the first
-  run and the median CPU time of the process (on a shared machine wall time also counts waiting);
-* peak RSS: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` over the untraced runs, minus the resident
-  size after the imports (so it counts what the phase itself needed, C++ buffers included);
-* traced peak: ``tracemalloc`` peak of one extra run (Python and numpy allocations only).
-
-Phase 2 reads the patient's own folder (``--dicom-root <sample>/<PatientID>``), as a one-patient
-collection. Prints a table and writes benchmarks/bench_conversion.json. Targets on a 2-core machine,
-per 100-slice 512x512 patient (these have 91 slices; the table scales seconds to 100 slices too):
-phase 2 <= 2.3 s including the .nii.gz write (dcm2niix), phase 2.5 <= 0.5 s for all structures
-(rt-utils ~2.2 s, plastimatch ~2.0 s), peak memory <= 3x the CT volume's size (int16).
+``--sample-root``) and runs each (phase, patient) in a fresh Python process (:func:`measure_child`);
+phase 2 reads the patient's own folder as a one-patient collection. Prints a table and writes
+benchmarks/bench_conversion.json. Targets on a 2-core machine, per 100-slice 512x512 patient (these
+have 91 slices; the table scales seconds to 100): phase 2 <= 2.3 s including the .nii.gz write
+(dcm2niix), phase 2.5 <= 0.5 s for all structures (rt-utils ~2.2 s, plastimatch ~2.0 s), peak
+memory <= 3x the CT volume's size (int16).
 """
 from __future__ import annotations
 
@@ -62,7 +54,14 @@ def _maxrss_bytes() -> int:
 
 
 def measure_child(phase: str, patient: str, data_root: Path, sample_root: Path, repeats: int) -> dict:
-    """Runs in the fresh process: time ``repeats`` runs of the phase, then one traced run."""
+    """Runs in the fresh process (peak memory is this run's alone): ``repeats`` timed runs of the
+    phase's ``run()`` (``workers=1``, ``overwrite``; imports excluded), then one traced run.
+
+    ``cpu_seconds`` beside ``seconds``: on a shared machine wall time also counts waiting.
+    ``peak_rss_bytes``: ``ru_maxrss`` over the timed runs minus the resident size after the imports
+    (what the phase itself needed, C++ buffers included); ``traced_peak_bytes``: the ``tracemalloc``
+    peak of the extra run (Python and numpy allocations only).
+    """
     import importlib
 
     import numpy  # noqa: F401  (imports are not part of the measurement)

@@ -33,9 +33,9 @@ ARCHIVE = REPO.parent / "shared" / "data" / "nsclc-radiomics-sample.tar.xz"
 OUTPUT_JSON = REPO / "benchmarks" / "bench_disk.json"
 FOLDERS = ("ct_nifti", "masks_multi_organ", "normalized_ct", "normalized_masks", "training_cache")
 #: What a Colab user needs on Drive to train (the loader reads only the cache) and to evaluate
-#: (the CT grids, the truth label maps and the cache).
+#: (the CTs, segmented from HU as prediction does, and the truth label maps).
 TRAIN_FOLDERS = ("training_cache",)
-EVALUATE_FOLDERS = ("ct_nifti", "masks_multi_organ", "training_cache")
+EVALUATE_FOLDERS = ("ct_nifti", "masks_multi_organ")
 
 
 def folder_bytes(folder: Path) -> int:

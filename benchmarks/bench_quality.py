@@ -6,58 +6,12 @@ training configurations side by side (issue 14).
     python benchmarks/bench_quality.py --device cuda                  # full network on a GPU
     .venv/bin/python benchmarks/bench_quality.py --markdown benchmarks/bench_quality.md
 
-What it measures. The two real NSCLC-Radiomics sample patients (``../shared/data``, unpacked
-into the work folder) plus any ``--extra-root DIR`` of DICOM patient folders are converted by
-phases 2 and 2.5 exactly as the pipeline does. They form the cross-validation cohort, split by
-patient into ``--folds`` folds (default: leave one patient out). For each configuration, fold
-and seed, the U-Net is trained on the other folds' patients (plus, with ``--synthetic N``, N
-synthetic patients of ``make_synthetic_cohort.generate_cohort``, in every fold's training set
-and never tested) for a fixed budget of ``--steps`` optimizer steps (Adam, cosine schedule over
-the budget, augmentation on, no validation patient: training then follows the training loss),
-and the held-out patients are scored in 3D on their CT grid by ``evaluate_multi_organ.run``
-(without post-processing; its saved predictions are reused when the checkpoint is the same).
-Post-processing is then applied to those predictions and the structures it changes scored again
-with the evaluation's own functions: the pipeline's ``--postprocess`` rule and each candidate of
-``thoracic_seg.postprocess.POSTPROCESS_CANDIDATES`` (every organ keeps its largest component, or loses
-the components under 10% / 1% of its largest). A third table pairs each with no post-processing
-(mean and worst Dice change) and marks, per structure, the candidate never worse on any measured
-fold and seed and best on average: how ``POSTPROCESS_MIN_FRACTION`` is chosen.
-
-Configurations (``--configs``; default ``2d 2.5d-k1 2.5d-k2 crop``): ``2d`` (one slice, the
-whole field of view), ``2.5d-kK`` (K neighbours per side, ``context_slices`` K), ``crop`` (phase 3
-crops each slice to the body first: ``normalize_ct_and_masks.run(crop_body=True)``), and
-combinations joined by ``+`` (``crop+2.5d-k1``). Phase 3 runs once per (size, crop) into its own
-data root that links phase 2/2.5's folders, so configurations sharing preprocessing share it.
-When the installed phase 3 has no ``crop_body`` option, the crop configurations are reported as
-skipped and the others run.
-
-Output: per structure x configuration x post-processing, Dice mean ± std and HD95 mean ± std (mm)
-over every (held-out patient, seed) scored (sample std; ``n`` rows; HD95 over finite values,
-``HD95 inf`` counts an empty prediction or truth), and a run table (training seconds, slices/s),
-printed as Markdown; ``--markdown FILE`` also writes them with the command and machine, ready to
-paste into benchmarks/RESULTS.md. The JSON (``--output``, default benchmarks/bench_quality.json)
-holds every per-patient, per-fold, per-seed row, the folds, each run, the command, the machine
-(CPU, torch, device), the budget and the wall time.
-
-Default sizing (CPU: ``--size 128 --base-channels 16 --batch-size 8 --steps 500``) for the built-in
-4 configurations x 2 folds x 2 seeds = 16 trainings and 16 evaluations on 2 quiet CPU cores in
-under an hour. One step of batch 8 costs, at 128 px with base 16 and bf16 autocast: the network
-~0.09 s (bench_training.py: ~85 training slices/s quiet, RESULTS.md) plus the augmentation of 8
-slices ~0.08 s (SliceAugmentation runs in the training process on CPU: 52 slices/s measured at
-load average 4, ~100 quiet) plus the checkpoint and curves written after each 11-step epoch
-(~0.03 s a step): ~0.2 s a step, so 500 steps (4,000 slices, ~45 epochs of one 91-slice patient)
-take ~100 s, plus ~10 s of warm-up. The evaluation of one held-out real patient (91 slices
-of 512 x 512: predict, map back, Dice and HD95 of 7 structures, then every post-processing rule)
-took 23.5 s at load average 4 (~10 s quiet); unpacking and phases 2, 2.5 and 3: ~20 s once.
-16 x (100 + 10 + 10) s + 20 s ~= 32 min quiet (measured: 33.9 min, benchmarks/RESULTS.md).
-Measure on a quiet machine: in the tiny run that checked this arithmetic (``--configs 2d
---seeds 0 --steps 44``, 3.3 min wall) another training shared the 2 cores (load average 4-5)
-and a step took 0.7-1.4 s, four to seven times longer; the full default run would then take 2-3
-hours. ``--synthetic N`` adds slices per epoch, not steps
-(the budget is in steps). ``--device cuda`` defaults to the full network: ``--size 256
---base-channels 64 --batch-size 16 --steps 3000`` (48,000 slices per training; estimated from
-RESULTS.md's 330-850 slices/s for real-patient training at 256 px on one GPU: 1-2.5 min a
-training, 20-40 min for the 16; not measured here, no GPU).
+The two real sample patients (``../shared/data``) plus any ``--extra-root`` go through phases 2 and
+2.5; every configuration (:func:`parse_config`) x fold (:func:`make_folds`, by patient) x seed trains
+for ``--steps`` and scores its held-out patients in 3D, without and with each post-processing rule
+(:func:`train_and_evaluate`, :func:`choose_postprocessing`). Prints Markdown tables (``--markdown``:
+for benchmarks/RESULTS.md) and writes every row to JSON (``--output``). The defaults and what they
+cost: :data:`SIZING` (the measured run and its machine: benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -88,7 +42,11 @@ SAMPLE_FOLDER = "nsclc-radiomics-sample"
 DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "bench_quality.json"
 BUILTIN_CONFIGS = ("2d", "2.5d-k1", "2.5d-k2", "crop")
 DEFAULT_SEEDS = (0, 1)
-#: Defaults per device type: the small network on CPU, the full one on a GPU (see the docstring).
+#: Defaults per device type. CPU, the small network: ~0.2 s a step of batch 8 on 2 quiet cores (network
+#: ~0.09 s, augmentation ~0.08 s, checkpoint and curves ~0.03 s), ~100 s a training, ~10 s an evaluation:
+#: 16 x 120 s + 20 s ~= 32 min (measured 33.9); another job on the cores (load 4-5) makes steps 4-7x
+#: slower. CUDA, the full network: 48,000 slices a training, estimated 1-2.5 min from RESULTS.md's
+#: 330-850 slices/s at 256 px (not measured here). ``--synthetic N`` adds slices per epoch, not steps.
 SIZING = {
     "cpu": {"size": 128, "base_channels": 16, "batch_size": 8, "steps": 500},
     "cuda": {"size": 256, "base_channels": 64, "batch_size": 16, "steps": 3000},
@@ -127,7 +85,8 @@ class Config:
 
 
 def parse_config(name: str) -> Config:
-    """``2d``, ``2.5d-kK``, ``crop`` or ``+``-joined combinations (``crop+2.5d-k1``).
+    """``2d`` (one slice), ``2.5d-kK`` (K neighbours per side), ``crop`` (phase 3 crops each slice to
+    the body first) or ``+``-joined combinations (``crop+2.5d-k1``).
 
     ``crop`` alone means ``crop+2d``. Raises ``ValueError`` naming the part not understood.
     """
@@ -175,7 +134,8 @@ def epochs_for(steps: int, n_slices: int, batch_size: int) -> int:
 
 
 def crop_supported() -> bool:
-    """Whether the installed phase 3 (``normalize_ct_and_masks.run``) has the ``crop_body`` option."""
+    """Whether the installed phase 3 (``normalize_ct_and_masks.run``) has the ``crop_body`` option
+    (without it the crop configurations are reported as skipped and the others run)."""
     import normalize_ct_and_masks
 
     return "crop_body" in inspect.signature(normalize_ct_and_masks.run).parameters
@@ -553,8 +513,11 @@ def postprocessed_rows(plain: Sequence[dict[str, Any]], *, data_root: Path, pred
 def train_and_evaluate(config: Config, *, data_root: Path, splits_dir: Path, run_dir: Path, fold: int,
                        seed: int, budget: Budget, n_train_slices: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Train one (configuration, fold, seed) on ``splits_dir``'s train.txt and score its test.txt
-    patients without and with post-processing. Returns the run record and the metric rows (one
-    per patient x structure x post-processing). A run folder that already holds a last checkpoint
+    patients without and with post-processing. Training: ``budget.steps`` Adam steps, cosine over
+    the budget, augmentation on, no validation patient (it follows the training loss); synthetic
+    patients, when any, are in every training set and never tested. Scoring: ``evaluate_multi_organ.run``
+    (saved predictions reused), then :func:`postprocessed_rows`. Returns the run record and the metric
+    rows (one per patient x structure x post-processing). A run folder holding a last checkpoint
     of the same settings is resumed (a finished one trains no further), so a killed benchmark
     restarted with the same ``--work-dir`` goes on."""
     import evaluate_multi_organ

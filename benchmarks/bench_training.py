@@ -1,15 +1,11 @@
 """Benchmark: training and inference speed of UNetMultiOrgan on synthetic tensors.
 
-Measures, for each batch size and each setting (precision, channels-last, torch.compile):
-training slices/s (forward + cross-entropy + backward + Adam step), inference slices/s
-(forward + argmax), peak GPU memory, and the time to predict a whole volume (default 300
-slices, host array in -> uint8 labels back on the host). Warm-up steps are excluded and CUDA is
-synchronised around every timed section, never inside it.
-
-The AMP setting is what training uses (``precision.training_precision`` with ``amp=True``), the
-reference is float32 in the default layout; the precision policy lives in ``precision.py``.
-Imports only torch, the standard library, ``unet_multi_organ``, ``losses_multi_organ`` and
-``precision`` (no DICOM/NIfTI stack), so it runs as-is on a bare GPU machine that has only PyTorch:
+For each batch size and setting (:func:`settings_for`: fp32, or amp as training runs it; torch.compile):
+training slices/s (forward + the training loss + backward + Adam step), inference slices/s (forward +
+argmax), peak GPU memory, and the time to predict a whole volume (:func:`measure_volume`). Warm-up
+steps are excluded; CUDA is synchronised around every timed section, never inside it. Imports only
+torch, the standard library, ``unet_multi_organ``, ``thoracic_seg.losses`` and ``thoracic_seg.precision``
+(no DICOM/NIfTI stack), so it runs as-is on a bare GPU machine that has only PyTorch:
 
     python benchmarks/bench_training.py --device cuda                       # the GPU table
     python benchmarks/bench_training.py --device cpu --size 64 --batch-sizes 2 4 --base-channels 8 --steps 3

@@ -89,3 +89,12 @@ def load_benchmark(name: str):
         yield module
     finally:
         sys.modules.pop(spec.name, None)
+
+
+def modules_loaded_by(code: str, modules: tuple[str, ...]) -> list[str]:
+    """Which of ``modules`` a fresh Python process has imported after running ``code``."""
+    import subprocess
+
+    probe = f"{code}\nimport sys\nprint('LOADED', [m for m in {modules!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1].removeprefix("LOADED ").replace("'", '"'))

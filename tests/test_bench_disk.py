@@ -28,7 +28,7 @@ def test_folder_bytes_and_table(bench, tmp_path):
     assert lines[0].split() == ["folder", "bytes/slice", "GB/1000", "slices", "GB", "at", "40000"]
     assert lines[6].split() == ["training_cache", "196,623", "0.197", "7.9"]
     assert lines[7].split() == ["all", "of", "processed/", "598,123", "0.598", "23.9"]
-    assert lines[9].split() == ["evaluate", "447,623", "0.448", "17.9"]
+    assert lines[9].split() == ["evaluate", "251,000", "0.251", "10.0"]
 
 
 @pytest.mark.real_data

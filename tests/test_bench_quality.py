@@ -3,12 +3,10 @@ cohort (two tiny synthetic patients standing in for the real ones, one synthetic
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import load_benchmark
+from conftest import load_benchmark, modules_loaded_by
 
 from thoracic_seg.metrics import score_structures
 
@@ -272,7 +270,5 @@ def test_import_does_no_work():
     """Importing the script loads neither torch nor the imaging stack (argument parsing stays fast)."""
     code = (f"import importlib.util, sys\n"
             f"spec = importlib.util.spec_from_file_location('b', {str(BENCH_PATH)!r})\n"
-            "m = importlib.util.module_from_spec(spec); sys.modules['b'] = m; spec.loader.exec_module(m)\n"
-            "print('IMPORTED', sorted(x for x in ('torch', 'SimpleITK', 'pydicom', 'scipy') if x in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == "IMPORTED []"
+            "m = importlib.util.module_from_spec(spec); sys.modules['b'] = m; spec.loader.exec_module(m)")
+    assert modules_loaded_by(code, ("torch", "SimpleITK", "pydicom", "scipy")) == []

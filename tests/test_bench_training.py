@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import load_benchmark
+from conftest import load_benchmark, modules_loaded_by
 
 BENCH_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_training.py"
 
@@ -66,8 +64,5 @@ def test_bench_bad_arguments(bench, argv, message, capsys):
 def test_bench_imports_no_imaging_stack():
     """The benchmark must run on a machine with only PyTorch: no SimpleITK, pydicom, scipy."""
     code = (f"import runpy, sys; sys.argv = ['x', '--help']\n"
-            f"try:\n    runpy.run_path({str(BENCH_PATH)!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
-            "bad = sorted(m for m in ('SimpleITK', 'pydicom', 'scipy', 'skimage', 'matplotlib') if m in sys.modules)\n"
-            "print('IMPORTED', bad)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == "IMPORTED []"
+            f"try:\n    runpy.run_path({str(BENCH_PATH)!r}, run_name='__main__')\nexcept SystemExit:\n    pass")
+    assert modules_loaded_by(code, ("SimpleITK", "pydicom", "scipy", "skimage", "matplotlib")) == []

@@ -23,12 +23,12 @@ from thoracic_seg import organs
 from thoracic_seg.batch import DONE, FAILED, SKIPPED
 from thoracic_seg.geometry import BoxMask, Grid
 from thoracic_seg.layout import (
-    CONVERSION_REPORT, STRUCTURES_COLUMNS, STRUCTURES_CSV, UNMATCHED_CSV, DataLayout, _read_csv,
+    CONVERSION_REPORT, STRUCTURES_COLUMNS, STRUCTURES_CSV, UNMATCHED_CSV, DataLayout, read_csv_rows,
     read_mask_record, read_structures_csv,
 )
 from thoracic_seg.ptv import expand_mm, ptv_from_gtv
 from thoracic_seg.rtstruct_read import (
-    _RTSTRUCT_IN_HEADER, Contour, _Notes, _planar_polygons, fill_polygons_2d, masks_from_rtstruct,
+    _RTSTRUCT_IN_HEADER, Contour, RasterNotes, fill_polygons_2d, masks_from_rtstruct, planar_polygons,
     rasterize_contours, read_rois, referenced_uids,
 )
 
@@ -203,11 +203,11 @@ def test_contours_go_to_the_slice_within_half_a_thickness_and_bad_ones_are_repor
 
 def test_point_and_open_contours_are_skipped_with_the_roi_and_slice_named() -> None:
     image = make_image()
-    notes = _Notes()
+    notes = RasterNotes()
     contours = [Contour("POINT", lps(image, [(4, 4, 2)])),
                 Contour("OPEN_PLANAR", rectangle(image, 2.5, 6.5, 2.5, 6.5, 3)),
                 Contour("CLOSED_PLANAR", rectangle(image, 2.5, 6.5, 2.5, 6.5, 3))]
-    polygons = _planar_polygons(contours, Grid.of(image), "GTV-1", notes)
+    polygons = planar_polygons(contours, Grid.of(image), "GTV-1", notes)
     assert [k for k, _ in polygons] == [3]
     assert notes.all() == [
         "ROI 'GTV-1': contour of type POINT (not CLOSED_PLANAR), skipped (slice 2, z = -25.00 mm)",
@@ -220,14 +220,14 @@ def test_point_and_open_contours_are_skipped_with_the_roi_and_slice_named() -> N
 # past the ValueError handler, and a geometric type holding a newline split the patient's message.
 def test_non_finite_contour_points_are_skipped_with_the_roi_named() -> None:
     image = make_image()
-    notes = _Notes()
+    notes = RasterNotes()
     square = rectangle(image, 2.5, 6.5, 2.5, 6.5, 1)
     nan_z, inf_x = square.copy(), square.copy()
     nan_z[0, 2], inf_x[1, 0] = np.nan, np.inf
     contours = [Contour("CLOSED_PLANAR", np.array([[1e-320, 1.5, np.nan]])),
                 Contour("CLOSED_PLANAR", nan_z), Contour("CLOSED_PLANAR", inf_x),
                 Contour("CLOSED_PLANAR", square)]
-    polygons = _planar_polygons(contours, Grid.of(image), "Heart", notes)
+    polygons = planar_polygons(contours, Grid.of(image), "Heart", notes)
     assert [k for k, _ in polygons] == [1]
     assert notes.all() == [
         "ROI 'Heart': contour with fewer than 3 points (1), skipped (z = nan mm)",
@@ -349,7 +349,7 @@ def convert_ct(data_root: Path, raw_dir: Path, record: dict) -> None:
     layout.ct_nifti.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(sitk.Cast(reader.Execute(), sitk.sitkInt16), str(layout.ct_nifti / f"{pid}.nii.gz"))
     report = layout.ct_nifti / CONVERSION_REPORT
-    rows = [r for r in _read_csv(report) if r["patient_id"] != pid] + [{
+    rows = [r for r in read_csv_rows(report) if r["patient_id"] != pid] + [{
         "patient_id": pid, "dicom_patient_id": pid, "patient_folder": pid,  # relative to --dicom-root
         "series_uid": record["ct_series_uid"], "frame_of_reference_uid": record["frame_of_reference_uid"]}]
     report.write_text(em._csv_text(list(rows[-1]), rows))
@@ -401,7 +401,7 @@ def mask_of(root: Path, pid: str) -> np.ndarray:
 
 
 def structure_rows(root: Path) -> dict[tuple[str, str], dict]:
-    rows = _read_csv(DataLayout(root).masks / STRUCTURES_CSV)
+    rows = read_csv_rows(DataLayout(root).masks / STRUCTURES_CSV)
     return {(r["patient_id"], r["structure"]): r for r in rows}
 
 
@@ -416,7 +416,7 @@ def assert_failed_cleanly(root: Path, results: dict, pid: str, match: str) -> No
     assert results["SYN-002"].status == DONE
     masks = DataLayout(root).masks
     assert sorted(p.name for p in masks.iterdir()) == ["SYN-002.json", "SYN-002.nii.gz", STRUCTURES_CSV, UNMATCHED_CSV]
-    assert {r["patient_id"] for r in _read_csv(masks / STRUCTURES_CSV)} == {"SYN-002"}
+    assert {r["patient_id"] for r in read_csv_rows(masks / STRUCTURES_CSV)} == {"SYN-002"}
 
 
 def test_run_reproduces_the_synthetic_truth(synthetic_cohort, tmp_path) -> None:
@@ -450,7 +450,7 @@ def test_run_reproduces_the_synthetic_truth(synthetic_cohort, tmp_path) -> None:
                 assert dice >= 0.97, (pid, organs.structure(label).key, dice)
                 checked += 1
     assert checked >= 8  # lungs and hearts of the 64-px cohort
-    unmatched = {r["roi_name"] for r in _read_csv(DataLayout(tmp_path).masks / UNMATCHED_CSV)}
+    unmatched = {r["roi_name"] for r in read_csv_rows(DataLayout(tmp_path).masks / UNMATCHED_CSV)}
     assert unmatched == {n for r in records for n, label in r["roi_names"].items() if label is None}
 
 

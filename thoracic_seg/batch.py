@@ -320,6 +320,35 @@ def run_batch(
     return [results[i] for i in range(len(items))]
 
 
+def run_batch_into_report(items: Sequence[Any], task: Callable[[Any], PatientResult], *,
+                          write_report: Callable[[Sequence[PatientResult]], None], results: dict[str, PatientResult],
+                          wanted: Sequence[str], **batch_options: Any) -> list[PatientResult]:
+    """:func:`run_batch` for a phase with a report: each result is merged into the report as it
+    finishes (a killed run keeps its rows), ``results`` (patient id -> result, holding those decided
+    before the batch) gets the new ones, and the report is written once more with the results of
+    ``wanted``, in that order, which are returned."""
+    for result in run_batch(items, task, on_result=lambda r: write_report([r]), **batch_options):
+        results[result.patient_id] = result
+    ordered = [results[pid] for pid in wanted]
+    write_report(ordered)
+    return ordered
+
+
+def run_from_command_line(parser: argparse.ArgumentParser, run: Callable[..., Any], *,
+                          errors: tuple[type[Exception], ...] = (FileNotFoundError, ValueError),
+                          usage_error: bool = True, **options: Any) -> Any:
+    """``run(**options)`` for a script's ``main()``: an error of ``errors`` (no such folder, a value
+    out of range) ends the command with its one-line message, as argparse's usage error (exit 2)
+    or, without ``usage_error``, logged; then None is returned and ``main`` exits 1."""
+    try:
+        return run(**options)
+    except errors as exc:
+        if usage_error:
+            parser.error(str(exc))
+        log.error("%s", exc)
+        return None
+
+
 #: When the output is not a terminal (nohup, sbatch, ``> log 2>&1``), progress is a plain line at
 #: most this often (and at the end), never a bar redrawn with carriage returns.
 PLAIN_PROGRESS_SECONDS = 30.0

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 
 
-_COORD_TOLERANCE = 1e-6  # voxels / mm: absorbs float noise of NIfTI headers (float32) and DS strings
+COORD_TOLERANCE = 1e-6  # voxels / mm: absorbs float noise of NIfTI headers (float32) and DS strings
 
 
 @dataclass(frozen=True)

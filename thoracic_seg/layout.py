@@ -58,7 +58,7 @@ class DataLayout:
 
     @property
     def normalized_ct(self) -> Path:
-        """Phase 3 output: z-scored CT at 256x256, + ``normalization.json``."""
+        """Phase 3 output: z-scored CT at ``--size`` (256) px, + ``normalization.json``."""
         return self.processed / "normalized_ct"
 
     @property
@@ -170,7 +170,7 @@ def read_structures_csv(path: Path | str) -> dict[str, list[bool]]:
     not yes/no or a label is outside 1-7.
     """
     path = Path(path)
-    rows = _read_csv(path)
+    rows = read_csv_rows(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (written by extract_multi_organ_masks.py)")
     columns = set(rows[0] if rows else _header(path))
@@ -220,7 +220,7 @@ LOG_FILE = "train.log"
 CLASS_WEIGHTS_JSON = "class_weights.json"
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
+def read_csv_rows(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         return []
     with open(path, newline="", encoding="utf-8") as fh:

@@ -1,18 +1,14 @@
 """Phase 5 loss and Dice bookkeeping for training with missing annotations.
 
-In NSCLC-Radiomics a structure is often not contoured (the heart in ~70% of patients): its
-voxels then carry label 0 although they are not background. For such a sample
-
-* the cross-entropy is *marginal*: the probabilities of the unannotated classes are merged into
-  background (a pixel labelled 0 means "background or one of the unannotated structures"), so
-  the network is never taught that an uncontoured heart is background;
-* the soft Dice term and the validation Dice skip the unannotated classes.
-
+In NSCLC-Radiomics a structure is often not contoured (the heart in ~70% of patients): its voxels
+then carry label 0 although they are not background. For such a sample the cross-entropy is
+*marginal* (the unannotated classes' probabilities are merged into background, so an uncontoured
+heart is never taught as background) and the soft Dice and the validation Dice skip those classes.
 A pixel labelled with an unannotated class cannot occur (phase 2.5 only writes annotated labels).
 
-Shapes: logits ``(N, C, H, W)`` float (any dtype; the loss is computed in float32),
-target ``(N, H, W)`` int64 labels 0..C-1, annotated ``(N, C)`` bool (column 0, background,
-is always treated as annotated), class weights ``(C,)`` float.
+Shapes: logits ``(N, C, H, W)`` float (any dtype; the loss is computed in float32), target
+``(N, H, W)`` int64 labels 0..C-1, annotated ``(N, C)`` bool (column 0, background, is always
+treated as annotated), class weights ``(C,)`` float.
 
     loss = multi_organ_loss(logits, target, annotated, class_weights)   # 0.5 CE + 0.5 Dice
 """

@@ -20,13 +20,9 @@ SINGLE_COMPONENT_LABELS: tuple[int, ...] = (
 )
 #: ``--postprocess``, per structure: components with fewer voxels than this fraction of the
 #: structure's largest 3D component are removed (1.0: only the largest stays; a structure not listed
-#: is left alone). Chosen from benchmarks/bench_quality.py on real patients (benchmarks/RESULTS.md,
-#: README "What the quality benchmark decided"): for each structure the rule, among the candidates
-#: below, whose Dice is never below no post-processing on any measured fold and seed (by more than
-#: 0.001) and best on average. The lungs and the heart keep their largest component; the esophagus
-#: loses only pieces under 10% of its largest (keeping the largest lost true pieces: -0.10 Dice in
-#: one score); the spinal cord is left alone (every rule raised its HD95 and lowered a score's Dice:
-#: a slice-by-slice network predicts tubes in pieces that are all true).
+#: is left alone). Chosen by benchmarks/bench_quality.py on real patients: for each structure the
+#: candidate below never below no post-processing (by more than 0.001 Dice) and best on average;
+#: the reasons per structure and the numbers are in docs/decisions.md.
 POSTPROCESS_MIN_FRACTION: dict[int, float] = {
     organs.RIGHT_LUNG: 1.0, organs.LEFT_LUNG: 1.0, organs.HEART: 1.0, organs.ESOPHAGUS: 0.1,
 }

@@ -1,29 +1,12 @@
 """The precision policy: which dtype on which device, when channels-last, and the autocast context.
 
 Training, evaluation, prediction and the benchmarks all ask this module; none decides for itself.
-Each phase's choice, per device (``amp``/``--precision`` at their defaults):
+At the defaults (``amp``/``--precision``), per device (prediction_precision: evaluation too):
 
-| phase, function                  | CUDA with bf16 | CUDA, no bf16 (T4) | CPU, native bf16 | other CPU |
-|----------------------------------|----------------|--------------------|------------------|-----------|
-| training, training_precision     | bfloat16       | float16 + scaler   | bfloat16         | float32   |
-| evaluation and prediction,       | float32        | float32            | float32          | float32   |
-| prediction_precision             |                |                    |                  |           |
-
-Training: mixed precision is on by default (``amp=None``); ``amp=False`` is float32 everywhere and
-``amp=True`` forces bfloat16 on any CPU. bfloat16 on a CPU with native bfloat16 instructions was
-measured 1.5x faster than float32 with the same Dice; elsewhere it is emulated and slower. Training
-always uses channels-last tensors: they feed tensor cores on CUDA, and on CPU (oneDNN) they were
-measured 1.3x faster for this network too (base 16, 128 px, batch 8, AMD EPYC with AVX-512:
-47 -> 62 slices/s).
-
-Why prediction differs (measured, ``benchmarks/RESULTS.md``): prediction defaults to float32,
-with ``--precision auto`` (bfloat16 autocast + channels-last where the CPU/GPU runs bfloat16
-natively) as the opt-in fast path, 2.6x faster on a 2-core CPU (LUNG1-005, 91 x 512 x 512, full
-network: 38.89 s -> 14.78 s). It is not the default because it failed the "labels do not change"
-check once: with the demo network, bfloat16 vs float32 labels agree at Dice >= 0.994 on every
-synthetic patient (99.99% of voxels), but only 0.9778 for the esophagus of the real LUNG1-005, a CT
-the network never learned. Evaluation segments through prediction's path with the same
-``--precision``, so the labels it scores are the labels prediction writes.
+| function             | CUDA with bf16 | CUDA, no bf16 (T4) | CPU, native bf16 | other CPU |
+|----------------------|----------------|--------------------|------------------|-----------|
+| training_precision   | bfloat16       | float16 + scaler   | bfloat16         | float32   |
+| prediction_precision | float32        | float32            | float32          | float32   |
 
     policy = training_precision(torch.device("cuda"), amp=None)   # Precision(bfloat16, ...)
     with policy.autocast(device):
@@ -39,9 +22,9 @@ import torch
 
 #: ``--precision`` of prediction: ``auto`` = bfloat16 where it is native, else float32.
 PREDICTION_PRECISIONS = ("auto", "float32", "bfloat16")
-#: float32: bfloat16 changed the labels of a real CT (module docstring).
+#: float32: bfloat16 changed the labels of a real CT (:func:`prediction_precision`).
 DEFAULT_PREDICTION_PRECISION = "float32"
-#: Training uses channels-last on CPU too (measured 1.3x faster there, module docstring).
+#: Training uses channels-last on CPU too (measured 1.3x faster there, :func:`training_precision`).
 CHANNELS_LAST_ON_CPU = True
 #: /proc/cpuinfo flags of the CPU instructions that run bfloat16 natively.
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -123,8 +106,10 @@ def training_precision(device: torch.device, amp: bool | None = None) -> Precisi
     """The training policy of a device (table in the module docstring); always channels-last.
 
     ``amp``: None = mixed precision where it is fast (every CUDA GPU; a CPU with native
-    bfloat16), True = on (bfloat16 on any CPU), False = float32. On CUDA, bfloat16 where
-    supported (Ampere and newer), else float16 with a gradient scaler (T4, V100).
+    bfloat16: measured 1.5x faster than float32, same Dice; emulated elsewhere, slower), True = on
+    (bfloat16 on any CPU), False = float32. On CUDA, bfloat16 where supported (Ampere and newer),
+    else float16 with a gradient scaler (T4, V100). Channels-last feeds tensor cores on CUDA and was
+    measured 1.3x faster on CPU too (oneDNN; base 16, 128 px, batch 8, AVX-512 EPYC: 47 -> 62 slices/s).
     """
     channels_last = device.type == "cuda" or CHANNELS_LAST_ON_CPU
     if amp is False:
@@ -137,10 +122,21 @@ def training_precision(device: torch.device, amp: bool | None = None) -> Precisi
     return Precision(torch.bfloat16 if use_bf16 else None, False, channels_last)
 
 
+def use_fast_cuda_kernels() -> None:
+    """Training's CUDA settings: TF32 in float32 matrix products and convolutions (Ampere and newer;
+    a 10-bit mantissa inside them, as in the mixed-precision parts anyway) and cuDNN's autotuner
+    (the input size is fixed). Evaluation and prediction keep float32 exact: they never call this."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def prediction_precision(precision: str, device: torch.device) -> Precision:
-    """Prediction's ``--precision``: ``float32`` (the default, see the module docstring for why),
-    ``bfloat16``, or ``auto`` = bfloat16 where the device runs it natively, else float32.
-    bfloat16 runs with channels-last tensors, float32 in the default layout.
+    """Prediction's and evaluation's ``--precision``: ``float32`` (the default), ``bfloat16``, or
+    ``auto`` = bfloat16 where the device runs it natively, else float32. bfloat16 runs with
+    channels-last tensors, float32 in the default layout. ``auto`` is 2.6x faster on a 2-core CPU
+    but not the default: it changed labels of a CT the network never learnt (esophagus Dice 0.9778
+    vs float32 on the real LUNG1-005; ``benchmarks/RESULTS.md``).
 
     Raises:
         ValueError: an unknown precision, or ``bfloat16`` on a CUDA GPU without bfloat16 support.

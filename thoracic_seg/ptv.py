@@ -1,6 +1,6 @@
 """The PTV rule: the PTV is made, not segmented: the GTV grown by a margin in mm (10 mm by default),
-isotropic on the anisotropic grid. Phase 2.5 records how each patient's PTV is made; training,
-evaluation and prediction grow it with :func:`ptv_from_gtv`.
+isotropic on the anisotropic grid. Phase 2.5 grows it with :func:`expand_mm` and records how each
+patient's PTV is made; evaluation, prediction and the figures grow it with :func:`ptv_from_gtv`.
 """
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import numpy as np
 import torch
 
 from thoracic_seg import organs
-from thoracic_seg.geometry import _COORD_TOLERANCE, BoxMask, Grid
-
+from thoracic_seg.geometry import COORD_TOLERANCE, BoxMask, Grid
 
 DEFAULT_PTV_MARGIN_MM = 10.0
 #: How a patient's PTV is made (``record["ptv"]["source"]``): grown from the GTV, a contoured ROI
@@ -42,7 +41,7 @@ def expand_mm(mask: BoxMask, margin_mm: float, grid: Grid | Any) -> BoxMask:
     start = np.asarray(mask.offset) - lo
     region[tuple(slice(s, s + n) for s, n in zip(start, mask.array.shape))] &= ~mask.array
     distance = distance_transform_edt(region, sampling=spacing)
-    return BoxMask(tuple(int(v) for v in lo), distance <= margin_mm + _COORD_TOLERANCE)
+    return BoxMask(tuple(int(v) for v in lo), distance <= margin_mm + COORD_TOLERANCE)
 
 
 @dataclass(frozen=True)
@@ -55,9 +54,9 @@ def ptv_from_gtv(gtv_zyx: np.ndarray, spacing_zyx: Sequence[float], margin_mm: f
     """The PTV of a GTV mask: bool (Z, Y, X), every voxel whose centre lies within ``margin_mm``
     (Euclidean, in mm on the anisotropic grid ``spacing_zyx`` = (z, y, x) mm) of a GTV voxel.
 
-    The one GTV -> PTV function of the repository: phase 2.5 (the volume in ``structures.csv``),
-    evaluation (PTV scored as margin(predicted GTV) vs margin(true GTV)) and prediction (the PTV ROI
-    of the RTSTRUCT) call it. ``gtv_zyx`` is any array, non-zero = GTV. A single voxel grown by
+    :func:`expand_mm` on a whole array: evaluation (PTV scored as margin(predicted GTV) vs
+    margin(true GTV)), prediction (the PTV ROI of the RTSTRUCT) and the figures call it; phase 2.5
+    calls :func:`expand_mm`. ``gtv_zyx`` is any array, non-zero = GTV. A single voxel grown by
     10 mm on a 1 x 1 x 3 mm grid (x, y, z) gives 317 + 2 x (293 + 197 + 61) = 1,419 voxels.
     """
     gtv = np.asarray(gtv_zyx) != 0
@@ -86,9 +85,9 @@ def ptv_description(margin_mm: float) -> str:
 
 def fold_derived_ptv(probabilities: torch.Tensor, ptv: Mapping[str, Any]) -> torch.Tensor:
     """(B, C, H, W) softmax probabilities -> the same with label 2 folded into background when the
-    model's PTV is derived (``checkpoint_ptv``): such a network never learnt label 2 (the loss
-    merged it with background for every training patient), so p(background or PTV) is the
-    probability of background and label 2 is never predicted. Other models: unchanged."""
+    model's PTV is derived (``unet_multi_organ.checkpoint_ptv``): such a network never learnt
+    label 2 (the loss merged it with background for every training patient), so p(background or
+    PTV) is the probability of background and label 2 is never predicted. Other models: unchanged."""
     if ptv.get("source") != "derived":
         return probabilities
     folded = probabilities.clone()

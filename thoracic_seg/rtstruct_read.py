@@ -13,7 +13,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from thoracic_seg.batch import walk_files
-from thoracic_seg.geometry import _COORD_TOLERANCE, BoxMask, Grid
+from thoracic_seg.geometry import COORD_TOLERANCE, BoxMask, Grid
 
 log = logging.getLogger(__name__)
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -151,7 +151,7 @@ def find_rtstruct_files(folder: Path) -> list[tuple[Path, str]]:
     return found
 
 
-def _even_odd_fill(polygons: Sequence[tuple[int, np.ndarray]], shape_zyx: Sequence[int]) -> BoxMask:
+def even_odd_fill(polygons: Sequence[tuple[int, np.ndarray]], shape_zyx: Sequence[int]) -> BoxMask:
     """Even-odd fill of planar polygons, each ``(slice k, (N, 2) continuous (x=column, y=row))``.
 
     A voxel is inside when its centre (integer x, y) is inside; every polygon edge toggles the voxels
@@ -199,8 +199,8 @@ def fill_polygons_2d(polygons_xy: Sequence[np.ndarray], shape_yx: Sequence[int])
     """Even-odd fill of the closed polygons of one slice: bool (rows, cols), voxel centre inside.
 
     ``polygons_xy`` are (N, 2) float arrays of (x = column, y = row) in voxel-index units (voxel
-    centres at integers), not closed (the last point joins the first). This is :func:`_even_odd_fill`,
-    the rasteriser of every RTSTRUCT ROI of this phase, on a one-slice grid, for callers that work
+    centres at integers), not closed (the last point joins the first). This is :func:`even_odd_fill`,
+    the rasteriser of every RTSTRUCT ROI in phase 2.5, on a one-slice grid, for callers that work
     slice by slice (``make_synthetic_cohort`` paints its HU images and true label maps with it). A
     polygon inside another is a hole; parts outside the grid are clipped; a centre exactly on an edge
     follows the half-open rule (inside on a left or top edge, outside on a right or bottom one).
@@ -218,11 +218,11 @@ def fill_polygons_2d(polygons_xy: Sequence[np.ndarray], shape_yx: Sequence[int])
         if len(xy):
             polygons.append((0, xy))
     shape_zyx = (1, int(shape[0]), int(shape[1]))
-    return _even_odd_fill(polygons, shape_zyx).to_full(shape_zyx)[0]
+    return even_odd_fill(polygons, shape_zyx).to_full(shape_zyx)[0]
 
 
 @dataclass
-class _Notes:
+class RasterNotes:
     """Warnings about one patient, grouped so a ROI with 40 bad contours gives one line."""
 
     grouped: dict[tuple[str, str], list[str]] = field(default_factory=lambda: defaultdict(list))
@@ -243,12 +243,13 @@ class _Notes:
         return out
 
 
-def _planar_polygons(contours: Iterable[Contour], grid: Grid, roi_name: str,
-                     notes: _Notes) -> list[tuple[int, np.ndarray]]:
+def planar_polygons(contours: Iterable[Contour], grid: Grid, roi_name: str,
+                     notes: RasterNotes) -> list[tuple[int, np.ndarray]]:
     """Keep the usable CLOSED_PLANAR contours as (slice k, (N, 2) continuous x/y index), warn about the rest.
 
-    An exact copy of a contour already kept on the same slice is dropped: under the even-odd rule the
-    pair would cancel out and erase the structure on that slice.
+    A contour goes to the slice within half a slice of its z, by its coordinates only (the SOP
+    instance it references may be missing from the series). An exact copy of a contour already kept
+    on the same slice is dropped: under the even-odd rule the pair would erase the structure there.
     """
     nz = grid.size[2]
     polygons = []
@@ -269,9 +270,9 @@ def _planar_polygons(contours: Iterable[Contour], grid: Grid, roi_name: str,
             notes.contour(roi_name, f"with fewer than 3 points ({len(points)})", where)
         elif not np.isfinite(index).all():
             notes.contour(roi_name, "with non-numeric coordinates", where)
-        elif np.ptp(index[:, 2]) > 0.5 + _COORD_TOLERANCE:
+        elif np.ptp(index[:, 2]) > 0.5 + COORD_TOLERANCE:
             notes.contour(roi_name, "not parallel to the CT slices", where)
-        elif not -0.5 - _COORD_TOLERANCE <= k_mean <= nz - 0.5 + _COORD_TOLERANCE:
+        elif not -0.5 - COORD_TOLERANCE <= k_mean <= nz - 0.5 + COORD_TOLERANCE:
             first_z, last_z = (float((np.asarray(grid.origin) + grid.index_to_lps @ [0, 0, kk])[2])
                                for kk in (0, nz - 1))
             notes.contour(roi_name, f"matching no CT slice (slices span z = {first_z:.2f} .. {last_z:.2f} mm, "
@@ -293,9 +294,9 @@ def rasterize_contours(contours: Sequence[np.ndarray], image: Any, *, roi_name: 
     3 points, no matching slice, not parallel to the slices) are skipped with a logged warning.
     """
     grid = Grid.of(image)
-    notes = _Notes()
+    notes = RasterNotes()
     contour_items = [Contour("CLOSED_PLANAR", np.asarray(c, dtype=np.float64).reshape(-1, 3)) for c in contours]
-    mask = _even_odd_fill(_planar_polygons(contour_items, grid, roi_name, notes), grid.shape_zyx)
+    mask = even_odd_fill(planar_polygons(contour_items, grid, roi_name, notes), grid.shape_zyx)
     for line in notes.all():
         log.warning("%s", line)
     return mask.to_full(grid.shape_zyx)
@@ -312,10 +313,10 @@ def masks_from_rtstruct(rtstruct: Any, image: Any) -> dict[str, np.ndarray]:
 
     ds = rtstruct if isinstance(rtstruct, pydicom.Dataset) else pydicom.dcmread(rtstruct)
     grid = Grid.of(image)
-    notes = _Notes()
+    notes = RasterNotes()
     masks: dict[str, BoxMask] = {}
     for roi in read_rois(ds):
-        mask = _even_odd_fill(_planar_polygons(roi.contours, grid, roi.name, notes), grid.shape_zyx)
+        mask = even_odd_fill(planar_polygons(roi.contours, grid, roi.name, notes), grid.shape_zyx)
         masks[roi.name] = masks[roi.name].union(mask) if roi.name in masks else mask
     for line in notes.all():
         log.warning("%s", line)
