@@ -29,11 +29,12 @@ from thoracic_seg.batch import (
     DONE, FAILED, PatientError, PatientResult, check_same_geometry, exit_status, file_sha256, positive_int,
     read_nifti, run_batch, run_from_command_line, setup_logging, summary_line, write_nifti, write_text_atomic,
 )
+from thoracic_seg.cases import prediction_provenance
 from thoracic_seg.figures import FIGURES, dice_boxplot_figure, save_figure
 from thoracic_seg.image_grid import segment_image
 from thoracic_seg.inference import Predictor
 from thoracic_seg.layout import (
-    BEST_CHECKPOINT, DEFAULT_DATA_ROOT, DEFAULT_SPLITS_DIR, DataLayout, read_mask_record,
+    BEST_CHECKPOINT, DEFAULT_DATA_ROOT, DEFAULT_SPLITS_DIR, DataLayout, evaluation_output_dir, truth_record,
 )
 from thoracic_seg.metrics import METRIC_COLUMNS, METRIC_SIGNIFICANT_DIGITS, SCORED_LABELS, score_structures
 from thoracic_seg.postprocess import describe_postprocess
@@ -49,24 +50,11 @@ PROVENANCE_FILE = "provenance.json"
 # --------------------------------------------------------------------------------------------
 # One patient
 # --------------------------------------------------------------------------------------------
-def truth_record(layout: DataLayout, patient_id: str) -> tuple[list[bool], dict[str, Any]]:
-    """(8 annotated flags indexed by label, how the PTV is made) from phase 2.5's record of the
-    truth label map; a label map of an earlier version (PTV painted in) is refused."""
-    try:
-        record = read_mask_record(layout.masks / f"{patient_id}.nii.gz")
-    except (FileNotFoundError, ValueError) as exc:
-        raise PatientError(f"{patient_id}: {exc}") from None
-    flags = record.get("annotated")
-    if not isinstance(flags, list) or len(flags) != organs.NUM_CLASSES:
-        raise PatientError(f"{patient_id}: phase 2.5's record has annotated flags {flags!r}; "
-                           "re-run extract_multi_organ_masks.py --overwrite for this patient")
-    return [bool(f) for f in flags], dict(record.get("ptv") or {})
-
-
 def evaluate_patient(
     patient_id: str, *, predictor: Predictor, layout: DataLayout, predictions_dir: Path, overwrite: bool = False,
 ) -> PatientResult:
     """Predict (or reuse the saved prediction of) one patient, write it on the CT grid, score it.
+    A saved prediction is reused only when ``<PatientID>.json`` beside it names the same CT bytes.
 
     The network input is made from phase 2's CT exactly as prediction makes it
     (``image_grid.segment_image``: orientation, window, z-score, body crop, resize, and back), so
@@ -80,10 +68,15 @@ def evaluate_patient(
         if not path.is_file():
             raise PatientError(f"{patient_id}: {path} not found; run {phase}")
     truth_image = read_nifti(truth_path)
-    annotated, ptv = truth_record(layout, patient_id)
+    try:
+        annotated, ptv = truth_record(layout, patient_id)
+    except (FileNotFoundError, ValueError) as exc:
+        raise PatientError(str(exc)) from None
 
     prediction_path = predictions_dir / f"{patient_id}.nii.gz"
-    if prediction_path.is_file() and not overwrite:
+    record_path, ct_sha256 = predictions_dir / f"{patient_id}.json", file_sha256(ct_path)
+    reusable = prediction_path.is_file() and not overwrite
+    if reusable and _saved_ct_sha256(record_path) == ct_sha256:
         predicted_image = read_nifti(prediction_path)
         message = "reused saved prediction"
     else:
@@ -94,10 +87,12 @@ def evaluate_patient(
             raise PatientError(f"{patient_id}: {ct_path}: {exc}") from None
         predicted_image = sitk.GetImageFromArray(labels)
         predicted_image.CopyInformation(ct_image)
-        message = ""
+        message = "" if not reusable else ("redone: its CT changed since the saved prediction"
+                                           if record_path.is_file() else "redone: no record of the CT it was made from")
     check_same_geometry(predicted_image, truth_image, f"{patient_id}: prediction vs {truth_path}")
-    if not message:
+    if not message.startswith("reused"):
         write_nifti(predicted_image, prediction_path)
+        write_text_atomic(record_path, json.dumps({"ct_sha256": ct_sha256}) + "\n")
 
     spacing_zyx = tuple(reversed(truth_image.GetSpacing()))
     rows = score_structures(sitk.GetArrayViewFromImage(predicted_image),
@@ -105,6 +100,14 @@ def evaluate_patient(
     for row in rows:
         row["patient_id"] = patient_id
     return PatientResult(patient_id, DONE, message, {"rows": rows, "ptv": ptv})
+
+
+def _saved_ct_sha256(path: Path) -> str | None:
+    """The sha256 of the CT a saved prediction was made from (its ``<PatientID>.json``), or None."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("ct_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,14 +204,16 @@ def ptv_scoring(ptv_rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _check_provenance(predictions_dir: Path, provenance: dict[str, Any], overwrite: bool) -> None:
-    """Refuse to reuse saved predictions made by another checkpoint or post-processing setting."""
+    """Refuse to reuse saved predictions made by another checkpoint, post-processing rule or
+    inference setting (precision, preprocessing: ``cases.prediction_provenance``)."""
     path = predictions_dir / PROVENANCE_FILE
     if path.is_file() and not overwrite:
         saved = json.loads(path.read_text(encoding="utf-8"))
         if {k: saved.get(k) for k in provenance} != provenance:
             raise ValueError(
                 f"{predictions_dir} holds predictions of checkpoint sha256 {saved.get('checkpoint_sha256')} "
-                f"(post-processing: {saved.get('postprocess_rule') or saved.get('postprocess')}), not of this run; "
+                f"(post-processing: {saved.get('postprocess_rule') or saved.get('postprocess')}; inference: "
+                f"{saved.get('inference')}), not of this run; "
                 "use --overwrite or another --output-dir"
             )
     predictions_dir.mkdir(parents=True, exist_ok=True)
@@ -218,10 +223,6 @@ def _check_provenance(predictions_dir: Path, provenance: dict[str, Any], overwri
 # --------------------------------------------------------------------------------------------
 # Batch
 # --------------------------------------------------------------------------------------------
-def default_output_dir(checkpoint: Path, postprocess: bool) -> Path:
-    return Path(checkpoint).parent / ("evaluation_postprocessed" if postprocess else "evaluation")
-
-
 def run(
     *, checkpoint: Path, data_root: Path = DEFAULT_DATA_ROOT, split: str = "test",
     splits_dir: Path = DEFAULT_SPLITS_DIR, patients: Sequence[str] | None = None,
@@ -242,14 +243,14 @@ def run(
     patient_ids = list(patients) if patients else load_split(Path(splits_dir), split)
     if not patient_ids:
         raise ValueError(f"no patients to evaluate: split {split!r} in {splits_dir} is empty")
-    output_dir = Path(output_dir) if output_dir else default_output_dir(checkpoint, postprocess)
+    output_dir = Path(output_dir) if output_dir else evaluation_output_dir(checkpoint, postprocess)
     predictions_dir = output_dir / "predictions"
     rule = describe_postprocess() if postprocess else None
-    _check_provenance(predictions_dir, {"checkpoint_sha256": file_sha256(checkpoint), "postprocess": postprocess,
-                                        "postprocess_rule": rule}, overwrite)
-
     predictor = Predictor.load(checkpoint, device=device, precision=precision, batch_size=batch_size,
                                postprocess=postprocess, context_slices=context_slices)
+    _check_provenance(predictions_dir, {"checkpoint_sha256": file_sha256(checkpoint), "postprocess": postprocess,
+                                        "postprocess_rule": rule, "inference": prediction_provenance(predictor)},
+                      overwrite)
     log.info("evaluating %d patients (%s) with %s -> %s", len(patient_ids),
              split if not patients else "given ids", predictor.describe(), output_dir)
 

@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--crop-body", action="store_true",
                         help=f"crop every slice to the square box of the body (> {DEFAULT_CROP_THRESHOLD_HU} HU, "
                              "largest 3D component) before the resize: finer pixels; measured better on real "
-                             "patients and recommended for them (README), off by default so earlier caches stay valid")
+                             "patients and recommended for them (docs/decisions.md), off by default so earlier caches stay valid")
     parser.add_argument("--crop-margin-mm", type=float, default=None, metavar="MM",
                         help=f"margin around the body box with --crop-body (default: {DEFAULT_CROP_MARGIN_MM})")
     return parser

@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--context-slices", type=int, default=0, metavar="K",
                         help="slice context (2.5D): each slice with K neighbours per side as 2K + 1 input "
                              "channels, clamped at the volume's ends; 0 = one slice: slice context was not a "
-                             "consistent win on real patients (README) (default: %(default)s)")
+                             "consistent win on real patients (docs/decisions.md) (default: %(default)s)")
     parser.add_argument("--tumour-oversampling", type=float, nargs="?", const=DEFAULT_TUMOUR_FRACTION,
                         default=None, metavar="FRACTION",
                         help=f"draw GTV slices this fraction of the time (flag alone: {DEFAULT_TUMOUR_FRACTION})")

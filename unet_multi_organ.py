@@ -8,7 +8,7 @@ channels, bottleneck 1024) of double 3x3 conv + BatchNorm + ReLU, transposed-con
 skips by concatenation, a 1x1 convolution to logits: 31,036,936 parameters at the defaults (118.4 MiB
 of float32). ``base_channels`` scales every width (16: 1/16 of the parameters, for CPU demos and tests).
 
-Checkpoints (``train_multi_organ.py`` through :func:`build_checkpoint`) are plain dicts of tensors
+Checkpoints (``thoracic_seg.training`` through :func:`build_checkpoint`) are plain dicts of tensors
 and built-in types, loadable with ``torch.load(weights_only=True)``:
 
     model, checkpoint = load_checkpoint_model("runs/x/best_unet_multi_organ.pth", "cpu")

@@ -36,12 +36,15 @@ if str(REPO_ROOT) not in sys.path:  # `python benchmarks/bench_inference.py` fro
 
 import predict_multi_organ as pm  # noqa: E402
 from thoracic_seg import organs  # noqa: E402
+from thoracic_seg.cases import STAGES, find_cases, output_paths, read_case, write_outputs
 from thoracic_seg.grid import DEFAULT_SIZE, DEFAULT_WINDOW  # noqa: E402
 from thoracic_seg.image_grid import segment_image
 from thoracic_seg.inference import Predictor
-from thoracic_seg.precision import cpu_has_native_bfloat16  # noqa: E402
+from thoracic_seg.precision import (
+    cpu_has_native_bfloat16,  # noqa: E402
+    resolve_device,
+)
 from unet_multi_organ import count_parameters, save_untrained_checkpoint  # noqa: E402
-from thoracic_seg.precision import resolve_device
 
 DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "bench_inference.json"
 SAMPLE_ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "nsclc-radiomics-sample.tar.xz"
@@ -50,7 +53,7 @@ DEFAULT_PATIENT = "LUNG1-005"
 TARGET_SECONDS = {"cpu": 60.0, "cuda": 5.0}
 #: precision name -> what Predictor.load gets; the fast path is bfloat16 + channels-last.
 SETTINGS = {"float32": "float32", "bfloat16": "bfloat16"}
-BENCH_STAGES = ("load_model", "find_series", *pm.STAGES)
+BENCH_STAGES = ("load_model", "find_series", *STAGES)
 #: Dice between precisions is reported for structures with at least this many voxels in float32
 #: (a Dice of a few voxels says nothing), as in the round-trip criterion.
 MIN_VOXELS = 1000
@@ -143,17 +146,17 @@ def run_once(input_dir: Path, checkpoint: Path, output_dir: Path, *, device: str
     predictor = Predictor.load(checkpoint, device=device, precision=precision, batch_size=batch_size)
     seconds["load_model"] = time.perf_counter() - start
     start = time.perf_counter()
-    (case,) = pm.find_cases(input_dir)
+    (case,) = find_cases(input_dir)
     seconds["find_series"] = time.perf_counter() - start
     start = time.perf_counter()
-    ct = pm.read_case(case)
+    ct = read_case(case)
     hu = sitk.GetArrayFromImage(ct.image)
     seconds["read"] = time.perf_counter() - start
     labels = segment_image(predictor, ct.image, seconds)
     clinical = reference_label_map(case.patient_id, ct.image) if clinical_outputs else None
-    outputs = pm.output_paths(output_dir, case.patient_id, dicom=True)
+    outputs = output_paths(output_dir, case.patient_id, dicom=True)
     output_dir.mkdir(parents=True, exist_ok=True)
-    written = pm.write_outputs(ct, hu, labels if clinical is None else clinical, outputs, predictor, seconds)
+    written = write_outputs(ct, hu, labels if clinical is None else clinical, outputs, predictor, seconds)
     return {
         "precision": predictor.precision.name,
         "channels_last": predictor.channels_last,

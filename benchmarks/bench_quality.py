@@ -480,9 +480,8 @@ def postprocessed_rows(plain: Sequence[dict[str, Any]], *, data_root: Path, pred
     import numpy as np
     import SimpleITK as sitk
 
-    import evaluate_multi_organ as ev
     from thoracic_seg.batch import read_nifti
-    from thoracic_seg.layout import DataLayout
+    from thoracic_seg.layout import DataLayout, truth_record
     from thoracic_seg.metrics import score_structures
     from thoracic_seg.postprocess import remove_small_components
 
@@ -494,7 +493,7 @@ def postprocessed_rows(plain: Sequence[dict[str, Any]], *, data_root: Path, pred
         truth_image = read_nifti(layout.masks / f"{pid}.nii.gz")
         truth = sitk.GetArrayViewFromImage(truth_image)
         spacing_zyx = tuple(reversed(truth_image.GetSpacing()))
-        annotated, ptv = ev.truth_record(layout, pid)
+        annotated, ptv = truth_record(layout, pid)
         for name, rules in variants.items():
             processed = remove_small_components(predicted, rules)
             changed = sorted(int(v) for v in np.unique(predicted[processed != predicted]))
@@ -523,7 +522,7 @@ def train_and_evaluate(config: Config, *, data_root: Path, splits_dir: Path, run
     import evaluate_multi_organ
     import train_multi_organ
     from thoracic_seg.batch import DONE
-    from thoracic_seg.layout import LAST_CHECKPOINT
+    from thoracic_seg.layout import LAST_CHECKPOINT, evaluation_output_dir
     from thoracic_seg.splits import load_split
 
     check_run_record(run_dir, {"config": asdict(config), "seed": seed, "budget": asdict(budget),
@@ -549,7 +548,7 @@ def train_and_evaluate(config: Config, *, data_root: Path, splits_dir: Path, run
                                           / max(train_seconds, 1e-9), 2),
               "checkpoint": budget.checkpoint, "run_dir": str(run_dir), "failed": []}
     start = time.perf_counter()
-    output_dir = evaluate_multi_organ.default_output_dir(checkpoint, False)
+    output_dir = evaluation_output_dir(checkpoint, False)
     results = evaluate_multi_organ.run(checkpoint=checkpoint, data_root=data_root, split="test",
                                        splits_dir=splits_dir, output_dir=output_dir, device=budget.device)
     record["failed"] = [r.patient_id for r in results if r.status != DONE]

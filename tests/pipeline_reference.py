@@ -1,8 +1,8 @@
 """A small fixed-step run of the whole pipeline that really segments, for ``test_pipeline_reference.py``.
 
-Synthetic cohort -> phases 2, 2.5, 3 -> splits -> training (the demo's options: cosine schedule
-ending with the step budget, augmentation) -> 3D evaluation -> prediction of one test patient from
-its DICOM folder. The outputs (label maps, ``metrics.csv``, the RTSTRUCT's contours) are compared
+Synthetic cohort -> phases 2, 2.5, 3 -> splits -> training (the demo's cosine schedule ending with
+the step budget; no augmentation, so that 700 steps learn every structure but the cord) -> 3D
+evaluation -> prediction of one test patient from its DICOM folder. The outputs (label maps, ``metrics.csv``, the RTSTRUCT's contours) are compared
 with ``tests/data/pipeline_reference.*``, written right after evaluation and prediction were made
 to share one input and precision (issue 19), so that moving code around changes no output.
 

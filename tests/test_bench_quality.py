@@ -118,8 +118,8 @@ def test_postprocessed_rows_rescore_what_a_rule_changed(bench, tmp_path, monkeyp
     import numpy as np
     import SimpleITK as sitk
 
-    import evaluate_multi_organ as ev
     from thoracic_seg import batch, organs
+    from thoracic_seg import layout as layout_module
 
     truth = np.zeros((4, 8, 8), np.uint8)
     truth[0:3, 0:4, 0:4] = organs.RIGHT_LUNG
@@ -130,7 +130,7 @@ def test_postprocessed_rows_rescore_what_a_rule_changed(bench, tmp_path, monkeyp
     arrays = {"pred": predicted, "masks": truth}
     monkeypatch.setattr(batch, "read_nifti",
                         lambda path: sitk.GetImageFromArray(arrays["pred" if "pred" in str(path) else "masks"]))
-    monkeypatch.setattr(ev, "truth_record", lambda layout, pid: ([True] * organs.NUM_CLASSES, {}))
+    monkeypatch.setattr(layout_module, "truth_record", lambda layout, pid: ([True] * organs.NUM_CLASSES, {}))
     plain = [{"config": "2d", "fold": 0, "seed": 0, "patient_id": "P", "postprocess": "none", **row}
              for row in score_structures(predicted, truth, (1.0, 1.0, 1.0), [True] * organs.NUM_CLASSES)]
     rows = bench.postprocessed_rows(plain, data_root=tmp_path, predictions_dir=tmp_path / "pred",

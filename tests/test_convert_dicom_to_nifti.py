@@ -438,7 +438,7 @@ def test_two_ct_series_in_one_patient_folder(tmp_path, template, rtstruct_refers
 def test_rtstruct_frame_of_reference_is_also_read_from_the_roi_sequence(tmp_path, template):
     """ReferencedFrameOfReferenceSequence is optional (type 3); an RTSTRUCT without it still names its
     frame in StructureSetROISequence, which phase 2 reads through the reader phase 2.5 pairs with
-    (``extract_multi_organ_masks.referenced_uids``): the smaller series in that frame is chosen."""
+    (``thoracic_seg.rtstruct_read.referenced_uids``): the smaller series in that frame is chosen."""
     raw = tmp_path / "raw"
     write_patient(raw, "TWO", template, folder="01-study/1.000-full")
     small_uid, small_frame = generate_uid(), generate_uid()

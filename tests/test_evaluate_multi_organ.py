@@ -21,7 +21,7 @@ import normalize_ct_and_masks as phase3
 import predict_multi_organ as pm
 from thoracic_seg import inference
 from thoracic_seg import organs, precision
-from thoracic_seg.batch import DONE, FAILED, exit_status, same_geometry
+from thoracic_seg.batch import DONE, FAILED, exit_status, file_sha256, same_geometry
 from thoracic_seg.grid import resize_labels_to_shape, to_network_array
 from thoracic_seg.layout import DataLayout, read_cache_meta
 from thoracic_seg.metrics import dice_3d, hd95_mm, score_structures, volume_ml
@@ -578,6 +578,24 @@ def test_main_with_a_real_checkpoint_writes_predictions_and_reuses_them(data_roo
         ev.main(["--checkpoint", str(other)] + argv[2:])
     assert exit_info.value.code == 2
     assert "holds predictions of checkpoint sha256" in capsys.readouterr().err
+
+
+def test_a_saved_prediction_is_redone_when_its_ct_changed(data_root, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(data_root / "processed", root / "processed")
+    checkpoint, out = _tiny_checkpoint(tmp_path / "best.pth", gain=3.0), tmp_path / "eval"
+    kwargs = dict(checkpoint=checkpoint, data_root=root, patients=["P-SAME"], output_dir=out, device="cpu")
+    assert ev.run(**kwargs)[0].message == ""
+    assert ev.run(**kwargs)[0].message == "reused saved prediction"
+    ct_path = root / "processed" / "ct_nifti" / "P-SAME.nii.gz"
+    image = sitk.ReadImage(str(ct_path))
+    changed = sitk.GetImageFromArray(sitk.GetArrayFromImage(image)[:, :, ::-1].copy())  # mirrored, same grid
+    changed.CopyInformation(image)
+    sitk.WriteImage(changed, str(ct_path))
+    [result] = ev.run(**kwargs)
+    assert result.status == DONE and result.message == "redone: its CT changed since the saved prediction"
+    assert json.loads((out / "predictions" / "P-SAME.json").read_text()) == {"ct_sha256": file_sha256(ct_path)}
+    assert ev.run(**kwargs)[0].message == "reused saved prediction"
 
 
 def test_failed_patient_is_reported_and_batch_goes_on(data_root, tmp_path, monkeypatch):

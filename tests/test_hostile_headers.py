@@ -1,21 +1,12 @@
 """Hostile headers (issue 13): property-based tests of phases 2 and 2.5 on mutated DICOM headers.
 
-The hand-made error-path tests (test_convert_dicom_to_nifti.py, test_extract_multi_organ_masks.py)
-pin one bad input each; these explore the space around them. One small synthetic patient (32 px,
-8 slices) is generated once per module; every example copies it, rewrites some header elements of
-its CT slices or of its RTSTRUCT with raw bytes (deleted, empty, NaN, infinite, huge, negative,
-non-numeric, non-ASCII, wrong length, dangling references, missing sequences), runs phase 2 and
-phase 2.5 on its own data root, and checks the contract of every phase script:
-
-* ``run()``/``main()`` never raise and never hang; each patient is done, or failed with one line
-  that names the patient or its file and says what is wrong, and never through an unexpected
-  exception (``PatientResult.info["traceback"]``: the batch runner's catch-all, whose message names
-  neither patient nor file);
-* nothing is written outside the data root, no ``.partial/`` is left, a failed patient has no
-  output and a done one has a readable output on the CT's grid.
-
-Examples are derandomised (the same ones on every machine) and bounded: 341 examples, about 25 s of
-CPU (20-50 s wall on 2 shared cores).
+One small synthetic patient (32 px, 8 slices) is generated once; every example copies it, rewrites
+header elements of its CT slices or RTSTRUCT with raw bytes (deleted, empty, NaN, huge, negative,
+non-ASCII, wrong length, dangling references, missing sequences) and runs phases 2 and 2.5. The
+contract: ``run()``/``main()`` never raise or hang; each patient is done, or failed with one line
+naming the patient or its file (never the batch runner's catch-all); nothing is written outside
+the data root, no ``.partial/`` is left, a failed patient has no output and a done one a readable
+output on the CT's grid. Examples are derandomised and bounded: 341, about 25 s of CPU.
 """
 from __future__ import annotations
 

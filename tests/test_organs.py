@@ -1,4 +1,4 @@
-"""organs.py: the label table, colours, priority and the ROI-name table of issue 2."""
+"""thoracic_seg/organs.py: the label table, colours, priority and the ROI-name table of issue 2."""
 from __future__ import annotations
 
 import pytest

@@ -28,6 +28,7 @@ from thoracic_seg.grid import orientation_code
 from thoracic_seg.inference import Predictor
 from thoracic_seg.layout import DataLayout
 from thoracic_seg.rtstruct_read import read_rois
+from thoracic_seg.cases import find_cases
 
 #: Sign of the row (ImageOrientationPatient[:3]) and column ([3:]) directions of each patient
 #: position relative to head-first supine, as scanners store an axial series (DICOM PS3.3 C.7.6.2.1.1).
@@ -121,7 +122,7 @@ def check_positions(original_series: Path, patient_id: str, work: Path, size: in
         image = convert(dicom_root, work / position / "DATA", patient_id)
         assert orientation_code(image) == STORED_CODE[position]
         images[position] = image
-        (case,) = pm.find_cases(dicom_root)
+        (case,) = find_cases(dicom_root)
         out = work / position / "predictions"
         result = pm.predict_case(case, predictor, out)
         assert result.status == DONE, result.message

@@ -1,4 +1,4 @@
-"""pipeline_io.py: safe names, atomic writes, geometry checks and the batch runner."""
+"""thoracic_seg/batch.py and layout.py: safe names, atomic writes, geometry checks and the batch runner."""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,4 @@
-"""precision.py: the one precision policy (dtype per device, gradient scaler, channels-last, autocast)."""
+"""thoracic_seg/precision.py: the one precision policy (dtype per device, gradient scaler, channels-last, autocast)."""
 from __future__ import annotations
 
 import contextlib
@@ -145,3 +145,16 @@ def test_bfloat16_autocast_on_the_policy_device():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
         assert conv(torch.ones(1, 1, 2, 2)).dtype == torch.bfloat16
     assert not torch.is_autocast_enabled("cpu")
+
+
+def test_exact_float32_switches_tf32_off_on_cuda_and_restores_it():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
+    try:
+        precision.use_fast_cuda_kernels()                     # what training leaves in the process
+        with precision.exact_float32(torch.device("cuda")):
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+        with precision.exact_float32(torch.device("cpu")):   # nothing to do on a CPU
+            assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved

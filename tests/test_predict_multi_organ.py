@@ -25,6 +25,7 @@ from thoracic_seg.inference import MAX_BATCH_SIZE, CheckpointError, Predictor, a
 from thoracic_seg.ptv import fold_derived_ptv, ptv_from_gtv
 from thoracic_seg.rtstruct_read import read_rois
 from unet_multi_organ import UNetMultiOrgan, build_checkpoint, checkpoint_ptv, save_untrained_checkpoint
+from thoracic_seg.cases import OUTPUT_SUFFIXES, PREDICTION_FORMAT, VOLUME_COLUMNS, find_cases, read_case
 
 TINY_SIZE = 32  # network input: 32 x 32 slices (the synthetic CTs are 64 x 64)
 PREPROCESSING = {"window": [-1000, 400], "size": TINY_SIZE, "zscore": "per_patient"}
@@ -73,7 +74,7 @@ def _labels(path: Path) -> tuple[np.ndarray, sitk.Image]:
 def test_every_patient_of_a_folder_gets_all_four_outputs(cohort_prediction):
     status, out, _, _, cohort = cohort_prediction
     assert status == 0
-    expected = {f"{r['patient_id']}{suffix}" for r in cohort for suffix in pm.OUTPUT_SUFFIXES.values()}
+    expected = {f"{r['patient_id']}{suffix}" for r in cohort for suffix in OUTPUT_SUFFIXES.values()}
     assert {p.name for p in out.iterdir()} == expected
 
 
@@ -116,7 +117,7 @@ def test_volumes_csv_counts_the_label_map(cohort_prediction):
     labels, image = _labels(out / f"{pid}_labels.nii.gz")
     with open(out / f"{pid}_volumes.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert tuple(rows[0]) == pm.VOLUME_COLUMNS
+    assert tuple(rows[0]) == VOLUME_COLUMNS
     assert [r["rtstruct_name"] for r in rows] == [s.rtstruct_name for s in organs.STRUCTURES[1:]]
     voxel_ml = np.prod(image.GetSpacing()) / 1000
     for row in rows:
@@ -186,12 +187,12 @@ def test_outputs_of_other_settings_are_redone_the_same_are_skipped(synthetic_coh
                                                                "checkpoint or settings")
     assert pm.run(**{**kwargs, **change})[0].status == SKIPPED
     record = json.loads((tmp_path / f"{cohort[0]['patient_id']}_provenance.json").read_text())
-    assert record["format"] == pm.PREDICTION_FORMAT and len(record["checkpoints_sha256"]) == 1
+    assert record["format"] == PREDICTION_FORMAT and len(record["checkpoints_sha256"]) == 1
 
 
 def test_postprocess_applies_the_rule_of_each_structure(synthetic_cohort, tiny_checkpoint, tmp_path):
     """Lungs and heart keep their largest component, the esophagus loses pieces under 10% of its
-    largest, the spinal cord and the tumours are left alone (evaluate_multi_organ.POSTPROCESS_MIN_FRACTION)."""
+    largest, the spinal cord and the tumours are left alone (thoracic_seg.postprocess.POSTPROCESS_MIN_FRACTION)."""
     raw_dir, _, cohort = synthetic_cohort
     kwargs = dict(input_path=raw_dir / cohort[0]["patient_id"], checkpoint=tiny_checkpoint, precision="float32")
     (plain,) = pm.run(**kwargs, output_dir=tmp_path / "plain")
@@ -395,9 +396,9 @@ def test_ct_with_gantry_tilt_fails_with_phase2_reason(synthetic_cohort, tiny_che
         ds = pydicom.dcmread(path)
         ds.ImagePositionPatient[1] = float(ds.ImagePositionPatient[1]) + 0.5 * k
         ds.save_as(path)
-    (case,) = pm.find_cases(tmp_path / "tilted")
+    (case,) = find_cases(tmp_path / "tilted")
     with pytest.raises(PatientError, match=r"SYN-001: CT rejected: .*gantry tilt or sheared stack"):
-        pm.read_case(case)
+        read_case(case)
     status = pm.main(["--input", str(tmp_path / "tilted"), "--checkpoint", str(tiny_checkpoint),
                       "--output", str(tmp_path / "out"), "--precision", "float32"])
     assert status == 1 and not (tmp_path / "out" / "SYN-001_labels.nii.gz").exists()
@@ -512,7 +513,7 @@ def lookup_predictor(case: "pm.Case", truth: np.ndarray, size: int, ptv: dict) -
 
     predictor = Predictor(torch.nn.Identity(), Path("lookup.pth"), torch.device("cpu"), precision.FLOAT32,
                              batch_size=8, window=(-1000.0, 400.0), size=size, ptv=dict(ptv))
-    inputs = predictor.preprocess(sitk.GetArrayFromImage(pm.read_case(case).image))
+    inputs = predictor.preprocess(sitk.GetArrayFromImage(read_case(case).image))
     predictor.model = _LookupModel(inputs, resize_labels_to_shape(truth, (size, size)))
     return predictor
 
@@ -523,7 +524,7 @@ def derived_prediction(synthetic_cohort, tmp_path_factory):
     raw_dir, truth_dir, cohort = synthetic_cohort
     out = tmp_path_factory.mktemp("derived")
     record = cohort[0]
-    (case,) = pm.find_cases(raw_dir / record["patient_id"])
+    (case,) = find_cases(raw_dir / record["patient_id"])
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_dir / record["truth_file"])))
     result = pm.predict_case(case, lookup_predictor(case, truth, TINY_SIZE, DERIVED_10MM), out)
     return result, out, raw_dir, record
@@ -602,7 +603,7 @@ def test_real_patient_rtstruct_ptv_overlaps_the_lung_and_contains_the_gtv(real_s
         for path in sorted((reference_masks_dir / pid).glob("*.nii.gz")):
             if organs.match_roi_name(path.name[: -len(".nii.gz")]) == label:
                 truth[sitk.GetArrayFromImage(sitk.ReadImage(str(path))) > 0] = label
-    (case,) = pm.find_cases(real_sample_root / pid)
+    (case,) = find_cases(real_sample_root / pid)
     result = pm.predict_case(case, lookup_predictor(case, truth, 256, DERIVED_10MM), tmp_path)
     assert result.status == DONE, result.message
     labels, _ = _labels(tmp_path / f"{pid}_labels.nii.gz")
@@ -653,7 +654,7 @@ def _network_view(case: "pm.Case") -> tuple[sitk.Image, np.ndarray, str, tuple[f
     """(stored image, HU in LPS order, stored orientation code, (spacing y, spacing x) mm in LPS)."""
     from thoracic_seg.image_grid import to_network_orientation
 
-    image = pm.read_case(case).image
+    image = read_case(case).image
     network, stored = to_network_orientation(image)
     spacing_x, spacing_y = network.GetSpacing()[:2]
     return image, sitk.GetArrayFromImage(network), stored, (spacing_y, spacing_x)
@@ -670,7 +671,7 @@ def test_a_crop_checkpoint_writes_labels_on_the_ct_grid_background_outside_the_b
     (result,) = pm.run(input_path=raw_dir / pid, checkpoint=checkpoint, output_dir=tmp_path / "out", device="cpu")
     assert result.status == DONE, result.message
     labels, image = _labels(tmp_path / "out" / f"{pid}_labels.nii.gz")
-    (case,) = pm.find_cases(raw_dir / pid)
+    (case,) = find_cases(raw_dir / pid)
     ct, hu, stored, spacing_yx = _network_view(case)
     assert same_geometry(image, ct)
     y0, x0, side = body_box(hu, spacing_yx, -500, 10)    # phase 3's function, the checkpoint's settings
@@ -694,7 +695,7 @@ def test_a_crop_network_answering_the_truth_puts_it_back_in_place(synthetic_coho
 
     raw_dir, truth_dir, cohort = synthetic_cohort
     record = cohort[0]
-    (case,) = pm.find_cases(raw_dir / record["patient_id"])
+    (case,) = find_cases(raw_dir / record["patient_id"])
     ct, hu, stored, spacing_yx = _network_view(case)
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_dir / record["truth_file"])))
     predictor = Predictor(torch.nn.Identity(), Path("lookup.pth"), torch.device("cpu"), precision.FLOAT32,
@@ -719,7 +720,7 @@ def test_a_checkpoint_without_crop_settings_preprocesses_as_before_and_refuses_a
     predictor = Predictor.load(tiny_checkpoint, device="cpu")
     assert "crop" not in torch.load(tiny_checkpoint, weights_only=True)["preprocessing"] and predictor.crop is None
     raw_dir, _, cohort = synthetic_cohort
-    (case,) = pm.find_cases(raw_dir / cohort[0]["patient_id"])
+    (case,) = find_cases(raw_dir / cohort[0]["patient_id"])
     _, hu, _, spacing_yx = _network_view(case)
     assert predictor.crop_box(hu, spacing_yx) is None
     np.testing.assert_array_equal(predictor.preprocess(hu), resize_ct_slices(window_and_zscore(hu)[0], TINY_SIZE))

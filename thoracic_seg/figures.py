@@ -428,14 +428,13 @@ def dice_boxplot_figure(rows: Sequence[dict[str, Any]], title: str = "") -> Figu
 def structure_flags(layout: DataLayout, patient_id: str) -> tuple[list[bool] | None, dict[str, Any]]:
     """``(annotated flags (8,) or None, how the PTV is made)`` of a patient from phase 2.5's record
     ``<PatientID>.json`` (None and {} when it is missing or of an earlier version)."""
-    from thoracic_seg.layout import read_mask_record
+    from thoracic_seg.layout import truth_record
 
     try:
-        record = read_mask_record(layout.masks / f"{patient_id}.nii.gz")
+        return truth_record(layout, patient_id)
     except (FileNotFoundError, ValueError) as exc:
-        log.warning("%s: no structure flags (%s)", patient_id, exc)
+        log.warning("no structure flags (%s)", exc)
         return None, {}
-    return [bool(a) for a in record["annotated"]], dict(record.get("ptv") or {})
 
 
 def _read_volume(path: Path, what: str) -> tuple[sitk.Image, np.ndarray]:
@@ -674,3 +673,55 @@ def statistics_figure(summary: dict[str, Any]) -> Figure:
     ax.grid(axis="y", alpha=0.3)
     fig.suptitle("Phase 4, patient-level splits", fontsize=12)
     return fig
+
+
+_MONTAGE_TILES = 12
+
+
+def montage_slices(labels_zyx: np.ndarray, count: int = _MONTAGE_TILES) -> list[int]:
+    """``count`` slice indices spread evenly over the slices holding any structure (all slices if none)."""
+    occupied = np.flatnonzero(labels_zyx.reshape(len(labels_zyx), -1).any(axis=1))
+    lo, hi = (occupied[0], occupied[-1]) if len(occupied) else (0, len(labels_zyx) - 1)
+    return sorted(set(np.linspace(lo, hi, min(count, hi - lo + 1)).round().astype(int).tolist()))
+
+
+def write_overlay_png(hu_zyx: np.ndarray, labels_zyx: np.ndarray, path: Path, title: str,
+                      window: Sequence[float] = (-1000, 400), ptv_zyx: np.ndarray | None = None) -> None:
+    """A montage of axial slices: CT in grey (``window`` HU), structures filled in their ``organs``
+    colours; ``ptv_zyx`` (bool, overlapping the organs) drawn as a 1-pixel outline in the PTV colour."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+    from scipy import ndimage
+
+    indices = montage_slices(labels_zyx if ptv_zyx is None else np.where(ptv_zyx, organs.PTV, labels_zyx))
+    cols = min(4, len(indices))
+    rows = int(np.ceil(len(indices) / cols))
+    fig = Figure(figsize=(3 * cols, 3 * rows + 0.6), dpi=100)
+    FigureCanvasAgg(fig)
+    colours = np.array(organs.color_table(1 / 255.0), dtype=np.float32)
+    low, high = float(window[0]), float(window[1])
+    for n, k in enumerate(indices):
+        grey = np.clip((hu_zyx[k].astype(np.float32) - low) / (high - low), 0, 1)[..., None]
+        rgb = np.repeat(grey, 3, axis=2)
+        inside = labels_zyx[k] > 0
+        rgb[inside] = 0.55 * rgb[inside] + 0.45 * colours[labels_zyx[k][inside]]
+        if ptv_zyx is not None and ptv_zyx[k].any():
+            rgb[ptv_zyx[k] & ~ndimage.binary_erosion(ptv_zyx[k])] = colours[organs.PTV]
+        ax = fig.add_subplot(rows, cols, n + 1)
+        ax.imshow(rgb, interpolation="nearest")
+        ax.set_title(f"slice {k}", fontsize=8)
+        ax.axis("off")
+    present = sorted(set(np.unique(labels_zyx).tolist()) - {0}
+                     | ({organs.PTV} if ptv_zyx is not None and ptv_zyx.any() else set()))
+    outlined = {organs.PTV} if ptv_zyx is not None else set()
+    handles = [Patch(facecolor="none" if lb in outlined else organs.structure(lb).color_float,
+                     edgecolor=organs.structure(lb).color_float, linewidth=1.5,
+                     label=organs.structure(lb).name + (" (outline)" if lb in outlined else ""))
+               for lb in present]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.05 if handles else 0, 1, 0.97))
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")

@@ -1,10 +1,11 @@
-"""The one inference path: a CT volume and a trained checkpoint in, labels on the CT grid out.
+"""The one inference path: a CT volume and one or several checkpoints in (several: their softmax
+probabilities averaged), labels and, when asked, the probabilities on the CT grid out.
 
 :class:`Predictor` applies the checkpoint's preprocessing (window, z-score, body crop, resize) to HU,
 runs the network batch by batch under ``torch.inference_mode`` in the precision of
 ``precision.prediction_precision`` and maps the probabilities back (``grid.probabilities_to_ct_labels``).
 Evaluation, prediction, the notebook and the benchmarks call it (``image_grid.segment_image`` for an
-image). PyTorch and numpy only: no SimpleITK or pydicom.
+image). Streamed per batch of slices; PyTorch and numpy only: no SimpleITK or pydicom.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from thoracic_seg.grid import (
 )
 from thoracic_seg.postprocess import describe_postprocess, postprocess_labels
 from thoracic_seg.precision import (
-    DEFAULT_PREDICTION_PRECISION, Precision, prediction_precision, resolve_device,
+    DEFAULT_PREDICTION_PRECISION, Precision, exact_float32, prediction_precision, resolve_device,
 )
 from thoracic_seg.ptv import PTV_DERIVED, fold_derived_ptv, ptv_description, ptv_from_gtv
 from unet_multi_organ import checkpoint_context_slices, checkpoint_ptv, label_table, load_checkpoint_model
@@ -225,7 +226,8 @@ class Predictor:
                     batch = batch.to(self.device)
                     if self.channels_last:
                         batch = batch.contiguous(memory_format=torch.channels_last)
-                    with self.precision.autocast(self.device):
+                    exact = exact_float32(self.device) if self.dtype == torch.float32 else contextlib.nullcontext()
+                    with self.precision.autocast(self.device), exact:
                         logits = self.model(batch)
                 with stage_timer(seconds, "map_back", self.device):
                     batch_probabilities = fold_derived_ptv(torch.softmax(logits.float(), dim=1), self.ptv)

@@ -230,3 +230,24 @@ def read_csv_rows(path: Path) -> list[dict[str, str]]:
 def _header(path: Path) -> list[str]:
     with open(path, newline="", encoding="utf-8") as fh:
         return next(csv.reader(fh), [])
+
+
+def truth_record(layout: DataLayout, patient_id: str) -> tuple[list[bool], dict[str, Any]]:
+    """(8 annotated flags indexed by label, how the PTV is made) from phase 2.5's record of a
+    patient's truth label map. ``FileNotFoundError``/``ValueError`` naming the patient for a
+    missing record, one of an earlier version (PTV painted in) or flags of another length."""
+    try:
+        record = read_mask_record(layout.masks / f"{patient_id}.nii.gz")
+    except (FileNotFoundError, ValueError) as exc:
+        raise type(exc)(f"{patient_id}: {exc}") from None
+    flags = record.get("annotated")
+    if not isinstance(flags, list) or len(flags) != organs.NUM_CLASSES:
+        raise ValueError(f"{patient_id}: phase 2.5's record has annotated flags {flags!r}; "
+                         "re-run extract_multi_organ_masks.py --overwrite for this patient")
+    return [bool(f) for f in flags], dict(record.get("ptv") or {})
+
+
+def evaluation_output_dir(checkpoint: Path | str, postprocess: bool) -> Path:
+    """Where evaluation writes by default: ``evaluation/`` or ``evaluation_postprocessed/`` beside
+    the checkpoint."""
+    return Path(checkpoint).parent / ("evaluation_postprocessed" if postprocess else "evaluation")

@@ -18,6 +18,8 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Iterator
+
 import torch
 
 #: ``--precision`` of prediction: ``auto`` = bfloat16 where it is native, else float32.
@@ -125,10 +127,26 @@ def training_precision(device: torch.device, amp: bool | None = None) -> Precisi
 def use_fast_cuda_kernels() -> None:
     """Training's CUDA settings: TF32 in float32 matrix products and convolutions (Ampere and newer;
     a 10-bit mantissa inside them, as in the mixed-precision parts anyway) and cuDNN's autotuner
-    (the input size is fixed). Evaluation and prediction keep float32 exact: they never call this."""
+    (the input size is fixed). Evaluation and prediction run float32 under :func:`exact_float32`."""
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+
+
+@contextlib.contextmanager
+def exact_float32(device: torch.device) -> Iterator[None]:
+    """Within the block, float32 matrix products and convolutions on CUDA are float32, not TF32
+    (cuDNN allows TF32 by default, and training switches it on for the whole process): prediction's
+    float32 means the labels of a float32 network. The previous settings come back afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def prediction_precision(precision: str, device: torch.device) -> Precision:

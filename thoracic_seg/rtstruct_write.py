@@ -1,6 +1,6 @@
 """Label map -> DICOM RT Structure Set: the contours a treatment-planning system imports.
 
-A label map (z, y, x) uint8 with the values of ``organs.py`` on a CT's own grid, together with the
+A label map (z, y, x) uint8 with the values of ``thoracic_seg.organs`` on a CT's own grid, together with the
 CT's DICOM headers (one per slice, in the label map's z order), becomes an RTSTRUCT that references
 the CT's study, series, frame of reference and every SOP instance: one ROI per structure present,
 one CLOSED_PLANAR contour per 4-connected component and per hole on every slice:
@@ -415,7 +415,7 @@ def build_rtstruct(
 ) -> FileDataset:
     """An RT Structure Set of the structures present in ``labels_zyx`` (and in ``overlapping``).
 
-    One ROI per structure present, named and coloured from ``organs.py`` (``GTV``, ``PTV``,
+    One ROI per structure present, named and coloured from ``thoracic_seg.organs`` (``GTV``, ``PTV``,
     ``Lung_R``, ``Lung_L``, ``Heart``, ``Esophagus``, ``SpinalCord``), its contours those of
     :func:`mask_contours` on every slice. A PTV in the label map (a contoured PTV the network
     learnt as label 2) is written as labels GTV + PTV together, because a PTV contains its GTV. A
@@ -425,7 +425,7 @@ def build_rtstruct(
     PositionReferenceIndicator, empty when it has none), so the file passes ``dciodvfy``.
 
     Args:
-        labels_zyx: (Z, Y, X) integer label map (values 0-7, ``organs.py``) on the CT grid:
+        labels_zyx: (Z, Y, X) integer label map (values 0-7, ``thoracic_seg.organs``) on the CT grid:
             index k along z is ``reference``'s slice k, (Y, X) = (Rows, Columns).
         reference: the CT series (see :meth:`CTReference.from_datasets`).
         structure_set_label: StructureSetLabel (16 characters at most).
