@@ -2,9 +2,10 @@
 (the scheduler, out of memory, a closed laptop) early or while a file is being written, and run
 again; the outputs must equal those of a run never killed, with no temporary file left behind.
 
-The kill moments are chosen by watching the output folders (the first output appears; a writer's
-``.partial/`` folder exists). Where the process is faster than the watch, it is killed later or
-not at all: the assertions hold whatever the moment.
+The kills land where intended: the writer of a chosen file pauses inside ``batch.atomic_output``
+(``PAUSE_ENV``, a test hook), its temporary file written and its rename not done, and is killed
+there; the test fails when the pause is never reached. A kill on a watched output that the process
+outruns must find it ended with exit 0.
 """
 from __future__ import annotations
 
@@ -25,17 +26,25 @@ import convert_dicom_to_nifti as conv
 import extract_multi_organ_masks as em
 import normalize_ct_and_masks as norm
 import train_multi_organ as tm
-from thoracic_seg.batch import PARTIAL_DIR_NAME
+from thoracic_seg.batch import PARTIAL_DIR_NAME, PAUSE_ENV
 from thoracic_seg.layout import BEST_CHECKPOINT, HISTORY_JSON, LAST_CHECKPOINT, DataLayout
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZE, SLICES = 32, 8
 
 
-def kill_when(script: str, argv: list[str], ready: Callable[[], bool], timeout: float = 60.0) -> bool:
-    """Run ``python <script> argv`` and SIGKILL it as soon as ``ready()``; True when it was killed
-    (False: it ended first)."""
+def kill_when(script: str, argv: list[str], ready: Callable[[], bool], timeout: float = 60.0,
+              pause: tuple[str, Path] | None = None) -> bool:
+    """Run ``python <script> argv`` and SIGKILL it as soon as ``ready()``; True when it was killed.
+    When it ends first, it must have exited 0 (a crash at start-up is no "ended first").
+
+    ``pause`` ``(file name pattern, marker)``: the writer of the first file matching the pattern
+    creates ``marker`` and waits inside ``batch.atomic_output`` (its temporary file written, the
+    rename not done): the kill lands there, and the process never ends first."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    if pause is not None:
+        env[PAUSE_ENV] = f"{pause[0]}|{pause[1]}"
+        ready = pause[1].exists
     process = subprocess.Popen([sys.executable, str(REPO_ROOT / script), *argv], cwd=REPO_ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
@@ -48,6 +57,8 @@ def kill_when(script: str, argv: list[str], ready: Callable[[], bool], timeout: 
             if time.monotonic() > deadline:
                 raise AssertionError(f"{script} neither reached the kill point nor ended in {timeout:.0f} s")
             time.sleep(0.001)
+        assert pause is None, f"{script} ended (exit {process.returncode}) without reaching the pause at {pause[0]}"
+        assert process.returncode == 0, f"{script} ended with exit {process.returncode} before the kill"
         return False
     finally:
         if process.poll() is None:
@@ -57,11 +68,6 @@ def kill_when(script: str, argv: list[str], ready: Callable[[], bool], timeout: 
 
 def first_output(folder: Path, pattern: str) -> Callable[[], bool]:
     return lambda: any(folder.glob(pattern))
-
-
-def writing(*folders: Path) -> Callable[[], bool]:
-    """True while a writer holds a temporary folder in one of ``folders`` (a write in progress)."""
-    return lambda: any((folder / PARTIAL_DIR_NAME).exists() for folder in folders)
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
@@ -100,18 +106,21 @@ def _snapshot(root: Path, copy: Path) -> Path:
     return copy
 
 
-PHASES = {  # phase: (script, main, state it starts from, folders it writes, file it makes per patient)
-    "2": ("convert_dicom_to_nifti.py", conv.main, None, ("ct_nifti",), "ct_nifti/*.nii.gz"),
-    "2.5": ("extract_multi_organ_masks.py", em.main, "after_phase2", ("masks",), "masks_multi_organ/*.json"),
+PHASES = {  # phase: (script, main, state it starts from, folders it writes, {moment: file paused at})
+    "2": ("convert_dicom_to_nifti.py", conv.main, None, ("ct_nifti",),
+          {"first patient done": "SYN-002.nii.gz", "during a write": "SYN-001.nii.gz"}),
+    "2.5": ("extract_multi_organ_masks.py", em.main, "after_phase2", ("masks",),
+            {"first patient done": "SYN-002.nii.gz", "during a write": "SYN-001.json"}),
     "3": ("normalize_ct_and_masks.py", norm.main, "after_phase2_5",
-          ("normalized_ct", "normalized_masks", "training_cache"), "training_cache/*/meta.json"),
+          ("normalized_ct", "normalized_masks", "training_cache"),
+          {"first patient done": "SYN-002.nii.gz", "during a write": "meta.json"}),
 }
 
 
 @pytest.mark.parametrize("phase", PHASES)
 @pytest.mark.parametrize("moment", ["first patient done", "during a write"])
 def test_a_killed_phase_run_again_gives_the_outputs_of_a_run_never_killed(reference, tmp_path, phase, moment):
-    script, main, start, folders, per_patient = PHASES[phase]
+    script, main, start, folders, pause_at = PHASES[phase]
     root = tmp_path / "data"
     if start is None:
         root.mkdir()
@@ -120,10 +129,10 @@ def test_a_killed_phase_run_again_gives_the_outputs_of_a_run_never_killed(refere
     layout = DataLayout(root)
     argv = ["--data-root", str(root), "--workers", "1"]
     argv += ["--size", str(SIZE)] if phase == "3" else ["--dicom-root", str(reference["raw"])]
-    watched = [getattr(layout, name) for name in folders]
-    watched += [layout.training_cache / f"SYN-00{i}" for i in (1, 2, 3)]  # phase 3's per-patient folders
-    ready = first_output(layout.processed, per_patient) if moment == "first patient done" else writing(*watched)
-    kill_when(script, argv, ready)
+    marker = tmp_path / "paused"
+    assert kill_when(script, argv, lambda: False, pause=(pause_at[moment], marker))
+    paused_file = Path(marker.read_text())
+    assert not paused_file.exists() and (paused_file.parent / PARTIAL_DIR_NAME).is_dir()  # killed mid-write
 
     assert main(argv) == 0  # run again: done, skipped or redone, and nothing failed
     expected = files_of(reference["after_phase3"] / "processed")
@@ -169,8 +178,13 @@ def test_a_killed_training_resumed_ends_as_a_run_never_killed(reference, tmp_pat
     assert tm.main(common + ["--output-dir", str(straight)]) == 0
 
     out = tmp_path / "killed"
-    ready = (first_output(out, LAST_CHECKPOINT) if moment == "after the first epoch" else writing(out))
-    kill_when("train_multi_organ.py", common + ["--output-dir", str(out)], ready)
+    if moment == "after the first epoch":  # killed then, or it ended first (exit 0: see kill_when)
+        kill_when("train_multi_organ.py", common + ["--output-dir", str(out)], first_output(out, LAST_CHECKPOINT))
+    else:
+        marker = tmp_path / "paused"
+        assert kill_when("train_multi_organ.py", common + ["--output-dir", str(out)], lambda: False,
+                         pause=(LAST_CHECKPOINT, marker))
+        assert Path(marker.read_text()) == out / LAST_CHECKPOINT and not (out / LAST_CHECKPOINT).exists()
     resume = ["--resume", str(out)] if (out / LAST_CHECKPOINT).is_file() else []
     assert tm.main(common + ["--output-dir", str(out), *resume]) == 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fnmatch
 import hashlib
 import json
 import logging
@@ -136,11 +137,24 @@ def atomic_output(final_path: Path | str) -> Iterator[Path]:
         yield tmp_path
         if not tmp_path.exists():
             raise FileNotFoundError(f"nothing was written to {tmp_path}")
+        _pause_for_a_test(final_path)
         os.replace(tmp_path, final_path)
     finally:
         shutil.rmtree(partial_dir, ignore_errors=True)
         with contextlib.suppress(OSError):
             partial_dir.parent.rmdir()  # only succeeds when no other writer uses it
+
+
+#: Kill tests only: ``"<file name pattern>|<marker path>"``: the writer of the first matching file
+#: creates the marker and waits, its temporary file written, its rename not done, to be killed there.
+PAUSE_ENV = "THORACIC_SEG_PAUSE_BEFORE_RENAME"
+
+
+def _pause_for_a_test(final_path: Path) -> None:
+    pattern, _, marker = os.environ.get(PAUSE_ENV, "").partition("|")
+    if marker and fnmatch.fnmatch(final_path.name, pattern) and not Path(marker).exists():
+        Path(marker).write_text(str(final_path), encoding="utf-8")
+        time.sleep(600)
 
 
 def _make_partial_dir(partial_dir: Path, attempts: int = 100) -> None:
