@@ -41,9 +41,7 @@ log = logging.getLogger(__name__)
 PHASE = "Phase 2"
 
 
-# --------------------------------------------------------------------------------------------
-# One patient, the report, the batch
-# --------------------------------------------------------------------------------------------
+# ---- One patient, the report, the batch ------------------------------------------------------
 def _vector(values: Iterable[float]) -> str:
     return " ".join(f"{v:.6g}" for v in values)
 

@@ -51,17 +51,14 @@ def read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, bool]:
     return tuple(shape), np.dtype(dtype), bool(fortran)
 
 
-# --------------------------------------------------------------------------------------------
-# Augmentation
-# --------------------------------------------------------------------------------------------
+# ---- Augmentation ----------------------------------------------------------------------------
 class SliceAugmentation:
     """Random in-plane rotation, scaling, optional elastic warp and intensity jitter of one slice.
 
-    One random spatial transform and one jitter are applied to every image channel (bilinear) and
-    to the mask (nearest neighbour), so labels move with the anatomy and no new label value appears.
-    There is no left-right flip: the lungs are labelled by the patient's side (3 right, 4 left), and
-    a mirrored thorax (heart on the right) is not an anatomy the model will meet. Outside the
-    original slice the image is filled with its minimum (air) and the mask with background.
+    One transform and one jitter for every image channel (bilinear) and the mask (nearest neighbour), so
+    labels move with the anatomy and no new label value appears. No left-right flip: lungs are labelled by
+    side (3 right, 4 left) and a mirrored thorax is not an anatomy the model will meet. Outside the
+    original slice the image gets its minimum (air) and the mask background.
 
     Args:
         max_rotation_deg: rotation drawn uniformly in [-max, +max] degrees.
@@ -140,20 +137,14 @@ class SliceAugmentation:
         return warped * gain + shift, warped_mask.round().to(torch.int64)
 
 
-# --------------------------------------------------------------------------------------------
-# Dataset
-# --------------------------------------------------------------------------------------------
-
-
+# ---- Dataset ---------------------------------------------------------------------------------
 class MultiOrganDataset(Dataset):
     """Axial slices of the phase 3 training cache of a split or a list of patients.
 
-    Every item is a dict:
-        ``image`` float32 (C, S, S) z-scored CT, C = 2 x ``context_slices`` + 1 (the slice in the
-        middle channel); ``mask`` int64 (S, S) labels 0-7;
-        ``annotated`` bool (8,) which labels the patient has annotated (a 0 in the mask of an
-        unannotated structure means "unknown", not "background"); ``patient_id`` str;
-        ``slice_index`` int (z index in the patient's volume, 0 = first slice of the CT).
+    Every item is a dict: ``image`` float32 (C, S, S) z-scored CT, C = 2 x ``context_slices`` + 1 (the
+    slice in the middle channel); ``mask`` int64 (S, S) labels 0-7; ``annotated`` bool (8,) (a 0 in the
+    mask of an unannotated structure means "unknown", not "background"); ``patient_id`` str;
+    ``slice_index`` int (z index in the patient's volume, 0 = first slice of the CT).
 
     Attributes:
         patients: list of P patient ids.
@@ -166,10 +157,9 @@ class MultiOrganDataset(Dataset):
         split: "train", "val", "test" (read from ``<splits_dir>/<split>.txt``) or a list of ids.
         data_root: data folder holding ``processed/training_cache``.
         splits_dir: folder of the split files.
-        augment: False, True (default :class:`SliceAugmentation`) or a callable
-            ``(image, mask) -> (image, mask)``. Use it for training only.
-        compact: items carry ``image`` float16 and ``mask`` uint8 (the cache's own dtypes) to
-            cut DataLoader transport 4x; widen them with :func:`batch_to_device`.
+        augment: False, True (default :class:`SliceAugmentation`) or a callable ``(image, mask) -> (image,
+            mask)``; for training only.
+        compact: items keep the cache's float16 ``image`` and uint8 ``mask`` (see the module docstring).
         return_meta: ignored, items are always dicts (accepted for callers of the first contract).
         max_open_patients: memory maps kept open per process (least recently used are closed).
         context_slices: neighbours on each side served as extra channels (0: the slice alone).
@@ -259,8 +249,7 @@ class MultiOrganDataset(Dataset):
         maps = self._maps.get(p)
         if maps is None:
             folder = cache_dir(self.data_root, self.patients[p])
-            maps = (np.load(folder / CACHE_CT, mmap_mode="r"),
-                    np.load(folder / CACHE_MASK, mmap_mode="r"))
+            maps = (np.load(folder / CACHE_CT, mmap_mode="r"), np.load(folder / CACHE_MASK, mmap_mode="r"))
             self._maps[p] = maps
             if len(self._maps) > self.max_open_patients:
                 self._maps.popitem(last=False)
@@ -327,9 +316,8 @@ def make_tumour_oversampling_sampler(
 ) -> WeightedRandomSampler:
     """A sampler drawing slices with ``label`` (default GTV) a ``tumour_fraction`` of the time.
 
-    Tumour slices are a few percent of a thorax CT; without oversampling the network sees few.
-    Draws ``num_samples`` (default ``len(dataset)``) items with replacement. When no slice, or
-    every slice, holds the label, sampling is uniform.
+    Tumour slices are a few percent of a thorax CT. Draws ``num_samples`` (default ``len(dataset)``) items
+    with replacement; uniform when no slice, or every slice, holds the label.
     """
     if not 0 < tumour_fraction < 1:
         raise ValueError(f"tumour_fraction must be in (0, 1), got {tumour_fraction}")

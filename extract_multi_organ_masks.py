@@ -51,9 +51,7 @@ log = logging.getLogger(__name__)
 UNMATCHED_COLUMNS = ("roi_name", "patients", "patient_ids")
 
 
-# --------------------------------------------------------------------------------------------
-# Structures: ROIs -> labels, lung split, derived PTV, priority overlay
-# --------------------------------------------------------------------------------------------
+# ---- Structures: ROIs -> labels, lung split, derived PTV, priority overlay -------------------
 @dataclass
 class StructureMask:
     """What one label (1-7) of a patient holds before the priority overlay."""
@@ -89,8 +87,7 @@ def polygon_centres(polygons: Sequence[tuple[int, np.ndarray]], grid: Grid) -> t
         acc[2] += abs(area)
     slices = np.array(sorted(sums), dtype=np.int64)
     to_x = grid.index_to_lps[0]
-    centre_x = np.array([grid.origin[0] + to_x @ (sums[k][0] / sums[k][2], sums[k][1] / sums[k][2], k)
-                         for k in slices])
+    centre_x = np.array([grid.origin[0] + to_x @ (sums[k][0] / sums[k][2], sums[k][1] / sums[k][2], k) for k in slices])
     return slices, centre_x
 
 
@@ -98,10 +95,9 @@ def split_at_midline(lungs: BoxMask, grid: Grid, cord_centres: tuple[np.ndarray,
                      ) -> tuple[BoxMask, BoxMask, str]:
     """Split a both-lungs mask into (right, left) at the patient's midline; returns the method too.
 
-    The midline is the patient x (LPS, +x = patient's left) of the spinal-cord centre on each slice
-    (``cord_centres`` = (slice indices, x mm) from :func:`polygon_centres`), interpolated between cord
-    slices and held constant beyond them; without a cord, the x centroid of the lungs mask itself.
-    A voxel whose centre has x below the midline is right lung.
+    The midline is the LPS x of the spinal-cord centre per slice (``cord_centres`` = (slice indices, x mm),
+    :func:`polygon_centres`), interpolated between cord slices, held beyond them; without a cord, the lungs'
+    x centroid. A voxel centre with x below the midline is right lung.
     """
     if not lungs.array.size:
         return lungs, BoxMask.empty(), "empty"
@@ -119,13 +115,11 @@ def split_at_midline(lungs: BoxMask, grid: Grid, cord_centres: tuple[np.ndarray,
     dz, dy, dx = lungs.array.shape
     k = np.arange(z0, z0 + dz)
     midline = np.interp(k, slices, centre_x)
-    relative_x = ((origin_x + k * to_x[2] - midline)[:, None, None]
-                  + (np.arange(x0, x0 + dx) * to_x[0])[None, None, :])
+    relative_x = ((origin_x + k * to_x[2] - midline)[:, None, None] + (np.arange(x0, x0 + dx) * to_x[0])[None, None, :])
     if abs(to_x[1]) > 1e-9:  # rows contribute to x only for rotated in-plane directions
         relative_x = relative_x + (np.arange(y0, y0 + dy) * to_x[1])[None, :, None]
     right_side = relative_x < 0
-    return (BoxMask(lungs.offset, lungs.array & right_side),
-            BoxMask(lungs.offset, lungs.array & ~right_side), method)
+    return (BoxMask(lungs.offset, lungs.array & right_side), BoxMask(lungs.offset, lungs.array & ~right_side), method)
 
 
 def build_structures(
@@ -138,12 +132,11 @@ def build_structures(
 ) -> tuple[dict[int, StructureMask], list[str]]:
     """Turn ROIs into one mask per label 1-7 (before the priority overlay).
 
-    Returns ``({label: StructureMask}, unmatched ROI names)``. ROI names are matched with
-    ``organs.match_roi_name``; several ROIs of one label (all GTVs, duplicate names) are merged by
-    union. A ROI without a usable contour provides nothing (its structure may stay not annotated).
+    Returns ``({label: StructureMask}, unmatched ROI names)``. Names are matched by ``organs.match_roi_name``;
+    ROIs of one label (all GTVs, duplicates) are united; one without a usable contour provides nothing.
     A both-lungs ROI (``Lungs-Total``) fills each lung not contoured alone (:func:`split_at_midline`).
-    Without a PTV ROI and with ``derive_ptv``, the PTV is the GTV grown by ``ptv_margin_mm``: its
-    mask is kept for the record (volume) but it stays *not annotated* and is never painted.
+    Without a PTV ROI and with ``derive_ptv``, the PTV is the GTV grown by ``ptv_margin_mm``, kept for the
+    record (volume) but *not annotated* and never painted.
     """
     notes = notes if notes is not None else RasterNotes()
     structures = {label: StructureMask(label) for label in organs.FOREGROUND_LABELS}
@@ -229,9 +222,7 @@ def combine_labels(structures: Mapping[int, StructureMask], shape_zyx: Sequence[
     return labels, voxels, lost
 
 
-# --------------------------------------------------------------------------------------------
-# One patient
-# --------------------------------------------------------------------------------------------
+# ---- One patient -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PatientJob:
     """Inputs of one patient: the converted CT, the UIDs phase 2 recorded for it and the RTSTRUCT
@@ -411,9 +402,7 @@ def extract_patient(job: PatientJob, settings: Settings = Settings()) -> Patient
     return PatientResult(pid, DONE, message, {"rows": rows, "unmatched": unmatched, "notes": lines})
 
 
-# --------------------------------------------------------------------------------------------
-# CSV outputs
-# --------------------------------------------------------------------------------------------
+# ---- CSV outputs -----------------------------------------------------------------------------
 
 
 def _csv_text(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> str:
@@ -455,9 +444,7 @@ def write_summaries(masks_dir: Path, results: Sequence[PatientResult]) -> None:
     write_text_atomic(masks_dir / UNMATCHED_CSV, _csv_text(UNMATCHED_COLUMNS, unmatched))
 
 
-# --------------------------------------------------------------------------------------------
-# Batch
-# --------------------------------------------------------------------------------------------
+# ---- Batch -----------------------------------------------------------------------------------
 def _conversion_rows(ct_dir: Path) -> dict[str, dict[str, str]]:
     rows = read_csv_rows(ct_dir / CONVERSION_REPORT)
     return {row.get("patient_id", ""): row for row in rows}  # a later row (re-run) wins

@@ -42,9 +42,7 @@ from thoracic_seg.rtstruct_write import CTReference, RoiContours, add_structure_
 
 log = logging.getLogger(__name__)
 
-# --------------------------------------------------------------------------------------------
-# Constants
-# --------------------------------------------------------------------------------------------
+# ---- Constants -------------------------------------------------------------------------------
 RESCALE_INTERCEPT = -1024  # stored value = HU + 1024
 HU_MIN, HU_MAX = -1024, 3071  # what 12 bits above the intercept can hold
 MIN_SIZE, MAX_SIZE = 32, 1024
@@ -121,9 +119,7 @@ def variant_for(index: int, rng: np.random.Generator) -> Variant:
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Geometry and rasterisation (pure functions)
-# --------------------------------------------------------------------------------------------
+# ---- Geometry and rasterisation (pure functions) ---------------------------------------------
 @dataclass(frozen=True)
 class Grid:
     """The CT grid: ``size`` x ``size`` pixels of ``spacing`` mm, ``slices`` slices ``thickness``
@@ -204,9 +200,7 @@ def _smooth_step(x: float) -> float:
     return x * x * (3 - 2 * x)
 
 
-# --------------------------------------------------------------------------------------------
-# Anatomy
-# --------------------------------------------------------------------------------------------
+# ---- Anatomy ---------------------------------------------------------------------------------
 @dataclass
 class Tumour:
     """An ellipsoid-like tumour: centre (x, y, z) mm, radii (rx, ry, rz) mm, bumpy outline."""
@@ -317,14 +311,12 @@ class Anatomy:
         return bool(np.all((px / a) ** 2 + (py / b) ** 2 < 1.0))
 
     def slice_shapes(self, z: float) -> dict[str, Any]:
-        """Polygons (lists of (N, 2) x, y mm arrays, rounded to 0.01 mm) on slice ``z``.
+        """Polygons (lists of (N, 2) x, y mm arrays, rounded to 0.01 mm, LPS: +x = patient left = image
+        right, +y = posterior = image down, +z = head) on slice ``z``; the RTSTRUCT stores them exactly.
 
-        Smooth closed polygons in patient mm (DICOM LPS: +x = patient left = image right,
-        +y = posterior = image down, +z = head); the RTSTRUCT places them exactly on the slice.
-
-        Keys of structures that get an ROI: ``body``, ``lung_right``, ``lung_left`` (outer
-        contour plus, with a cavity, the hole), ``heart``, ``esophagus``, ``spinal_cord``,
-        ``gtv`` (a list per tumour), ``ptv``. The rest only shape the Hounsfield values.
+        Keys of structures that get an ROI: ``body``, ``lung_right``, ``lung_left`` (outer contour plus,
+        with a cavity, the hole), ``heart``, ``esophagus``, ``spinal_cord``, ``gtv`` (a list per tumour),
+        ``ptv``. The rest only shape the Hounsfield values.
         """
         sp = self.grid.spacing
         u = self.u(z)
@@ -422,9 +414,7 @@ class Anatomy:
         if u > 0.3:
             ry = float(self.body.radius(np.array([-np.pi / 2]), z, body_scale)[0]) - self.fat_mm - 7
             ts = _theta(16)
-            out["sternum"] = [_star_polygon(
-                (self.cx, self.cy - ry),
-                Blob.ellipse(13.0, 6.0).radius(ts, z), ts)]
+            out["sternum"] = [_star_polygon((self.cx, self.cy - ry), Blob.ellipse(13.0, 6.0).radius(ts, z), ts)]
 
         out["gtv"] = [[p] if (p := t.polygon(z, sp)) is not None else [] for t in self.tumours]
         out["ptv"] = [p for t in self.tumours if (p := t.polygon(z, sp, PTV_MARGIN_MM)) is not None]
@@ -559,9 +549,7 @@ def _place_tumours_and_cavity(rng: np.random.Generator, an: Anatomy, variant: Va
             raise RuntimeError("could not place an extra tumour")
 
 
-# --------------------------------------------------------------------------------------------
-# Images: Hounsfield values and the true label map
-# --------------------------------------------------------------------------------------------
+# ---- Images: Hounsfield values and the true label map ----------------------------------------
 def render_slice(an: Anatomy, shapes: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
     """Hounsfield values of one slice, float32 (rows = y, cols = x), noise included."""
     g = an.grid
@@ -639,9 +627,7 @@ def label_slice(an: Anatomy, shapes: dict[str, Any], with_ptv: bool) -> np.ndarr
     return labels
 
 
-# --------------------------------------------------------------------------------------------
-# ROIs
-# --------------------------------------------------------------------------------------------
+# ---- ROIs ------------------------------------------------------------------------------------
 @dataclass
 class Roi:
     """One RTSTRUCT ROI: its name, what it means, and its polygons per slice index."""
@@ -654,13 +640,9 @@ class Roi:
 
 
 def build_rois(an: Anatomy, slice_shapes: list[dict[str, Any]], with_ptv: bool) -> list[Roi]:
-    """The ROIs of the RTSTRUCT for this patient's variant (the caller shuffles them with the
-    patient's generator: real structure sets list ROIs in no particular order).
-
-    Default names (``GTV-1``, ``gtv-2``, ``Lung-Right``, ``Lung-Left``, ``Heart``, ``Esophagus``,
-    ``Spinal-Cord``) or French ones, no heart or esophagus ROI, extra tumours, ``Lungs-Total``
-    instead of right and left lungs, unrelated ROIs (``External``, ``Lungs-GTV``), as the variant
-    says. No PTV unless ``with_ptv`` (``--ptv``: the GTV grown by 10 mm).
+    """The RTSTRUCT's ROIs for this patient's variant (names, which ROIs, see :class:`Variant`); the
+    caller shuffles them, as real structure sets list ROIs in no particular order. No PTV unless
+    ``with_ptv`` (``--ptv``: the GTV grown by 10 mm).
     """
     v = an.variant
     names = FRENCH_NAMES if v.french_names else DEFAULT_NAMES
@@ -677,8 +659,7 @@ def build_rois(an: Anatomy, slice_shapes: list[dict[str, Any]], with_ptv: bool) 
     if with_ptv:
         add(names["ptv"], organs.PTV, "PTV", color(organs.PTV), lambda s: s["ptv"])
     if v.lungs_total:
-        add(names["lungs_total"], organs.BOTH_LUNGS, "ORGAN", (0, 200, 255),
-            lambda s: s["lung_right"] + s["lung_left"])
+        add(names["lungs_total"], organs.BOTH_LUNGS, "ORGAN", (0, 200, 255), lambda s: s["lung_right"] + s["lung_left"])
     else:
         add(names["lung_right"], organs.RIGHT_LUNG, "ORGAN", color(organs.RIGHT_LUNG), lambda s: s["lung_right"])
         add(names["lung_left"], organs.LEFT_LUNG, "ORGAN", color(organs.LEFT_LUNG), lambda s: s["lung_left"])
@@ -689,14 +670,11 @@ def build_rois(an: Anatomy, slice_shapes: list[dict[str, Any]], with_ptv: bool) 
     add(names["spinal_cord"], organs.SPINAL_CORD, "ORGAN", color(organs.SPINAL_CORD), lambda s: s["spinal_cord"])
     if v.unrelated_rois:
         add(names["external"], None, "EXTERNAL", (0, 128, 0), lambda s: s["body"])
-        add(names["lungs_gtv"], None, "ORGAN", (100, 100, 255),
-            lambda s: s["lung_right"][:1] + s["lung_left"][:1])
+        add(names["lungs_gtv"], None, "ORGAN", (100, 100, 255), lambda s: s["lung_right"][:1] + s["lung_left"][:1])
     return rois
 
 
-# --------------------------------------------------------------------------------------------
-# DICOM writing
-# --------------------------------------------------------------------------------------------
+# ---- DICOM writing ---------------------------------------------------------------------------
 def _ds_text(value: float) -> str:
     """A decimal string (VR DS, at most 16 characters) that parses back to ``value``'s digits."""
     text = f"{value:.4f}".rstrip("0").rstrip(".")
@@ -800,9 +778,7 @@ def rtstruct_of(an: Anatomy, rois: list[Roi], uids: dict[str, str], reference: C
     return ds
 
 
-# --------------------------------------------------------------------------------------------
-# Patients and cohorts
-# --------------------------------------------------------------------------------------------
+# ---- Patients and cohorts --------------------------------------------------------------------
 def _check_arguments(size: int, slices: int, seed: int) -> None:
     for name, value, lo, hi in (("size", size, MIN_SIZE, MAX_SIZE), ("slices", slices, MIN_SLICES, MAX_SLICES)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not lo <= value <= hi:
@@ -830,8 +806,7 @@ def _make_patient(out_dir: Path, truth_dir: Path, patient_id: str, *, seed: int,
     rois = [rois[i] for i in order]
 
     key = (seed, patient_id, size, slices, with_ptv)
-    uids = {name: _uid(*key, name) for name in
-            ("ct_study", "ct_series", "frame", "rt_study", "rt_series", "rtstruct")}
+    uids = {name: _uid(*key, name) for name in ("ct_study", "ct_series", "frame", "rt_study", "rt_series", "rtstruct")}
     number = int(rng.integers(10000, 99999))
     uids["study_id"] = str(number)
     sex = str(rng.choice(["M", "F"]))
@@ -908,12 +883,11 @@ def generate_patient(out_dir: Path, truth_dir: Path, patient_id: str = "SYN-001"
     """Write one synthetic patient with the given ROI options and return its cohort record.
 
     DICOM goes to ``out_dir/<patient_id>/...``, the true label map (uint8 z-y-x, 0-7) to
-    ``truth_dir/<patient_id>.nii.gz``, and the record is merged into ``truth_dir/cohort.json``.
-    Record keys: ``patient_id``, ``roi_names`` ({ROI name: organs label, organs.BOTH_LUNGS or
-    None}), ``annotated`` (8 bools, index = label, background always True, both lungs True for
-    ``Lungs-Total``), ``lungs_total``, ``french_names``, ``ct_series_uid``,
-    ``frame_of_reference_uid``, ``rtstruct_file`` and ``ct_folder`` (relative to ``out_dir``),
-    plus the grid (``shape_zyx``, ``spacing_xyz`` mm, ``origin_xyz`` LPS mm) and ``variant``.
+    ``truth_dir/<patient_id>.nii.gz``, the record is merged into ``truth_dir/cohort.json``. Record keys:
+    ``patient_id``, ``roi_names`` ({ROI name: organs label, organs.BOTH_LUNGS or None}), ``annotated`` (8
+    bools by label; background always, both lungs for ``Lungs-Total``), ``lungs_total``, ``french_names``,
+    ``ct_series_uid``, ``frame_of_reference_uid``, ``rtstruct_file`` and ``ct_folder`` (relative to
+    ``out_dir``), the grid (``shape_zyx``, ``spacing_xyz`` mm, ``origin_xyz`` LPS mm) and ``variant``.
     Raises ``FileExistsError`` when the patient folder exists and ``overwrite`` is false.
     """
     _check_arguments(size, slices, seed)
@@ -960,11 +934,10 @@ def generate_cohort(out_dir: Path, truth_dir: Path, n_patients: int = 20, seed: 
                     overwrite: bool = False) -> list[dict[str, Any]]:
     """Write ``n_patients`` synthetic patients ``SYN-001``... and ``truth_dir/cohort.json``.
 
-    Patient ``i`` depends only on (seed, its id, size, slices, with_ptv), not on ``n_patients``.
-    Raises ``FileExistsError`` when ``out_dir`` or ``truth_dir`` is a non-empty folder and
-    ``overwrite`` is false (with ``overwrite`` they are emptied first, provided they hold only
-    what this script writes), ``ValueError`` for arguments out of range. Returns the records
-    of :func:`generate_patient`, in patient order.
+    Patient ``i`` depends only on (seed, its id, size, slices, with_ptv), not on ``n_patients``. Returns
+    the :func:`generate_patient` records in patient order. ``FileExistsError`` for a non-empty ``out_dir``
+    or ``truth_dir`` without ``overwrite`` (which empties them if they hold only what this script writes),
+    ``ValueError`` for arguments out of range.
     """
     _check_arguments(size, slices, seed)
     if not isinstance(n_patients, (int, np.integer)) or n_patients < 1:
@@ -989,9 +962,7 @@ def generate_cohort(out_dir: Path, truth_dir: Path, n_patients: int = 20, seed: 
     return records
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
+# ---- Command line ----------------------------------------------------------------------------
 def _int_in(lo: int, hi: int):
     def parse(text: str) -> int:
         try:

@@ -46,9 +46,7 @@ from thoracic_seg.layout import (
 log = logging.getLogger(__name__)
 
 
-# --------------------------------------------------------------------------------------------
-# Training cache
-# --------------------------------------------------------------------------------------------
+# ---- Training cache --------------------------------------------------------------------------
 
 
 def _save_npy(array: np.ndarray, path: Path) -> None:
@@ -62,9 +60,7 @@ def _write_json(data: dict[str, Any], path: Path) -> None:
     write_text_atomic(path, "{\n" + lines + "\n}\n")
 
 
-# --------------------------------------------------------------------------------------------
-# One patient
-# --------------------------------------------------------------------------------------------
+# ---- One patient -----------------------------------------------------------------------------
 def _outputs(layout: DataLayout, patient_id: str) -> dict[str, Path]:
     cache = layout.training_cache / patient_id
     return {
@@ -130,16 +126,12 @@ def normalize_patient(
 ) -> PatientResult:
     """Phase 3 for one patient; returns its :class:`PatientResult` (``info["normalization"]``).
 
-    ``crop`` (:func:`crop_settings`, None: off): after the z-score (statistics of the whole
-    windowed volume), every slice is cropped to the body's square box (:func:`body_box` on the
-    network-orientation HU; padding with air, labels with background) and then resized; the box
-    is recorded as ``crop.box_yx`` and the normalized NIfTIs carry the box's geometry.
-
-    The annotated flags and the PTV's making come from phase 2.5's record ``<PatientID>.json``.
-    Without ``overwrite``, existing outputs are kept only when ``meta.json`` holds the fingerprint
-    of the current inputs; otherwise the patient is redone and the message says why. Every input
-    is checked before anything is written; ``meta.json`` is written last, so a patient is either
-    complete or reprocessed by the next run.
+    ``crop`` (:func:`crop_settings`, None: off): after the z-score (whole windowed volume's statistics),
+    slices are cropped to the body's square box (:func:`body_box` on network-orientation HU; air / background
+    padding), then resized; the box is recorded as ``crop.box_yx`` and the NIfTIs carry its geometry.
+    Annotated flags and the PTV's making come from phase 2.5's ``<PatientID>.json``. Without ``overwrite``,
+    outputs are kept only when ``meta.json`` holds the current inputs' fingerprint (else redone, saying why).
+    Inputs are checked before any write; ``meta.json`` is written last, so a patient is complete or redone.
     """
     if torch_threads:
         torch.set_num_threads(torch_threads)  # worker processes: one thread each, no oversubscription
@@ -251,9 +243,7 @@ def normalize_patient(
     return PatientResult(patient_id, DONE, message, {"normalization": _normalization_record(meta)})
 
 
-# --------------------------------------------------------------------------------------------
-# Batch
-# --------------------------------------------------------------------------------------------
+# ---- Batch -----------------------------------------------------------------------------------
 def run(
     *,
     data_root: Path | str = DEFAULT_DATA_ROOT,
@@ -282,8 +272,7 @@ def run(
         normalize_patient, data_root=layout.root, window=window, size=size, overwrite=overwrite,
         torch_threads=1 if workers > 1 else None, crop=crop,
     )
-    results = run_batch(patient_ids, task, workers=workers, desc="Phase 3 normalize",
-                        patient_id_of=lambda pid: pid)
+    results = run_batch(patient_ids, task, workers=workers, desc="Phase 3 normalize", patient_id_of=lambda pid: pid)
     _update_normalization_json(layout.normalized_ct / NORMALIZATION_JSON, results)
     return results
 
@@ -298,9 +287,7 @@ def _update_normalization_json(path: Path, results: Sequence[PatientResult]) -> 
     _write_json(dict(sorted(existing.items())), path)
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
+# ---- Command line ----------------------------------------------------------------------------
 def _size_argument(text: str) -> int:
     try:
         value = int(text)

@@ -41,19 +41,13 @@ log = logging.getLogger(__name__)
 PHASE = "Predict"
 
 
-# --------------------------------------------------------------------------------------------
-# Inputs
-# --------------------------------------------------------------------------------------------
+# ---- Inputs ----------------------------------------------------------------------------------
 
 
-# --------------------------------------------------------------------------------------------
-# Outputs
-# --------------------------------------------------------------------------------------------
+# ---- Outputs ---------------------------------------------------------------------------------
 
 
-# --------------------------------------------------------------------------------------------
-# One patient
-# --------------------------------------------------------------------------------------------
+# ---- One patient -----------------------------------------------------------------------------
 
 
 def predict_case(case: Case, predictor: Predictor, output_dir: Path, overwrite: bool = False,
@@ -87,9 +81,7 @@ def predict_case(case: Case, predictor: Predictor, output_dir: Path, overwrite: 
     return PatientResult(case.patient_id, DONE, message, {"seconds": seconds, "outputs": outputs, **written})
 
 
-# --------------------------------------------------------------------------------------------
-# Batch
-# --------------------------------------------------------------------------------------------
+# ---- Batch -----------------------------------------------------------------------------------
 def run(
     *,
     input_path: Path | str,
@@ -103,12 +95,9 @@ def run(
     ptv_margin_mm: float | None = None,
     context_slices: int | None = None,
 ) -> list[PatientResult]:
-    """Segment every patient under ``input_path`` with ``checkpoint`` (several: an ensemble, their
-    probabilities averaged); write into ``output_dir``.
-    ``ptv_margin_mm`` overrides the run's PTV margin (see :meth:`Predictor.load`).
-
-    Patients are processed one after another (one tqdm bar); a patient whose CT is rejected is
-    reported as failed and the others go on.
+    """Segment every patient under ``input_path`` with ``checkpoint`` (several: an averaging ensemble) into
+    ``output_dir``; ``ptv_margin_mm`` overrides the run's PTV margin (:meth:`Predictor.load`). One patient
+    after another (one tqdm bar); a rejected CT is reported as failed and the others go on.
 
     Raises:
         FileNotFoundError: missing input or checkpoint.

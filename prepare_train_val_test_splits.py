@@ -35,9 +35,7 @@ DEFAULT_FRACTIONS: tuple[float, float, float] = (0.70, 0.15, 0.15)
 _PREFERENCE: tuple[str, ...] = ("train", "test", "val")
 
 
-# --------------------------------------------------------------------------------------------
-# Pure assignment
-# --------------------------------------------------------------------------------------------
+# ---- Pure assignment -------------------------------------------------------------------------
 def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     """Three fractions (train, val, test), each in [0, 1], train > 0, summing to 1."""
     values = tuple(float(f) for f in fractions)
@@ -84,16 +82,11 @@ def assign_splits(
 ) -> dict[str, list[str]]:
     """Stratified patient-level split -> ``{"train": [...], "val": [...], "test": [...]}`` (sorted).
 
-    Iterative stratification (Sechidis et al., 2011): from the most rarely annotated structure to the
-    most common, each patient with it goes to a split that has none of it yet, else to the one furthest
-    below its share (the heart is contoured in ~30% of NSCLC-Radiomics; a test split without one
-    measures nothing).
-
-    Args:
-        patient_ids: P unique patient ids.
-        annotated: bool (P, 8): which labels (organs 0-7) each patient has annotated.
-        fractions: (train, val, test), summing to 1.
-        seed: the same seed and inputs always give the same split (the input order does not matter).
+    Iterative stratification (Sechidis et al., 2011): from the rarest annotated structure to the most
+    common, each patient with it goes to a split that has none yet, else to the one furthest below its
+    share (the heart is contoured in ~30% of NSCLC-Radiomics; a test split without one measures nothing).
+    ``patient_ids``: P unique ids; ``annotated``: bool (P, 8) labels each patient has annotated;
+    ``fractions``: (train, val, test) summing to 1; same ``seed`` and inputs, same split (any input order).
     """
     ids = list(patient_ids)
     flags = np.asarray(annotated, dtype=bool).reshape(len(ids), -1)
@@ -120,8 +113,7 @@ def assign_splits(
         left = foreground[remaining].sum(axis=0)
         if not left.any():  # patients without any annotated structure: fill by capacity
             for i in list(remaining):
-                put(i, max(_open(capacity), key=lambda s: (capacity[s] / max(sizes[s], 1),
-                                                           -_PREFERENCE.index(s))))
+                put(i, max(_open(capacity), key=lambda s: (capacity[s] / max(sizes[s], 1), -_PREFERENCE.index(s))))
             break
         label = int(np.argmin(np.where(left > 0, left, np.iinfo(np.int64).max)))
         for i in [i for i in remaining if foreground[i, label]]:
@@ -142,9 +134,7 @@ def _open(capacity: dict[str, int]) -> list[str]:
     return [name for name in SPLIT_NAMES if capacity[name] > 0]
 
 
-# --------------------------------------------------------------------------------------------
-# Run
-# --------------------------------------------------------------------------------------------
+# ---- Run -------------------------------------------------------------------------------------
 
 
 def run(
@@ -186,14 +176,11 @@ def run(
     check_splits(splits_dir, data_root)
     for name in SPLIT_NAMES:
         if summary[name]["missing"]:
-            log.warning("split %s has no patient with %s annotated", name,
-                        ", ".join(summary[name]["missing"]))
+            log.warning("split %s has no patient with %s annotated", name, ", ".join(summary[name]["missing"]))
     return summary
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
+# ---- Command line ----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Phase 4: patient-level train/val/test splits, stratified by annotated structure."

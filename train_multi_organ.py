@@ -46,9 +46,7 @@ from unet_multi_organ import UNetMultiOrgan, count_parameters, preprocessing_fro
 log = logging.getLogger(__name__)
 
 
-# --------------------------------------------------------------------------------------------
-# One epoch
-# --------------------------------------------------------------------------------------------
+# ---- One epoch -------------------------------------------------------------------------------
 def _to_device(batch: dict[str, Any], runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Image float32 (B,1,S,S), mask int64 (B,S,S), annotated bool (B,8) on the device. Batches
     travel from the loader workers in the cache's compact dtypes (float16 / uint8, 4x fewer
@@ -142,9 +140,7 @@ def validate(model: torch.nn.Module, loader: DataLoader, class_weights: torch.Te
     return float(sums[0] / sums[1].clamp(min=1)), dice_from_counts(counts)
 
 
-# --------------------------------------------------------------------------------------------
-# Data, model, optimiser and the epoch loop
-# --------------------------------------------------------------------------------------------
+# ---- Data, model, optimiser and the epoch loop -----------------------------------------------
 @dataclass
 class TrainResult:
     """What a training run produced (rank 0 paths; other ranks get the same values)."""
@@ -172,8 +168,7 @@ def _make_loaders(config: TrainConfig, runtime: Runtime, train_set: MultiOrganDa
     if workers is None:  # on CPU the cores are busy computing; on CUDA they feed the GPU
         per_process = (os.cpu_count() or 1) // runtime.world_size
         workers = 0 if runtime.device.type == "cpu" else min(8, max(1, per_process))
-    options = dict(num_workers=workers, pin_memory=runtime.device.type == "cuda",
-                   persistent_workers=workers > 0)
+    options = dict(num_workers=workers, pin_memory=runtime.device.type == "cuda", persistent_workers=workers > 0)
     train_loader = DataLoader(train_data, batch_size=config.batch_size, sampler=sampler,
                               drop_last=len(sampler) >= 2 * config.batch_size, **options)
     if val_set is None:
@@ -299,9 +294,7 @@ def run(**options: Any) -> TrainResult:
         runtime.close()
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
+# ---- Command line ----------------------------------------------------------------------------
 def _seconds(text: str) -> float:
     """``90``, ``90s``, ``5m`` or ``1.5h`` -> seconds (:class:`TrainConfig` checks the range)."""
     units = {"s": 1, "m": 60, "h": 3600}

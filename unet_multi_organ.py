@@ -100,14 +100,11 @@ class UNetMultiOrgan(nn.Module):
     @property
     def config(self) -> dict[str, int]:
         """The constructor arguments, as stored in checkpoints (``model_config``)."""
-        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
-                "base_channels": self.base_channels}
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels, "base_channels": self.base_channels}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"expected input of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"expected input of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         height, width = x.shape[-2:]
         if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
             raise ValueError(
@@ -136,9 +133,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------
+# ---- Checkpoints -----------------------------------------------------------------------------
 def label_table() -> dict[str, str]:
     """``{"0": "background", "1": "gtv", ...}`` from ``organs.STRUCTURES`` (string keys for JSON)."""
     return {str(s.label): s.key for s in organs.STRUCTURES}
@@ -147,13 +142,11 @@ def label_table() -> dict[str, str]:
 def preprocessing_from_cache(cache_dir: Path | str) -> dict[str, Any]:
     """The normalisation settings a model was trained with, read from the phase-3 outputs.
 
-    ``cache_dir`` is the training cache (``<root>/processed/training_cache``); the window, size
-    and crop settings come from every patient's ``meta.json`` there. Returns
-    ``{"window": [lo, hi] (HU), "size": int (pixels), "zscore": "per_patient", "crop": None or
-    {"method": "body", "threshold_hu": -500, "margin_mm": 10}}`` (phase 3's ``--crop-body``; each
-    patient's own box stays in its ``meta.json``, prediction computes it on a new CT).
-    Raises ``ValueError`` naming the folder when no ``meta.json`` is found, and naming two
-    patients when the cache mixes preprocessings (phase 3 re-run with other settings for some).
+    ``cache_dir``: the training cache (``<root>/processed/training_cache``), every patient's ``meta.json``.
+    Returns ``{"window": [lo, hi] (HU), "size": int (pixels), "zscore": "per_patient", "crop": None or
+    {"method": "body", "threshold_hu": -500, "margin_mm": 10}}`` (each patient's box stays in its own
+    ``meta.json``). ``ValueError`` naming the folder when no ``meta.json`` is found, or two patients
+    when the cache mixes preprocessings.
     """
     from thoracic_seg.grid import (
         crop_settings_of,  # the network grid's reader (numpy and torch only)
@@ -201,8 +194,7 @@ def save_untrained_checkpoint(path: Path | str, settings: Mapping[str, Any], *, 
         for module in model.modules():
             if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)) and module.bias is not None:
                 module.bias.zero_()
-    torch.save({**build_checkpoint(model, preprocessing=dict(settings), epoch=0, val_loss=float("nan")),
-                **extra}, path)
+    torch.save({**build_checkpoint(model, preprocessing=dict(settings), epoch=0, val_loss=float("nan")), **extra}, path)
     return Path(path)
 
 
@@ -219,12 +211,11 @@ def build_checkpoint(
 ) -> dict[str, Any]:
     """The checkpoint dict of the Phase 5 contract (only tensors and built-in types).
 
-    ``model`` may be wrapped (DDP, ``torch.compile``); the plain module's state is stored, on
-    CPU, so the file loads anywhere. ``val_dice`` maps structure keys to Dice (NaN allowed).
-    ``context_slices`` K: the model sees each slice with K neighbours per side (2K + 1 input
-    channels; :func:`checkpoint_context_slices`). ``ptv`` says how the model's PTV is made (``{"source": "derived", "margin_mm": 10.0}``: grown from
-    the predicted GTV; ``{"source": "contoured"}``: label 2); see :func:`checkpoint_ptv`.
-    ``extra`` entries (e.g. optimizer state for the last checkpoint) are added as they are.
+    ``model`` may be wrapped (DDP, ``torch.compile``); the plain module's state is stored on CPU, so the
+    file loads anywhere. ``val_dice``: structure key -> Dice (NaN allowed). ``context_slices`` K: 2K + 1
+    input channels (:func:`checkpoint_context_slices`). ``ptv``: how the PTV is made, ``{"source":
+    "derived", "margin_mm": 10.0}`` or ``{"source": "contoured"}`` (:func:`checkpoint_ptv`). ``extra``
+    entries (e.g. optimizer state for the last checkpoint) are added as they are.
     """
     plain = unwrap_model(model)
     if not isinstance(plain, UNetMultiOrgan):
@@ -312,9 +303,7 @@ def load_checkpoint_model(
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(
-            f"{path}: not a {CHECKPOINT_FORMAT} checkpoint (torch.load failed: {exc})"
-        ) from None
+        raise ValueError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint (torch.load failed: {exc})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(

@@ -42,9 +42,7 @@ PHASE_FIGURES = ("phase2", "phase2_5", "phase3", "phase4", "statistics")
 RUN_FIGURES = ("curves", "predictions", "dice")
 
 
-# --------------------------------------------------------------------------------------------
-# Phase 2: stored DICOM values -> HU -> NIfTI
-# --------------------------------------------------------------------------------------------
+# ---- Phase 2: stored DICOM values -> HU -> NIfTI ---------------------------------------------
 
 
 def slice_normal_position(image: sitk.Image, z: int) -> tuple[np.ndarray, float]:
@@ -88,9 +86,7 @@ def find_raw_slice(series_folder: Path, series_uid: str, image: sitk.Image, z: i
                     best[0])
 
 
-# --------------------------------------------------------------------------------------------
-# Reading the phase outputs
-# --------------------------------------------------------------------------------------------
+# ---- Reading the phase outputs ---------------------------------------------------------------
 def read_split_ids(splits_dir: Path | str, name: str) -> list[str]:
     """Patient ids of split ``name``; empty when the split file does not exist."""
     from thoracic_seg.splits import read_split_file, split_path
@@ -184,9 +180,7 @@ def evaluation_dir(run_dir: Path) -> Path:
                             f"--checkpoint {run_dir}/{BEST_CHECKPOINT}")
 
 
-# --------------------------------------------------------------------------------------------
-# Run
-# --------------------------------------------------------------------------------------------
+# ---- Run -------------------------------------------------------------------------------------
 @dataclass
 class FigureResult:
     """One figure: where it was written, or why not."""

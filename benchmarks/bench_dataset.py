@@ -51,9 +51,7 @@ TARGET_SPEEDUP = 100
 TARGET_INDEX_MB = 50
 
 
-# --------------------------------------------------------------------------------------------
-# Synthetic inputs
-# --------------------------------------------------------------------------------------------
+# ---- Synthetic inputs ------------------------------------------------------------------------
 def synthetic_patient(slices: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(z-scored CT float32 (Z, S, S), labels uint8 (Z, S, S)): noise on a body, lungs, a tumour."""
     yy, xx = np.mgrid[:size, :size] / size
@@ -137,9 +135,7 @@ class TransportCeiling(Dataset):
         return self.item
 
 
-# --------------------------------------------------------------------------------------------
-# Measurements
-# --------------------------------------------------------------------------------------------
+# ---- Measurements ----------------------------------------------------------------------------
 def cpu_seconds() -> float:
     """CPU time of this process and of its finished children (the DataLoader workers)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -232,8 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             rows[f"ceiling_w{workers}"] = loader_throughput(ceiling, args.items, workers)
             rows[f"cache_w{workers}"] = loader_throughput(cache, args.items, workers)
             rows[f"compact_w{workers}"] = loader_throughput(compact, args.items, workers, widen=True)
-            rows[f"seed_w{workers}"] = loader_throughput(seed_style, args.seed_items, workers,
-                                                            steady=False)
+            rows[f"seed_w{workers}"] = loader_throughput(seed_style, args.seed_items, workers, steady=False)
         augmented = MultiOrganDataset(patients, data_root=root, augment=True)
         rows["cache_augment_w2"] = loader_throughput(augmented, args.items // 2, 2)
         memory = index_memory(root / "index", args.index_slices, args.slices, args.size)

@@ -54,8 +54,7 @@ def measure(sample_root: Path, work: Path, size: int) -> dict:
             raise RuntimeError(f"{phase.__name__}: {[(r.patient_id, r.message) for r in results]}")
     normalize_ct_and_masks.run(data_root=data_root, workers=1, size=size)
     layout = DataLayout(data_root)
-    slices = sum(read_cache_meta(data_root, pid)["shape_zyx"][0]
-                 for pid in ("LUNG1-005", "LUNG1-010"))
+    slices = sum(read_cache_meta(data_root, pid)["shape_zyx"][0] for pid in ("LUNG1-005", "LUNG1-010"))
     measured = {name: folder_bytes(getattr(layout, "masks" if name == "masks_multi_organ" else name))
                 for name in FOLDERS}
     return {"slices": slices, "size": size, "bytes": measured,
@@ -92,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             tar.extractall(tmp, filter="data")
         result = measure(Path(tmp) / "nsclc-radiomics-sample", Path(tmp), args.size)
     result["machine"] = {"python": platform.python_version(), "platform": platform.platform()}
-    result["scaled_gb"] = {str(n): {k: v * n / 1e9 for k, v in result["bytes_per_slice"].items()}
-                           for n in args.slices}
+    result["scaled_gb"] = {str(n): {k: v * n / 1e9 for k, v in result["bytes_per_slice"].items()} for n in args.slices}
     print(f"Disk use measured on {result['slices']} slices of 2 real patients (512x512, phase 3 at "
           f"{args.size} px):\n")
     print(table(result, args.slices))

@@ -72,9 +72,7 @@ CANDIDATES_HEADER = ("| structure | post-processing | n | Dice mean | Dice chang
 CANDIDATES_RULE = "|---|---|---:|---:|---:|---:|---:|---|"
 
 
-# --------------------------------------------------------------------------------------------
-# Configurations and folds (pure)
-# --------------------------------------------------------------------------------------------
+# ---- Configurations and folds (pure) ---------------------------------------------------------
 @dataclass(frozen=True)
 class Config:
     """One training configuration: its name, the slice context K and whether phase 3 crops to the body."""
@@ -141,9 +139,7 @@ def crop_supported() -> bool:
     return "crop_body" in inspect.signature(normalize_ct_and_masks.run).parameters
 
 
-# --------------------------------------------------------------------------------------------
-# Results (pure)
-# --------------------------------------------------------------------------------------------
+# ---- Results (pure) --------------------------------------------------------------------------
 def _number(text: str) -> float | None:
     return float(text) if text not in ("", None) else None
 
@@ -335,9 +331,7 @@ def format_markdown(report: dict[str, Any]) -> str:
     ])
 
 
-# --------------------------------------------------------------------------------------------
-# Data preparation
-# --------------------------------------------------------------------------------------------
+# ---- Data preparation ------------------------------------------------------------------------
 def _check_results(results: Sequence[Any], what: str) -> list[str]:
     """Patient ids done or skipped; failed ones are logged and left out."""
     from thoracic_seg.batch import FAILED
@@ -418,9 +412,7 @@ def write_fold_splits(folder: Path, train: Sequence[str], test: Sequence[str]) -
     return folder
 
 
-# --------------------------------------------------------------------------------------------
-# One training and its evaluation
-# --------------------------------------------------------------------------------------------
+# ---- One training and its evaluation ---------------------------------------------------------
 @dataclass(frozen=True)
 class Budget:
     """What every training gets: steps of ``batch_size`` slices at ``size`` px, the network width,
@@ -562,9 +554,7 @@ def train_and_evaluate(config: Config, *, data_root: Path, splits_dir: Path, run
     return record, rows
 
 
-# --------------------------------------------------------------------------------------------
-# Run
-# --------------------------------------------------------------------------------------------
+# ---- Run -------------------------------------------------------------------------------------
 def machine(device: str) -> dict[str, Any]:
     """CPU model, cores, torch version, device (and GPU) as bench_training.py records them."""
     benchmarks = str(Path(__file__).resolve().parent)
@@ -655,17 +645,14 @@ def run(*, configs: Sequence[str] = BUILTIN_CONFIGS, seeds: Sequence[int] = DEFA
             "postprocess_chosen": choose_postprocessing(comparison, candidates)}
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
+# ---- Command line ----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=list(BUILTIN_CONFIGS), metavar="NAME",
                         help="2d, 2.5d-kK, crop, or '+' combinations (default: %(default)s)")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), help="(default: %(default)s)")
-    parser.add_argument("--folds", type=int, default=None,
-                        help="patient folds (default: one patient per fold)")
+    parser.add_argument("--folds", type=int, default=None, help="patient folds (default: one patient per fold)")
     parser.add_argument("--extra-root", type=Path, action="append", default=[], metavar="DIR",
                         help="a folder of further real DICOM patients (any nesting); repeatable")
     parser.add_argument("--no-sample", action="store_true",

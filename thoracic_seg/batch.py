@@ -31,19 +31,14 @@ from thoracic_seg.layout import DEFAULT_DATA_ROOT
 
 log = logging.getLogger(__name__)
 PARTIAL_DIR_NAME = ".partial"
-# --------------------------------------------------------------------------------------------
-# Names and files
-# --------------------------------------------------------------------------------------------
+# ---- Names and files -------------------------------------------------------------------------
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._+\-]+")
 
 
 def safe_patient_id(patient_id: object, fallback: str) -> str:
-    """A DICOM PatientID made safe for a file name.
-
-    Path separators, control characters and anything but letters, digits, ``._+-`` become
-    ``_``; leading dots are stripped so ``..`` can never climb out of the output folder.
-    Falls back to ``fallback`` (normally the patient folder name, made safe the same way)
-    when nothing usable is left.
+    """A DICOM PatientID made safe for a file name: anything but letters, digits, ``._+-`` becomes ``_``;
+    leading dots are stripped so ``..`` can never climb out of the output folder. Falls back to
+    ``fallback`` (normally the patient folder name, made safe the same way) when nothing is left.
 
     >>> safe_patient_id("../../etc", "P1")
     'etc'
@@ -99,9 +94,7 @@ def list_patients(folder: Path, suffix: str = ".nii.gz") -> list[str]:
     return sorted(p.name[: -len(suffix)] for p in folder.glob(f"*{suffix}") if p.is_file())
 
 
-# --------------------------------------------------------------------------------------------
-# Fingerprints: a phase records what it read, so a later run redoes a patient whose inputs changed
-# --------------------------------------------------------------------------------------------
+# ---- Fingerprints: a phase records what it read, so a later run redoes a patient whose inputs changed ----
 
 
 def file_sha256(path: Path | str, chunk_bytes: int = 1 << 20) -> str:
@@ -220,9 +213,7 @@ def check_writable(folder: Path) -> None:
     remove_stale_partials(folder)
 
 
-# --------------------------------------------------------------------------------------------
-# NIfTI I/O (SimpleITK keeps origin/spacing/direction; it converts LPS <-> RAS on disk)
-# --------------------------------------------------------------------------------------------
+# ---- NIfTI I/O (SimpleITK keeps origin/spacing/direction; it converts LPS <-> RAS on disk) ----
 def write_nifti(image: "Any", path: Path | str) -> None:
     """Write a SimpleITK image atomically (compressed when the name ends with ``.gz``)."""
     import SimpleITK as sitk
@@ -258,9 +249,7 @@ def check_same_geometry(a: "Any", b: "Any", what: str) -> None:
         )
 
 
-# --------------------------------------------------------------------------------------------
-# Batch runner
-# --------------------------------------------------------------------------------------------
+# ---- Batch runner ----------------------------------------------------------------------------
 class PatientError(Exception):
     """A problem with one patient's input: reported with its message, no traceback."""
 
@@ -316,10 +305,7 @@ def run_batch(
             bar.update()
     else:
         with ProcessPoolExecutor(max_workers=min(workers, len(items))) as pool:
-            futures = {
-                pool.submit(_call_safely, task, item, patient_id_of(item)): i
-                for i, item in enumerate(items)
-            }
+            futures = {pool.submit(_call_safely, task, item, patient_id_of(item)): i for i, item in enumerate(items)}
             for fut in as_completed(futures):
                 i = futures[fut]
                 try:
@@ -418,8 +404,7 @@ def progress_bar(total: int | None, desc: str, unit: str, *, leave: bool = True,
     one, so a log file holds a few lines per phase or epoch instead of thousands of redrawn bars."""
     stream = stream or sys.stderr
     if disable or (hasattr(stream, "isatty") and stream.isatty()):
-        return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=leave, disable=disable,
-                    file=stream)
+        return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=leave, disable=disable, file=stream)
     return PlainProgress(total, desc, unit, file=stream)
 
 
@@ -448,9 +433,7 @@ def exit_status(results: Sequence[PatientResult]) -> int:
     return 1 if any(r.status == FAILED for r in results) else 0
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
+# ---- Command line ----------------------------------------------------------------------------
 def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
@@ -463,8 +446,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="only these patient ids (default: all)")
     parser.add_argument("--workers", type=positive_int, default=default_workers(),
                         help="worker processes (default: min(4, cores) = %(default)s)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="redo patients whose output already exists")
+    parser.add_argument("--overwrite", action="store_true", help="redo patients whose output already exists")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 

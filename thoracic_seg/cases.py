@@ -82,10 +82,8 @@ def is_nifti(path: Path) -> bool:
 def find_cases(input_path: Path | str) -> list[Case]:
     """The patients under ``input_path``: one NIfTI file, or every patient of a DICOM folder tree.
 
-    Raises:
-        FileNotFoundError: the path does not exist.
-        ValueError: a file that is not NIfTI, or a folder holding no CT image series at all
-            (the message lists what was found instead).
+    ``FileNotFoundError``: no such path. ``ValueError``: a file that is not NIfTI, or a folder without
+    any CT image series (the message lists what was found instead).
     """
     path = Path(input_path)
     if not path.exists():
@@ -198,11 +196,10 @@ def write_outputs(ct: LoadedCT, hu_zyx: np.ndarray, labels_zyx: np.ndarray, outp
                   predictor: Predictor, seconds: dict[str, float] | None = None) -> dict[str, Any]:
     """Write one patient's outputs for HU and a label map (Z, Y, X) on ``ct``'s own stored grid.
 
-    Makes the PTV (:meth:`Predictor.ptv_mask`), builds the RTSTRUCT when ``ct`` came from DICOM
-    (timed as ``rtstruct``; the PTV an overlapping ROI), then writes the label map and the PTV mask
-    (on the CT's stored grid and geometry), RTSTRUCT, volumes CSV and overlay (drawn in the
-    network's orientation, patient right on image left, whatever the stored order; timed as
-    ``write``). Returns ``{"volumes": rows, "rois": {ROI name: contours}}``.
+    Makes the PTV (:meth:`Predictor.ptv_mask`), builds the RTSTRUCT for a DICOM ``ct`` (timed as
+    ``rtstruct``; the PTV an overlapping ROI), then writes label map and PTV mask (stored grid and
+    geometry), RTSTRUCT, volumes CSV and overlay (network orientation; timed as ``write``).
+    Returns ``{"volumes": rows, "rois": {ROI name: contours}}``.
     """
     seconds = seconds if seconds is not None else {}
     rtstruct = None

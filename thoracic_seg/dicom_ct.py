@@ -76,10 +76,9 @@ class RTStructInfo:
 class PatientDicom:
     """Everything the header scan found for one patient.
 
-    ``patient_id`` is the DICOM PatientID made safe for a file name (the output file stem),
-    falling back to the patient folder's name. ``folder`` is the top-level folder under the
-    collection root when it holds all of the patient's files and no other patient's
-    (collection layout), else the common ancestor of the patient's files (possibly the root).
+    ``patient_id``: the PatientID made safe for a file name (else the folder's name). ``folder``: the
+    top-level folder under the root when it holds all and only this patient's files, else the common
+    ancestor of the patient's files (possibly the root).
     """
 
     patient_id: str
@@ -92,11 +91,8 @@ class PatientDicom:
 
 
 class SliceRef(NamedTuple):
-    """One z index of a converted volume.
-
-    ``position_lps`` is the slice origin (first voxel centre) in DICOM LPS mm; ``path`` and
-    ``sop_instance_uid`` are None for a slice interpolated by ``fill_gaps``.
-    """
+    """One z index of a converted volume: ``position_lps`` is the slice origin (first voxel centre) in
+    LPS mm; ``path`` and ``sop_instance_uid`` are None for a slice interpolated by ``fill_gaps``."""
 
     sop_instance_uid: str | None
     position_lps: tuple[float, float, float]
@@ -110,12 +106,9 @@ class SliceRef(NamedTuple):
 
 @dataclass
 class CTSeries:
-    """A CT series read into a volume.
-
-    ``image``: SimpleITK int16 image in HU; its array (``sitk.GetArrayFromImage``) is z, y, x;
-    origin = first slice's ImagePositionPatient, direction columns = (row direction, column
-    direction, slice normal), spacing = (column spacing, row spacing, slice step) in mm, all LPS.
-    ``slices`` has one :class:`SliceRef` per z index.
+    """A CT series read into a volume. ``image``: SimpleITK int16 HU (array z, y, x); origin = first
+    slice's ImagePositionPatient, direction columns = (row direction, column direction, slice normal),
+    spacing = (column, row, slice step) mm, all LPS. ``slices``: one :class:`SliceRef` per z index.
     """
 
     image: sitk.Image
@@ -174,16 +167,13 @@ def _read_scan_header(path: Path) -> pydicom.Dataset:
 def find_dicom_series(root: Path | str) -> list[PatientDicom]:
     """Scan ``root`` (any nesting) and group its CT image files by patient and series.
 
-    Reads headers only (no pixel data). Files are grouped by DICOM PatientID (files without one
-    by their top-level folder). CT Image Storage objects become candidate series; RTSTRUCTs are
-    kept with the series they reference; every other object (RTPLAN, RTDOSE, SEG, SR, PR,
-    other modalities) is counted in ``ignored``. Unreadable and non-DICOM files are logged as
-    warnings naming the file and noted in ``problems`` of the patients with files in the same
-    folder.
+    Headers only. Files are grouped by PatientID (else by top-level folder). CT Image Storage objects are
+    candidate series, RTSTRUCTs are kept with the series they reference, every other object (RTPLAN,
+    RTDOSE, SEG, ...) is counted in ``ignored``. Unreadable and non-DICOM files are logged and noted in
+    ``problems`` of the patients with files in the same folder.
 
-    Returns the patients sorted by ``patient_id``. Two patients can share a ``patient_id``
-    when different PatientIDs become the same file name (``../../etc`` and ``etc``); the caller
-    must refuse to write either (``convert_dicom_to_nifti.run`` does).
+    Returns the patients sorted by ``patient_id``. Two can share one when different PatientIDs make the
+    same file name (``../../etc`` and ``etc``); the caller must refuse to write either (``run`` does).
     """
     root = Path(root)
     groups: dict[str, dict] = {}
@@ -346,8 +336,7 @@ def _slice_geometry(headers: list[tuple[Path, pydicom.Dataset]]):
     uids = {_text(ds.get("SeriesInstanceUID", "")) for _, ds in headers}
     if len(uids) > 1:
         raise PatientError(f"the {len(headers)} files belong to {len(uids)} series: {sorted(uids)}")
-    iop = _check_same(headers, "ImageOrientationPatient",
-                      lambda p, ds: _floats(ds, "ImageOrientationPatient", 6, p))
+    iop = _check_same(headers, "ImageOrientationPatient", lambda p, ds: _floats(ds, "ImageOrientationPatient", 6, p))
     pixel_spacing = _check_same(headers, "PixelSpacing", lambda p, ds: _floats(ds, "PixelSpacing", 2, p))
     rows, cols = _check_same(headers, "Rows x Columns",
                              lambda p, ds: np.array([_count(ds, "Rows", p), _count(ds, "Columns", p)]))
@@ -385,8 +374,7 @@ def _slice_geometry(headers: list[tuple[Path, pydicom.Dataset]]):
         if s.distance - kept[-1].distance < DUPLICATE_TOLERANCE_MM:
             notes.append(f"dropped duplicate slice {s.path.name} (same position {s.distance:.3f} mm "
                          f"along the normal as {kept[-1].path.name})")
-            log.warning("%s: duplicate slice position %.3f mm (same as %s); dropped",
-                        s.path, s.distance, kept[-1].path)
+            log.warning("%s: duplicate slice position %.3f mm (same as %s); dropped", s.path, s.distance, kept[-1].path)
         else:
             kept.append(s)
     if len(kept) < 2:
@@ -415,10 +403,9 @@ def _slice_geometry(headers: list[tuple[Path, pydicom.Dataset]]):
 def _resampling_plan(distances: np.ndarray, fill_gaps: bool, where: str):
     """How to build the output slices from the sorted source slices at ``distances`` (mm).
 
-    Returns (output slice step in mm, one ``(source k, source k+1, weight of k+1)`` per output
-    slice, descriptions of the gaps). A uniform stack maps one to one. A step larger than the
-    nominal (smallest) one is a gap: without ``fill_gaps`` it raises :class:`PatientError`
-    listing the gaps; with it, the output covers first..last with the step closest to nominal.
+    Returns (output step mm, one ``(source k, source k+1, weight of k+1)`` per output slice, gap
+    descriptions). A step above the nominal (smallest) is a gap: :class:`PatientError` listing the gaps
+    unless ``fill_gaps``, then the output covers first..last with the step closest to nominal.
     """
     steps = np.diff(distances)
     nominal = float(steps.min())
@@ -494,22 +481,16 @@ def _hu_slice(path: Path, rows: int, cols: int) -> np.ndarray:
 
 
 def read_ct_series(files: Sequence[Path | str], fill_gaps: bool = False) -> CTSeries:
-    """Read one CT series into an int16 HU volume with its true LPS geometry.
+    """Read one CT series (single-frame files, any order) into an int16 HU volume with its true LPS geometry.
 
-    ``files``: the series' single-frame CT files, in any order. Slices are ordered by their
-    position along the slice normal (cross product of the ImageOrientationPatient row and
-    column directions); exact duplicate positions are dropped with a warning. Each slice's
-    HU = stored value x RescaleSlope + RescaleIntercept (per slice), rounded to int16.
-
-    Missing slices (a step larger than the nominal, i.e. smallest, step) raise
-    :class:`PatientError` giving the gap positions, unless ``fill_gaps``: then the stack is
-    resampled by linear interpolation onto a uniform step as close to the nominal as spans
-    first..last exactly, and ``filled_slices``/``notes`` record it.
-
-    Raises :class:`PatientError` for gantry tilt or shear, non-axial or mixed orientations,
-    different slice sizes, HU outside int16, undecodable pixel data — naming the file.
-
-    Reads each file's header, then its pixels once into a preallocated (z, y, x) int16 array.
+    Slices are ordered along the slice normal (row x column direction of ImageOrientationPatient); exact
+    duplicate positions are dropped with a warning. HU = stored x RescaleSlope + RescaleIntercept (per
+    slice), rounded to int16. Missing slices (a step above the nominal, i.e. smallest, one) raise
+    :class:`PatientError` giving the gaps, unless ``fill_gaps``: then the stack is linearly resampled onto
+    the uniform step closest to nominal that spans first..last, recorded in ``filled_slices``/``notes``.
+    :class:`PatientError` naming the file for gantry tilt or shear, non-axial or mixed orientations,
+    different slice sizes, HU outside int16, undecodable pixel data. Pixels are read once into a
+    preallocated (z, y, x) int16 array.
     """
     files = [Path(f) for f in files]
     if not files:

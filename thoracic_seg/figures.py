@@ -125,8 +125,7 @@ def show_image(ax, image: np.ndarray, title: str = "", vmin: float | None = None
 
 def show_labels(ax, labels: np.ndarray, title: str = "") -> None:
     """A label map in the ``organs`` colours (background black), no axes."""
-    ax.imshow(labels, cmap=label_colormap(), vmin=-0.5, vmax=organs.NUM_CLASSES - 0.5,
-              interpolation="nearest")
+    ax.imshow(labels, cmap=label_colormap(), vmin=-0.5, vmax=organs.NUM_CLASSES - 0.5, interpolation="nearest")
     ax.set_title(title, fontsize=10)
     _axis_off(ax)
 
@@ -280,8 +279,7 @@ def _dice_series(history: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
 
 def training_curves_figure(history: Sequence[dict[str, Any]], title: str = "") -> Figure:
     """Loss curves (train/val) and per-structure validation Dice against the epoch."""
-    epochs = [_number(r.get("epoch")) if _number(r.get("epoch")) is not None else i + 1
-              for i, r in enumerate(history)]
+    epochs = [_number(r.get("epoch")) if _number(r.get("epoch")) is not None else i + 1 for i, r in enumerate(history)]
     fig = new_figure(13, 4.6)
     ax_loss, ax_dice = fig.subplots(1, 2)
     for key, colour in (("train_loss", "#4c72b0"), ("val_loss", "#dd8452")):
@@ -406,8 +404,7 @@ def dice_boxplot_figure(rows: Sequence[dict[str, Any]], title: str = "") -> Figu
             names.append(f"{structure.name}\nn={len(values)}")
             colours.append(structure.color_float)
     if data:
-        boxes = ax.boxplot(data, patch_artist=True, widths=0.6, medianprops={"color": "black"},
-                           showfliers=False)
+        boxes = ax.boxplot(data, patch_artist=True, widths=0.6, medianprops={"color": "black"}, showfliers=False)
         for patch, colour in zip(boxes["boxes"], colours):
             patch.set(facecolor=colour, alpha=0.6, edgecolor="black")
         jitter = np.random.default_rng(0)
@@ -507,8 +504,7 @@ def phase2_figure(patient_id: str, z: int, nifti_slice: np.ndarray, raw: RawSlic
         reason = raw_problem or (f"no DICOM slice within {spacing_z / 2:.2f} mm: slice {z} was "
                                  "interpolated (--fill-gaps)")
         for ax, title in zip(axes[:2], ("Stored DICOM values", "Hounsfield units")):
-            ax.text(0.5, 0.5, reason, ha="center", va="center", wrap=True, fontsize=9,
-                    transform=ax.transAxes)
+            ax.text(0.5, 0.5, reason, ha="center", va="center", wrap=True, fontsize=9, transform=ax.transAxes)
             ax.set_title(title, fontsize=10)
             _axis_off(ax)
         footer = reason
@@ -540,8 +536,7 @@ def multi_organ_figure(patient_id: str, ct_zyx: np.ndarray, labels_zyx: np.ndarr
     derived = [organs.PTV] if ptv_zyx is not None and ptv_zyx[levels].any() else []
     not_annotated = [k for k in _not_annotated(annotated) if k not in derived]
     structure_legend(fig, shown + derived, not_annotated, derived, ncol=4, loc="outside lower center")
-    fig.suptitle(f"Phase 2.5, RTSTRUCT to label map: {patient_id} (CT window [-1000, 400] HU)",
-                 fontsize=12)
+    fig.suptitle(f"Phase 2.5, RTSTRUCT to label map: {patient_id} (CT window [-1000, 400] HU)", fontsize=12)
     return fig
 
 
@@ -582,8 +577,7 @@ def normalization_figure(patient_id: str, z: int, hu_zyx: np.ndarray, zscored_zy
         ax.grid(alpha=0.3)
         for edge in limits:
             ax.axvline(edge, color="#c44e52", linestyle="--", linewidth=1)
-    fig.suptitle(f"Phase 3, normalization: {patient_id}, slice {z} (dashed: window limits)",
-                 fontsize=12)
+    fig.suptitle(f"Phase 3, normalization: {patient_id}, slice {z} (dashed: window limits)", fontsize=12)
     return fig
 
 
@@ -659,8 +653,7 @@ def statistics_figure(summary: dict[str, Any]) -> Figure:
     width = 0.8 / max(len(splits), 1)
     for i, split in enumerate(splits):
         counts = [summary[split]["annotated"].get(key, 0) for key in keys]
-        bars = ax.bar(x + (i - (len(splits) - 1) / 2) * width, counts, width, color=SPLIT_COLOURS[split],
-                      label=split)
+        bars = ax.bar(x + (i - (len(splits) - 1) / 2) * width, counts, width, color=SPLIT_COLOURS[split], label=split)
         ax.bar_label(bars, fontsize=8)
     ax.set_xticks(x, [organs.BY_KEY[k].name for k in keys], fontsize=9)
     for tick, key in zip(ax.get_xticklabels(), keys):  # a colour chip under each structure name

@@ -48,9 +48,7 @@ def check_window(window: Sequence[float]) -> tuple[float, float]:
 def check_size(size: int) -> int:
     """A slice size that is a multiple of 16 and at least 32; ``ValueError`` otherwise."""
     if isinstance(size, bool) or int(size) != size or size < MIN_SIZE or size % SIZE_MULTIPLE:
-        raise ValueError(
-            f"size must be a multiple of {SIZE_MULTIPLE} and >= {MIN_SIZE} (e.g. 256), got {size}"
-        )
+        raise ValueError(f"size must be a multiple of {SIZE_MULTIPLE} and >= {MIN_SIZE} (e.g. 256), got {size}")
     return int(size)
 
 
@@ -60,21 +58,12 @@ def plain_number(value: float) -> float:
     return int(value) if value.is_integer() else value
 
 
-def window_and_zscore(
-    hu: np.ndarray, window: Sequence[float] = DEFAULT_WINDOW
-) -> tuple[np.ndarray, float, float]:
-    """Clip HU to ``window`` and z-score with the windowed volume's own mean and std.
+def window_and_zscore(hu: np.ndarray, window: Sequence[float] = DEFAULT_WINDOW) -> tuple[np.ndarray, float, float]:
+    """Clip ``hu`` (any shape and numeric dtype, normally int16 (Z, Y, X)) to ``window`` ``(low, high)`` HU
+    and z-score with the windowed volume's own mean and std.
 
-    Args:
-        hu: CT in Hounsfield units, any shape and numeric dtype (normally int16 (Z, Y, X)).
-        window: ``(low, high)`` HU.
-
-    Returns:
-        ``(normalized float32 same shape, mean HU, std HU)``; mean and std are of the clipped
-        volume (population std, ddof=0), computed in float64.
-
-    Raises:
-        ValueError: for an empty volume or one that is constant inside the window (std 0).
+    Returns ``(normalized float32 same shape, mean HU, std HU)``: mean and population std (ddof=0) of
+    the clipped volume, in float64. ``ValueError`` for an empty volume or a constant one (std 0).
     """
     low, high = check_window(window)
     if hu.size == 0:
@@ -83,15 +72,11 @@ def window_and_zscore(
     mean = float(clipped.mean(dtype=np.float64))
     std = float(clipped.std(dtype=np.float64))
     if not std > 0:
-        raise ValueError(
-            f"the windowed volume is constant ({mean} HU in window [{low}, {high}]): cannot z-score"
-        )
+        raise ValueError(f"the windowed volume is constant ({mean} HU in window [{low}, {high}]): cannot z-score")
     return _zscore_clipped(clipped, mean, std), mean, std
 
 
-def apply_zscore(
-    hu: np.ndarray, window: Sequence[float], mean: float, std: float
-) -> np.ndarray:
+def apply_zscore(hu: np.ndarray, window: Sequence[float], mean: float, std: float) -> np.ndarray:
     """Clip HU to ``window`` and z-score with a given ``mean`` and ``std`` (HU) -> float32.
 
     Phase 3 and ``inference.Predictor`` z-score the body crop's padding (air) with it, using the
@@ -178,26 +163,16 @@ def body_box(
     hu_zyx: np.ndarray, spacing_yx: Sequence[float], threshold_hu: float = DEFAULT_CROP_THRESHOLD_HU,
     margin_mm: float = DEFAULT_CROP_MARGIN_MM,
 ) -> tuple[int, int, int]:
-    """The square in-plane box ``(y0, x0, side)`` (pixels) around the body of a CT.
+    """The square in-plane box ``(y0, x0, side)`` (pixels) around the body of a CT ``hu_zyx`` (Z, Y, X) HU,
+    in the network's orientation; ``spacing_yx`` in mm (rows, columns).
 
-    Args:
-        hu_zyx: CT in HU (Z, Y, X), in the network's orientation (the box is on that grid).
-        spacing_yx: pixel spacing (mm) along y (rows) and x (columns).
-        threshold_hu: voxels above it are body candidates; the body is the largest 3D connected
-            component of them (6-connectivity), so the couch and stray bright voxels are left out.
-        margin_mm: added on every side, ``ceil(margin_mm / spacing)`` pixels per axis, and cut
-            at the image border.
-
-    Returns:
-        The box covers rows ``y0 .. y0 + side - 1`` and columns ``x0 .. x0 + side - 1``. It is
-        square (the longer side of the body box wins; the other is widened equally on both
-        sides, the extra pixel after), so a resize to S x S keeps the pixel aspect. Along an axis
-        where the square fits in the image it is shifted inside (``0 <= y0 <= Y - side``); where
-        it does not (a non-square image), it covers the whole axis and reaches beyond it
-        (``Y - side <= y0 <= 0``): :func:`crop_to_box` pads it with air.
-
-    Raises:
-        ValueError: no voxel above ``threshold_hu`` (no body), or a bad volume or spacing.
+    The body is the largest 3D 6-connected component above ``threshold_hu`` (the couch and stray bright
+    voxels are left out), widened by ``ceil(margin_mm / spacing)`` pixels per side, cut at the border.
+    The box (rows ``y0 .. y0 + side - 1``, columns ``x0 .. x0 + side - 1``) is square so a resize to
+    S x S keeps the pixel aspect: the shorter side is widened equally on both sides, the extra pixel
+    after. Where the square fits it is shifted inside (``0 <= y0 <= Y - side``); where it does not (a
+    non-square image) it reaches beyond the axis (``Y - side <= y0 <= 0``): :func:`crop_to_box` pads air.
+    ``ValueError``: no voxel above ``threshold_hu`` (no body), or a bad volume or spacing.
     """
     hu = np.asarray(hu_zyx)
     if hu.ndim != 3 or hu.size == 0:
@@ -263,11 +238,9 @@ def crop_to_box(volume_zyx: np.ndarray, box_yx: Sequence[int], fill: float = 0) 
 def resize_ct_slices(volume_zyx: np.ndarray, size: int) -> np.ndarray:
     """Resize every axial slice of ``volume_zyx`` (Z, Y, X) to (size, size) -> float32 (Z, S, S).
 
-    Bilinear with pixel centres aligned (``align_corners=False``); when shrinking, the
-    interpolation kernel is a tent widened by the shrink factor (anti-aliasing, as PIL's
-    bilinear resize), so every input pixel contributes. A 2x shrink of the row 0, 1, 2, 3 gives
-    5/7, 16/7. The same slice count comes back. About 10x faster than
-    ``skimage.transform.resize(order=1, anti_aliasing=True)`` on a 512x512 CT.
+    Bilinear, ``align_corners=False``; when shrinking, the kernel is a tent widened by the shrink factor
+    (anti-aliasing, as PIL's bilinear resize): a 2x shrink of the row 0, 1, 2, 3 gives 5/7, 16/7.
+    About 10x faster than ``skimage.transform.resize(order=1, anti_aliasing=True)`` on a 512x512 CT.
     """
     if isinstance(size, bool) or int(size) != size or size < 1:
         raise ValueError(f"size must be a positive integer, got {size!r}")
@@ -328,25 +301,20 @@ def probabilities_to_ct_labels(
 ) -> np.ndarray:
     """(B, C, S, S) class probabilities -> (B, H, W) uint8 labels on the CT's in-plane grid H x W.
 
-    The inverse of :func:`resize_ct_slices` (the network grid -> CT grid half of the pair) used by
-    ``inference.Predictor`` (evaluation and prediction). ``probabilities`` are softmax outputs (take the
-    softmax first: resizing logits gives other labels), a torch tensor on any device (resized
-    there) or a numpy array; B is slices (z), C classes. Resized bilinearly with pixel centres
-    aligned (``align_corners=False``), anti-aliased when shrinking either axis (when enlarging,
-    anti-aliasing changes the probabilities only by float rounding, ~1e-7, and costs 1.7x), then
-    arg-maxed over C (first class wins a tie). Identity when H x W is S x S. Exact inverse of the phase 3 nearest-neighbour
-    shrink of the labels when H x W is 2S x 2S (512 -> 256, the usual case): every pixel of a
-    2x2 block takes 9/16 of its weight from its own block; for larger factors the outer corners
-    of the blocks are rounded off. ``batch_size`` slices at a time (None: all) bound the memory.
+    The inverse of :func:`resize_ct_slices`, used by ``inference.Predictor``. ``probabilities``: softmax
+    outputs (resizing logits gives other labels), a torch tensor on any device (resized there) or a numpy
+    array; B slices (z), C classes. Resized bilinearly, ``align_corners=False``, anti-aliased when
+    shrinking either axis (when enlarging it changes only float rounding, ~1e-7, and costs 1.7x), then
+    arg-maxed over C (first class wins a tie). Identity when H x W is S x S; exact inverse of phase 3's
+    nearest-neighbour label shrink at 2S x 2S (512 -> 256): each pixel of a 2x2 block takes 9/16 of its
+    weight from its own block; larger factors round off the blocks' outer corners. ``batch_size`` slices
+    at a time (None: all) bound the memory.
 
-    ``box_yx`` ``(y0, x0, side)``: phase 3 cropped the slices to this box of the H x W grid
-    (``--crop-body``, :func:`body_box`, recorded in ``meta.json``) before the resize: the
-    probabilities go back to side x side as above, the labels are pasted at the box, and every
-    pixel outside it is background (0); the part of the box beyond the image is dropped. None
-    (no crop): the whole S x S goes to H x W, as before the option existed.
-
-    ``probabilities_out`` (B, C, H, W), any float dtype (a memory map will do): filled with the
-    resized probabilities the labels are the argmax of (outside a crop box, background 1).
+    ``box_yx`` ``(y0, x0, side)``: the ``--crop-body`` box (:func:`body_box`, in ``meta.json``) of the
+    H x W grid: probabilities go back to side x side, labels are pasted at the box, background (0)
+    outside it, and the part beyond the image is dropped. None: the whole S x S goes to H x W.
+    ``probabilities_out`` (B, C, H, W), any float dtype (a memory map will do): filled with the resized
+    probabilities the labels are the argmax of (outside a crop box, background 1).
     """
     if not isinstance(probabilities, torch.Tensor):
         probabilities = np.asarray(probabilities)
@@ -397,12 +365,10 @@ def probabilities_to_ct_labels(
     return labels
 
 
-#: The voxel order the network sees, as the SimpleITK/DICOM orientation code of the image axes
-#: (columns, rows, slices): head-first supine axial, columns towards the patient's left (patient
-#: right on image left), rows towards posterior (anterior up), slices towards the head. The
-#: training data are in it; a volume stored otherwise (feet first, prone, RAS NIfTI) is brought
-#: to it by ``image_grid.to_network_orientation`` (arrays: :func:`to_network_array`) and its labels go
-#: back by :func:`from_network_orientation`.
+#: The network's voxel order as the SimpleITK/DICOM orientation code of (columns, rows, slices): head-first
+#: supine axial, columns towards the patient's left, rows posterior, slices to the head. Other volumes (feet
+#: first, prone, RAS NIfTI) are brought to it by ``image_grid.to_network_orientation`` (arrays:
+#: :func:`to_network_array`); labels go back by :func:`from_network_orientation`.
 NETWORK_ORIENTATION = "LPS"
 #: Largest angle between an image axis and the patient axis it is mapped onto: phase 2's limit
 #: for an axial series. A volume beyond it is oblique: no permutation of axes makes it LPS.
@@ -411,14 +377,10 @@ _AXIS_LETTERS = ("LR", "PA", "SI")  # the letter of each patient axis (x, y, z o
 
 
 def orientation_code(image: Any) -> str:
-    """The orientation code of ``image``'s axes (columns, rows, slices), e.g. ``LPS``, ``RPI``.
-
-    Each letter says towards which side of the patient the index of that axis increases
-    (``L``/``R``, ``P``/``A``, ``S``/``I``), as ``sitk.DICOMOrientImageFilter`` writes it.
-
-    Raises:
-        ValueError: for an oblique image: an axis more than :data:`MAX_AXIS_ANGLE_DEG` degrees
-            from every patient axis (the message gives the direction and what to do).
+    """The orientation code of ``image``'s axes (columns, rows, slices), e.g. ``LPS``, ``RPI``: each letter
+    is the patient side the axis index increases towards, as ``sitk.DICOMOrientImageFilter`` writes it.
+    ``ValueError`` for an oblique image (an axis more than :data:`MAX_AXIS_ANGLE_DEG` degrees from every
+    patient axis; the message gives the direction and what to do).
     """
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     code = ""

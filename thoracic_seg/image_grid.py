@@ -15,14 +15,10 @@ def resized_geometry(
 ) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
     """``(spacing, origin, direction)`` (SimpleITK, x-y-z, LPS mm) of ``image`` resized in-plane.
 
-    The physical extent of the image (from the outer corner of the first voxel to the outer
-    corner of the last) is kept: in-plane spacing becomes ``spacing * old_size / size`` and the
-    origin (centre of the first voxel) moves by half the change of spacing along the image axes.
-    z spacing, z origin and the direction are unchanged.
-
-    ``box_yx`` ``(y0, x0, side)`` (pixels of ``image``, ``grid.body_box``): the extent is that of
-    the box instead, a side x side image whose first voxel is voxel (x0, y0) of ``image`` (a
-    negative y0 or x0 lies outside it): spacing ``spacing * side / size``.
+    The physical extent (outer corner to outer corner) is kept: in-plane spacing becomes ``spacing *
+    old_size / size``, the origin (first voxel centre) moves by half the spacing change along the image
+    axes; z and the direction are unchanged. ``box_yx`` ``(y0, x0, side)`` (``grid.body_box``): the extent
+    is the box's, whose first voxel is (x0, y0) of ``image`` (may be negative): spacing ``spacing * side / size``.
     """
     old_size = np.array(image.GetSize(), dtype=np.float64)
     old_spacing = np.array(image.GetSpacing(), dtype=np.float64)
@@ -40,14 +36,11 @@ def resized_geometry(
     return tuple(new_spacing.tolist()), tuple(new_origin.tolist()), image.GetDirection()
 
 
-def image_on_resized_grid(array_zyx: np.ndarray, source: sitk.Image,
-                          box_yx: Sequence[int] | None = None) -> sitk.Image:
+def image_on_resized_grid(array_zyx: np.ndarray, source: sitk.Image, box_yx: Sequence[int] | None = None) -> sitk.Image:
     """A SimpleITK image of ``array_zyx`` (Z, S, S) carrying ``source``'s geometry (cropped to
     ``box_yx`` when given, :func:`resized_geometry`) resized to S."""
     if array_zyx.shape[0] != source.GetSize()[2] or array_zyx.shape[1] != array_zyx.shape[2]:
-        raise ValueError(
-            f"array of shape {array_zyx.shape} does not fit a {source.GetSize()[2]}-slice source"
-        )
+        raise ValueError(f"array of shape {array_zyx.shape} does not fit a {source.GetSize()[2]}-slice source")
     spacing, origin, direction = resized_geometry(source, array_zyx.shape[1], box_yx)
     image = sitk.GetImageFromArray(array_zyx)
     image.SetSpacing(spacing)
@@ -59,13 +52,9 @@ def image_on_resized_grid(array_zyx: np.ndarray, source: sitk.Image,
 def to_network_orientation(image: sitk.Image) -> tuple[sitk.Image, str]:
     """``(image in NETWORK_ORIENTATION, the orientation code it was stored in)``.
 
-    Exact: the voxels are only permuted (``sitk.DICOMOrient``: axis permutations and flips, no
-    resampling) and the geometry follows them, so every voxel keeps its patient position. Phase 3
-    and the figures call it; :func:`segment_image` uses its array half (``grid.to_network_array``), the
-    labels go back with ``grid.from_network_orientation``. An image already in LPS comes back as is.
-
-    Raises:
-        ValueError: for an oblique image (:func:`orientation_code`).
+    Exact: ``sitk.DICOMOrient`` only permutes and flips axes, so every voxel keeps its patient position.
+    The array half is ``grid.to_network_array``; labels go back with ``grid.from_network_orientation``. An
+    LPS image comes back as is. ``ValueError`` for an oblique image (:func:`orientation_code`).
     """
     stored = orientation_code(image)
     if stored == NETWORK_ORIENTATION:

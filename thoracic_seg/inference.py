@@ -103,18 +103,16 @@ class Predictor:
         ptv_margin_mm: float | None = None,
         context_slices: int | None = None,
     ) -> "Predictor":
-        """Load ``checkpoint`` (one path, or several: an ensemble whose softmax probabilities are
-        averaged, :class:`ProbabilityAverage`) onto ``device`` (``auto``/``cpu``/``cuda``) in
-        ``precision`` (``precision.prediction_precision``: float32, bfloat16 or auto).
-        ``ptv_margin_mm`` overrides the run's PTV margin (and derives the PTV from the GTV whatever
-        the run did). ``context_slices`` None takes the checkpoint's K; another value is refused.
+        """Load ``checkpoint`` (one path, or several: an ensemble averaging softmax probabilities,
+        :class:`ProbabilityAverage`) onto ``device`` (``auto``/``cpu``/``cuda``) in ``precision``
+        (float32, bfloat16 or auto). ``ptv_margin_mm`` overrides the run's PTV margin (and derives the PTV
+        from the GTV whatever the run did). ``context_slices`` None takes the checkpoint's K; another is refused.
 
         Raises:
             FileNotFoundError: no such checkpoint file.
-            CheckpointError: not one of our checkpoints, weights that do not fit its model
-                configuration, a model that does not predict the labels of ``thoracic_seg.organs``
-                from its CT channels, missing/invalid preprocessing settings, or ensemble members
-                trained with different preprocessing, slice context or PTV.
+            CheckpointError: not our checkpoint, weights that do not fit its configuration, a model not
+                predicting ``thoracic_seg.organs`` labels from CT channels, missing/invalid preprocessing,
+                or ensemble members with different preprocessing, slice context or PTV.
             ValueError: an unknown device/precision, CUDA asked for but absent, or a negative margin.
         """
         paths = [Path(checkpoint)] if isinstance(checkpoint, (str, Path)) else [Path(c) for c in checkpoint]

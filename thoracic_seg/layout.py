@@ -86,19 +86,14 @@ def cache_dir(data_root: Path | str, patient_id: str) -> Path:
 
 
 def read_cache_meta(data_root: Path | str, patient_id: str) -> dict[str, Any]:
-    """The ``meta.json`` of a patient's training cache.
-
-    Raises ``FileNotFoundError`` (run phase 3) when it is missing and ``ValueError`` when it was
-    written by an earlier version (format 1 painted a synthetic PTV into the label map, so its
-    annotated flags and masks would teach the PTV as a label; a cache without an ``orientation``
-    record kept each series' stored voxel order, so a feet-first or prone patient reached the
-    network mirrored): the message names the phases to re-run.
+    """The ``meta.json`` of a patient's training cache. ``FileNotFoundError`` (run phase 3) when missing,
+    ``ValueError`` naming the phases to re-run when an earlier version wrote it (format 1 painted a
+    synthetic PTV into the label map; without an ``orientation`` record, feet-first or prone patients
+    reached the network mirrored).
     """
     path = cache_dir(data_root, patient_id) / CACHE_META
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{patient_id}: no training cache ({path} is missing); run normalize_ct_and_masks.py"
-        )
+        raise FileNotFoundError(f"{patient_id}: no training cache ({path} is missing); run normalize_ct_and_masks.py")
     meta = json.loads(path.read_text(encoding="utf-8"))
     if meta.get("format") != PROCESSED_FORMAT:
         raise ValueError(
@@ -164,10 +159,9 @@ def read_mask_record(mask_path: Path | str) -> dict[str, Any]:
 def read_structures_csv(path: Path | str) -> dict[str, list[bool]]:
     """``structures.csv`` -> {patient id: annotated flags indexed by label 0..7} (label 0 always True).
 
-    Labels without a row count as not annotated (a derived PTV is not annotated). Raises
-    ``ValueError`` naming the file when columns are missing, when the table was written by an
-    earlier version (a ``synthetic`` column: its PTV was painted into the label maps), or a value is
-    not yes/no or a label is outside 1-7.
+    Labels without a row are not annotated (a derived PTV is not). ``ValueError`` naming the file for missing
+    columns, an earlier version's table (a ``synthetic`` column: its PTV was painted into the label maps), a
+    value not yes/no or a label outside 1-7.
     """
     path = Path(path)
     rows = read_csv_rows(path)

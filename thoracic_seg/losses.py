@@ -31,9 +31,7 @@ def _check_inputs(logits: torch.Tensor, target: torch.Tensor, annotated: torch.T
     if target.shape != (n, h, w):
         raise ValueError(f"target must be (N, H, W) = {(n, h, w)}, got {tuple(target.shape)}")
     if annotated.shape != (n, c) or annotated.dtype != torch.bool:
-        raise ValueError(
-            f"annotated must be bool (N, C) = {(n, c)}, got {annotated.dtype} {tuple(annotated.shape)}"
-        )
+        raise ValueError(f"annotated must be bool (N, C) = {(n, c)}, got {annotated.dtype} {tuple(annotated.shape)}")
     annotated = annotated.clone()
     annotated[:, 0] = True  # background is always known
     return annotated
@@ -79,8 +77,7 @@ def soft_dice_loss(
 ) -> torch.Tensor:
     """1 - mean soft Dice over the foreground classes, skipping unannotated (sample, class) pairs.
 
-    Per foreground class c, intersections and sums are added over the pixels of every sample
-    of the batch where c is annotated ("batch Dice"), then
+    Per foreground class c, sums run over the pixels of every sample where c is annotated ("batch Dice"):
     ``dice_c = (2 * sum(p_c * t_c) + smooth) / (sum(p_c) + sum(t_c) + smooth)``; the loss is
     ``1 - mean_c dice_c`` over the classes annotated in at least one sample (0 when none is).
     ``p`` is the softmax over all classes (identical to that of the merged logits for the
@@ -111,9 +108,7 @@ def multi_organ_loss(
             + DICE_WEIGHT * soft_dice_loss(logits, target, annotated))
 
 
-# --------------------------------------------------------------------------------------------
-# Hard Dice for validation (accumulated over batches, reduced across processes)
-# --------------------------------------------------------------------------------------------
+# ---- Hard Dice for validation (accumulated over batches, reduced across processes) -----------
 def dice_counts(prediction: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor,
                 n_classes: int) -> torch.Tensor:
     """Per-class ``[intersection, predicted, true]`` pixel counts, float64 ``(3, C)``.

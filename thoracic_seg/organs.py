@@ -97,9 +97,7 @@ def color_table(scale: float = 1.0) -> "list[tuple[float, float, float]]":
     return [tuple(c * scale for c in s.color) for s in STRUCTURES]  # type: ignore[misc]
 
 
-# --------------------------------------------------------------------------------------------
-# ROI-name matching
-# --------------------------------------------------------------------------------------------
+# ---- ROI-name matching -----------------------------------------------------------------------
 # Names are compared after normalisation: accents removed (ligatures œ/æ expanded), lower case,
 # spaces, hyphens and underscores dropped. Other characters ("+", ".") are kept, so derived
 # structures such as "Cord+5mm" never fold into an organ name.

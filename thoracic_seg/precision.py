@@ -154,10 +154,8 @@ def prediction_precision(precision: str, device: torch.device) -> Precision:
     ``auto`` = bfloat16 where the device runs it natively, else float32. bfloat16 runs with
     channels-last tensors, float32 in the default layout. ``auto`` is 2.6x faster on a 2-core CPU
     but not the default: it changed labels of a CT the network never learnt (esophagus Dice 0.9778
-    vs float32 on the real LUNG1-005; ``benchmarks/RESULTS.md``).
-
-    Raises:
-        ValueError: an unknown precision, or ``bfloat16`` on a CUDA GPU without bfloat16 support.
+    vs float32 on the real LUNG1-005; ``benchmarks/RESULTS.md``). ``ValueError``: an unknown precision,
+    or ``bfloat16`` on a CUDA GPU without bfloat16 support.
     """
     if precision not in PREDICTION_PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PREDICTION_PRECISIONS)}, got {precision!r}")

@@ -72,8 +72,7 @@ def ptv_from_gtv(gtv_zyx: np.ndarray, spacing_zyx: Sequence[float], margin_mm: f
         return out
     lo, hi = occupied.min(axis=0), occupied.max(axis=0) + 1
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    grown = expand_mm(BoxMask(tuple(int(v) for v in lo), gtv[box]), margin_mm,
-                      _ArrayGrid(tuple(gtv.shape), spacing))
+    grown = expand_mm(BoxMask(tuple(int(v) for v in lo), gtv[box]), margin_mm, _ArrayGrid(tuple(gtv.shape), spacing))
     out[grown.box] = grown.array
     return out
 

@@ -95,15 +95,12 @@ def read_rois(rtstruct: Any) -> list[Roi]:
 def referenced_uids(rtstruct: Any) -> tuple[set[str], set[str]]:
     """(series UIDs, frame-of-reference UIDs) an RTSTRUCT says its contours were drawn on.
 
-    The one reader of an RTSTRUCT's references: phase 2 (``convert_dicom_to_nifti``) uses it to choose
-    the CT series, phase 2.5 to pair the RTSTRUCT with the converted CT. Series come from
-    ReferencedFrameOfReferenceSequence > RTReferencedStudySequence > RTReferencedSeriesSequence; frames
-    from ReferencedFrameOfReferenceSequence[].FrameOfReferenceUID and, because that sequence is optional
-    (type 3) and some exporters leave it out, StructureSetROISequence[].ReferencedFrameOfReferenceUID
-    (type 1; the standard requires it to be one of the former when both are present). ``rtstruct`` is a
-    pydicom Dataset, possibly read with ``specific_tags`` holding just these two sequences. Values are
-    ``str`` with surrounding spaces stripped (pydicom already strips the trailing NUL/space padding of
-    UI values), so they compare equal to the UIDs phase 2 writes to ``conversion_report.csv``.
+    Phase 2 chooses the CT series with it, phase 2.5 pairs the RTSTRUCT with the converted CT. Series come
+    from ReferencedFrameOfReferenceSequence > RTReferencedStudySequence > RTReferencedSeriesSequence; frames
+    from ReferencedFrameOfReferenceSequence[].FrameOfReferenceUID and, as that sequence is optional (type 3)
+    and some exporters omit it, StructureSetROISequence[].ReferencedFrameOfReferenceUID (type 1).
+    ``rtstruct``: a pydicom Dataset, possibly read with ``specific_tags`` of just these two sequences.
+    Values are stripped ``str``, equal to the UIDs phase 2 writes to ``conversion_report.csv``.
     """
     series: set[str] = set()
     frames: set[str] = set()
@@ -198,14 +195,11 @@ def even_odd_fill(polygons: Sequence[tuple[int, np.ndarray]], shape_zyx: Sequenc
 def fill_polygons_2d(polygons_xy: Sequence[np.ndarray], shape_yx: Sequence[int]) -> np.ndarray:
     """Even-odd fill of the closed polygons of one slice: bool (rows, cols), voxel centre inside.
 
-    ``polygons_xy`` are (N, 2) float arrays of (x = column, y = row) in voxel-index units (voxel
-    centres at integers), not closed (the last point joins the first). This is :func:`even_odd_fill`,
-    the rasteriser of every RTSTRUCT ROI in phase 2.5, on a one-slice grid, for callers that work
-    slice by slice (``make_synthetic_cohort`` paints its HU images and true label maps with it). A
-    polygon inside another is a hole; parts outside the grid are clipped; a centre exactly on an edge
-    follows the half-open rule (inside on a left or top edge, outside on a right or bottom one).
-    Raises ``ValueError`` for a ``shape_yx`` that is not two non-negative integers or a polygon that is
-    not (N, 2).
+    ``polygons_xy``: (N, 2) float (x = column, y = row) in voxel-index units (centres at integers), not
+    closed. :func:`even_odd_fill` (phase 2.5's rasteriser) on a one-slice grid, for slice-by-slice callers
+    (``make_synthetic_cohort``). A polygon inside another is a hole; parts outside the grid are clipped; a
+    centre on an edge is inside on a left or top edge, outside on a right or bottom one. ``ValueError``
+    for a ``shape_yx`` that is not two non-negative integers or a polygon that is not (N, 2).
     """
     shape = tuple(shape_yx)
     if len(shape) != 2 or any(int(n) != n or n < 0 for n in shape):

@@ -60,9 +60,7 @@ _CONTOUR_DATA_TAG = 0x30060050
 _DECIMALS = 6  # keeps half-pixel positions of 3-decimal spacings exact; at most 14 characters
 
 
-# --------------------------------------------------------------------------------------------
-# The CT the structures belong to
-# --------------------------------------------------------------------------------------------
+# ---- The CT the structures belong to ---------------------------------------------------------
 @dataclass(frozen=True)
 class CTReference:
     """What an RTSTRUCT needs to know of its CT series, slices in the label map's z order.
@@ -90,10 +88,8 @@ class CTReference:
     def from_datasets(cls, datasets: Sequence[Dataset]) -> "CTReference":
         """Build from the CT's per-slice headers (pixel data not needed), in the label map's z order.
 
-        Raises:
-            ValueError: no slices; slices of several series or frames of reference; a missing
-                geometry attribute; orientation, spacing or size that differ between slices;
-                two slices at the same position or slices not in order along the slice normal.
+        ``ValueError``: no slices; several series or frames of reference; a missing geometry attribute;
+        orientation, spacing or size that differ; two slices at one position or out of order along the normal.
         """
         if len(datasets) == 0:
             raise ValueError("no CT slices given: an RTSTRUCT must reference at least one image")
@@ -140,20 +136,13 @@ class CTReference:
         sop_instance_uids: Sequence[str],
         image_positions: np.ndarray | Sequence[Sequence[float]] | None = None,
     ) -> "CTReference":
-        """Build from a SimpleITK CT image read from DICOM, one slice header and the slice UIDs.
+        """Build from a SimpleITK CT read from DICOM (LPS; spacing = column, row, slice step in mm), any
+        slice's ``header`` (patient/study attributes, Study/Series/Frame of Reference UIDs, SOPClassUID)
+        and the SOPInstanceUID of each z index. ``image_positions``: (Z, 3) ImagePositionPatient in LPS mm
+        (e.g. phase 2's ``SliceRef.position_lps``); default: from the image origin and slice step.
 
-        Args:
-            image: the CT as SimpleITK reads it (LPS; direction columns = row direction, column
-                direction, slice normal; spacing = column, row, slice step in mm).
-            header: any slice's pydicom Dataset (patient/study attributes, Study/Series/Frame of
-                Reference UIDs, SOPClassUID).
-            sop_instance_uids: SOPInstanceUID of each z index of ``image``.
-            image_positions: (Z, 3) ImagePositionPatient of each z index in LPS mm (e.g. phase
-                2's ``SliceRef.position_lps``); default: from the image origin and slice step.
-
-        Raises:
-            ValueError: a slice without a SOPInstanceUID (an interpolated slice), a count of UIDs
-                or positions that is not the image's slice count, or missing UIDs in ``header``.
+        ``ValueError``: a slice without a SOPInstanceUID (an interpolated slice), a count of UIDs or
+        positions that is not the image's slice count, or missing UIDs in ``header``.
         """
         size_x, size_y, size_z = image.GetSize()
         uids = tuple("" if u is None else str(u) for u in sop_instance_uids)
@@ -214,9 +203,7 @@ def _copied_header(source: Dataset) -> Dataset:
     return copied
 
 
-# --------------------------------------------------------------------------------------------
-# Contours of one slice
-# --------------------------------------------------------------------------------------------
+# ---- Contours of one slice -------------------------------------------------------------------
 @dataclass(frozen=True)
 class Contour:
     """A closed polygon ``points_rc`` (N, 2) float64 in (row, column) pixel units, pixel centres at
@@ -229,13 +216,11 @@ class Contour:
 def mask_contours(mask_yx: np.ndarray) -> list[Contour]:
     """The closed contours of a 2D boolean mask: one per 4-connected component and one per hole.
 
-    The contours are the 0.5 iso-lines of the mask (marching squares on the mask padded with
-    background, so components touching the image border are closed too) with collinear points
-    merged. Every inside pixel centre is strictly inside the union of contours under the
-    even-odd rule and every outside one strictly outside, so a reader that fills contours
-    even-odd and counts a voxel whose centre is inside (planning systems, plastimatch, phase 2.5)
-    gets the mask back exactly. Outer boundaries run counter-clockwise in (column, row)
-    coordinates, holes clockwise.
+    The 0.5 iso-lines of the mask padded with background (border components close too), collinear points
+    merged. Every inside pixel centre is strictly inside the contours under the even-odd rule and every
+    outside one strictly outside, so an even-odd, centre-inside reader (planning systems, plastimatch,
+    phase 2.5) gets the mask back exactly. Outer boundaries run counter-clockwise in (column, row), holes
+    clockwise.
     """
     mask = np.asarray(mask_yx, dtype=bool)
     if mask.ndim != 2:
@@ -270,9 +255,7 @@ def _signed_area(points_rc: np.ndarray) -> float:
     return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
 
 
-# --------------------------------------------------------------------------------------------
-# The RT Structure Set
-# --------------------------------------------------------------------------------------------
+# ---- The RT Structure Set --------------------------------------------------------------------
 def _format_ds(values_mm: np.ndarray) -> list[str]:
     """LPS mm -> DS strings with at most 6 decimals, trailing zeros dropped (<= 16 characters)."""
     text = np.char.mod(f"%.{_DECIMALS}f", np.round(values_mm.ravel(), _DECIMALS) + 0.0)
@@ -282,14 +265,11 @@ def _format_ds(values_mm: np.ndarray) -> list[str]:
 def contour_data_element(points_mm: np.ndarray, *, implicit_vr: bool = True) -> RawDataElement:
     """ContourData (3006,0050) of (N, 3) LPS mm points as an already encoded DS value.
 
-    The one ContourData encoder (:func:`add_structure_set` calls it for every RTSTRUCT written
-    here, prediction's and the synthetic cohort's). Values ``x1\\y1\\z1\\x2...`` are rounded to 6 decimals
-    with trailing zeros dropped (:func:`_format_ds`), so coordinates already on a 0.01 or 0.001 mm
-    grid are written with their own digits. Encoding the numbers ourselves is 10x faster than letting
-    pydicom build and validate one ``DSfloat`` per coordinate (100 000s on a real patient). The item
-    holding the element must be marked with the file's encoding (``set_original_encoding``) so
-    pydicom writes the bytes as they are; ``implicit_vr`` records that encoding in the element too
-    (Implicit VR in prediction's files, Explicit VR in the synthetic ones; the value bytes are the same).
+    Used for every RTSTRUCT written here. Values ``x1\\y1\\z1\\x2...`` are rounded to 6 decimals, trailing
+    zeros dropped (:func:`_format_ds`), so 0.01 or 0.001 mm grid coordinates keep their own digits; 10x
+    faster than one pydicom ``DSfloat`` per coordinate (100 000s per patient). The holding item must be
+    marked with the file's encoding (``set_original_encoding``) so pydicom writes the bytes as they are;
+    ``implicit_vr`` records it in the element too (the value bytes are the same either way).
     """
     text = "\\".join(_format_ds(points_mm)).encode("ascii")
     if len(text) % 2:
@@ -415,34 +395,25 @@ def build_rtstruct(
 ) -> FileDataset:
     """An RT Structure Set of the structures present in ``labels_zyx`` (and in ``overlapping``).
 
-    One ROI per structure present, named and coloured from ``thoracic_seg.organs`` (``GTV``, ``PTV``,
-    ``Lung_R``, ``Lung_L``, ``Heart``, ``Esophagus``, ``SpinalCord``), its contours those of
-    :func:`mask_contours` on every slice. A PTV in the label map (a contoured PTV the network
-    learnt as label 2) is written as labels GTV + PTV together, because a PTV contains its GTV. A
-    structure in ``overlapping`` (the PTV grown from the predicted GTV) is written from its own
-    mask: ROIs overlap freely, as real contours do, so the lungs keep the voxels the PTV covers.
-    The Frame of Reference module is written at the top level (FrameOfReferenceUID, and the CT's
-    PositionReferenceIndicator, empty when it has none), so the file passes ``dciodvfy``.
+    One ROI per structure present, named and coloured from ``thoracic_seg.organs``, with the contours of
+    :func:`mask_contours` on every slice. A PTV in the label map (label 2) is written as GTV + PTV, because
+    a PTV contains its GTV. A structure in ``overlapping`` (the PTV grown from the predicted GTV) is
+    written from its own mask: ROIs overlap freely, as real contours do. The Frame of Reference module is
+    at the top level (PositionReferenceIndicator empty when the CT has none), so the file passes ``dciodvfy``.
 
     Args:
-        labels_zyx: (Z, Y, X) integer label map (values 0-7, ``thoracic_seg.organs``) on the CT grid:
-            index k along z is ``reference``'s slice k, (Y, X) = (Rows, Columns).
-        reference: the CT series (see :meth:`CTReference.from_datasets`).
-        structure_set_label: StructureSetLabel (16 characters at most).
-        series_description: SeriesDescription of the new RTSTRUCT series.
-        algorithm_name: ROIGenerationDescription of every ROI (e.g. the checkpoint's name).
+        labels_zyx: (Z, Y, X) integer label map (values 0-7) on the CT grid: z index k is ``reference``'s
+            slice k, (Y, X) = (Rows, Columns).
+        reference: the CT series (:meth:`CTReference.from_datasets`).
+        structure_set_label: StructureSetLabel (16 characters at most); ``series_description``: the new
+            series' SeriesDescription; ``algorithm_name``: every ROI's ROIGenerationDescription.
         labels: which structures to write (those with no voxel of their own label are left out).
-        overlapping: label -> bool (Z, Y, X) mask of a structure that overlaps the others (the
-            derived PTV): written from this mask instead of the label map, in ``labels``' order.
+        overlapping: label -> bool (Z, Y, X) mask written instead of the label map, in ``labels``' order.
         now: StructureSetDate/Time, SeriesDate/Time (default: the current local time).
 
-    Returns:
-        A ``FileDataset`` with file meta (Implicit VR Little Endian) and new Series/SOP
-        Instance UIDs; save it with :func:`write_rtstruct`.
-
-    Raises:
-        ValueError: a label map (or overlapping mask) that is not 3D, does not fit the CT's
-            slices/rows/columns, holds values outside 0-7, or a structure set label that is too long.
+    Returns a ``FileDataset`` with file meta (Implicit VR Little Endian) and new Series/SOP Instance UIDs;
+    save it with :func:`write_rtstruct`. ``ValueError``: a label map (or overlapping mask) not 3D or not
+    fitting the CT's slices/rows/columns, values outside 0-7, or a structure set label that is too long.
     """
     labels_zyx = np.asarray(labels_zyx)
     expected = (reference.num_slices, *reference.shape_yx)

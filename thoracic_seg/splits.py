@@ -79,8 +79,7 @@ def split_summary(
     total = describe([p for ids in splits.values() for p in ids])
     out: dict[str, Any] = {name: describe(ids) for name, ids in splits.items()}
     for name in SPLIT_NAMES:
-        out[name]["missing"] = [k for k in keys
-                                if total["annotated"][k] and not out[name]["annotated"][k]]
+        out[name]["missing"] = [k for k in keys if total["annotated"][k] and not out[name]["annotated"][k]]
     out["total"] = total
     return out
 
@@ -90,9 +89,7 @@ def read_cohort(
 ) -> tuple[dict[str, int], dict[str, list[bool]]]:
     """``({pid: slices}, {pid: annotated flags (8,)})`` from the training cache's ``meta.json``."""
     cache = DataLayout(Path(data_root)).training_cache
-    ids = list(patients) if patients else sorted(
-        p.name for p in cache.glob("*") if (p / CACHE_META).is_file()
-    )
+    ids = list(patients) if patients else sorted(p.name for p in cache.glob("*") if (p / CACHE_META).is_file())
     if not ids:
         raise FileNotFoundError(f"no training cache in {cache}; run normalize_ct_and_masks.py")
     slices, annotated = {}, {}
@@ -110,8 +107,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     rows = [header]
     for name in (*SPLIT_NAMES, "total"):
         s = summary[name]
-        rows.append(f"{name:<6}{s['patients']:>9}{s['slices']:>8}"
-                    + "".join(f"{s['annotated'][k]:>12}" for k in keys))
+        rows.append(f"{name:<6}{s['patients']:>9}{s['slices']:>8}" + "".join(f"{s['annotated'][k]:>12}" for k in keys))
     return "\n".join(rows)
 
 

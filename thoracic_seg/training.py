@@ -149,9 +149,7 @@ class TrainConfig:
         return replace(self, base_channels=base_channels or DEFAULT_BASE_CHANNELS, output_dir=output_dir)
 
 
-# --------------------------------------------------------------------------------------------
-# Device, distribution, precision
-# --------------------------------------------------------------------------------------------
+# ---- Device, distribution, precision ---------------------------------------------------------
 @dataclass(frozen=True)
 class Runtime:
     """Where and how this process trains."""
@@ -254,24 +252,18 @@ def run_log(output_dir: Path, runtime: Runtime) -> Iterator[None]:
         handler.close()
 
 
-# --------------------------------------------------------------------------------------------
-# Sampling, augmentation, RNG states (deterministic per seed and epoch, whatever the worker count)
-# --------------------------------------------------------------------------------------------
+# ---- Sampling, augmentation, RNG states (deterministic per seed and epoch, whatever the worker count) ----
 class EpochSampler(DistributedSampler):
-    """A :class:`DistributedSampler` that can also draw weighted (tumour oversampling) and hand
-    each item its own augmentation seed.
-
-    The epoch's draw depends only on ``seed`` and ``set_epoch(epoch)``, so a resumed run sees
-    exactly the slices and augmentations of an uninterrupted one, and every rank sees a
-    disjoint share of the same draw. ``set_epoch(epoch, skip=n)`` leaves out the first ``n``
-    items of this rank's share: the part of a cut epoch trained before ``--resume``. Yields
-    ``index`` or, with ``with_seeds``, ``(index, seed)``.
+    """A :class:`DistributedSampler` that can also draw weighted (tumour oversampling) and hand each item
+    its own augmentation seed. The draw depends only on ``seed`` and ``set_epoch(epoch)``, so a resumed
+    run sees exactly an uninterrupted one's slices and augmentations, and ranks get disjoint shares of
+    one draw. ``set_epoch(epoch, skip=n)`` skips this rank's first ``n`` items (trained before
+    ``--resume``). Yields ``index`` or, with ``with_seeds``, ``(index, seed)``.
     """
 
     def __init__(self, dataset: Dataset, *, num_replicas: int = 1, rank: int = 0, seed: int = 0,
                  weights: torch.Tensor | None = None, with_seeds: bool = False) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
-                         drop_last=False)
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         self.with_seeds = with_seeds
         self.skip = 0
@@ -353,9 +345,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# --------------------------------------------------------------------------------------------
-# The lr schedule, the limits, where training stands; history, checkpoints and resume
-# --------------------------------------------------------------------------------------------
+# ---- The lr schedule, the limits, where training stands; history, checkpoints and resume -----
 def training_progress(epoch: int, epochs: int, elapsed: float = 0.0, time_limit: float | None = None,
                       steps_done: int = 0, max_steps: int | None = None) -> float:
     """Fraction of the run done at the start of ``epoch`` (1-based), 0 to 1: by epochs, or by
@@ -571,8 +561,7 @@ def restore(resumed: dict[str, Any], model: torch.nn.Module, optimizer: torch.op
     if resumed.get("scaler_state"):
         scaler.load_state_dict(resumed["scaler_state"])
     set_rng_state(resumed["rng_state"])
-    spent = dict(steps_done=int(resumed.get("steps_done", 0)),
-                 seconds=float(resumed.get("training_seconds", 0.0)))
+    spent = dict(steps_done=int(resumed.get("steps_done", 0)), seconds=float(resumed.get("training_seconds", 0.0)))
     progress = Progress(int(resumed["epoch"]) + 1, float(resumed["best_val_loss"]),
                         int(resumed["best_epoch"]), int(resumed["epochs_without_improvement"]),
                         list(resumed["history"]), **spent)
@@ -583,9 +572,7 @@ def restore(resumed: dict[str, Any], model: torch.nn.Module, optimizer: torch.op
     return progress
 
 
-# --------------------------------------------------------------------------------------------
-# Class weights (computed once per training split, cached next to the split files); the PTV
-# --------------------------------------------------------------------------------------------
+# ---- Class weights (computed once per training split, cached next to the split files); the PTV ----
 def split_fingerprint(data_root: Path | str, patients: Sequence[str]) -> str:
     """sha256 of the training patients, their cached volume shapes and annotation flags.
 
@@ -603,11 +590,10 @@ def split_fingerprint(data_root: Path | str, patients: Sequence[str]) -> str:
 def compute_class_weights(data_root: Path | str, patients: Sequence[str]) -> dict[str, Any]:
     """Pixel counts and loss weights per label over the training patients' cached masks.
 
-    A class's frequency is counted only over the patients where it is annotated (an
-    uncontoured heart is not "no heart"): ``frequency[c] = pixels labelled c /
-    pixels of the patients annotating c``. ``weight[c] = sqrt(max(frequency) / frequency[c])``,
-    capped at :data:`MAX_CLASS_WEIGHT`; a class never seen gets 1 (it has no target pixel, so
-    its weight does not matter). Returns the record stored in ``class_weights.json``.
+    Frequency counts only patients annotating the class (an uncontoured heart is not "no heart"):
+    ``frequency[c] = pixels labelled c / pixels of the patients annotating c``; ``weight[c] =
+    sqrt(max(frequency) / frequency[c])`` capped at :data:`MAX_CLASS_WEIGHT`, 1 for a class never seen.
+    Returns the record stored in ``class_weights.json``.
     """
     n = organs.NUM_CLASSES
     counts = np.zeros(n, dtype=np.int64)
