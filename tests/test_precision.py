@@ -158,3 +158,14 @@ def test_exact_float32_switches_tf32_off_on_cuda_and_restores_it():
             assert torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+
+
+def test_a_gpu_that_only_emulates_bfloat16_trains_float16_with_a_scaler(monkeypatch):
+    """A T4 (compute capability 7.5): torch.cuda.is_bf16_supported() says yes by emulation; the
+    policy must take float16 with a gradient scaler there, and predict in float32."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args, **kwargs: "Tesla T4")
+    assert precision.training_precision(CUDA) == FP16_SCALED_CL
+    assert precision.prediction_precision("auto", CUDA) == FLOAT32
+    with pytest.raises(ValueError, match="the GPU Tesla T4 has no bfloat16"):
+        precision.prediction_precision("bfloat16", CUDA)

@@ -104,6 +104,13 @@ def cpu_has_native_bfloat16() -> bool:
     return bool(set(CPU_BF16_FLAGS) & _cpu_flags())
 
 
+def cuda_has_native_bfloat16() -> bool:
+    """The current GPU computes bfloat16 (compute capability 8.0, Ampere, and newer). Not
+    ``torch.cuda.is_bf16_supported()`` alone: it also says yes where bfloat16 is only emulated (a
+    T4 or V100, where it is slow and cuDNN has no bfloat16 convolutions)."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def training_precision(device: torch.device, amp: bool | None = None) -> Precision:
     """The training policy of a device (table in the module docstring); always channels-last.
 
@@ -117,7 +124,7 @@ def training_precision(device: torch.device, amp: bool | None = None) -> Precisi
     if amp is False:
         return Precision(None, False, channels_last)
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if cuda_has_native_bfloat16():
             return Precision(torch.bfloat16, False, channels_last)
         return Precision(torch.float16, True, channels_last)
     use_bf16 = amp if amp is not None else cpu_has_native_bfloat16()
@@ -160,7 +167,7 @@ def prediction_precision(precision: str, device: torch.device) -> Precision:
     if precision not in PREDICTION_PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PREDICTION_PRECISIONS)}, got {precision!r}")
     if device.type == "cuda":
-        fast = torch.cuda.is_bf16_supported()
+        fast = cuda_has_native_bfloat16()
         if precision == "bfloat16" and not fast:
             raise ValueError(f"--precision bfloat16: the GPU {torch.cuda.get_device_name(device)} has no bfloat16")
     else:
