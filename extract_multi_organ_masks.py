@@ -123,11 +123,7 @@ def split_at_midline(lungs: BoxMask, grid: Grid, cord_centres: tuple[np.ndarray,
 
 
 def build_structures(
-    rois: Sequence[Roi],
-    grid: Grid,
-    *,
-    ptv_margin_mm: float = DEFAULT_PTV_MARGIN_MM,
-    derive_ptv: bool = True,
+    rois: Sequence[Roi], grid: Grid, *, ptv_margin_mm: float = DEFAULT_PTV_MARGIN_MM, derive_ptv: bool = True,
     notes: RasterNotes | None = None,
 ) -> tuple[dict[int, StructureMask], list[str]]:
     """Turn ROIs into one mask per label 1-7 (before the priority overlay).
@@ -477,14 +473,9 @@ def _task(job: PatientJob, settings: Settings) -> PatientResult:
 
 
 def run(
-    *,
-    data_root: Path | str = DEFAULT_DATA_ROOT,
-    dicom_root: Path | str | None = None,
-    patients: Sequence[str] | None = None,
-    workers: int = 1,
-    overwrite: bool = False,
-    ptv_margin_mm: float = DEFAULT_PTV_MARGIN_MM,
-    derive_ptv: bool = True,
+    *, data_root: Path | str = DEFAULT_DATA_ROOT, dicom_root: Path | str | None = None,
+    patients: Sequence[str] | None = None, workers: int = 1, overwrite: bool = False,
+    ptv_margin_mm: float = DEFAULT_PTV_MARGIN_MM, derive_ptv: bool = True,
 ) -> list[PatientResult]:
     """Extract the label map of every converted CT (or of ``patients``); returns one result per patient.
 

@@ -115,14 +115,8 @@ def _skip_or_why(out: dict[str, Path], fingerprint_now: str, window: tuple[float
 
 
 def normalize_patient(
-    patient_id: str,
-    *,
-    data_root: Path,
-    window: tuple[float, float],
-    size: int,
-    overwrite: bool,
-    torch_threads: int | None = None,
-    crop: dict[str, Any] | None = None,
+    patient_id: str, *, data_root: Path, window: tuple[float, float], size: int, overwrite: bool,
+    torch_threads: int | None = None, crop: dict[str, Any] | None = None,
 ) -> PatientResult:
     """Phase 3 for one patient; returns its :class:`PatientResult` (``info["normalization"]``).
 
@@ -245,15 +239,9 @@ def normalize_patient(
 
 # ---- Batch -----------------------------------------------------------------------------------
 def run(
-    *,
-    data_root: Path | str = DEFAULT_DATA_ROOT,
-    patients: Sequence[str] | None = None,
-    workers: int = 1,
-    overwrite: bool = False,
-    window: Sequence[float] = DEFAULT_WINDOW,
-    size: int = DEFAULT_SIZE,
-    crop_body: bool = False,
-    crop_margin_mm: float = DEFAULT_CROP_MARGIN_MM,
+    *, data_root: Path | str = DEFAULT_DATA_ROOT, patients: Sequence[str] | None = None, workers: int = 1,
+    overwrite: bool = False, window: Sequence[float] = DEFAULT_WINDOW, size: int = DEFAULT_SIZE,
+    crop_body: bool = False, crop_margin_mm: float = DEFAULT_CROP_MARGIN_MM,
 ) -> list[PatientResult]:
     """Normalize every patient of ``processed/ct_nifti`` (or ``patients``); update
     ``normalization.json`` with the records of the patients done or skipped.

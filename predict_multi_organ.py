@@ -83,16 +83,9 @@ def predict_case(case: Case, predictor: Predictor, output_dir: Path, overwrite: 
 
 # ---- Batch -----------------------------------------------------------------------------------
 def run(
-    *,
-    input_path: Path | str,
-    checkpoint: Path | str | Sequence[Path | str],
-    output_dir: Path | str,
-    device: str = "auto",
-    precision: str = DEFAULT_PREDICTION_PRECISION,
-    batch_size: int | None = None,
-    postprocess: bool = False,
-    overwrite: bool = False,
-    ptv_margin_mm: float | None = None,
+    *, input_path: Path | str, checkpoint: Path | str | Sequence[Path | str], output_dir: Path | str,
+    device: str = "auto", precision: str = DEFAULT_PREDICTION_PRECISION, batch_size: int | None = None,
+    postprocess: bool = False, overwrite: bool = False, ptv_margin_mm: float | None = None,
     context_slices: int | None = None,
 ) -> list[PatientResult]:
     """Segment every patient under ``input_path`` with ``checkpoint`` (several: an averaging ensemble) into

@@ -75,9 +75,7 @@ def split_sizes(n_patients: int, fractions: Sequence[float]) -> dict[str, int]:
 
 
 def assign_splits(
-    patient_ids: Sequence[str],
-    annotated: np.ndarray,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    patient_ids: Sequence[str], annotated: np.ndarray, fractions: Sequence[float] = DEFAULT_FRACTIONS,
     seed: int = DEFAULT_SEED,
 ) -> dict[str, list[str]]:
     """Stratified patient-level split -> ``{"train": [...], "val": [...], "test": [...]}`` (sorted).
@@ -138,12 +136,8 @@ def _open(capacity: dict[str, int]) -> list[str]:
 
 
 def run(
-    *,
-    data_root: Path | str = DEFAULT_DATA_ROOT,
-    splits_dir: Path | str = DEFAULT_SPLITS_DIR,
-    patients: Sequence[str] | None = None,
-    seed: int = DEFAULT_SEED,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    *, data_root: Path | str = DEFAULT_DATA_ROOT, splits_dir: Path | str = DEFAULT_SPLITS_DIR,
+    patients: Sequence[str] | None = None, seed: int = DEFAULT_SEED, fractions: Sequence[float] = DEFAULT_FRACTIONS,
     force: bool = False,
 ) -> dict[str, Any]:
     """Split the cached patients, write the split files and ``summary.json``; return the summary.

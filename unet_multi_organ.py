@@ -199,14 +199,8 @@ def save_untrained_checkpoint(path: Path | str, settings: Mapping[str, Any], *, 
 
 
 def build_checkpoint(
-    model: nn.Module,
-    *,
-    preprocessing: Mapping[str, Any],
-    ptv: Mapping[str, Any] | None = None,
-    context_slices: int = 0,
-    epoch: int,
-    val_loss: float,
-    val_dice: Mapping[str, float] | None = None,
+    model: nn.Module, *, preprocessing: Mapping[str, Any], ptv: Mapping[str, Any] | None = None,
+    context_slices: int = 0, epoch: int, val_loss: float, val_dice: Mapping[str, float] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint dict of the Phase 5 contract (only tensors and built-in types).

@@ -191,14 +191,9 @@ class FigureResult:
 
 
 def run(
-    *,
-    data_root: Path | str = DEFAULT_DATA_ROOT,
-    splits_dir: Path | str = DEFAULT_SPLITS_DIR,
-    output: Path | str = DEFAULT_OUTPUT,
-    patient: str | None = None,
-    slice_index: int | None = None,
-    run_dir: Path | str | None = None,
-    dpi: int = DEFAULT_DPI,
+    *, data_root: Path | str = DEFAULT_DATA_ROOT, splits_dir: Path | str = DEFAULT_SPLITS_DIR,
+    output: Path | str = DEFAULT_OUTPUT, patient: str | None = None, slice_index: int | None = None,
+    run_dir: Path | str | None = None, dpi: int = DEFAULT_DPI,
 ) -> list[FigureResult]:
     """Write the phase figures (and, with ``run_dir``, the training/evaluation figures) to ``output``.
 

@@ -278,13 +278,8 @@ def _call_safely(task: Callable[[Any], PatientResult], item: Any, patient_id: st
 
 
 def run_batch(
-    items: Sequence[Any],
-    task: Callable[[Any], PatientResult],
-    *,
-    workers: int = 1,
-    desc: str = "patients",
-    patient_id_of: Callable[[Any], str] = str,
-    on_result: Callable[[PatientResult], None] | None = None,
+    items: Sequence[Any], task: Callable[[Any], PatientResult], *, workers: int = 1, desc: str = "patients",
+    patient_id_of: Callable[[Any], str] = str, on_result: Callable[[PatientResult], None] | None = None,
 ) -> list[PatientResult]:
     """Run ``task(item)`` for every item, in ``workers`` processes, with a tqdm bar over patients.
 

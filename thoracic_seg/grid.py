@@ -154,11 +154,6 @@ def describe_crop(crop: Mapping[str, Any] | None) -> str:
     return f"body crop (> {crop['threshold_hu']} HU, margin {crop['margin_mm']} mm)"
 
 
-def crop_arguments(crop: Mapping[str, Any] | None) -> str:
-    """The phase 3 options that give ``crop``: ``--crop-body --crop-margin-mm 10`` or ``without --crop-body``."""
-    return "without --crop-body" if crop is None else f"--crop-body --crop-margin-mm {crop['margin_mm']}"
-
-
 def body_box(
     hu_zyx: np.ndarray, spacing_yx: Sequence[float], threshold_hu: float = DEFAULT_CROP_THRESHOLD_HU,
     margin_mm: float = DEFAULT_CROP_MARGIN_MM,

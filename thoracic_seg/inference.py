@@ -93,15 +93,9 @@ class Predictor:
 
     @classmethod
     def load(
-        cls,
-        checkpoint: Path | str | Sequence[Path | str],
-        *,
-        device: str = "auto",
-        precision: str = DEFAULT_PREDICTION_PRECISION,
-        batch_size: int | None = None,
-        postprocess: bool = False,
-        ptv_margin_mm: float | None = None,
-        context_slices: int | None = None,
+        cls, checkpoint: Path | str | Sequence[Path | str], *, device: str = "auto",
+        precision: str = DEFAULT_PREDICTION_PRECISION, batch_size: int | None = None, postprocess: bool = False,
+        ptv_margin_mm: float | None = None, context_slices: int | None = None,
     ) -> "Predictor":
         """Load ``checkpoint`` (one path, or several: an ensemble averaging softmax probabilities,
         :class:`ProbabilityAverage`) onto ``device`` (``auto``/``cpu``/``cuda``) in ``precision``

@@ -130,10 +130,7 @@ class CTReference:
 
     @classmethod
     def from_image(
-        cls,
-        image: Any,
-        header: Dataset,
-        sop_instance_uids: Sequence[str],
+        cls, image: Any, header: Dataset, sop_instance_uids: Sequence[str],
         image_positions: np.ndarray | Sequence[Sequence[float]] | None = None,
     ) -> "CTReference":
         """Build from a SimpleITK CT read from DICOM (LPS; spacing = column, row, slice step in mm), any
@@ -383,14 +380,9 @@ def _union_box(boxes: Iterable[tuple[slice, ...] | None]) -> tuple[slice, slice,
 
 
 def build_rtstruct(
-    labels_zyx: np.ndarray,
-    reference: CTReference,
-    *,
-    structure_set_label: str = DEFAULT_STRUCTURE_SET_LABEL,
-    series_description: str = DEFAULT_SERIES_DESCRIPTION,
-    algorithm_name: str = "",
-    labels: Sequence[int] = organs.FOREGROUND_LABELS,
-    overlapping: Mapping[int, np.ndarray] | None = None,
+    labels_zyx: np.ndarray, reference: CTReference, *, structure_set_label: str = DEFAULT_STRUCTURE_SET_LABEL,
+    series_description: str = DEFAULT_SERIES_DESCRIPTION, algorithm_name: str = "",
+    labels: Sequence[int] = organs.FOREGROUND_LABELS, overlapping: Mapping[int, np.ndarray] | None = None,
     now: _dt.datetime | None = None,
 ) -> FileDataset:
     """An RT Structure Set of the structures present in ``labels_zyx`` (and in ``overlapping``).
