@@ -200,6 +200,39 @@ def test_ptv_scoring_line_of_the_summary():
     assert ev.ptv_scoring([]) == "not scored (no PTV, contoured or derived)"
 
 
+def test_score_structures_of_a_model_that_predicts_some_labels_only():
+    """A structure the model does not predict is not scored (no metrics, ``predicted=False``, its
+    ``annotated`` kept); one it predicts but misses is Dice 0. A derived PTV needs the GTV."""
+    truth = np.zeros((6, 10, 10), np.uint8)
+    truth[1:5, 1:5, 1:5] = organs.RIGHT_LUNG
+    truth[1:5, 6:9, 6:9] = organs.HEART
+    truth[2:4, 2:4, 2:4] = organs.GTV
+    predicted = np.where(truth == organs.RIGHT_LUNG, organs.RIGHT_LUNG, 0).astype(np.uint8)  # no heart, no GTV
+    annotated = [True, True, False, True, False, True, False, False]
+    derived = {"source": "derived", "margin_mm": 2.0}
+
+    rows = {r["structure"]: r for r in score_structures(predicted, truth, (2.0, 1.0, 1.0), annotated, derived,
+                                                            predicted_labels={organs.RIGHT_LUNG, organs.HEART})}
+    assert rows["lung_right"]["dice"] == 1.0 and "predicted" not in rows["lung_right"]
+    assert rows["heart"]["dice"] == 0.0 and rows["heart"]["hd95_mm"] == math.inf   # predicted, missed
+    for key in ("gtv", "ptv"):                                                       # not predicted
+        assert (rows[key]["annotated"], rows[key]["predicted"]) == (True, False)
+        assert all(rows[key][c] is None for c in ("dice", "hd95_mm", "truth_ml", "predicted_ml", "volume_diff_pct"))
+    assert (rows["ptv"]["labels"], rows["ptv"]["ptv_source"]) == ("GTV + 2 mm", "derived")
+    assert rows["lung_left"]["annotated"] is False and rows["lung_left"]["predicted"] is False
+    # With the GTV among the model's labels the derived PTV is scored; a contoured PTV needs label PTV.
+    with_gtv = {r["structure"]: r for r in score_structures(predicted, truth, (2.0, 1.0, 1.0), annotated, derived,
+                                                                predicted_labels={organs.GTV})}
+    assert with_gtv["ptv"]["dice"] == 0.0 and "predicted" not in with_gtv["ptv"]
+    annotated[organs.PTV] = True
+    contoured = score_structures(predicted, truth, (2.0, 1.0, 1.0), annotated, CONTOURED,
+                                 predicted_labels={organs.GTV})
+    assert contoured[1]["predicted"] is False and contoured[1]["dice"] is None
+    assert ev.ptv_scoring([contoured[1], {**with_gtv["ptv"]}]) == (
+        "derived (GTV + 2 mm) in 1 patient(s): margin(predicted GTV) vs margin(true GTV); not scored in 1 "
+        "patient(s): the model predicts no GTV (for a derived PTV) or no PTV (for a contoured one)")
+
+
 def test_score_structures_needs_8_flags():
     with pytest.raises(ValueError, match="annotated needs 8 flags .*got 7"):
         score_structures(np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), (1, 1, 1), [True] * 7)
@@ -701,3 +734,217 @@ def test_perfect_model_on_a_cropped_cache_scores_dice_one_on_the_original_grid(c
         truth = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.masks / f"{patient}.nii.gz")))
         np.testing.assert_array_equal(sitk.GetArrayFromImage(prediction), truth)
         assert {metrics[(patient, organs.structure(label).key)]["dice"] for label in range(1, 8)} == {"1"}
+
+
+# --------------------------------------------------------------------------------------------
+# Another model's label maps: --predictions DIR --label-map JSON
+# --------------------------------------------------------------------------------------------
+#: Another model's label table: the right lung in two values (upper and lower slices, as lobes),
+#: the esophagus under a value its mapping leaves out, so our esophagus is not predicted.
+OTHER_VALUES = {organs.GTV: 30, organs.PTV: 31, organs.LEFT_LUNG: 12, organs.HEART: 20, organs.ESOPHAGUS: 50,
+                organs.SPINAL_CORD: 40}
+RIGHT_LUNG_UPPER, RIGHT_LUNG_LOWER = 10, 11
+OTHER_MAPPING = {"10": "lung_right", "11": "lung_right", "12": "lung_left", "20": "heart", "30": "gtv",
+                 "31": "ptv", "40": "spinal_cord"}
+
+
+def _under_other_table(labels: np.ndarray) -> np.ndarray:
+    """Our (z, y, x) labels written in :data:`OTHER_VALUES`' table, int16 as another model may write."""
+    other = np.zeros(labels.shape, np.int16)
+    for ours, value in OTHER_VALUES.items():
+        other[labels == ours] = value
+    upper = np.arange(labels.shape[0])[:, None, None] < labels.shape[0] // 2
+    other[(labels == organs.RIGHT_LUNG) & upper] = RIGHT_LUNG_UPPER
+    other[(labels == organs.RIGHT_LUNG) & ~upper] = RIGHT_LUNG_LOWER
+    return other
+
+
+def _write_like(array: np.ndarray, like: sitk.Image, path: Path) -> None:
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(like)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+
+
+def _write_label_map(path: Path, mapping) -> Path:
+    path.write_text(mapping if isinstance(mapping, str) else json.dumps(mapping))
+    return path
+
+
+class ShiftedModel(PerfectModel):
+    """:class:`PerfectModel`'s answer moved by 2 pixels along x: good labels, not perfect ones."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.roll(super().forward(x), 2, dims=-1)
+
+
+def test_other_model_labels_through_a_mapping_score_as_the_same_labels_natively(data_root, tmp_path, monkeypatch,
+                                                                                capsys):
+    """Our evaluation of a (shifted) model writes its labels and metrics; the same labels written
+    under another table (right lung from two values, esophagus under an unmapped value) and scored
+    with --predictions/--label-map give the same rows, the esophagus "not scored", not Dice 0."""
+    layout = DataLayout(data_root)
+    patients = ["P-SAME", "P-DOUBLE", "P-DERIVED"]   # a heart not annotated, a derived PTV
+    checkpoint = _stand_in_checkpoint(ShiftedModel([layout.training_cache / p for p in patients]), tmp_path,
+                                      monkeypatch)
+    assert [r.status for r in ev.run(checkpoint=checkpoint, data_root=data_root, patients=patients,
+                                     device="cpu")] == [DONE] * 3
+    native_dir = tmp_path / "run" / "evaluation"
+    other_dir = tmp_path / "other model"
+    for patient in patients:
+        ours = sitk.ReadImage(str(native_dir / "predictions" / f"{patient}.nii.gz"))
+        other = _under_other_table(sitk.GetArrayFromImage(ours))
+        assert {RIGHT_LUNG_UPPER, RIGHT_LUNG_LOWER, OTHER_VALUES[organs.ESOPHAGUS]} <= set(np.unique(other))
+        _write_like(other, ours, other_dir / f"{patient}.nii.gz")
+    mapping = _write_label_map(tmp_path / "mapping.json", OTHER_MAPPING)
+    capsys.readouterr()
+
+    assert ev.main(["--predictions", str(other_dir), "--label-map", str(mapping), "--data-root", str(data_root),
+                    "--patients", *patients]) == 0
+    assert "Phase 5b: 3 evaluated, 0 skipped, 0 failed" in capsys.readouterr().out
+    out = other_dir / "evaluation"                   # the default output folder
+    native, mapped = _read_metrics(native_dir / "metrics.csv"), _read_metrics(out / "metrics.csv")
+    assert list(mapped) == list(native) and len(native) == 3 * 7
+    assert 0.5 < float(native[("P-SAME", "lung_right")]["dice"]) < 1   # labels worth comparing
+    assert native[("P-DERIVED", "ptv")]["labels"] == "GTV + 5 mm" and float(native[("P-DERIVED", "ptv")]["dice"]) < 1
+    for (patient, structure), row in native.items():
+        if structure != "esophagus":
+            assert mapped[(patient, structure)] == row, (patient, structure)
+        else:
+            assert row["dice"] != "" and mapped[(patient, structure)]["annotated"] == row["annotated"] == "yes"
+            assert {mapped[(patient, structure)][c] for c in ev.METRIC_COLUMNS[4:]} == {""}
+
+    summary, native_summary = (json.loads((d / "summary.json").read_text()) for d in (out, native_dir))
+    assert summary["not_predicted"] == ["esophagus"] and "checkpoint" not in summary
+    assert summary["predictions"] == str(other_dir) and summary["label_map"] == str(mapping)
+    assert summary["structures"]["esophagus"]["dice"]["n"] == 0 and summary["structures"]["esophagus"]["n_empty"] == 0
+    for key in ("gtv", "ptv", "lung_right", "lung_left", "heart", "spinal_cord"):
+        assert summary["structures"][key] == native_summary["structures"][key], key
+    assert summary["ptv_scoring"] == native_summary["ptv_scoring"]
+    text = (out / "summary.md").read_text()
+    assert f"- label maps of another model: `{other_dir}`, mapped to our labels value by value by `{mapping}`" in text
+    assert "- not predicted by this model (no label value maps to them), not scored: Esophagus\n" in text
+    assert "| Esophagus | 0 | - ± - |" in text
+    assert (out / "dice_boxplot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "predictions").exists()
+
+
+def test_other_model_labels_are_post_processed_only_with_postprocess(data_root, tmp_path):
+    """The mapped labels go through ``postprocess_labels`` with --postprocess, as our predictions do:
+    a stray right-lung voxel (value 11) costs Dice without it and is removed with it."""
+    layout = DataLayout(data_root)
+    truth = sitk.ReadImage(str(layout.masks / "P-SAME.nii.gz"))
+    other = _under_other_table(sitk.GetArrayFromImage(truth))
+    assert other[0, 0, 0] == 0
+    other[0, 0, 0] = RIGHT_LUNG_LOWER
+    _write_like(other, truth, tmp_path / "other" / "P-SAME.nii.gz")
+    mapping = ev.load_label_map(_write_label_map(tmp_path / "mapping.json", OTHER_MAPPING))
+
+    def lung_right(postprocess: bool) -> dict:
+        result = ev.score_other_patient("P-SAME", layout=layout, predictions_dir=tmp_path / "other",
+                                        name_pattern=ev.DEFAULT_NAME_PATTERN, label_map=mapping,
+                                        postprocess=postprocess)
+        return next(r for r in result.info["rows"] if r["structure"] == "lung_right")
+
+    plain = lung_right(False)
+    assert plain["dice"] < 1 and plain["volume_diff_ml"] == pytest.approx(0.9 * 0.9 * 3.0 / 1000)  # one voxel
+    assert (lung_right(True)["dice"], lung_right(True)["volume_diff_ml"]) == (1.0, 0.0)
+
+
+def test_a_missing_or_misplaced_label_map_fails_its_patient_and_the_batch_goes_on(data_root, tmp_path):
+    layout = DataLayout(data_root)
+    folder = tmp_path / "other"
+    for patient in ("P-SAME", "P-DOUBLE"):          # P-DOUBLE's file holds P-SAME's 64 x 64 grid
+        truth = sitk.ReadImage(str(layout.masks / "P-SAME.nii.gz"))
+        _write_like(_under_other_table(sitk.GetArrayFromImage(truth)), truth, folder / f"{patient}_seg.nii.gz")
+    (folder / "P-DERIVED_seg.nii.gz").write_bytes(b"not an image")
+    mapping = _write_label_map(tmp_path / "mapping.json", OTHER_MAPPING)
+
+    results = ev.run(predictions=folder, label_map=mapping, name_pattern="{patient_id}_seg.nii.gz",
+                     data_root=data_root, patients=["P-SAME", "P-ODD", "P-DOUBLE", "P-DERIVED"],
+                     output_dir=tmp_path / "eval")
+
+    assert [r.status for r in results] == [DONE, FAILED, FAILED, FAILED] and exit_status(results) == 1
+    assert results[1].message.startswith(f"P-ODD: {folder / 'P-ODD_seg.nii.gz'} not found; the other model made no ")
+    assert re.match(rf"P-DOUBLE: {re.escape(str(folder / 'P-DOUBLE_seg.nii.gz'))} vs .*P-DOUBLE.nii.gz: geometry "
+                    r"mismatch: size \(64, 64, 10\) vs \(128, 128, 10\)", results[2].message), results[2].message
+    assert results[3].message.startswith(f"P-DERIVED: {folder / 'P-DERIVED_seg.nii.gz'} cannot be read as an image")
+    metrics = _read_metrics(tmp_path / "eval" / "metrics.csv")
+    assert {patient for patient, _ in metrics} == {"P-SAME"} and metrics[("P-SAME", "lung_right")]["dice"] == "1"
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["failed"] == ["P-ODD", "P-DOUBLE", "P-DERIVED"] and summary["n_patients"] == 1
+
+
+def test_load_label_map_several_values_to_one_structure(tmp_path):
+    path = _write_label_map(tmp_path / "m.json", {"1": "lung_right", "2": "lung_right", "3": "lung_left",
+                                                  "10": "heart"})
+    assert ev.load_label_map(path) == {1: organs.RIGHT_LUNG, 2: organs.RIGHT_LUNG, 3: organs.LEFT_LUNG,
+                                       10: organs.HEART}
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"1": "liver"}', r"value 1 maps to 'liver', not one of our structures \(gtv, ptv, lung_right, lung_left, "
+                       r"heart, esophagus, spinal_cord\)"),
+    ('{"1": "background"}', r"value 1 maps to 'background', not one of our structures"),
+    ('{"1": 5}', r"value 1 maps to 5, not one of our structures"),
+    ('{"1.5": "heart"}', r"'1.5' is not a label value: expected an integer >= 1 \(0 is background\)"),
+    ('{"lungs": "heart"}', r"'lungs' is not a label value: expected an integer >= 1"),
+    ('{"-3": "heart"}', r"'-3' is not a label value"),
+    ('{"0": "heart"}', r"'0' is not a label value: expected an integer >= 1 \(0 is background\)"),
+    ('{"1": "heart", "01": "gtv"}', r"label value 1 is given twice"),
+    ('{"7": "heart", "7": "gtv"}', r"label value 7 is given twice"),
+    ('["heart"]', r'expected a JSON object such as \{"1": "lung_right", "2": "heart"\}, got \["heart"\]'),
+    ("{}", r"expected a JSON object .*got an empty object"),
+    ('{"1": "heart",', r"not valid JSON"),
+])
+def test_load_label_map_bad_files(tmp_path, text, match):
+    path = _write_label_map(tmp_path / "m.json", text)
+    with pytest.raises(ValueError, match=f"label map {re.escape(str(path))}: {match}"):
+        ev.load_label_map(path)
+
+
+def test_load_label_map_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"label map .*nothing.json not found"):
+        ev.load_label_map(tmp_path / "nothing.json")
+
+
+def test_apply_label_map_value_by_value():
+    values = np.array([0, 1, 2, 3, 10, 99, 255], np.int32).reshape(1, 1, 7)
+    mapping = {1: organs.RIGHT_LUNG, 2: organs.RIGHT_LUNG, 3: organs.LEFT_LUNG, 10: organs.HEART}
+    expected = np.array([0, 3, 3, 4, 5, 0, 0], np.uint8).reshape(1, 1, 7)
+    for array in (values, values.astype(np.uint8), values.astype(np.float32)):
+        out = ev.apply_label_map(array, mapping)
+        assert out.dtype == np.uint8
+        np.testing.assert_array_equal(out, expected)
+    with pytest.raises(ValueError, match=r"label values must be integers, found non-integer values \(dtype float64\)"):
+        ev.apply_label_map(np.full((1, 1, 2), 0.5), mapping)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "x.pth", "--predictions", "."], "argument --predictions: not allowed with argument --checkpoint"),
+    ([], "one of the arguments --checkpoint --predictions is required"),
+    (["--predictions", "."], "--predictions needs --label-map"),
+    (["--predictions", "absent"], "folder of label maps absent not found"),
+    (["--predictions", ".", "--label-map", "m.json", "--name-pattern", "{case}.nii.gz"],
+     "--name-pattern '{case}.nii.gz': expected a file name relative to the folder with {patient_id}"),
+    (["--predictions", ".", "--label-map", "m.json", "--name-pattern", "seg.nii.gz"], "--name-pattern 'seg.nii.gz'"),
+    (["--predictions", ".", "--label-map", "m.json"], "label map m.json: value 2 maps to 'liver'"),
+    (["--predictions", ".", "--label-map", "absent.json"], "label map absent.json not found"),
+    (["--checkpoint", "x.pth", "--label-map", "m.json"], "--label-map is for --predictions"),
+])
+def test_main_bad_arguments_of_other_model_scoring(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.pth").write_bytes(b"never loaded")
+    _write_label_map(tmp_path / "m.json", {"1": "heart", "2": "liver"})
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_run_wants_a_checkpoint_or_predictions_not_both(tmp_path):
+    with pytest.raises(ValueError, match=r"give a checkpoint or the folder of another model's label maps "
+                                         r"\(--predictions\), not both"):
+        ev.run(checkpoint=tmp_path / "best.pth", predictions=tmp_path, label_map=tmp_path / "m.json")
+    with pytest.raises(ValueError, match="not neither"):
+        ev.run()

@@ -1,11 +1,12 @@
 """3D metrics of a predicted label map against the truth, on the CT's own anisotropic grid: Dice, the
 95th-percentile Hausdorff distance in mm, volumes, and :func:`score_structures` for all structures of
-one patient (unannotated structures not scored; a derived PTV scored as margin(GTV) vs margin(GTV)).
+one patient (unannotated structures, and those a model does not predict, not scored; a derived PTV
+scored as margin(GTV) vs margin(GTV)).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -92,6 +93,7 @@ def volume_ml(mask: np.ndarray, spacing_zyx: Sequence[float]) -> float:
 def score_structures(
     predicted: np.ndarray, truth: np.ndarray, spacing_zyx: Sequence[float], annotated: Sequence[bool],
     ptv: dict[str, Any] | None = None, only: Sequence[int] | None = None,
+    predicted_labels: Collection[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Metrics of every structure 1-7 (or of the labels in ``only``) of one patient: one dict per structure.
 
@@ -100,6 +102,9 @@ def score_structures(
     metrics (None). A contoured PTV is scored on labels GTV + PTV together; with ``ptv`` =
     ``{"source": "derived", "margin_mm": m}`` (phase 2.5's record) the PTV is scored as
     margin(predicted GTV) against margin(true GTV), whenever the GTV is annotated.
+    ``predicted_labels`` (None: all) are the labels the model predicts at all (another model's,
+    mapped to ours): a structure outside them gets ``predicted=False`` and no metrics, never Dice 0;
+    its ``annotated`` is unchanged. A derived PTV needs the GTV among them, a contoured one the PTV.
     """
     if len(annotated) != organs.NUM_CLASSES:
         raise ValueError(f"annotated needs {organs.NUM_CLASSES} flags (labels 0-7), got {len(annotated)}")
@@ -114,9 +119,13 @@ def score_structures(
             "labels": "+".join(str(m) for m in members),
             "annotated": scored,
         }
-        if label == organs.PTV and derived:
+        grown = label == organs.PTV and derived
+        if predicted_labels is not None and (organs.GTV if grown else label) not in predicted_labels:
+            row["predicted"] = scored = False  # the model makes no such label: nothing to score
+        if grown:
             margin = float(ptv["margin_mm"])  # type: ignore[index]
             row["labels"], row["ptv_source"] = ptv_description(margin), PTV_DERIVED
+        if grown and scored:
             pred_mask = ptv_from_gtv(np.asarray(predicted) == organs.GTV, spacing_zyx, margin)
             truth_mask = ptv_from_gtv(np.asarray(truth) == organs.GTV, spacing_zyx, margin)
         elif scored:
