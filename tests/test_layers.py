@@ -24,7 +24,7 @@ PACKAGE = "thoracic_seg"
 PHASE_SCRIPTS = frozenset({
     "make_synthetic_cohort", "convert_dicom_to_nifti", "extract_multi_organ_masks", "normalize_ct_and_masks",
     "prepare_train_val_test_splits", "train_multi_organ", "evaluate_multi_organ", "predict_multi_organ",
-    "visualize_all_phases",
+    "visualize_all_phases", "export_nnunet",
 })
 LIBRARY_TOP_LEVEL = frozenset({"dataset_multi_organ", "unet_multi_organ"})
 TORCH_ONLY = frozenset({"unet_multi_organ", f"{PACKAGE}.losses", f"{PACKAGE}.precision", f"{PACKAGE}.inference"})
