@@ -13,7 +13,7 @@ DEMO_SIZE     ?= 128
 DEMO_SLICES   ?= 40
 SPLITS        := $(DATA)/splits
 RUN           := $(DATA)/runs/demo
-# A small network trained on the CPU for a fixed budget of 1890 steps (18 epochs, about 6.5 minutes on
+# A small network trained on the CPU for a fixed budget of 1890 steps (18 epochs, about 6 minutes on
 # 2 cores; the cosine schedule ends with the budget),
 # so the demo's numbers are the same on every run of the same machine type (see README).
 DEMO_TRAIN_ARGS ?= --base-channels 16 --lr 1e-3 --lr-schedule cosine --epochs 30 --augment \

@@ -18,7 +18,9 @@ from thoracic_seg import organs
 from scipy import ndimage
 
 
-#: Largest angle between the slice normal and the patient's head-foot axis for an axial series.
+#: Largest angle between an image axis and the patient axis it is mapped onto (phase 2: the slice
+#: normal and the head-foot axis of an axial series). Beyond it a volume is oblique: no permutation
+#: of axes makes it LPS.
 MAX_AXIAL_ANGLE_DEG = 10.0
 DEFAULT_WINDOW: tuple[float, float] = (-1000, 400)
 DEFAULT_SIZE = 256
@@ -365,16 +367,13 @@ def probabilities_to_ct_labels(
 #: first, prone, RAS NIfTI) are brought to it by ``image_grid.to_network_orientation`` (arrays:
 #: :func:`to_network_array`); labels go back by :func:`from_network_orientation`.
 NETWORK_ORIENTATION = "LPS"
-#: Largest angle between an image axis and the patient axis it is mapped onto: phase 2's limit
-#: for an axial series. A volume beyond it is oblique: no permutation of axes makes it LPS.
-MAX_AXIS_ANGLE_DEG = MAX_AXIAL_ANGLE_DEG
 _AXIS_LETTERS = ("LR", "PA", "SI")  # the letter of each patient axis (x, y, z of LPS), + then -
 
 
 def orientation_code(image: Any) -> str:
     """The orientation code of ``image``'s axes (columns, rows, slices), e.g. ``LPS``, ``RPI``: each letter
     is the patient side the axis index increases towards, as ``sitk.DICOMOrientImageFilter`` writes it.
-    ``ValueError`` for an oblique image (an axis more than :data:`MAX_AXIS_ANGLE_DEG` degrees from every
+    ``ValueError`` for an oblique image (an axis more than :data:`MAX_AXIAL_ANGLE_DEG` degrees from every
     patient axis; the message gives the direction and what to do).
     """
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
@@ -383,10 +382,10 @@ def orientation_code(image: Any) -> str:
         column = direction[:, axis] / np.linalg.norm(direction[:, axis])
         nearest = int(np.argmax(np.abs(column)))
         angle = math.degrees(math.acos(min(1.0, abs(column[nearest]))))
-        if angle > MAX_AXIS_ANGLE_DEG or _AXIS_LETTERS[nearest][0] in code or _AXIS_LETTERS[nearest][1] in code:
+        if angle > MAX_AXIAL_ANGLE_DEG or _AXIS_LETTERS[nearest][0] in code or _AXIS_LETTERS[nearest][1] in code:
             raise ValueError(
                 f"oblique image: axis {'xyz'[axis]} points along {(np.round(column, 4) + 0.0).tolist()} (LPS), "
-                f"{angle:.1f} deg from the nearest patient axis (at most {MAX_AXIS_ANGLE_DEG:g} deg); direction "
+                f"{angle:.1f} deg from the nearest patient axis (at most {MAX_AXIAL_ANGLE_DEG:g} deg); direction "
                 f"{(np.round(direction.ravel(), 4) + 0.0).tolist()}: it cannot be brought to "
                 f"{NETWORK_ORIENTATION} by permuting and flipping axes; resample it to an axial grid first"
             )
