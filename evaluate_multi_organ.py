@@ -353,9 +353,10 @@ def run(*, checkpoint: Path | None = None, predictions: Path | None = None, labe
         predictions_dir = output_dir / "predictions"
         predictor = Predictor.load(checkpoint, device=device, precision=precision, batch_size=batch_size,
                                    postprocess=postprocess, context_slices=context_slices)
-        _check_provenance(predictions_dir, {"checkpoint_sha256": file_sha256(checkpoint), "postprocess": postprocess,
-                                            "postprocess_rule": rule, "inference": prediction_provenance(predictor)},
-                          overwrite)
+        inference = prediction_provenance(predictor)  # hashes the checkpoint once
+        _check_provenance(predictions_dir, {"checkpoint_sha256": inference["checkpoints_sha256"][0],
+                                            "postprocess": postprocess, "postprocess_rule": rule,
+                                            "inference": inference}, overwrite)
         log.info("evaluating %d patients (%s) with %s -> %s", len(patient_ids), which, predictor.describe(), output_dir)
         source: dict[str, Any] = {"checkpoint": str(checkpoint)}
         task = functools.partial(evaluate_patient, predictor=predictor, layout=layout,

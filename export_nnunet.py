@@ -31,7 +31,7 @@ from thoracic_seg.batch import (DONE, SKIPPED, PatientError, PatientResult, add_
                                 check_same_geometry, check_writable, exit_status, list_patients, read_nifti, run_batch,
                                 run_from_command_line, setup_logging, summary_line, write_nifti, write_text_atomic)
 from thoracic_seg.layout import DEFAULT_DATA_ROOT, DEFAULT_SPLITS_DIR, DataLayout, truth_record
-from thoracic_seg.splits import SPLIT_NAMES, read_split_file
+from thoracic_seg.splits import read_splits
 
 log = logging.getLogger(__name__)
 
@@ -100,19 +100,6 @@ def export_label_array(ours: np.ndarray, ours_to_exported: Mapping[int, int],
     if ignore_value is not None:
         out[ours == organs.BACKGROUND] = ignore_value
     return out
-
-
-def read_splits(splits_dir: Path | str) -> dict[str, list[str]]:
-    """``{split: [patient ids]}`` from our three split files (not phase 3's cache); ``ValueError`` for a
-    patient listed twice (nnU-Net would train on a test patient)."""
-    splits = {name: read_split_file(splits_dir, name) for name in SPLIT_NAMES}
-    seen: dict[str, str] = {}
-    for name, ids in splits.items():
-        for pid in ids:
-            if pid in seen:
-                raise ValueError(f"patient {pid} is listed in {seen[pid]}.txt and {name}.txt of {splits_dir}")
-            seen[pid] = name
-    return splits
 
 
 def dataset_folder(nnunet_raw: Path | str, dataset_id: int, name: str) -> Path:

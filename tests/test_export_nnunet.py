@@ -95,7 +95,7 @@ def test_the_evaluation_reads_the_map_back_to_our_labels(tmp_path) -> None:
 def test_read_splits_refuses_a_patient_in_two_splits(tmp_path) -> None:
     for name, ids in {"train": ["A", "B"], "val": ["C"], "test": ["B"]}.items():
         (tmp_path / f"{name}.txt").write_text("\n".join(ids) + "\n")
-    with pytest.raises(ValueError, match="patient B is listed in train.txt and test.txt"):
+    with pytest.raises(ValueError, match="patient B is listed in both train.txt and test.txt"):
         ex.read_splits(tmp_path)
 
 

@@ -159,3 +159,4 @@ def test_the_repository_keeps_its_layers():
 def test_each_rule_fails_when_broken(sources, problem):
     problems = layer_violations(import_graph(sources))
     assert any(p.startswith(problem) for p in problems), problems
+

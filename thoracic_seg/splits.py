@@ -32,14 +32,9 @@ def read_split_file(splits_dir: Path | str, name: str) -> list[str]:
     return [line for line in lines if line]
 
 
-def check_splits(splits_dir: Path | str, data_root: Path | str) -> dict[str, list[str]]:
-    """Read the three split files and check them: no patient listed twice (within or across
-    splits) and every listed patient has a training cache. Returns ``{split: [ids]}``.
-
-    Raises:
-        ValueError: a patient is listed twice (names the patient and the splits).
-        FileNotFoundError: a split file, or a listed patient's cache, is missing.
-    """
+def read_splits(splits_dir: Path | str) -> dict[str, list[str]]:
+    """``{split: [ids]}`` from the three split files; ``ValueError`` naming a patient listed twice
+    (within or across splits), ``FileNotFoundError`` for a missing split file."""
     splits = {name: read_split_file(splits_dir, name) for name in SPLIT_NAMES}
     seen: dict[str, str] = {}
     for name, ids in splits.items():
@@ -50,8 +45,14 @@ def check_splits(splits_dir: Path | str, data_root: Path | str) -> dict[str, lis
                     if seen[pid] != name else f"patient {pid} is listed twice in {name}.txt"
                 )
             seen[pid] = name
+    return splits
+
+
+def check_splits(splits_dir: Path | str, data_root: Path | str) -> dict[str, list[str]]:
+    """:func:`read_splits`, and every listed patient has a training cache (``FileNotFoundError``)."""
+    splits = read_splits(splits_dir)
     cache = DataLayout(Path(data_root)).training_cache
-    missing = [pid for pid in seen if not (cache / pid / CACHE_META).is_file()]
+    missing = [pid for ids in splits.values() for pid in ids if not (cache / pid / CACHE_META).is_file()]
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} patient(s) of {splits_dir} have no training cache in {cache}: "
