@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -59,13 +60,60 @@ class Setting:
     @property
     def name(self) -> str:
         parts = [SHORT_NAMES[self.precision.autocast_dtype]]
+        parts += ["scaler"] if self.precision.grad_scaler else []
         parts += ["channels_last"] if self.precision.channels_last else []
         return "+".join(parts + (["compile"] if self.compile else []))
 
     def record(self) -> dict[str, Any]:
-        """The JSON fields: ``precision`` (``fp32``, ``bf16`` or ``fp16``), ``channels_last``, ``compile``."""
-        return {"precision": SHORT_NAMES[self.precision.autocast_dtype],
+        """The JSON fields: ``precision`` (``fp32``, ``bf16`` or ``fp16``), ``grad_scaler``,
+        ``channels_last``, ``compile``."""
+        return {"precision": SHORT_NAMES[self.precision.autocast_dtype], "grad_scaler": self.precision.grad_scaler,
                 "channels_last": self.precision.channels_last, "compile": self.compile}
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A synthetic training batch on a device, in the shapes ``thoracic_seg.losses`` takes."""
+
+    images: torch.Tensor  # (N, 1, S, S) float32
+    targets: torch.Tensor  # (N, S, S) int64 labels 0..NUM_CLASSES-2
+    annotated: torch.Tensor  # (N, NUM_CLASSES) bool; the last class unannotated (marginal cross-entropy)
+    class_weights: torch.Tensor  # (NUM_CLASSES,) float32, all 1
+
+
+def synthetic_batch(batch_size: int, size: int, device: torch.device,
+                    memory_format: torch.memory_format = torch.contiguous_format, *,
+                    learnable: bool = False, seed: int = 0) -> Batch:
+    """A fixed batch of ``seed``. ``learnable=False``: noise images, random labels (for timing);
+    ``True``: smoothed noise of unit deviation whose labels are its intensity bands
+    (< -1, -1..-0.3, -0.3..0.3, 0.3..1, > 1 -> 0..4), which a few dozen steps start to learn."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, 1, size, size, generator=generator)
+    if learnable:
+        images = torch.nn.functional.avg_pool2d(images, 5, stride=1, padding=2)
+        images = images / images.std()
+        targets = torch.bucketize(images[:, 0], torch.tensor([-1.0, -0.3, 0.3, 1.0]))
+    else:
+        targets = torch.randint(0, NUM_CLASSES - 1, (batch_size, size, size), generator=generator)
+    annotated = torch.ones(batch_size, NUM_CLASSES, dtype=torch.bool)
+    annotated[:, -1] = False
+    return Batch(images.to(device).contiguous(memory_format=memory_format), targets.to(device),
+                 annotated.to(device), torch.ones(NUM_CLASSES, device=device))
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               precision: Precision, device: torch.device, batch: Batch) -> torch.Tensor:
+    """One step as ``train_multi_organ.py`` takes it: forward under ``precision``'s autocast, the
+    training loss (0.5 marginal cross-entropy + 0.5 soft Dice, in float32), the scaled backward,
+    the scaler's step and update. Returns the loss (0-d, detached, on ``device``; not synchronised)."""
+    optimizer.zero_grad(set_to_none=True)
+    with precision.autocast(device):
+        logits = model(batch.images)
+    loss = multi_organ_loss(logits, batch.targets, batch.annotated, batch.class_weights)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,35 +193,19 @@ def measure(
 ) -> dict[str, Any]:
     """Training and inference throughput of one (batch size, setting); one result row."""
     torch.manual_seed(0)
-    memory_format = setting.precision.memory_format
-    images = torch.randn(batch_size, 1, size, size, device=device).to(memory_format=memory_format)
-    targets = torch.randint(0, NUM_CLASSES, (batch_size, size, size), device=device)
-    # The training loss as train_multi_organ.py computes it, with one unannotated class per
-    # slice so the marginal cross-entropy path is exercised.
-    annotated = torch.ones(batch_size, NUM_CLASSES, dtype=torch.bool, device=device)
-    annotated[:, -1] = False
-    targets = targets.clamp(max=NUM_CLASSES - 2)
-    class_weights = torch.ones(NUM_CLASSES, device=device)
+    batch = synthetic_batch(batch_size, size, device, setting.precision.memory_format)
     model = build_model(base_channels, setting, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=setting.precision.grad_scaler)
 
-    def train_step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with setting.precision.autocast(device):
-            logits = model(images)
-        loss = multi_organ_loss(logits, targets, annotated, class_weights)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
     def infer_step() -> None:
         with torch.inference_mode(), setting.precision.autocast(device):
-            model(images).argmax(dim=1)
+            model(batch.images).argmax(dim=1)
 
     reset_peak_memory(device)
     model.train()
-    train_s = time_steps(train_step, device, warmup, steps)
+    train_s = time_steps(functools.partial(train_step, model, optimizer, scaler, setting.precision, device, batch),
+                         device, warmup, steps)
     train_mem = peak_memory_mb(device)
 
     del optimizer, scaler
