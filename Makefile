@@ -13,13 +13,20 @@ DEMO_SIZE     ?= 128
 DEMO_SLICES   ?= 40
 SPLITS        := $(DATA)/splits
 RUN           := $(DATA)/runs/demo
+# The real-collection recipe, named once (thoracic_seg/recipe.py reads these lines; the README's
+# commands, the notebook and benchmarks/bench_quality.py's baseline use exactly them). Literal words
+# only, no $(...). The GPU profile is train_multi_organ.py's defaults (256 px, base 64, batch 16).
+REAL_PHASE3_ARGS ?= --crop-body
+REAL_TRAIN_ARGS  ?= --augment --tumour-oversampling 0.3 --context-slices 0 --lr-schedule cosine
+CPU_SIZE         ?= 128
+CPU_TRAIN_ARGS   ?= --base-channels 16 --batch-size 8 --lr 1e-3
 # A small network trained on the CPU for a fixed budget of 1890 steps (18 epochs, about 6 minutes on
 # 2 cores; the cosine schedule ends with the budget),
 # so the demo's numbers are the same on every run of the same machine type (see README).
 DEMO_TRAIN_ARGS ?= --base-channels 16 --lr 1e-3 --lr-schedule cosine --epochs 30 --augment \
 	--max-steps 1890 --device auto
 
-.PHONY: all install demo test clean clean-data
+.PHONY: all install demo test clean clean-data recipe
 
 all: test
 
@@ -53,6 +60,10 @@ demo: $(STAMP)
 		--input $(DATA)/raw/synthetic/$$(head -n 1 $(SPLITS)/test.txt) --output $(DATA)/predictions --overwrite
 	$(PY) visualize_all_phases.py --data-root $(DATA) --splits-dir $(SPLITS) --run $(RUN) --output figures
 	@echo "Demo done: figures/, $(RUN)/evaluation_postprocessed/summary.md, $(DATA)/predictions/"
+
+recipe:
+	@echo "phase 3:  python normalize_ct_and_masks.py $(REAL_PHASE3_ARGS)   (CPU: --size $(CPU_SIZE))"
+	@echo "training: python train_multi_organ.py $(REAL_TRAIN_ARGS)   (CPU: $(CPU_TRAIN_ARGS))"
 
 clean-data:
 	rm -rf $(DATA)

@@ -356,6 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def recipe_options(args: Sequence[str]) -> dict[str, Any]:
+    """The :func:`run` options that command-line words (the Makefile's REAL_TRAIN_ARGS, say) change from
+    the defaults: ``["--augment", "--context-slices", "1"]`` -> ``{"augment": True, "context_slices": 1}``."""
+    parser = build_parser()
+    defaults, given = vars(parser.parse_args([])), vars(parser.parse_args(list(args)))
+    return {key: value for key, value in given.items() if value != defaults[key]}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,23 +1,23 @@
-"""Benchmark: segmentation quality on real patients, cross-validated by patient, for several
-training configurations side by side (issue 14).
+"""Benchmark: the training recipe against candidates on six real patients, cross-validated by patient.
 
-    .venv/bin/python benchmarks/bench_quality.py                      # CPU: the built-in set, seeds 0 1
-    .venv/bin/python benchmarks/bench_quality.py --configs 2d 2.5d-k1 --seeds 0 1 2 --synthetic 10
-    python benchmarks/bench_quality.py --device cuda                  # full network on a GPU
-    .venv/bin/python benchmarks/bench_quality.py --markdown benchmarks/bench_quality.md
+    .venv/bin/python benchmarks/bench_quality.py --work-dir bench-work        # CPU, the default candidates
+    .venv/bin/python benchmarks/bench_quality.py --work-dir bench-work --learning-curve 1000 2000 4000
+    .venv/bin/python benchmarks/bench_quality.py --smoke                      # the mechanics, ~2 min
+    python benchmarks/bench_quality.py --device cuda --work-dir bench-work    # the full network
 
-The two real sample patients (``../shared/data``) plus any ``--extra-root`` go through phases 2 and
-2.5; every configuration (:func:`parse_config`) x fold (:func:`make_folds`, by patient) x seed trains
-for ``--steps`` and scores its held-out patients in 3D, without and with each post-processing rule
-(:func:`train_and_evaluate`, :func:`choose_postprocessing`). Prints Markdown tables (``--markdown``:
-for benchmarks/RESULTS.md) and writes every row to JSON (``--output``). The defaults and what they
-cost: :data:`SIZING` (the measured run and its machine: benchmarks/RESULTS.md).
+The six NSCLC-Radiomics patients of ``../shared/data`` go through phases 2 and 2.5 once; each
+candidate (:data:`CANDIDATES`: the Makefile recipe, ``thoracic_seg.recipe``, with some options
+changed) x fold (:func:`balanced_folds`) x seed trains on the other folds and scores its held-out
+patients in 3D (Dice, surface Dice, HD95, APL; every post-processing rule), also on the held-out CT
+re-rendered as another scanner would have made it. Each (candidate, fold, seed) is a cell cached in
+``--work-dir/cells`` under a key of its settings, the code it ran and the data, with its checkpoint and
+held-out probabilities; a killed run resumes where it stopped (a half-trained cell from its last
+checkpoint). Statistics and the decision rule: ``quality_stats.py``. Tables: ``--markdown``.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import inspect
+import hashlib
 import json
 import logging
 import math
@@ -26,103 +26,94 @@ import sys
 import tarfile
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
-
+from typing import Any, Callable, Mapping, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `python benchmarks/bench_quality.py` from anywhere
-    sys.path.insert(0, str(REPO_ROOT))
+for _path in (REPO_ROOT, REPO_ROOT / "benchmarks"):  # `python benchmarks/bench_quality.py` from anywhere
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import quality_stats as stats  # noqa: E402  (benchmarks/, pure)
 
 log = logging.getLogger("bench_quality")
 
-ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "nsclc-radiomics-sample.tar.xz"
-SAMPLE_FOLDER = "nsclc-radiomics-sample"
+SHARED = REPO_ROOT.parent / "shared" / "data"
+ARCHIVES = (SHARED / "nsclc-radiomics-sample.tar.xz", SHARED / "nsclc-radiomics-dev.tar.xz")
 DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "bench_quality.json"
-BUILTIN_CONFIGS = ("2d", "2.5d-k1", "2.5d-k2", "crop")
+#: Bump when a cell's computation changes in this file (the code fingerprint covers the modules it imports).
+CELL_FORMAT = 2
+N_FOLDS = 3
 DEFAULT_SEEDS = (0, 1)
-#: Defaults per device type. CPU, the small network: ~0.2 s a step of batch 8 on 2 quiet cores (network
-#: ~0.09 s, augmentation ~0.08 s, checkpoint and curves ~0.03 s), ~100 s a training, ~10 s an evaluation:
-#: 16 x 120 s + 20 s ~= 32 min (measured 33.9); another job on the cores (load 4-5) makes steps 4-7x
-#: slower. CUDA, the full network: 48,000 slices a training, estimated 1-2.5 min from RESULTS.md's
-#: 330-850 slices/s at 256 px (not measured here). ``--synthetic N`` adds slices per epoch, not steps.
-SIZING = {
-    "cpu": {"size": 128, "base_channels": 16, "batch_size": 8, "steps": 500},
-    "cuda": {"size": 256, "base_channels": 64, "batch_size": 16, "steps": 3000},
-}
-DEFAULT_LR = 1e-3  # the demo's recipe (make demo): short budgets need more than train's 1e-4
-CHECKPOINTS = ("last", "best")
-SYNTHETIC_SEED = 0
-#: Post-processing rows of every held-out patient: none, the pipeline's ``--postprocess``
-#: (``thoracic_seg.postprocess.POSTPROCESS_MIN_FRACTION``), then each candidate rule of
-#: ``thoracic_seg.postprocess.POSTPROCESS_CANDIDATES`` applied to every organ alike.
-NO_POSTPROCESS, DEFAULT_POSTPROCESS = "none", "--postprocess"
-#: "Never worse": no measured Dice lower than without post-processing by more than this (the
-#: table's precision; removing a few voxels of a lung changes its Dice in the fifth decimal).
-DICE_TOLERANCE = 0.001
-TABLE_HEADER = ("| structure | configuration | post-processing | n | Dice mean ± std | Dice seed std "
-                "| HD95 mean ± std (mm) | HD95 inf |")
-TABLE_RULE = "|---|---|---|---:|---:|---:|---:|---:|"
-RUNS_HEADER = ("| configuration | trainings | steps | train s mean | train slices/s mean "
-               "| evaluation s mean |")
-RUNS_RULE = "|---|---:|---:|---:|---:|---:|"
-CANDIDATES_HEADER = ("| structure | post-processing | n | Dice mean | Dice change mean | Dice change worst "
-                     "| HD95 change mean (mm) | chosen |")
-CANDIDATES_RULE = "|---|---|---:|---:|---:|---:|---:|---|"
+#: Per device: steps of each training (CPU: from the measured learning curve, docs/decisions.md).
+STEPS = {"cpu": 3000, "cuda": 6000}
+#: The re-rendering of a held-out CT as another scanner (``thoracic_seg.scanner.rerender`` options).
+RERENDER = {"slice_mm": 5.0, "kernel": "sharp", "noise_hu": 30.0, "seed": 0}
+ORIGINAL, RERENDERED = "original", "rerendered"
+#: ``--smoke``: enough steps of a 4-channel network at 32 px for the tables to hold some non-zero Dice.
+SMOKE_STEPS = 40
 
 
-# ---- Configurations and folds (pure) ---------------------------------------------------------
 @dataclass(frozen=True)
-class Config:
-    """One training configuration: its name, the slice context K and whether phase 3 crops to the body."""
+class Candidate:
+    """The recipe with some options changed: ``phase3_args`` replaces REAL_PHASE3_ARGS (None: keep),
+    ``train_args`` go after REAL_TRAIN_ARGS + the profile's (a later option wins); ``ensemble_of``: no
+    training, the named candidate's networks of the fold (all seeds) average their probabilities.
+    ``aims_at``: the structures the decision rule pools; ``cost``: what it adds to a baseline cell."""
 
     name: str
-    context_slices: int
-    crop_body: bool
+    phase3_args: tuple[str, ...] | None = None
+    train_args: tuple[str, ...] = ()
+    ensemble_of: str | None = None
+    aims_at: tuple[str, ...] = ("lung_right", "lung_left", "heart", "esophagus", "spinal_cord")
+    cost: str = "1x"
 
 
-def parse_config(name: str) -> Config:
-    """``2d`` (one slice), ``2.5d-kK`` (K neighbours per side), ``crop`` (phase 3 crops each slice to
-    the body first) or ``+``-joined combinations (``crop+2.5d-k1``).
-
-    ``crop`` alone means ``crop+2d``. Raises ``ValueError`` naming the part not understood.
-    """
-    parts = [p for p in name.strip().lower().split("+")]
-    context: int | None = None
-    crop = False
-    for part in parts:
-        if part == "crop" and not crop:
-            crop = True
-        elif part == "2d" and context is None:
-            context = 0
-        elif part.startswith("2.5d-k") and part[6:].isdigit() and context is None:
-            context = int(part[6:])
-            if context < 1:
-                raise ValueError(f"configuration {name!r}: 2.5d needs K >= 1 (2.5d-k1), got {part!r}")
-        else:
-            raise ValueError(f"configuration {name!r}: cannot read {part!r} (or it is given twice); "
-                             f"expected 2d, 2.5d-kK, crop or a '+' combination such as crop+2.5d-k1")
-    from thoracic_seg.grid import check_context_slices
-
-    return Config(name=name, context_slices=check_context_slices(context or 0), crop_body=crop)
+BASELINE = "baseline"
+CANDIDATES = {c.name: c for c in (
+    Candidate(BASELINE),
+    Candidate("fov-crop", phase3_args=("--crop-body", "--fov-mm", "360"), aims_at=("heart", "esophagus", "spinal_cord"),
+              cost="1x (phase 3 once more)"),
+    Candidate("scanner-aug", train_args=("--augment-scanner",), cost="~1.1x (augmentation per slice)"),
+    Candidate("ensemble", ensemble_of=BASELINE, cost="no training; inference x number of seeds"),
+    Candidate("no-crop", phase3_args=(), cost="1x (phase 3 once more)"),
+    Candidate("2.5d-k1", train_args=("--context-slices", "1"), cost="~1.1x"),
+    Candidate("2.5d-k2", train_args=("--context-slices", "2"), cost="~1.2x"),
+    Candidate("no-oversampling", train_args=("--tumour-oversampling", "0.0001"), aims_at=("gtv",), cost="1x"),
+    Candidate("width-32", train_args=("--base-channels", "32"), cost="~3x on CPU (network 4x larger)"),
+)}
+DEFAULT_CANDIDATES = (BASELINE, "fov-crop", "scanner-aug", "ensemble")
 
 
-def make_folds(patients: Sequence[str], n_folds: int | None = None) -> list[list[str]]:
-    """Patient-level folds: the sorted ids dealt round-robin into ``n_folds`` test sets
-    (None: one patient per fold). ``ValueError`` unless 2 <= n_folds <= number of patients."""
-    ids = sorted(dict.fromkeys(patients))
-    n = len(ids) if n_folds is None else n_folds
-    if len(ids) < 2:
-        raise ValueError(f"cross-validation needs at least 2 patients, got {len(ids)}: {ids}")
-    if not 2 <= n <= len(ids):
-        raise ValueError(f"folds must be 2-{len(ids)} for {len(ids)} patients, got {n}")
-    return [ids[i::n] for i in range(n)]
+# ---- Folds (pure) ---------------------------------------------------------------------------
+def balanced_folds(has: Mapping[str, set[str]], n_folds: int, balance: Sequence[str]) -> list[list[str]]:
+    """Patients -> ``n_folds`` held-out sets of near-equal size, each holding every structure of
+    ``balance`` that at least ``n_folds`` patients have (so each fold scores a heart and an esophagus).
+
+    ``has``: patient id -> its annotated structure keys. Greedy and deterministic: patients with the
+    fewest of the balanced structures go first (the scarce ones decide), each to the smallest fold that
+    lacks most of its balanced structures (ties: lower index). ``ValueError`` for fewer patients than folds."""
+    ids = sorted(has)
+    if not 2 <= n_folds <= len(ids):
+        raise ValueError(f"folds must be 2-{len(ids)} for {len(ids)} patients, got {n_folds}")
+    scarce = [s for s in balance if sum(s in has[p] for p in ids) >= n_folds]
+    folds: list[list[str]] = [[] for _ in range(n_folds)]
+    capacity = math.ceil(len(ids) / n_folds)
+    order = sorted(ids, key=lambda p: (sum(s in has[p] for s in scarce), p))
+    for pid in order:
+        def need(i: int) -> tuple:
+            covered = {s for q in folds[i] for s in has[q]}
+            return (-len([s for s in scarce if s in has[pid] and s not in covered]), len(folds[i]), i)
+
+        target = min((i for i in range(n_folds) if len(folds[i]) < capacity), key=need)
+        folds[target].append(pid)
+    return [sorted(f) for f in folds]
 
 
 def steps_per_epoch(n_slices: int, batch_size: int) -> int:
-    """Optimizer steps of one epoch as train_multi_organ.py draws it (the last short batch is
-    dropped when the epoch holds at least two batches)."""
+    """Optimizer steps of one epoch as train_multi_organ.py draws it (the last short batch is dropped
+    when the epoch holds at least two batches)."""
     return n_slices // batch_size if n_slices >= 2 * batch_size else math.ceil(n_slices / batch_size)
 
 
@@ -131,208 +122,71 @@ def epochs_for(steps: int, n_slices: int, batch_size: int) -> int:
     return max(1, math.ceil(steps / steps_per_epoch(n_slices, batch_size)))
 
 
-def crop_supported() -> bool:
-    """Whether the installed phase 3 (``normalize_ct_and_masks.run``) has the ``crop_body`` option
-    (without it the crop configurations are reported as skipped and the others run)."""
-    import normalize_ct_and_masks
-
-    return "crop_body" in inspect.signature(normalize_ct_and_masks.run).parameters
-
-
-# ---- Results (pure) --------------------------------------------------------------------------
-def _number(text: str) -> float | None:
-    return float(text) if text not in ("", None) else None
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """evaluate_multi_organ's ``metrics.csv`` as dicts; metric cells as float or None (not annotated)."""
-    rows = []
-    with open(path, newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            rows.append({"patient_id": row["patient_id"], "structure": row["structure"],
-                         "annotated": row["annotated"] == "yes",
-                         **{k: _number(row[k]) for k in ("dice", "hd95_mm", "truth_ml", "predicted_ml",
-                                                          "volume_diff_pct")}})
-    return rows
+# ---- Fingerprints ---------------------------------------------------------------------------
+def data_fingerprint(paths: Sequence[Path]) -> str:
+    """sha256 over the bytes of the input archives (or folders' files, sorted), 16 hex digits."""
+    digest = hashlib.sha256()
+    for path in paths:
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+        for file in files:
+            digest.update(file.name.encode())
+            with open(file, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
-def _jsonable_row(row: dict[str, Any]) -> dict[str, Any]:
-    """NaN Dice (truth and prediction empty) -> None; infinite HD95 -> None with ``hd95_inf`` true."""
-    out = dict(row)
-    hd95 = out.get("hd95_mm")
-    out["hd95_inf"] = hd95 is not None and math.isinf(hd95)
-    for key, value in out.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            out[key] = None
-    return out
+#: The phase scripts and modules a cell runs; :func:`code_files` adds every repository module they import.
+CELL_ENTRY_MODULES = ("normalize_ct_and_masks", "train_multi_organ", "thoracic_seg.inference", "thoracic_seg.image_grid",
+                      "thoracic_seg.metrics", "thoracic_seg.postprocess")
 
 
-def mean_std(values: Sequence[float]) -> dict[str, Any]:
-    """mean, sample standard deviation (n - 1; None below 2 values) and n."""
-    n = len(values)
-    if n == 0:
-        return {"mean": None, "std": None, "n": 0}
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
-    return {"mean": mean, "std": std, "n": n}
+def code_files() -> list[Path]:
+    """The repository's files a cell runs: :data:`CELL_ENTRY_MODULES` and every repository module they import,
+    found in a fresh interpreter (what this one has imported depends on what ran before). benchmarks/ is
+    left out: this file's cell logic is versioned by :data:`CELL_FORMAT`."""
+    import subprocess
 
-
-def summarize(rows: Sequence[dict[str, Any]], configs: Sequence[str],
-              postprocessing: Sequence[str] = (NO_POSTPROCESS, DEFAULT_POSTPROCESS)) -> list[dict[str, Any]]:
-    """One entry per (structure, configuration, post-processing) in table order, over the scored rows
-    (annotated, Dice defined): ``dice`` and ``hd95_mm`` (finite values) mean/std/n, ``hd95_inf``, and
-    ``dice_seed_std``: the spread due to the seed alone, the Dice's sample std over the seeds of
-    one held-out patient, averaged over patients (None with one seed)."""
-    from thoracic_seg import organs
-
-    out = []
-    for label in organs.FOREGROUND_LABELS:
-        key = organs.structure(label).key
-        for config in configs:
-            for postprocess in postprocessing:
-                scored = [r for r in rows if r["structure"] == key and r["config"] == config
-                          and r["postprocess"] == postprocess and r["annotated"] and r["dice"] is not None]
-                hd95 = [r["hd95_mm"] for r in scored if r["hd95_mm"] is not None]
-                by_patient: dict[tuple, list[float]] = {}
-                for r in scored:
-                    by_patient.setdefault((r["fold"], r["patient_id"]), []).append(r["dice"])
-                seed_stds = [mean_std(v)["std"] for v in by_patient.values() if len(v) > 1]
-                out.append({"structure": key, "config": config, "postprocess": postprocess,
-                            "n": len(scored), "dice": mean_std([r["dice"] for r in scored]),
-                            "dice_seed_std": mean_std(seed_stds)["mean"],
-                            "hd95_mm": mean_std(hd95), "hd95_inf": sum(r["hd95_inf"] for r in scored)})
-    return out
-
-
-def _num(value: float | None, digits: int, sign: bool = False) -> str:
-    """A table cell: ``-`` for None, else ``digits`` decimals (with ``sign``: always signed)."""
-    return "-" if value is None else f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
-
-
-def _pm(stats: dict[str, Any], digits: int) -> str:
-    """``mean ± std`` of :func:`mean_std`'s result (``-`` for what is missing)."""
-    return "-" if stats["mean"] is None else f"{_num(stats['mean'], digits)} ± {_num(stats['std'], digits)}"
-
-
-def format_table(summary: Sequence[dict[str, Any]]) -> str:
-    """The quality table in Markdown: Dice with 3 decimals, HD95 in mm with 1."""
-    from thoracic_seg import organs
-
-    lines = [TABLE_HEADER, TABLE_RULE]
-    for s in summary:
-        lines.append(f"| {organs.BY_KEY[s['structure']].name} | {s['config']} | {s['postprocess']} "
-                     f"| {s['n']} | {_pm(s['dice'], 3)} "
-                     f"| {_num(s.get('dice_seed_std'), 3)} "
-                     f"| {_pm(s['hd95_mm'], 1)} | {s['hd95_inf']} |")
-    return "\n".join(lines)
-
-
-def format_runs_table(runs: Sequence[dict[str, Any]], configs: Sequence[str]) -> str:
-    """Training cost per configuration: trainings done, steps, seconds and slices/s (means)."""
-    lines = [RUNS_HEADER, RUNS_RULE]
-    for config in configs:
-        mine = [r for r in runs if r["config"] == config]
-        if not mine:
+    code = ("import sys, importlib\n"
+            f"for name in {CELL_ENTRY_MODULES!r}: importlib.import_module(name)\n"
+            "print('\\n'.join(getattr(m, '__file__', None) or '' for m in list(sys.modules.values())))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    files = set()
+    for line in out.stdout.splitlines():
+        path = Path(line) if line else None
+        if path is None or not path.is_absolute() or not path.resolve().is_relative_to(REPO_ROOT):
             continue
-
-        def mean(key: str) -> float:
-            return sum(r[key] for r in mine) / len(mine)
-
-        lines.append(f"| {config} | {len(mine)} | {mine[0]['steps']} | {mean('train_seconds'):.1f} "
-                     f"| {mean('train_slices_per_s'):.1f} | {mean('evaluation_seconds'):.1f} |")
-    return "\n".join(lines)
+        parts = path.resolve().relative_to(REPO_ROOT).parts  # our package and top-level scripts, not .venv
+        if (len(parts) == 1 or parts[0] == "thoracic_seg") and path.suffix == ".py":
+            files.add(path.resolve())
+    return sorted(files)
 
 
-def _paired(rows: Sequence[dict[str, Any]], structure: str, postprocess: str) -> list[tuple[dict, dict]]:
-    """(without, with ``postprocess``) row pairs of one structure, per scored (config, fold, seed, patient)."""
-    def key(r: dict[str, Any]) -> tuple:
-        return r["config"], r["fold"], r["seed"], r["patient_id"]
-
-    plain = {key(r): r for r in rows if r["structure"] == structure and r["postprocess"] == NO_POSTPROCESS
-             and r["annotated"] and r["dice"] is not None}
-    return [(plain[key(r)], r) for r in rows
-            if r["structure"] == structure and r["postprocess"] == postprocess and key(r) in plain]
+def code_fingerprint(files: Sequence[Path]) -> str:
+    """sha256 over (path relative to the repository, content) of ``files``, 16 hex digits."""
+    digest = hashlib.sha256(f"cell format {CELL_FORMAT}".encode())
+    for file in files:
+        digest.update(str(Path(file).relative_to(REPO_ROOT)).encode())
+        digest.update(Path(file).read_bytes())
+    return digest.hexdigest()[:16]
 
 
-def compare_postprocessing(rows: Sequence[dict[str, Any]], postprocessing: Sequence[str],
-                           structures: Sequence[str]) -> list[dict[str, Any]]:
-    """Per structure x post-processing, paired with no post-processing over every configuration,
-    fold, seed and held-out patient: n, mean Dice, mean and worst Dice change, mean HD95 change
-    (pairs with both HD95 finite)."""
-    out = []
-    for structure in structures:
-        for postprocess in postprocessing:
-            pairs = _paired(rows, structure, postprocess)
-            changes = [after["dice"] - before["dice"] for before, after in pairs]
-            hd95 = [after["hd95_mm"] - before["hd95_mm"] for before, after in pairs
-                    if after["hd95_mm"] is not None and before["hd95_mm"] is not None]
-            out.append({"structure": structure, "postprocess": postprocess, "n": len(pairs),
-                        "dice": mean_std([after["dice"] for _, after in pairs])["mean"],
-                        "dice_change_mean": mean_std(changes)["mean"],
-                        "dice_change_worst": min(changes) if changes else None,
-                        "hd95_change_mean": mean_std(hd95)["mean"]})
-    return out
+def git_commit() -> str | None:
+    """The repository's HEAD commit (recorded beside the results), None outside git."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return out + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
-def choose_postprocessing(comparison: Sequence[dict[str, Any]], candidates: Sequence[str]) -> dict[str, str]:
-    """Per structure, the candidate whose Dice is never below no post-processing on any measured
-    pair (by more than :data:`DICE_TOLERANCE`) and best on average (a positive mean change; the
-    first listed of equal ones); ``none`` when no candidate qualifies."""
-    chosen: dict[str, str] = {}
-    for structure in dict.fromkeys(e["structure"] for e in comparison):
-        qualified = [e for e in comparison if e["structure"] == structure and e["postprocess"] in candidates
-                     and e["n"] and e["dice_change_worst"] >= -DICE_TOLERANCE and e["dice_change_mean"] > 0]
-        chosen[structure] = (max(qualified, key=lambda e: e["dice_change_mean"])["postprocess"]
-                             if qualified else NO_POSTPROCESS)
-    return chosen
-
-
-def format_candidates_table(comparison: Sequence[dict[str, Any]], chosen: dict[str, str]) -> str:
-    """The post-processing comparison in Markdown (changes are with minus without)."""
-    from thoracic_seg import organs
-
-    lines = [CANDIDATES_HEADER, CANDIDATES_RULE]
-    for e in comparison:
-        lines.append(f"| {organs.BY_KEY[e['structure']].name} | {e['postprocess']} | {e['n']} "
-                     f"| {_num(e['dice'], 3)} | {_num(e['dice_change_mean'], 4, sign=True)} "
-                     f"| {_num(e['dice_change_worst'], 4, sign=True)} | {_num(e['hd95_change_mean'], 1, sign=True)} "
-                     f"| {'yes' if chosen.get(e['structure']) == e['postprocess'] else ''} |")
-    return "\n".join(lines)
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """Both tables and the skipped configurations, in Markdown."""
-    parts = [format_table(report["summary"]), "", format_runs_table(report["runs"], report["configs"])]
-    if report.get("postprocess_comparison"):
-        parts += ["", "Post-processing, paired with none over every configuration, fold, seed and held-out "
-                      f"patient (`chosen`: never below none by more than {DICE_TOLERANCE:g} Dice, best mean; "
-                      "`--postprocess` is the pipeline's rule: "
-                      f"{report['postprocess_rule']}):", "",
-                  format_candidates_table(report["postprocess_comparison"], report["postprocess_chosen"])]
-    for name, reason in report["skipped"].items():
-        parts.append(f"\nSkipped: {name}: {reason}")
-    return "\n".join(parts)
-
-
-def format_markdown(report: dict[str, Any]) -> str:
-    """A RESULTS.md section: what was run, on what, with which budget, then the tables."""
-    b, m = report["budget"], report["machine"]
-    folds = "; ".join(", ".join(f["test"]) for f in report["folds"])
-    return "\n".join([
-        "## Quality on real patients (`bench_quality.py`)", "",
-        f"`{report['command']}`", "",
-        f"{len(report['folds'])} folds by patient (held out: {folds}), seeds "
-        f"{', '.join(map(str, report['seeds']))}, {b['synthetic']} synthetic training patients; "
-        f"{b['steps']} steps of batch {b['batch_size']} at {b['size']} px, base channels "
-        f"{b['base_channels']}, lr {b['lr']:g} cosine, augmentation, {b['checkpoint']} checkpoint; "
-        f"{m.get('device')}, {m.get('cpu_model')}, {m.get('cpu_count')} cores, torch {m.get('torch')}; "
-        f"wall {report['wall_seconds'] / 60:.1f} min.", "",
-        format_report(report), "",
-    ])
-
-
-# ---- Data preparation ------------------------------------------------------------------------
-def _check_results(results: Sequence[Any], what: str) -> list[str]:
+# ---- Data ------------------------------------------------------------------------------------
+def _failed(results: Sequence[Any], what: str) -> list[str]:
     """Patient ids done or skipped; failed ones are logged and left out."""
     from thoracic_seg.batch import FAILED
 
@@ -342,422 +196,577 @@ def _check_results(results: Sequence[Any], what: str) -> list[str]:
     return [r.patient_id for r in results if r.status != FAILED]
 
 
-def convert_roots(data_root: Path, dicom_roots: Sequence[Path], workers: int) -> list[list[str]]:
-    """Phases 2 and 2.5 of each DICOM root into ``data_root``; the patient ids of each root.
-    Raises ``ValueError`` when two roots hold the same PatientID."""
+def convert(base: Path, dicom_root: Path, workers: int) -> list[str]:
+    """Phases 2 and 2.5 of ``dicom_root`` into ``base`` (skipped where done); the patient ids."""
     import convert_dicom_to_nifti
     import extract_multi_organ_masks
 
-    per_root: list[list[str]] = []
-    seen: dict[str, Path] = {}
-    for root in dicom_roots:
-        converted = _check_results(convert_dicom_to_nifti.run(data_root=data_root, dicom_root=root,
-                                                              workers=workers), f"phase 2 of {root}")
-        for pid in converted:
-            if pid in seen:
-                raise ValueError(f"patient {pid} is in both {seen[pid]} and {root}: give each patient once")
-            seen[pid] = root
-        extracted = _check_results(extract_multi_organ_masks.run(data_root=data_root, dicom_root=root,
-                                                                 patients=converted, workers=workers),
-                                   f"phase 2.5 of {root}") if converted else []
-        per_root.append(extracted)
-    return per_root
-
-
-def synthetic_cohort(work: Path, n: int, size: int, slices: int) -> Path:
-    """``n`` synthetic patients (SYN-001...) in ``work/synthetic/raw``; reused when already there."""
-    from make_synthetic_cohort import generate_cohort
-
-    raw, truth = work / "synthetic" / "raw", work / "synthetic" / "truth"
-    cohort_json = truth / "cohort.json"
-    if cohort_json.is_file() and len(json.loads(cohort_json.read_text(encoding="utf-8"))) == n:
-        return raw
-    generate_cohort(raw, truth, n_patients=n, seed=SYNTHETIC_SEED, size=size, slices=slices, overwrite=True)
-    return raw
+    done = _failed(convert_dicom_to_nifti.run(data_root=base, dicom_root=dicom_root, workers=workers), "phase 2")
+    return _failed(extract_multi_organ_masks.run(data_root=base, dicom_root=dicom_root, patients=done,
+                                                 workers=workers), "phase 2.5") if done else []
 
 
 def _link(target: Path, link: Path) -> None:
     if link.is_symlink() or link.exists():
         return
     link.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        link.symlink_to(target.resolve(), target_is_directory=True)
-    except OSError:  # no symbolic links (some Windows set-ups): copy
-        shutil.copytree(target, link)
+    link.symlink_to(target.resolve(), target_is_directory=True)
 
 
-def preprocessed_root(base: Path, work: Path, size: int, crop_body: bool, workers: int) -> Path:
-    """Phase 3 at ``size`` (cropped to the body or not) into its own data root, whose phase 2/2.5
-    folders link ``base``'s; done once per (size, crop) and skipped when already there."""
+def phase3_root(base: Path, work: Path, size: int, phase3_args: Sequence[str], workers: int) -> Path:
+    """Phase 3 of ``base``'s patients with ``phase3_args`` at ``size`` into its own data root (phase 2/2.5
+    folders linked), through the phase's own command line; done once per (size, options)."""
     import normalize_ct_and_masks
     from thoracic_seg.layout import DataLayout
 
-    root = work / f"data-{size}px{'-crop' if crop_body else ''}"
+    slug = "-".join(a.lstrip("-") for a in phase3_args) or "plain"
+    root = work / f"data-{size}px-{slug}"
     src, dst = DataLayout(base), DataLayout(root)
     _link(src.ct_nifti, dst.ct_nifti)
     _link(src.masks, dst.masks)
-    options: dict[str, Any] = {"crop_body": crop_body} if crop_supported() else {}
-    if crop_body and not options:
-        raise ValueError("normalize_ct_and_masks.run has no crop_body option")
-    results = normalize_ct_and_masks.run(data_root=root, size=size, workers=workers, overwrite=False, **options)
-    _check_results(results, f"phase 3 ({size} px{', crop' if crop_body else ''})")
+    status = normalize_ct_and_masks.main(["--data-root", str(root), "--size", str(size), "--workers", str(workers),
+                                          *phase3_args])
+    if status != 0:
+        raise ValueError(f"phase 3 with {' '.join(phase3_args)} failed for a patient (exit {status}); see the log")
     return root
 
 
-def write_fold_splits(folder: Path, train: Sequence[str], test: Sequence[str]) -> Path:
-    """``train.txt``, an empty ``val.txt`` (training follows the training loss) and ``test.txt``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, ids in (("train", train), ("val", ()), ("test", test)):
-        (folder / f"{name}.txt").write_text("".join(f"{pid}\n" for pid in ids), encoding="utf-8")
-    return folder
+def rerendered_root(base: Path, work: Path, patients: Sequence[str]) -> Path | None:
+    """``base``'s CTs re-rendered as another scanner (:data:`RERENDER`, ``thoracic_seg.scanner.rerender``)
+    in their own data root, masks linked; None when this checkout has no re-rendering."""
+    try:
+        from thoracic_seg.scanner import rerender
+    except ImportError:
+        log.warning("thoracic_seg.scanner.rerender is missing: no re-rendered scores")
+        return None
+    import SimpleITK as sitk
+
+    from thoracic_seg.batch import read_nifti, write_nifti
+    from thoracic_seg.layout import DataLayout
+
+    src, dst = DataLayout(base), DataLayout(work / "data-rerendered")
+    _link(src.masks, dst.masks)  # phase 2.5's records sit beside the masks
+    dst.ct_nifti.mkdir(parents=True, exist_ok=True)
+    for pid in patients:
+        out = dst.ct_nifti / f"{pid}.nii.gz"
+        if out.is_file():
+            continue
+        image = read_nifti(src.ct_nifti / f"{pid}.nii.gz")
+        hu = rerender(sitk.GetArrayFromImage(image).astype("float32"), image.GetSpacing()[::-1], **RERENDER)
+        new = sitk.GetImageFromArray(hu.astype("int16"))
+        new.CopyInformation(image)
+        write_nifti(new, out)
+    return dst.root
 
 
-# ---- One training and its evaluation ---------------------------------------------------------
+def annotated_structures(base: Path, patients: Sequence[str]) -> dict[str, set[str]]:
+    """Patient -> the structure keys its RTSTRUCT really contoured (phase 2.5's record)."""
+    from thoracic_seg import organs
+    from thoracic_seg.layout import DataLayout, truth_record
+
+    layout = DataLayout(base)
+    return {pid: {organs.structure(label).key for label, flag in enumerate(truth_record(layout, pid)[0])
+                  if flag and label != organs.BACKGROUND} for pid in patients}
+
+
+def unavailable(candidate: Candidate, budget: Budget) -> str | None:
+    """Why this checkout cannot run ``candidate`` (an option its phase scripts do not have), or None."""
+    import contextlib
+    import io
+
+    import normalize_ct_and_masks
+    import train_multi_organ
+
+    checks = [("train_multi_organ.py", train_multi_organ.build_parser(), [*budget.train_args, *candidate.train_args])]
+    if candidate.phase3_args is not None:
+        checks.append(("normalize_ct_and_masks.py", normalize_ct_and_masks.build_parser(), list(candidate.phase3_args)))
+    for script, parser, args in checks:
+        stderr = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(stderr):
+                parser.parse_args(args)
+        except SystemExit:
+            return f"{script}: {stderr.getvalue().strip().splitlines()[-1].split('error: ', 1)[-1]}"
+    return None
+
+
+# ---- Cells -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Budget:
-    """What every training gets: steps of ``batch_size`` slices at ``size`` px, the network width,
-    Adam's lr (cosine), the device, which checkpoint is scored, and the synthetic patients added."""
+    """What every training gets: steps at ``size`` px on ``device``; ``train_args`` the recipe's
+    REAL_TRAIN_ARGS + the profile's (CPU_TRAIN_ARGS, or none on CUDA: the script's defaults)."""
 
     steps: int
-    batch_size: int
     size: int
-    base_channels: int
-    lr: float
     device: str
-    checkpoint: str
-    synthetic: int
+    phase3_args: tuple[str, ...]
+    train_args: tuple[str, ...]
 
 
-RUN_RECORD = "bench_run.json"
+@dataclass(frozen=True)
+class Cell:
+    """One training (or ensemble) of a candidate on a fold, and its held-out scores."""
+
+    candidate: Candidate
+    fold: int
+    seed: int | None  # None: an ensemble of the fold's seeds
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+    steps: int
+
+    @property
+    def folder(self) -> str:
+        seed = "ensemble" if self.seed is None else f"seed-{self.seed}"
+        return f"{self.candidate.name}/fold-{self.fold}-{seed}-steps-{self.steps}"
 
 
-def check_run_record(run_dir: Path, record: dict[str, Any]) -> None:
-    """Write ``run_dir/bench_run.json`` (what the run trains), or refuse a folder whose record
-    differs: resuming it would continue another experiment."""
-    path = run_dir / RUN_RECORD
-    if path.is_file():
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved != record:
-            raise ValueError(f"{run_dir} holds a run of other settings ({path}: {saved}, now {record}); "
-                             "use another --work-dir")
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+def cell_key(cell: Cell, budget: Budget, code: str, data: str, seeds: Sequence[int]) -> dict[str, Any]:
+    """Everything a cell's result depends on; a cached result is reused only under an equal key."""
+    key = {"candidate": asdict(cell.candidate), "fold": cell.fold, "seed": cell.seed, "train": list(cell.train),
+           "test": list(cell.test), "steps": cell.steps, "budget": asdict(budget),
+           "ensemble_seeds": list(seeds) if cell.seed is None else None, "code": code, "data": data,
+           "rerender": RERENDER}
+    return json.loads(json.dumps(key))  # as it reads back from cell.json (tuples become lists)
 
 
-def _as_in_metrics_csv(value: Any) -> Any:
-    """A metric rounded as ``evaluate_multi_organ.write_metrics_csv`` writes it."""
-    from thoracic_seg.metrics import METRIC_SIGNIFICANT_DIGITS
+def train_cell(cell: Cell, *, data_root: Path, splits_dir: Path, run_dir: Path, budget: Budget) -> dict[str, Any]:
+    """Train one cell through ``train_multi_organ``'s own command line (the recipe's options, then the
+    candidate's, then the budget's), resuming a last checkpoint in ``run_dir``; the run record."""
+    import train_multi_organ
+    from thoracic_seg.layout import LAST_CHECKPOINT, read_cache_meta
 
-    return (float(f"{value:.{METRIC_SIGNIFICANT_DIGITS}g}") if isinstance(value, float) and math.isfinite(value)
-            else value)
+    n_slices = sum(read_cache_meta(data_root, pid)["shape_zyx"][0] for pid in cell.train)
+    parser = train_multi_organ.build_parser()
+    args = [*budget.train_args, *cell.candidate.train_args, "--data-root", str(data_root), "--splits-dir",
+            str(splits_dir), "--output-dir", str(run_dir), "--seed", str(cell.seed), "--device", budget.device,
+            "--max-steps", str(cell.steps)]
+    batch_size = parser.parse_args(args).batch_size
+    epochs = epochs_for(cell.steps, n_slices, batch_size)
+    args += ["--epochs", str(epochs), "--patience", str(epochs)]  # no validation patient: the budget decides
+    last = run_dir / LAST_CHECKPOINT
+    if last.is_file():
+        args += ["--resume", str(last)]
+    options = {k: v for k, v in vars(parser.parse_args(args)).items() if k != "verbose"}
+    started = time.perf_counter()
+    result = train_multi_organ.run(**options)
+    seconds = sum(row["train_seconds"] for row in result.history)
+    return {"train_args": args, "epochs": epochs, "train_slices_per_epoch": n_slices,
+            "stop_reason": result.stop_reason, "steps_done": result.history[-1].get("step") if result.history else None,
+            "final_train_loss": result.history[-1]["train_loss"] if result.history else None,
+            "train_seconds": round(seconds, 1), "train_wall_seconds": round(time.perf_counter() - started, 1),
+            "checkpoint": str(result.last_checkpoint)}
 
 
-def postprocess_variants() -> dict[str, dict[int, float]]:
-    """Name -> per-label fraction rule: the pipeline's ``--postprocess``, then each candidate
-    applied to every single-body organ."""
-    from thoracic_seg.postprocess import POSTPROCESS_CANDIDATES, POSTPROCESS_MIN_FRACTION, SINGLE_COMPONENT_LABELS
-
-    return {DEFAULT_POSTPROCESS: dict(POSTPROCESS_MIN_FRACTION),
-            **{name: {label: fraction for label in SINGLE_COMPONENT_LABELS}
-               for name, fraction in POSTPROCESS_CANDIDATES.items()}}
-
-
-def postprocessed_rows(plain: Sequence[dict[str, Any]], *, data_root: Path, predictions_dir: Path,
-                       variants: dict[str, dict[int, float]]) -> list[dict[str, Any]]:
-    """The rows of each post-processing variant, from the saved predictions (without
-    post-processing) of the patients in ``plain``: each variant is applied with
-    ``thoracic_seg.postprocess.remove_small_components`` and the structures it changed are scored again
-    with ``score_structures``; the others keep ``plain``'s metrics."""
+def score_patients(predictor: Any, data_root: Path, patients: Sequence[str], out_dir: Path | None,
+                   variants: Mapping[str, Mapping[int, float]]) -> list[dict[str, Any]]:
+    """Segment each patient's CT of ``data_root`` as evaluation does (``image_grid.segment_image``) and
+    score it (``metrics.score_structures``) without and with each post-processing variant; ``out_dir``:
+    keep the labels and the class probabilities (uint8, 255 = 1) there for the quality checks."""
     import numpy as np
     import SimpleITK as sitk
 
-    from thoracic_seg.batch import read_nifti
+    from thoracic_seg.batch import read_nifti, write_nifti
+    from thoracic_seg.image_grid import segment_image
     from thoracic_seg.layout import DataLayout, truth_record
     from thoracic_seg.metrics import score_structures
     from thoracic_seg.postprocess import remove_small_components
 
     layout = DataLayout(data_root)
-    out: list[dict[str, Any]] = []
-    for pid in dict.fromkeys(r["patient_id"] for r in plain):
-        mine = [r for r in plain if r["patient_id"] == pid]
-        predicted = sitk.GetArrayFromImage(read_nifti(predictions_dir / f"{pid}.nii.gz"))
+    rows: list[dict[str, Any]] = []
+    for pid in patients:
+        image = read_nifti(layout.ct_nifti / f"{pid}.nii.gz")
         truth_image = read_nifti(layout.masks / f"{pid}.nii.gz")
         truth = sitk.GetArrayViewFromImage(truth_image)
         spacing_zyx = tuple(reversed(truth_image.GetSpacing()))
+        diagonal = float(np.linalg.norm(np.array(truth.shape) * np.array(spacing_zyx)))
         annotated, ptv = truth_record(layout, pid)
-        for name, rules in variants.items():
-            processed = remove_small_components(predicted, rules)
-            changed = sorted(int(v) for v in np.unique(predicted[processed != predicted]))
-            rescored = {r["structure"]: r for r in
-                        (score_structures(processed, truth, spacing_zyx, annotated, ptv, only=changed)
-                         if changed else [])}
-            for row in mine:
-                new = {**row, "postprocess": name}
-                if row["structure"] in rescored:  # at metrics.csv's precision, as the rows they sit beside
-                    new.update({k: _as_in_metrics_csv(rescored[row["structure"]][k])
-                                for k in ("dice", "hd95_mm", "truth_ml", "predicted_ml", "volume_diff_pct")})
-                out.append(new)
+        probabilities = np.zeros((truth.shape[0], 8, *truth.shape[1:]), np.float16) if out_dir else None
+        labels = segment_image(predictor, image, probabilities=probabilities)
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            predicted = sitk.GetImageFromArray(labels)
+            predicted.CopyInformation(image)
+            write_nifti(predicted, out_dir / f"{pid}.nii.gz")
+            quantised = np.rint(probabilities.astype(np.float32) * 255).astype(np.uint8)
+            np.savez_compressed(out_dir / f"{pid}_probabilities.npz", probabilities=quantised, scale=255)
+            del probabilities, quantised
+        for name, rules in {stats.NO_POSTPROCESS: {}, **variants}.items():
+            processed = remove_small_components(labels, rules) if rules else labels
+            for row in score_structures(processed, truth, spacing_zyx, annotated, ptv):
+                rows.append({**row, "patient_id": pid, "postprocess": name, "diagonal_mm": diagonal})
+    return rows
+
+
+def postprocess_variants() -> dict[str, dict[int, float]]:
+    """Name -> per-label fraction rule: the pipeline's ``--postprocess``, then each candidate rule applied
+    to every single-body organ."""
+    from thoracic_seg.postprocess import POSTPROCESS_CANDIDATES, POSTPROCESS_MIN_FRACTION, SINGLE_COMPONENT_LABELS
+
+    return {"--postprocess": dict(POSTPROCESS_MIN_FRACTION),
+            **{name: {label: fraction for label in SINGLE_COMPONENT_LABELS}
+               for name, fraction in POSTPROCESS_CANDIDATES.items()}}
+
+
+def jsonable_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """inf -> "inf", NaN -> None, so the JSON is strict and inf survives."""
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, float) and math.isinf(value):
+            value = "inf"
+        elif isinstance(value, float) and math.isnan(value):
+            value = None
+        out[key] = value
     return out
 
 
-def train_and_evaluate(config: Config, *, data_root: Path, splits_dir: Path, run_dir: Path, fold: int,
-                       seed: int, budget: Budget, n_train_slices: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Train one (configuration, fold, seed) on ``splits_dir``'s train.txt and score its test.txt
-    patients without and with post-processing. Training: ``budget.steps`` Adam steps, cosine over
-    the budget, augmentation on, no validation patient (it follows the training loss); synthetic
-    patients, when any, are in every training set and never tested. Scoring: ``evaluate_multi_organ.run``
-    (saved predictions reused), then :func:`postprocessed_rows`. Returns the run record and the metric
-    rows (one per patient x structure x post-processing). A run folder holding a last checkpoint
-    of the same settings is resumed (a finished one trains no further), so a killed benchmark
-    restarted with the same ``--work-dir`` goes on."""
-    import evaluate_multi_organ
-    import train_multi_organ
-    from thoracic_seg.batch import DONE
-    from thoracic_seg.layout import LAST_CHECKPOINT, evaluation_output_dir
-    from thoracic_seg.splits import load_split
+def from_json_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`jsonable_row` for a row read from ``cell.json`` or the report."""
+    return {k: (math.inf if v == "inf" else v) for k, v in row.items()}
 
-    check_run_record(run_dir, {"config": asdict(config), "seed": seed, "budget": asdict(budget),
-                               "data_root": data_root.name, "train": load_split(splits_dir, "train"),
-                               "test": load_split(splits_dir, "test")})
-    last = run_dir / LAST_CHECKPOINT
-    epochs = epochs_for(budget.steps, n_train_slices, budget.batch_size)
-    start = time.perf_counter()
-    result = train_multi_organ.run(
-        data_root=data_root, splits_dir=splits_dir, output_dir=run_dir, epochs=epochs,
-        max_steps=budget.steps, patience=epochs, seed=seed, context_slices=config.context_slices,
-        base_channels=budget.base_channels, batch_size=budget.batch_size, lr=budget.lr,
-        lr_schedule="cosine", augment=True, device=budget.device,
-        resume=last if last.is_file() else None)
-    train_wall = time.perf_counter() - start
-    checkpoint = result.last_checkpoint if budget.checkpoint == "last" else result.best_checkpoint
-    train_seconds = sum(row["train_seconds"] for row in result.history)
-    record = {"config": config.name, "fold": fold, "seed": seed, "steps": budget.steps, "epochs": epochs,
-              "train_slices_per_epoch": n_train_slices, "stop_reason": result.stop_reason,
-              "final_train_loss": result.history[-1]["train_loss"] if result.history else None,
-              "train_seconds": round(train_seconds, 2), "train_wall_seconds": round(train_wall, 2),
-              "train_slices_per_s": round(sum(row["train_slices"] for row in result.history)
-                                          / max(train_seconds, 1e-9), 2),
-              "checkpoint": budget.checkpoint, "run_dir": str(run_dir), "failed": []}
-    start = time.perf_counter()
-    output_dir = evaluation_output_dir(checkpoint, False)
-    results = evaluate_multi_organ.run(checkpoint=checkpoint, data_root=data_root, split="test",
-                                       splits_dir=splits_dir, output_dir=output_dir, device=budget.device)
-    record["failed"] = [r.patient_id for r in results if r.status != DONE]
-    plain = [{"config": config.name, "context_slices": config.context_slices, "crop_body": config.crop_body,
-              "fold": fold, "seed": seed, "postprocess": NO_POSTPROCESS, **row}
-             for row in read_metrics(output_dir / "metrics.csv")]
-    rows = [_jsonable_row(row) for row in
-            plain + postprocessed_rows(plain, data_root=data_root, predictions_dir=output_dir / "predictions",
-                                       variants=postprocess_variants())]
-    record["evaluation_seconds"] = round(time.perf_counter() - start, 2)
-    return record, rows
+
+#: Stand-in hooks for the tests: (cell, data_root, splits_dir, run_dir, budget) -> run record.
+Trainer = Callable[..., dict[str, Any]]
+
+
+def run_cell(cell: Cell, *, work: Path, data_root: Path, rerendered: Path | None, budget: Budget,
+             key: dict[str, Any], member_checkpoints: Sequence[Path] = (), trainer: Trainer = train_cell,
+             ) -> dict[str, Any]:
+    """One cell, from its cache when ``cell.json`` holds an equal key; else trained (resumed when its
+    folder was started under the same key, started afresh otherwise) and scored, and ``cell.json`` written
+    last (atomically), so a killed cell is never taken as done."""
+    from thoracic_seg.batch import write_text_atomic
+    from thoracic_seg.inference import Predictor
+
+    folder = work / "cells" / cell.folder
+    done = folder / "cell.json"
+    if done.is_file():
+        saved = json.loads(done.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            return {**saved, "rows": [from_json_row(r) for r in saved["rows"]], "cached": True}
+    started_key = folder / "key.json"
+    if folder.exists() and (not started_key.is_file() or json.loads(started_key.read_text()) != key):
+        log.info("%s: settings, code or data changed since it was started; starting it afresh", cell.folder)
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(started_key, json.dumps(key, indent=1) + "\n")
+    started = time.perf_counter()
+    if cell.candidate.ensemble_of is None:
+        splits_dir = folder / "splits"
+        splits_dir.mkdir(exist_ok=True)
+        for name, ids in (("train", cell.train), ("val", ()), ("test", cell.test)):
+            (splits_dir / f"{name}.txt").write_text("".join(f"{pid}\n" for pid in ids), encoding="utf-8")
+        record = trainer(cell, data_root=data_root, splits_dir=splits_dir, run_dir=folder / "run", budget=budget)
+        checkpoints = [Path(record["checkpoint"])]
+    else:
+        record, checkpoints = {"members": [str(p) for p in member_checkpoints]}, list(member_checkpoints)
+    scoring = time.perf_counter()
+    predictor = Predictor.load(checkpoints, device=budget.device)
+    rows = [{**r, "rendering": ORIGINAL} for r in
+            score_patients(predictor, data_root, cell.test, folder / "held_out", postprocess_variants())]
+    if rerendered is not None:
+        rows += [{**r, "rendering": RERENDERED} for r in
+                 score_patients(predictor, rerendered, cell.test, None, postprocess_variants())]
+    base = {"candidate": cell.candidate.name, "fold": cell.fold, "seed": cell.seed, "steps": cell.steps}
+    rows = [{**base, **row} for row in rows]
+    record.update(base, scoring_seconds=round(time.perf_counter() - scoring, 1),
+                  cell_seconds=round(time.perf_counter() - started, 1), checkpoints=[str(p) for p in checkpoints])
+    write_text_atomic(done, json.dumps({"key": key, "record": record, "rows": [jsonable_row(r) for r in rows]},
+                                       allow_nan=False) + "\n")
+    return {"key": key, "record": record, "rows": rows, "cached": False}
 
 
 # ---- Run -------------------------------------------------------------------------------------
-def machine(device: str) -> dict[str, Any]:
-    """CPU model, cores, torch version, device (and GPU) as bench_training.py records them."""
-    benchmarks = str(Path(__file__).resolve().parent)
-    if benchmarks not in sys.path:
-        sys.path.insert(0, benchmarks)
-    import torch
-    from bench_training import machine_description
+def unpack(archives: Sequence[Path], work: Path) -> list[Path]:
+    """Each archive unpacked once into ``work/dicom``; the folders it holds (one per archive)."""
+    roots = []
+    for archive in archives:
+        target = work / "dicom"
+        with tarfile.open(archive, "r:xz") as tar:
+            top = sorted({m.name.split("/")[0] for m in tar.getmembers()})
+            if not all((target / t).is_dir() for t in top):
+                tar.extractall(target, filter="data")
+        roots += [target / t for t in top]
+    return roots
 
-    return machine_description(torch.device(device))
+
+def smoke_roots(work: Path) -> list[Path]:
+    """Six synthetic patients (64 px, 24 slices) standing in for the real ones in ``--smoke``."""
+    from make_synthetic_cohort import generate_cohort
+
+    raw = work / "synthetic" / "raw"
+    if not (work / "synthetic" / "truth" / "cohort.json").is_file():
+        generate_cohort(raw, work / "synthetic" / "truth", n_patients=6, seed=0, size=64, slices=24, overwrite=True)
+    return [raw]
 
 
-def run(*, configs: Sequence[str] = BUILTIN_CONFIGS, seeds: Sequence[int] = DEFAULT_SEEDS,
-        work_dir: Path, budget: Budget, sample_root: Path | None, extra_roots: Sequence[Path] = (),
-        n_folds: int | None = None, synthetic_px: int = 256, synthetic_slices: int = 60,
-        workers: int = 1) -> dict[str, Any]:
-    """The whole benchmark in ``work_dir``; returns the report (JSON-able; ``command`` and
-    ``wall_seconds`` are added by :func:`main`). ``sample_root``: the folder of the unpacked real
-    sample (None: only ``extra_roots``). Raises ``ValueError`` for a bad configuration name or too
-    few patients."""
-    parsed = [parse_config(name) for name in configs]
-    if len({c.name for c in parsed}) != len(parsed):
-        raise ValueError(f"a configuration is listed twice: {list(configs)}")
-    skipped: dict[str, str] = {}
-    if any(c.crop_body for c in parsed) and not crop_supported():
-        reason = ("the installed normalize_ct_and_masks.run has no crop_body option (body crop not "
-                  "merged yet); rerun with it to measure the crop configurations")
-        skipped = {c.name: reason for c in parsed if c.crop_body}
-        for name in skipped:
-            log.warning("configuration %s skipped: %s", name, reason)
-        parsed = [c for c in parsed if not c.crop_body]
+def run(*, candidates: Sequence[str] = DEFAULT_CANDIDATES, seeds: Sequence[int] = DEFAULT_SEEDS, work: Path,
+        budget: Budget, dicom_roots: Sequence[Path], data_id: str, n_folds: int = N_FOLDS,
+        curve: Sequence[int] = (), workers: int = 1, trainer: Trainer = train_cell,
+        progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """The benchmark in ``work``; the report (JSON-able after :func:`_jsonable` of its rows). ``curve``:
+    instead of the candidates, the baseline's first fold and seed at each step budget (the learning curve).
+    ``ValueError`` for an unknown candidate or an ensemble whose members are not run."""
+    unknown = [c for c in candidates if c not in CANDIDATES]
+    if unknown:
+        raise ValueError(f"unknown candidate(s) {unknown}; known: {', '.join(CANDIDATES)}")
+    chosen = [CANDIDATES[c] for c in ([BASELINE] if curve else dict.fromkeys([BASELINE, *candidates]))]
+    for c in chosen:
+        if c.ensemble_of and c.ensemble_of not in [d.name for d in chosen]:
+            raise ValueError(f"candidate {c.name} averages {c.ensemble_of}'s networks: list {c.ensemble_of} too")
+    from thoracic_seg.batch import file_sha256
 
-    base = work_dir / "data"
-    roots = ([sample_root] if sample_root is not None else []) + [Path(r) for r in extra_roots]
-    if not roots:
-        raise ValueError("no real patients: give the sample archive or --extra-root")
-    cv_patients = [pid for ids in convert_roots(base, roots, workers) for pid in ids]
-    synthetic: list[str] = []
-    if budget.synthetic:
-        raw = synthetic_cohort(work_dir, budget.synthetic, synthetic_px, synthetic_slices)
-        synthetic = convert_roots(base, [raw], workers)[0]
-        clash = sorted(set(synthetic) & set(cv_patients))
-        if clash:
-            raise ValueError(f"synthetic patient ids {clash} are also real patients' ids")
-    folds = make_folds(cv_patients, n_folds)
-    fold_records = [{"fold": i, "test": test, "train": sorted(set(cv_patients) - set(test)) + synthetic}
-                    for i, test in enumerate(folds)]
-    print(f"{len(cv_patients)} patients in {len(folds)} folds, {len(synthetic)} synthetic training patients; "
-          f"{len(parsed)} configurations x {len(folds)} folds x {len(seeds)} seeds = "
-          f"{len(parsed) * len(folds) * len(seeds)} trainings of {budget.steps} steps", flush=True)
+    skipped = {c.name: why for c in chosen if (why := unavailable(c, budget))}
+    for name, why in skipped.items():
+        progress(f"candidate {name} skipped: {why}")
+    chosen = [c for c in chosen if c.name not in skipped and c.ensemble_of not in skipped]
+    base = work / "data"
+    patients = [pid for root in dicom_roots for pid in convert(base, root, workers)]
+    has = annotated_structures(base, patients)
+    folds = balanced_folds(has, n_folds, ("heart", "esophagus"))
+    progress(f"{len(patients)} patients, folds: " + "; ".join(", ".join(f) for f in folds))
+    code = code_fingerprint(code_files())
+    rerendered = rerendered_root(base, work, patients)
+    roots: dict[tuple[str, ...], Path] = {}
+    cells: list[dict[str, Any]] = []
+    plan = [(c, f, s, st) for c in chosen for f in (range(1) if curve else range(len(folds)))
+            for s in ((seeds[0],) if curve else seeds) for st in (curve or (budget.steps,))]
+    def phase3_of(candidate: Candidate) -> tuple[str, ...]:
+        source = CANDIDATES[candidate.ensemble_of] if candidate.ensemble_of else candidate
+        return budget.phase3_args if source.phase3_args is None else source.phase3_args
 
-    from thoracic_seg.layout import read_cache_meta
+    for candidate, fold, seed, steps in plan:
+        args = phase3_of(candidate)
+        if args not in roots:
+            roots[args] = phase3_root(base, work, budget.size, args, workers)
+        test = tuple(folds[fold])
+        train = tuple(sorted(set(patients) - set(test)))
+        is_ensemble = candidate.ensemble_of is not None
+        if is_ensemble and seed != seeds[0]:
+            continue
+        cell = Cell(candidate, fold, None if is_ensemble else seed, train, test, steps)
+        members = ([Path(c["record"]["checkpoint"]) for c in cells if c["record"]["candidate"] == candidate.ensemble_of
+                    and c["record"]["fold"] == fold] if is_ensemble else [])
+        data_root = roots[args]
+        key = cell_key(cell, budget, code, data_id, seeds)
+        if is_ensemble:  # retrained members make another ensemble
+            key["members"] = [file_sha256(m) for m in members]
+        progress(f"{cell.folder}: held out {', '.join(test)}")
+        result = run_cell(cell, work=work, data_root=data_root, rerendered=rerendered, budget=budget, key=key,
+                          member_checkpoints=members, trainer=trainer)
+        record = result["record"]
+        progress(f"  {'cached' if result['cached'] else 'done'}: train {record.get('train_seconds', 0):.0f} s, "
+                 f"scoring {record['scoring_seconds']:.0f} s")
+        cells.append(result)
+    rows = [r for c in cells for r in c["rows"]]
+    return {"benchmark": "bench_quality", "candidates": [c.name for c in chosen], "seeds": list(seeds),
+            "folds": folds, "annotated": {p: sorted(s) for p, s in has.items()}, "budget": asdict(budget),
+            "code": code, "data": data_id, "curve": list(curve), "records": [c["record"] for c in cells],
+            "rows": rows, "cells_cached": sum(c["cached"] for c in cells),
+            "skipped": skipped}
 
-    data_roots: dict[bool, Path] = {}
-    runs: list[dict[str, Any]] = []
-    rows: list[dict[str, Any]] = []
-    for config in parsed:
-        if config.crop_body not in data_roots:
-            data_roots[config.crop_body] = preprocessed_root(base, work_dir, budget.size, config.crop_body, workers)
-        data_root = data_roots[config.crop_body]
-        for fold in fold_records:
-            # Per data root: class_weights.json cached beside the splits depends on the cache's masks.
-            splits_dir = write_fold_splits(work_dir / "splits" / data_root.name / f"fold-{fold['fold']}",
-                                           fold["train"], fold["test"])
-            n_slices = sum(read_cache_meta(data_root, pid)["shape_zyx"][0] for pid in fold["train"])
-            for seed in seeds:
-                print(f"{config.name}, fold {fold['fold']} (test {', '.join(fold['test'])}), seed {seed}: "
-                      f"training {budget.steps} steps on {len(fold['train'])} patients ({n_slices} slices)",
-                      flush=True)
-                record, new_rows = train_and_evaluate(
-                    config, data_root=data_root, splits_dir=splits_dir, fold=fold["fold"], seed=seed,
-                    run_dir=work_dir / "runs" / config.name / f"fold-{fold['fold']}-seed-{seed}",
-                    budget=budget, n_train_slices=n_slices)
-                runs.append(record)
-                rows += new_rows
-                print(f"  trained {record['train_seconds']:.0f} s ({record['train_slices_per_s']:.1f} slices/s), "
-                      f"evaluated {record['evaluation_seconds']:.0f} s", flush=True)
-    names = [c.name for c in parsed]
+
+# ---- Tables ----------------------------------------------------------------------------------
+def _f(value: Any, digits: int, sign: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def _interval(interval: Sequence[float] | None, digits: int = 3) -> str:
+    return "-" if interval is None else f"[{interval[0]:+.{digits}f}, {interval[1]:+.{digits}f}]"
+
+
+def structure_keys() -> list[str]:
     from thoracic_seg import organs
-    from thoracic_seg.postprocess import POSTPROCESS_CANDIDATES, SINGLE_COMPONENT_LABELS, describe_postprocess
 
-    candidates = list(POSTPROCESS_CANDIDATES)
-    comparison = compare_postprocessing(rows, [DEFAULT_POSTPROCESS, *candidates],
-                                        [organs.structure(label).key for label in SINGLE_COMPONENT_LABELS])
-    return {"benchmark": "bench_quality", "machine": machine(budget.device), "budget": asdict(budget),
-            "configs": names, "skipped": skipped, "seeds": list(seeds), "folds": fold_records,
-            "runs": runs, "rows": rows, "summary": summarize(rows, names),
-            "postprocess_rule": describe_postprocess(), "postprocess_comparison": comparison,
-            "postprocess_chosen": choose_postprocessing(comparison, candidates)}
+    return [organs.structure(label).key for label in organs.FOREGROUND_LABELS]
+
+
+def quality_table(rows: Sequence[Mapping[str, Any]], candidates: Sequence[str], rendering: str = ORIGINAL) -> str:
+    """Per structure x candidate (no post-processing): n, Dice, surface Dice, HD95 median / inf count /
+    penalised mean (mm), APL (mm)."""
+    lines = ["| structure | candidate | n | Dice | surface Dice | HD95 median | HD95 inf | HD95 penalised mean "
+             "| APL (mm) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for structure in structure_keys():
+        for candidate in candidates:
+            d = stats.describe([r for r in rows if r["structure"] == structure and r["candidate"] == candidate
+                                and r["rendering"] == rendering and r["postprocess"] == stats.NO_POSTPROCESS])
+            if d["n"]:
+                lines.append(f"| {structure} | {candidate} | {d['n']} | {_f(d['dice'], 3)} | {_f(d['surface_dice'], 3)} "
+                             f"| {_f(d['hd95_median'], 1)} | {d['hd95_inf']} | {_f(d['hd95_penalised_mean'], 1)} "
+                             f"| {_f(d['apl_mm'], 0)} |")
+    return "\n".join(lines)
+
+
+def comparison_table(rows: Sequence[Mapping[str, Any]], candidates: Sequence[str], rendering: str = ORIGINAL) -> str:
+    """Per candidate x structure: paired Dice and surface Dice differences with the baseline, their 95%
+    bootstrap intervals over patients and the pairs up / down."""
+    lines = ["| candidate | structure | pairs (patients) | Dice diff | 95% interval | up / down "
+             "| surface Dice diff | 95% interval |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for candidate in candidates:
+        if candidate == BASELINE:
+            continue
+        dice = stats.compare(rows, candidate, BASELINE, structure_keys(), "dice", rendering)
+        surface = stats.compare(rows, candidate, BASELINE, structure_keys(), "surface_dice", rendering)
+        for d, s in zip(dice, surface):
+            if d["n"]:
+                lines.append(f"| {candidate} | {d['structure']} | {d['n']} ({d['patients']}) | {_f(d['mean'], 3, True)} "
+                             f"| {_interval(d['interval'])} | {d['up']} / {d['down']} | {_f(s['mean'], 3, True)} "
+                             f"| {_interval(s['interval'])} |")
+    return "\n".join(lines)
+
+
+def decision_table(rows: Sequence[Mapping[str, Any]], candidates: Sequence[str]) -> str:
+    """The decision rule (``quality_stats`` docstring) per candidate, on original and re-rendered CTs."""
+    lines = ["| candidate | CTs | aims at | pairs | pooled Dice diff | 95% interval | harmed | verdict |",
+             "|---|---|---|---:|---:|---:|---|---|"]
+    for candidate in candidates:
+        if candidate == BASELINE:
+            continue
+        for rendering in (ORIGINAL, RERENDERED):
+            d = stats.decide(rows, candidate, BASELINE, CANDIDATES[candidate].aims_at, structure_keys(), rendering)
+            if d["n"]:
+                lines.append(f"| {candidate} | {rendering} | {', '.join(d['aims_at'])} | {d['n']} "
+                             f"| {_f(d['mean'], 3, True)} | {_interval(d['interval'])} "
+                             f"| {', '.join(d['harmed']) or '-'} | {d['verdict']} |")
+    return "\n".join(lines)
+
+
+def postprocess_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Post-processing chosen on the other folds and its effect on the held-out fold (baseline)."""
+    from thoracic_seg.postprocess import SINGLE_COMPONENT_LABELS
+    from thoracic_seg import organs
+
+    structures = [organs.structure(label).key for label in SINGLE_COMPONENT_LABELS]
+    held = stats.held_out_postprocessing(rows, BASELINE, structures, list(postprocess_variants()))
+    lines = ["| fold | structure | rule chosen on the other folds | pairs | Dice change mean | worst |",
+             "|---:|---|---|---:|---:|---:|"]
+    for h in held:
+        lines.append(f"| {h['fold']} | {h['structure']} | {h['rule']} | {h['n']} | {_f(h['change_mean'], 4, True)} "
+                     f"| {_f(h['change_worst'], 4, True)} |")
+    return "\n".join(lines)
+
+
+def curve_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Mean Dice per structure at each step budget (the learning curve)."""
+    budgets = sorted({r["steps"] for r in rows})
+    lines = ["| structure | " + " | ".join(f"{s} steps" for s in budgets) + " |",
+             "|---|" + "---:|" * len(budgets)]
+    for structure in structure_keys():
+        cells = [stats.describe([r for r in rows if r["structure"] == structure and r["steps"] == s
+                                 and r["rendering"] == ORIGINAL and r["postprocess"] == stats.NO_POSTPROCESS])
+                 for s in budgets]
+        if any(c["n"] for c in cells):
+            lines.append(f"| {structure} | " + " | ".join(_f(c["dice"], 3) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """Every table in Markdown, with what was run."""
+    rows, names = report["rows"], report["candidates"]
+    b = report["budget"]
+    head = [f"`{report.get('command', '')}`", "",
+            f"Folds (held out): {'; '.join(', '.join(f) for f in report['folds'])}; seeds "
+            f"{', '.join(map(str, report['seeds']))}; {b['steps']} steps at {b['size']} px on {b['device']}; "
+            f"recipe: phase 3 `{' '.join(b['phase3_args'])}`, training `{' '.join(b['train_args'])}`; "
+            f"code {report['code']}, data {report['data']}, commit {report.get('commit')}; "
+            f"{report.get('machine', '')}; wall {report.get('wall_seconds', 0) / 60:.1f} min "
+            f"({report['cells_cached']} of {len(report['records'])} cells from the cache).", ""]
+    if report["curve"]:
+        return "\n".join(head + ["Learning curve (baseline, fold 0, first seed; Dice, no post-processing):", "",
+                                 curve_table(rows)])
+    parts = head + ["Held-out patients, no post-processing:", "", quality_table(rows, names), "",
+                    "Paired with the baseline per (patient, seed); intervals resample patients:", "",
+                    comparison_table(rows, names), "", "Decision rule (quality_stats.py):", "",
+                    decision_table(rows, names), "", "Post-processing chosen out of sample (baseline):", "",
+                    postprocess_table(rows)]
+    parts += [f"\nSkipped: {name}: {why}" for name, why in report["skipped"].items()]
+    if any(r["rendering"] == RERENDERED for r in rows):
+        parts += ["", f"Held-out CTs re-rendered as another scanner ({RERENDER}):", "",
+                  quality_table(rows, names, RERENDERED), "", comparison_table(rows, names, RERENDERED)]
+    return "\n".join(parts)
 
 
 # ---- Command line ----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=list(BUILTIN_CONFIGS), metavar="NAME",
-                        help="2d, 2.5d-kK, crop, or '+' combinations (default: %(default)s)")
+    parser.add_argument("--candidates", "--configs", nargs="+", default=list(DEFAULT_CANDIDATES), metavar="NAME",
+                        help="; ".join(f"{c.name} ({c.cost})" for c in CANDIDATES.values())
+                        + " (default: %(default)s; the baseline always runs)")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), help="(default: %(default)s)")
-    parser.add_argument("--folds", type=int, default=None, help="patient folds (default: one patient per fold)")
-    parser.add_argument("--extra-root", type=Path, action="append", default=[], metavar="DIR",
-                        help="a folder of further real DICOM patients (any nesting); repeatable")
-    parser.add_argument("--no-sample", action="store_true",
-                        help="leave out the two sample patients of ../shared/data (then --extra-root gives all)")
-    parser.add_argument("--synthetic", type=int, default=0, metavar="N",
-                        help="add N synthetic patients to every training set (default: %(default)s)")
-    parser.add_argument("--synthetic-px", type=int, default=256, help="their in-plane size (default: %(default)s)")
-    parser.add_argument("--synthetic-slices", type=int, default=60, help="their slices (default: %(default)s)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="as train_multi_organ.py takes it; pick a GPU with CUDA_VISIBLE_DEVICES "
-                             "(default: %(default)s)")
+    parser.add_argument("--folds", type=int, default=N_FOLDS, help="(default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None,
-                        help=f"optimizer steps per training (default: {SIZING['cpu']['steps']} on CPU, "
-                             f"{SIZING['cuda']['steps']} on CUDA)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help=f"(default: {SIZING['cpu']['batch_size']} on CPU, {SIZING['cuda']['batch_size']} on CUDA)")
-    parser.add_argument("--size", type=int, default=None,
-                        help=f"phase 3 slice size (default: {SIZING['cpu']['size']} on CPU, {SIZING['cuda']['size']} on CUDA)")
-    parser.add_argument("--base-channels", type=int, default=None,
-                        help=f"U-Net width (default: {SIZING['cpu']['base_channels']} on CPU, "
-                             f"{SIZING['cuda']['base_channels']} on CUDA)")
-    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="Adam lr, cosine to 1%% (default: %(default)s)")
-    parser.add_argument("--checkpoint", choices=CHECKPOINTS, default="last",
-                        help="which checkpoint is scored: the end of the budget or the lowest training "
-                             "loss (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=1, help="processes for phases 2, 2.5, 3 (default: 1)")
+                        help=f"steps per training (default: {STEPS['cpu']} on CPU, {STEPS['cuda']} on CUDA)")
+    parser.add_argument("--learning-curve", nargs="+", type=int, default=[], metavar="STEPS",
+                        help="only the baseline's first fold and seed at each of these budgets")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"the mechanics on six synthetic patients, 32 px, {SMOKE_STEPS} steps (~1 min); no real data needed")
+    parser.add_argument("--workers", type=int, default=1, help="processes for phases 2-3 (default: 1)")
     parser.add_argument("--work-dir", type=Path, default=None,
-                        help="keep data, runs and evaluations here; a rerun reuses and resumes them "
-                             "(default: a temporary folder, removed at the end)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON file (default: %(default)s)")
-    parser.add_argument("--markdown", type=Path, default=None, metavar="FILE",
-                        help="also write the tables as a Markdown section for benchmarks/RESULTS.md")
+                        help="data, cells, checkpoints and probabilities; a rerun resumes (default: a temporary folder)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON (default: %(default)s)")
+    parser.add_argument("--markdown", type=Path, default=None, metavar="FILE", help="also write the tables there")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, trainer: Trainer = train_cell) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "size", "base_channels"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.synthetic < 0 or args.workers < 1 or not args.lr > 0:
-        parser.error("--synthetic must be >= 0, --workers >= 1 and --lr > 0")
-    if args.size is not None and (args.size % 16 or args.size < 32):
-        parser.error(f"--size must be a multiple of 16 >= 32 (four 2x poolings), got {args.size}")
-    try:
-        for name in args.configs:
-            parse_config(name)
-    except ValueError as exc:
-        parser.error(str(exc))
-    if args.no_sample and not args.extra_root:
-        parser.error("--no-sample needs --extra-root DIR (no patients otherwise)")
-    if not args.no_sample and not ARCHIVE.is_file():
-        print(f"real sample data not found at {ARCHIVE} (give --no-sample --extra-root DIR)", file=sys.stderr)
-        return 2
+    if any(s < 1 for s in [*(args.learning_curve or []), *([args.steps] if args.steps else [])]):
+        parser.error("--steps and --learning-curve budgets must be >= 1")
     from thoracic_seg.batch import setup_logging
     from thoracic_seg.precision import resolve_device
+    from thoracic_seg.recipe import load_recipe
 
     try:
         device = resolve_device(args.device)
     except ValueError as exc:
         parser.error(str(exc))
-    sizing = SIZING[device.type]
-    budget = Budget(steps=args.steps or sizing["steps"], batch_size=args.batch_size or sizing["batch_size"],
-                    size=args.size or sizing["size"], base_channels=args.base_channels or sizing["base_channels"],
-                    lr=args.lr, device=device.type, checkpoint=args.checkpoint, synthetic=args.synthetic)
+    recipe = load_recipe()
+    if args.smoke:
+        budget = Budget(steps=args.steps or SMOKE_STEPS, size=32, device=device.type, phase3_args=recipe.phase3_args,
+                        train_args=(*recipe.train_args, "--base-channels", "4", "--batch-size", "4"))
+    else:
+        missing = [str(a) for a in ARCHIVES if not a.is_file()]
+        if missing:
+            print(f"real data not found: {', '.join(missing)} (run --smoke for the mechanics)", file=sys.stderr)
+            return 2
+        budget = Budget(steps=args.steps or STEPS[device.type],
+                        size=recipe.cpu_size if device.type == "cpu" else 256, device=device.type,
+                        phase3_args=recipe.phase3_args,
+                        train_args=(*recipe.train_args, *(recipe.cpu_train_args if device.type == "cpu" else ())))
     setup_logging(args.verbose)
-    command = "python benchmarks/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"bench_quality on {device}: {budget}", flush=True)
-
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_quality-") as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        sample_root = None
-        if not args.no_sample:
-            sample_root = work / SAMPLE_FOLDER
-            if not sample_root.is_dir():
-                with tarfile.open(ARCHIVE, "r:xz") as tar:
-                    tar.extractall(work, filter="data")
         try:
-            report = run(configs=args.configs, seeds=args.seeds, work_dir=work, budget=budget,
-                         sample_root=sample_root, extra_roots=args.extra_root, n_folds=args.folds,
-                         synthetic_px=args.synthetic_px, synthetic_slices=args.synthetic_slices,
-                         workers=args.workers)
+            roots = smoke_roots(work) if args.smoke else unpack(ARCHIVES, work)
+            data_id = "synthetic-6x64px" if args.smoke else data_fingerprint(ARCHIVES)
+            report = run(candidates=args.candidates, seeds=args.seeds, work=work, budget=budget, dicom_roots=roots,
+                         data_id=data_id, n_folds=args.folds, curve=args.learning_curve, workers=args.workers,
+                         trainer=trainer)
         except (ValueError, FileNotFoundError) as exc:
             log.error("%s", exc)
             return 1
-    report["command"] = command.strip()
-    report["wall_seconds"] = round(time.perf_counter() - started, 1)
-    print()
-    print(format_report(report))
+    from bench_training import machine_description
+    import torch
+
+    m = machine_description(torch.device(device))
+    report.update(command="python benchmarks/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  wall_seconds=round(time.perf_counter() - started, 1), commit=git_commit(),
+                  machine=f"{m.get('cpu_model')}, {m.get('cpu_count')} cores, torch {m.get('torch')}")
+    text = format_report(report)
+    print("\n" + text)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    print(f"\nwrote {args.output}")
+    args.output.write_text(json.dumps({**report, "rows": [jsonable_row(r) for r in report["rows"]]}, indent=1,
+                                      allow_nan=False) + "\n", encoding="utf-8")
     if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(format_markdown(report), encoding="utf-8")
-        print(f"wrote {args.markdown}")
-    failed = sorted({pid for r in report["runs"] for pid in r["failed"]})
-    if failed:
-        log.error("evaluation failed for %s", ", ".join(failed))
-    return 1 if failed else 0
+        args.markdown.write_text(text + "\n", encoding="utf-8")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,17 +1,22 @@
-"""benchmarks/bench_quality.py: configurations, folds, the table, and main() end to end on a tiny
-cohort (two tiny synthetic patients standing in for the real ones, one synthetic training patient)."""
+"""benchmarks/bench_quality.py and quality_stats.py: balanced folds, the statistics and the decision rule,
+post-processing chosen out of sample, and --smoke end to end with a killed run resumed from its cache."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 from conftest import load_benchmark, modules_loaded_by
 
-from thoracic_seg.metrics import score_structures
-
 BENCH_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quality.py"
-STRUCTURES = ("gtv", "ptv", "lung_right", "lung_left", "heart", "esophagus", "spinal_cord")
+#: The annotated structures of the six real development patients (../shared/data/README.md).
+REAL = {"LUNG1-001": {"gtv", "lung_right", "lung_left", "spinal_cord"},
+        "LUNG1-002": {"gtv", "lung_right", "lung_left", "heart", "esophagus", "spinal_cord"},
+        "LUNG1-003": {"gtv", "lung_right", "lung_left", "heart", "esophagus", "spinal_cord"},
+        "LUNG1-004": {"gtv", "lung_right", "lung_left", "esophagus", "spinal_cord"},
+        "LUNG1-005": {"gtv", "lung_right", "lung_left", "heart", "esophagus", "spinal_cord"},
+        "LUNG1-010": {"gtv", "lung_right", "lung_left", "heart", "esophagus", "spinal_cord"}}
 
 
 @pytest.fixture(scope="module")
@@ -19,256 +24,190 @@ def bench():
     yield from load_benchmark("bench_quality")
 
 
-@pytest.mark.parametrize("name, context, crop", [
-    ("2d", 0, False), ("2.5d-k1", 1, False), ("2.5d-k2", 2, False), ("crop", 0, True),
-    ("crop+2.5d-k1", 1, True), ("2.5d-k2+crop", 2, True), ("crop+2d", 0, True),
+@pytest.fixture(scope="module")
+def qs():
+    yield from load_benchmark("quality_stats")
+
+
+def test_folds_are_balanced_on_the_real_patients(bench):
+    folds = bench.balanced_folds(REAL, 3, ("heart", "esophagus"))
+    # by hand: 001 (neither) -> 0; 004 (esophagus) -> 1; 002 -> 2 (lacks both, empty); 003 -> 0 (lacks
+    # both, 1 patient); 005 -> 1 (0 is full); 010 -> 2
+    assert folds == [["LUNG1-001", "LUNG1-003"], ["LUNG1-004", "LUNG1-005"], ["LUNG1-002", "LUNG1-010"]]
+    for fold in folds:  # every fold scores a heart and an esophagus
+        assert {"heart", "esophagus"} <= set().union(*(REAL[p] for p in fold))
+    assert sorted(p for f in folds for p in f) == sorted(REAL)
+    # 4 hearts cannot fill 6 folds: nothing to balance, one patient per fold in id order
+    assert bench.balanced_folds(REAL, 6, ("heart",)) == [[p] for p in sorted(REAL)]
+    with pytest.raises(ValueError, match="folds must be 2-6 for 6 patients, got 7"):
+        bench.balanced_folds(REAL, 7, ())
+
+
+def test_epochs_span_the_step_budget(bench):
+    assert bench.steps_per_epoch(100, 8) == 12 and bench.steps_per_epoch(10, 8) == 2
+    assert bench.epochs_for(3000, 500, 8) == 49  # 62 steps an epoch: 48 epochs hold 2976
+
+
+def row(candidate="baseline", fold=0, seed=0, patient="P1", structure="heart", dice=0.5, postprocess="none",
+        rendering="original", **more):
+    return {"candidate": candidate, "fold": fold, "seed": seed, "patient_id": patient, "structure": structure,
+            "dice": dice, "postprocess": postprocess, "rendering": rendering, "annotated": True,
+            "hd95_mm": 4.0, "diagonal_mm": 600.0, **more}
+
+
+def test_describe_penalises_an_empty_prediction(qs):
+    rows = [row(dice=0.8, hd95_mm=2.0, surface_dice=0.9, apl_mm=100.0),
+            row(dice=0.0, hd95_mm=math.inf, surface_dice=0.0, apl_mm=500.0),
+            row(dice=0.6, hd95_mm=6.0), row(annotated=False, dice=None, hd95_mm=None)]
+    d = qs.describe(rows)
+    assert d["n"] == 3 and d["dice"] == pytest.approx(1.4 / 3) and d["surface_dice"] == pytest.approx(0.45)
+    assert d["hd95_median"] == 6.0 and d["hd95_inf"] == 1
+    assert d["hd95_penalised_mean"] == pytest.approx((2.0 + 600.0 + 6.0) / 3)  # not 4.0: nothing predicted costs
+    assert d["apl_mm"] == 300.0
+    assert qs.median([1.0, 3.0]) == 2.0 and qs.median([]) is None
+
+
+def test_paired_differences_and_the_bootstrap_interval(qs):
+    rows = [row(patient=p, seed=s, dice=base) for p, base in (("P1", 0.5), ("P2", 0.6)) for s in (0, 1)]
+    rows += [row("cand", patient="P1", seed=s, dice=0.6) for s in (0, 1)]
+    rows += [row("cand", patient="P2", seed=s, dice=0.6 + 0.1 * s) for s in (0, 1)]
+    rows += [row("ens", patient="P1", seed=None, dice=0.55), row("ens", patient="P2", seed=None, dice=0.5)]
+    pairs = qs.paired_differences(rows, "cand", "baseline", "heart")
+    assert [round(p["difference"], 6) for p in pairs] == [0.1, 0.1, 0.0, 0.1]
+    ens = qs.paired_differences(rows, "ens", "baseline", "heart")  # one ensemble against each seed
+    assert [(p["patient_id"], p["seed"], round(p["difference"], 6)) for p in ens] == [
+        ("P1", 0, 0.05), ("P1", 1, 0.05), ("P2", 0, -0.1), ("P2", 1, -0.1)]
+    low, high = qs.bootstrap_interval(pairs)  # patients resampled: P1 means 0.1, P2 0.05
+    assert (round(low, 6), round(high, 6)) == (0.05, 0.1)
+    assert qs.bootstrap_interval([]) is None
+    c = qs.compare(rows, "cand", "baseline", ["heart"])[0]
+    assert (c["n"], c["patients"], c["up"], c["down"], c["equal"]) == (4, 2, 3, 0, 1)
+    assert c["mean"] == pytest.approx(0.075)
+
+
+@pytest.mark.parametrize("changes, verdict", [
+    ({"P1": 0.05, "P2": 0.04, "P3": 0.06}, "switch"),
+    ({"P1": 0.05, "P2": -0.04, "P3": 0.01}, "no measurable difference"),
+    ({"P1": -0.05, "P2": -0.04, "P3": -0.06}, "worse"),
 ])
-def test_parse_config(bench, name, context, crop):
-    assert bench.parse_config(name) == bench.Config(name, context, crop)
+def test_the_decision_rule(qs, changes, verdict):
+    rows = []
+    for patient, change in changes.items():
+        for structure in ("heart", "esophagus"):
+            rows += [row(patient=patient, structure=structure, dice=0.5),
+                     row("cand", patient=patient, structure=structure, dice=0.5 + change)]
+    assert qs.decide(rows, "cand", "baseline", ["heart"], ["heart", "esophagus"])["verdict"] == verdict
 
 
-@pytest.mark.parametrize("name, message", [
-    ("3d", "cannot read '3d'"), ("2d+2.5d-k1", "cannot read '2.5d-k1'"), ("crop+crop", "cannot read 'crop'"),
-    ("2.5d-k0", "2.5d needs K >= 1"), ("2.5d-kx", "cannot read '2.5d-kx'"),
-])
-def test_parse_config_refuses(bench, name, message):
-    with pytest.raises(ValueError, match=message):
-        bench.parse_config(name)
+def test_a_harmed_structure_blocks_a_switch(qs):
+    rows = []
+    for patient in ("P1", "P2", "P3"):
+        rows += [row(patient=patient, dice=0.5), row("cand", patient=patient, dice=0.6),
+                 row(patient=patient, structure="esophagus", dice=0.5),
+                 row("cand", patient=patient, structure="esophagus", dice=0.45)]
+    d = qs.decide(rows, "cand", "baseline", ["heart"], ["heart", "esophagus"])
+    assert d["harmed"] == ["esophagus"] and d["verdict"] == "worse"
 
 
-def test_folds_and_epochs(bench):
-    assert bench.make_folds(["B", "A"]) == [["A"], ["B"]]
-    assert bench.make_folds(["E", "D", "C", "B", "A"], 2) == [["A", "C", "E"], ["B", "D"]]
-    with pytest.raises(ValueError, match="at least 2 patients"):
-        bench.make_folds(["A", "A"])
-    with pytest.raises(ValueError, match="folds must be 2-2 for 2 patients, got 3"):
-        bench.make_folds(["A", "B"], 3)
-    # 91 slices, batch 8: 11 steps per epoch (last short batch dropped); 500 steps -> 46 epochs.
-    assert bench.steps_per_epoch(91, 8) == 11 and bench.epochs_for(500, 91, 8) == 46
-    assert bench.steps_per_epoch(10, 8) == 2 and bench.epochs_for(3, 10, 8) == 2
+def test_post_processing_is_chosen_on_the_other_folds(qs):
+    rows = []
+    for fold, patient, gain in ((0, "P1", 0.02), (1, "P2", 0.03), (2, "P3", -0.05)):
+        rows += [row(fold=fold, patient=patient, dice=0.7), row(fold=fold, patient=patient, dice=0.7 + gain,
+                                                                 postprocess="largest")]
+        rows += [row(fold=fold, patient=patient, structure="esophagus", dice=0.3),
+                 row(fold=fold, patient=patient, structure="esophagus", dice=0.4, postprocess="largest")]
+    held = qs.held_out_postprocessing(rows, "baseline", ["heart", "esophagus"], ["largest"])
+    by = {(h["fold"], h["structure"]): h for h in held}
+    assert by[(0, "heart")]["rule"] == "none"  # fold 2 lost 0.05 on the other folds' pairs
+    assert by[(1, "heart")]["rule"] == "none"
+    assert by[(2, "heart")]["rule"] == "largest"  # folds 0 and 1 gained, then fold 2 loses out of sample
+    assert by[(2, "heart")]["change_mean"] == pytest.approx(-0.05)
+    assert all(by[(f, "esophagus")]["rule"] == "none" for f in range(3))  # Dice 0.3 < the 0.5 floor
+    assert by[(0, "esophagus")]["change_mean"] == 0.0
 
 
-def test_table_format(bench):
-    rows = [{"config": "2d", "postprocess": pp, "structure": "heart", "annotated": True, "fold": fold,
-             "patient_id": f"P{fold}", "seed": seed, "dice": d, "hd95_mm": h, "hd95_inf": h is None}
-            for pp in ("none", "--postprocess")
-            for fold, seed, d, h in ((0, 0, 0.8, 10.0), (0, 1, 0.6, 20.0), (1, 0, 0.0, None))]
-    summary = bench.summarize(rows, ["2d"])
-    heart = [s for s in summary if s["structure"] == "heart"]
-    assert [(s["postprocess"], s["n"], s["hd95_inf"]) for s in heart] == [("none", 3, 1), ("--postprocess", 3, 1)]
-    lines = bench.format_table(summary).splitlines()
-    assert lines[0] == ("| structure | configuration | post-processing | n | Dice mean ± std | Dice seed std "
-                        "| HD95 mean ± std (mm) | HD95 inf |")
-    assert lines[1] == "|---|---|---|---:|---:|---:|---:|---:|"
-    # Dice 0.8, 0.6, 0: mean 0.467, sample std 0.416; HD95 over the finite 10 and 20: 15.0 ± 7.1.
-    # Seed spread: patient P0's two seeds (0.8, 0.6) have std 0.141; P1 has one seed, left out.
-    assert "| Heart | 2d | none | 3 | 0.467 ± 0.416 | 0.141 | 15.0 ± 7.1 | 1 |" in lines
-    assert "| Heart | 2d | --postprocess | 3 | 0.467 ± 0.416 | 0.141 | 15.0 ± 7.1 | 1 |" in lines
-    assert "| GTV | 2d | none | 0 | - | - | - | 0 |" in lines
-    assert len(lines) == 2 + 7 * 2
-
-
-def _row(pp, dice, hd95, config="2d", seed=0, structure="esophagus"):
-    return {"config": config, "fold": 0, "seed": seed, "patient_id": "P", "structure": structure,
-            "postprocess": pp, "annotated": True, "dice": dice, "hd95_mm": hd95}
-
-
-def test_postprocessing_comparison_and_choice(bench):
-    """Paired changes per structure; the choice is the candidate never worse and best on average."""
-    rows = [
-        # esophagus: 'largest' gains on one seed and loses on the other; 'drop<10%' never loses.
-        _row("none", 0.50, 20.0, seed=0), _row("none", 0.60, 10.0, seed=1),
-        _row("largest", 0.70, 8.0, seed=0), _row("largest", 0.55, 30.0, seed=1),
-        _row("drop<10%", 0.55, 12.0, seed=0), _row("drop<10%", 0.60, 10.0, seed=1),
-        # heart: 'largest' never worse and better on average; an unscored (None) pair is left out.
-        _row("none", 0.80, 10.0, structure="heart"), _row("largest", 0.90, None, structure="heart"),
-        _row("drop<10%", 0.85, 9.0, structure="heart"),
-        _row("none", None, None, seed=1, structure="heart"), _row("largest", None, None, seed=1, structure="heart"),
-        # cord: nothing changes anything: no post-processing.
-        _row("none", 0.7, 5.0, structure="spinal_cord"), _row("largest", 0.7, 5.0, structure="spinal_cord"),
-    ]
-    comparison = bench.compare_postprocessing(rows, ["largest", "drop<10%"], ["esophagus", "heart", "spinal_cord"])
-    by = {(e["structure"], e["postprocess"]): e for e in comparison}
-    largest = by["esophagus", "largest"]
-    assert largest["n"] == 2 and largest["dice"] == pytest.approx(0.625)
-    assert largest["dice_change_mean"] == pytest.approx(0.075) and largest["dice_change_worst"] == pytest.approx(-0.05)
-    assert largest["hd95_change_mean"] == pytest.approx(4.0)          # (-12 + 20) / 2
-    assert by["esophagus", "drop<10%"]["dice_change_worst"] == pytest.approx(0.0)
-    assert by["heart", "largest"]["n"] == 1 and by["heart", "largest"]["hd95_change_mean"] is None
-    assert by["spinal_cord", "drop<10%"] == {"structure": "spinal_cord", "postprocess": "drop<10%", "n": 0,
-                                             "dice": None, "dice_change_mean": None, "dice_change_worst": None,
-                                             "hd95_change_mean": None}
-    chosen = bench.choose_postprocessing(comparison, ["largest", "drop<10%"])
-    assert chosen == {"esophagus": "drop<10%", "heart": "largest", "spinal_cord": "none"}
-    # A loss within the tolerance (a few lung voxels) still counts as never worse; a larger one not.
-    for worst, expected in ((-0.0009, "largest"), (-0.0011, "none")):
-        entry = {"structure": "lung_right", "postprocess": "largest", "n": 4, "dice": 0.9,
-                 "dice_change_mean": 0.002, "dice_change_worst": worst, "hd95_change_mean": -6.0}
-        assert bench.choose_postprocessing([entry], ["largest"]) == {"lung_right": expected}
-    lines = bench.format_candidates_table(comparison, chosen).splitlines()
-    assert lines[0] == bench.CANDIDATES_HEADER and lines[1] == bench.CANDIDATES_RULE
-    assert "| Esophagus | largest | 2 | 0.625 | +0.0750 | -0.0500 | +4.0 |  |" in lines
-    assert "| Esophagus | drop<10% | 2 | 0.575 | +0.0250 | +0.0000 | -4.0 | yes |" in lines
-    assert "| Spinal cord | drop<10% | 0 | - | - | - | - |  |" in lines
-
-
-def test_postprocessed_rows_rescore_what_a_rule_changed(bench, tmp_path, monkeypatch):
-    """A stray voxel of the right lung: 'largest' removes it and its row is scored again (Dice 1);
-    the cord, one piece, keeps the plain row's numbers."""
-    import numpy as np
-    import SimpleITK as sitk
-
-    from thoracic_seg import batch, organs
-    from thoracic_seg import layout as layout_module
-
-    truth = np.zeros((4, 8, 8), np.uint8)
-    truth[0:3, 0:4, 0:4] = organs.RIGHT_LUNG
-    truth[0:4, 6, 6] = organs.SPINAL_CORD
-    predicted = truth.copy()
-    predicted[3, 0, 7] = organs.RIGHT_LUNG                      # not touching the lung: a second piece
-    predicted[3, 6, 6] = 0                                      # the cord one voxel short
-    arrays = {"pred": predicted, "masks": truth}
-    monkeypatch.setattr(batch, "read_nifti",
-                        lambda path: sitk.GetImageFromArray(arrays["pred" if "pred" in str(path) else "masks"]))
-    monkeypatch.setattr(layout_module, "truth_record", lambda layout, pid: ([True] * organs.NUM_CLASSES, {}))
-    plain = [{"config": "2d", "fold": 0, "seed": 0, "patient_id": "P", "postprocess": "none", **row}
-             for row in score_structures(predicted, truth, (1.0, 1.0, 1.0), [True] * organs.NUM_CLASSES)]
-    rows = bench.postprocessed_rows(plain, data_root=tmp_path, predictions_dir=tmp_path / "pred",
-                                    variants={"largest": {organs.RIGHT_LUNG: 1.0, organs.SPINAL_CORD: 1.0}})
-    by = {r["structure"]: r for r in rows}
-    assert [r["postprocess"] for r in rows] == ["largest"] * len(plain)
-    lung = next(r for r in plain if r["structure"] == "lung_right")
-    assert lung["dice"] == pytest.approx(2 * 48 / 97) and by["lung_right"]["dice"] == 1.0
-    assert by["lung_right"]["predicted_ml"] == pytest.approx(0.048)
-    cord = next(r for r in plain if r["structure"] == "spinal_cord")
-    assert by["spinal_cord"] == {**cord, "postprocess": "largest"}
-
-
-def _tiny_patients(folder: Path) -> Path:
-    from make_synthetic_cohort import generate_patient
-
-    raw = folder / "raw"
-    for i, pid in enumerate(("CV-001", "CV-002")):
-        generate_patient(raw, folder / "truth", pid, seed=i, size=64, slices=16)
-    return raw
+def test_unknown_candidate_and_missing_ensemble_members(bench, tmp_path):
+    budget = bench.Budget(steps=1, size=32, device="cpu", phase3_args=(), train_args=())
+    with pytest.raises(ValueError, match=r"unknown candidate\(s\) \['3d'\]"):
+        bench.run(candidates=["3d"], work=tmp_path, budget=budget, dicom_roots=[], data_id="x")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("crop", [False, True], ids=["crop-unsupported", "crop-supported"])
-def test_main_end_to_end(bench, tmp_path, capsys, monkeypatch, crop):
-    """main() on 2 stand-in patients (2 folds) + 1 synthetic training patient, 32 px, 2 steps.
+def test_smoke_runs_and_a_killed_run_resumes_without_redoing_cells(bench, tmp_path, capsys):
+    """--smoke end to end; a run killed in its third training resumes: the two finished cells come from the
+    cache (the stand-in trainer is not called for them), the rest are trained; a third run trains nothing."""
+    calls: list[str] = []
 
-    ``crop-unsupported``: phase 3 without ``crop_body`` (before the body crop is merged): crop is
-    skipped. ``crop-supported``: a phase 3 that takes ``crop_body`` (a stand-in that records the
-    call and normalizes as before): phase 3 runs once per (size, crop) and crop is scored.
-    """
-    import normalize_ct_and_masks
+    def stand_in(cell, **kwargs):
+        calls.append(cell.folder)
+        if len(calls) == 3 and not (tmp_path / "killed").exists():
+            (tmp_path / "killed").touch()
+            raise KeyboardInterrupt("killed")
+        return bench.train_cell(cell, **kwargs)
 
-    calls = []
-    if crop:
-        original = normalize_ct_and_masks.run
+    argv = ["--smoke", "--steps", "12", "--work-dir", str(tmp_path / "work"), "--output", str(tmp_path / "q.json"),
+            "--markdown", str(tmp_path / "q.md")]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv, trainer=stand_in)
+    assert len(calls) == 3
+    killed = calls[-1]
+    calls.clear()
+    assert bench.main(argv, trainer=stand_in) == 0
+    assert calls[0] == killed and len(calls) == 4  # 6 trainings: 2 cached, the killed one redone, 3 more
+    report = json.loads((tmp_path / "q.json").read_text())
+    assert report["cells_cached"] == 2 and len(report["records"]) == 9  # 6 trainings + 3 fold ensembles
+    assert set(report["skipped"]) <= {"fov-crop", "scanner-aug"}
+    markdown = (tmp_path / "q.md").read_text()
+    for title in ("Held-out patients", "Paired with the baseline", "Decision rule", "out of sample"):
+        assert title in markdown
+    qs = bench.stats
+    for structure, n in (("heart", 8), ("esophagus", 8), ("lung_left", 12)):  # SYN-002/006: no heart, 004/006 no
+        scored = [r for r in map(bench.from_json_row, report["rows"]) if r["candidate"] == "baseline" and r["structure"] == structure
+                  and r["postprocess"] == "none" and r["rendering"] == "original"]  # esophagus; x 2 seeds
+        assert qs.describe(scored)["n"] == n
+    held_out = tmp_path / "work" / "cells" / "baseline" / "fold-0-seed-0-steps-12" / "held_out"
+    assert sorted(p.name for p in held_out.iterdir())[:2] == ["SYN-001.nii.gz", "SYN-001_probabilities.npz"]
+    calls.clear()
+    assert bench.main(argv, trainer=stand_in) == 0 and calls == []
+    assert json.loads((tmp_path / "q.json").read_text())["cells_cached"] == 9
+    capsys.readouterr()
 
-        def run_with_crop(*, crop_body: bool = False, **kwargs):
-            calls.append((kwargs["size"], crop_body))
-            return original(**kwargs)
 
-        monkeypatch.setattr(normalize_ct_and_masks, "run", run_with_crop)
-    else:
-        monkeypatch.setattr(bench, "crop_supported", lambda: False)
-    raw = _tiny_patients(tmp_path / "patients")
-    output, markdown = tmp_path / "bench.json", tmp_path / "bench.md"
-    configs = ["2d", "2.5d-k1", "crop"]
-    argv = ["--no-sample", "--extra-root", str(raw), "--synthetic", "1", "--synthetic-px", "64",
-            "--synthetic-slices", "16", "--configs", *configs, "--seeds", "0", "--device", "cpu",
-            "--size", "32", "--base-channels", "4", "--batch-size", "4", "--steps", "2",
-            "--work-dir", str(tmp_path / "work"), "--output", str(output), "--markdown", str(markdown)]
-    assert bench.main(argv) == 0
+def test_a_cell_started_under_other_settings_starts_afresh(bench, tmp_path):
+    folder = tmp_path / "cells" / "baseline" / "fold-0-seed-0-steps-5"
+    (folder / "run").mkdir(parents=True)
+    (folder / "key.json").write_text(json.dumps({"other": 1}))
+    (folder / "run" / "last_checkpoint.pth").write_text("of another experiment")
+    cell = bench.Cell(bench.CANDIDATES["baseline"], 0, 0, ("A",), ("B",), 5)
+    budget = bench.Budget(steps=5, size=32, device="cpu", phase3_args=(), train_args=())
 
-    report = json.loads(output.read_text())
-    ran = configs if crop else ["2d", "2.5d-k1"]
-    assert report["configs"] == ran
-    if crop:
-        assert report["skipped"] == {} and calls == [(32, False), (32, True)]
-    else:
-        assert list(report["skipped"]) == ["crop"] and "no crop_body option" in report["skipped"]["crop"]
-    assert report["budget"] == {"steps": 2, "batch_size": 4, "size": 32, "base_channels": 4, "lr": 1e-3,
-                                "device": "cpu", "checkpoint": "last", "synthetic": 1}
-    assert report["machine"]["device"] == "cpu" and report["machine"]["torch"]
-    assert report["command"].startswith("python benchmarks/bench_quality.py --no-sample")
-    assert report["wall_seconds"] > 0
-    assert report["folds"] == [{"fold": 0, "test": ["CV-001"], "train": ["CV-002", "SYN-001"]},
-                               {"fold": 1, "test": ["CV-002"], "train": ["CV-001", "SYN-001"]}]
-    assert [(r["config"], r["fold"], r["seed"]) for r in report["runs"]] == [
-        (c, f, 0) for c in ran for f in (0, 1)]
-    assert all(r["failed"] == [] and r["train_seconds"] > 0 for r in report["runs"])
-    assert all("max-steps (2 steps)" in r["stop_reason"] for r in report["runs"])
-    # Every held-out patient x structure, without post-processing, with the pipeline's and with
-    # each candidate rule, per configuration.
-    variants = ("none", "--postprocess", "largest", "drop<10%", "drop<1%")
-    keys = {(r["config"], r["fold"], r["postprocess"], r["patient_id"], r["structure"]) for r in report["rows"]}
-    assert keys == {(c, f, pp, f"CV-00{f + 1}", s) for c in ran for f in (0, 1) for pp in variants
-                    for s in STRUCTURES}
-    assert len(report["rows"]) == len(keys)
-    for row in report["rows"]:
-        assert row["context_slices"] == {"2d": 0, "2.5d-k1": 1, "crop": 0}[row["config"]]
-        assert row["dice"] is None or 0 <= row["dice"] <= 1
-        assert row["hd95_inf"] == (row["annotated"] and row["dice"] == 0.0 and row["hd95_mm"] is None) \
-            or not row["hd95_inf"]
+    def stand_in(cell, run_dir, **kwargs):
+        assert not (run_dir / "last_checkpoint.pth").exists()  # the other experiment's checkpoint is gone
+        raise KeyboardInterrupt
 
-    out = capsys.readouterr().out
-    table = out[out.index("| structure |"):].splitlines()
-    assert table[0] == bench.TABLE_HEADER and table[1] == bench.TABLE_RULE
-    body = [line for line in table[2:2 + 7 * 2 * len(ran)]]
-    assert [(cells[1], cells[2]) for cells in (line.split(" | ") for line in body)][:2 * len(ran)] == [
-        (c, pp) for c in ran for pp in ("none", "--postprocess")]
-    for line in body:
-        assert line.startswith("| ") and line.endswith(" |") and line.count("|") == 9
-    assert bench.CANDIDATES_HEADER in out
-    assert [e["postprocess"] for e in report["postprocess_comparison"]][:4] == ["--postprocess", "largest",
-                                                                                "drop<10%", "drop<1%"]
-    assert set(report["postprocess_chosen"]) == {"lung_right", "lung_left", "heart", "esophagus", "spinal_cord"}
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_cell(cell, work=tmp_path, data_root=tmp_path, rerendered=None, budget=budget, key={"k": 2},
+                       trainer=stand_in)
+    assert json.loads((folder / "key.json").read_text()) == {"k": 2}
 
-    # The benchmark's '--postprocess' rows are what evaluate_multi_organ.py --postprocess scores.
-    import evaluate_multi_organ as ev
 
-    run_dir = Path(report["runs"][0]["run_dir"])
-    data_root = tmp_path / "work" / "data-32px"
-    ev.run(checkpoint=run_dir / "last_checkpoint.pth", data_root=data_root, patients=["CV-001"],
-           output_dir=tmp_path / "pp", device="cpu", postprocess=True)
-    expected = {r["structure"]: bench._jsonable_row(r) for r in bench.read_metrics(tmp_path / "pp" / "metrics.csv")}
-    mine = {r["structure"]: r for r in report["rows"]
-            if (r["config"], r["fold"], r["seed"], r["postprocess"]) == (ran[0], 0, 0, "--postprocess")}
-    assert set(mine) == set(STRUCTURES)
-    for key, row in mine.items():
-        for metric in ("dice", "hd95_mm"):
-            want = expected[key][metric]
-            assert row[metric] == (None if want is None else pytest.approx(want, rel=1e-5, abs=1e-6)), (key, metric)
-    assert bench.RUNS_HEADER in out and f"wrote {output}" in out
-    if not crop:
-        assert "Skipped: crop: the installed normalize_ct_and_masks.run has no crop_body option" in out
-    md = markdown.read_text()
-    assert md.startswith("## Quality on real patients (`bench_quality.py`)")
-    assert bench.TABLE_HEADER in md and "2 folds by patient (held out: CV-001; CV-002)" in md
-
-    # The same --work-dir with another budget: the finished runs are not continued as if they matched.
-    if not crop:
-        assert bench.main([a if a != "2" else "3" for a in argv]) == 1
-        assert "holds a run of other settings" in capsys.readouterr().err
+def test_code_fingerprint_covers_our_modules_only(bench):
+    files = bench.code_files()
+    names = {str(f.relative_to(bench.REPO_ROOT)) for f in files}
+    assert {"train_multi_organ.py", "thoracic_seg/inference.py", "thoracic_seg/metrics.py"} <= names
+    assert not any(n.startswith((".venv", "benchmarks", "tests")) for n in names)
+    assert bench.code_fingerprint(files) == bench.code_fingerprint(files)
 
 
 def test_bad_arguments(bench, capsys):
-    for argv, message in ((["--configs", "3d"], "cannot read '3d'"),
-                          (["--steps", "0"], "--steps must be >= 1, got 0"),
-                          (["--size", "40"], "--size must be a multiple of 16"),
-                          (["--no-sample"], "--no-sample needs --extra-root")):
-        with pytest.raises(SystemExit) as exit_info:
-            bench.main(argv)
-        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--steps", "0"])
+    assert exit_info.value.code == 2 and "--steps and --learning-curve budgets must be >= 1" in capsys.readouterr().err
 
 
 def test_import_does_no_work():
     """Importing the script loads neither torch nor the imaging stack (argument parsing stays fast)."""
-    code = (f"import importlib.util, sys\n"
+    code = (f"import importlib.util, sys\nsys.path.insert(0, {str(BENCH_PATH.parent)!r})\n"
             f"spec = importlib.util.spec_from_file_location('b', {str(BENCH_PATH)!r})\n"
             "m = importlib.util.module_from_spec(spec); sys.modules['b'] = m; spec.loader.exec_module(m)")
     assert modules_loaded_by(code, ("torch", "SimpleITK", "pydicom", "scipy")) == []
