@@ -6,12 +6,12 @@ memory-mappable training cache.
 ``processed/normalized_masks/`` (uint8 NIfTI) and ``processed/training_cache/<PatientID>/``
 (``ct.npy`` float16 (Z, S, S), ``mask.npy`` uint8 (Z, S, S), ``meta.json``).
 
-    python normalize_ct_and_masks.py --data-root DATA [--window -1000 400] [--size 256] [--crop-body]
+    python normalize_ct_and_masks.py --data-root DATA [--window -1000 400] [--size 256] [--crop-body [--fov-mm]]
 
-The network grid (orientation to LPS, window and z-score, body crop, in-plane resize; z never
+The network grid (orientation to LPS, window and z-score, crop, in-plane resize; z never
 changes) is ``thoracic_seg/grid.py``; :func:`normalize_patient` applies it and records each step
 and phase 2's grid in ``meta.json`` / ``normalization.json`` so labels can go back to the CT.
-Orientation and fingerprints: docs/reliability.md; the body crop: docs/training.md.
+Orientation and fingerprints: docs/reliability.md; the crop: docs/training.md.
 """
 from __future__ import annotations
 
@@ -33,9 +33,10 @@ from thoracic_seg.batch import (
     run_from_command_line, setup_logging, summary_line, write_nifti, write_text_atomic,
 )
 from thoracic_seg.grid import (
-    AIR_HU, CACHE_CT_DTYPE, DEFAULT_CROP_MARGIN_MM, DEFAULT_CROP_THRESHOLD_HU, DEFAULT_SIZE, DEFAULT_WINDOW,
-    NETWORK_ORIENTATION, apply_zscore, body_box, check_size, check_window, crop_settings, crop_settings_of,
-    crop_to_box, describe_crop, plain_number, resize_ct_slices, resize_mask_slices, window_and_zscore,
+    AIR_HU, CACHE_CT_DTYPE, DEFAULT_CROP_MARGIN_MM, DEFAULT_CROP_THRESHOLD_HU, DEFAULT_FOV_MM, DEFAULT_SIZE,
+    DEFAULT_WINDOW, FOV_CROP_METHOD, NETWORK_ORIENTATION, apply_zscore, box_for_crop, check_size, check_window,
+    crop_settings, crop_settings_of, crop_to_box, describe_crop, plain_number, resize_ct_slices,
+    resize_mask_slices, window_and_zscore,
 )
 from thoracic_seg.image_grid import image_on_resized_grid, to_network_orientation
 from thoracic_seg.layout import (
@@ -121,8 +122,9 @@ def normalize_patient(
     """Phase 3 for one patient; returns its :class:`PatientResult` (``info["normalization"]``).
 
     ``crop`` (:func:`crop_settings`, None: off): after the z-score (whole windowed volume's statistics),
-    slices are cropped to the body's square box (:func:`body_box` on network-orientation HU; air / background
-    padding), then resized; the box is recorded as ``crop.box_yx`` and the NIfTIs carry its geometry.
+    slices are cropped to the square box of the settings (:func:`box_for_crop` on network-orientation HU:
+    the body's box, or a fixed field of view centred on the body; air / background padding), then resized;
+    the box is recorded as ``crop.box_yx`` and the NIfTIs carry its geometry.
     Annotated flags and the PTV's making come from phase 2.5's ``<PatientID>.json``. Without ``overwrite``,
     outputs are kept only when ``meta.json`` holds the current inputs' fingerprint (else redone, saying why).
     Inputs are checked before any write; ``meta.json`` is written last, so a patient is complete or redone.
@@ -177,7 +179,7 @@ def normalize_patient(
     if crop is not None:
         spacing_x, spacing_y = ct_network.GetSpacing()[:2]
         try:
-            box = body_box(hu, (spacing_y, spacing_x), crop["threshold_hu"], crop["margin_mm"])
+            box = box_for_crop(hu, (spacing_y, spacing_x), crop)
         except ValueError as exc:
             raise PatientError(f"{patient_id}: {ct_path}: {exc}") from None
         crop_record = {**crop, "box_yx": list(box)}
@@ -229,7 +231,8 @@ def normalize_patient(
     _write_json(meta, out["meta"])
     message = f"{labels.shape} -> {ct_small.shape}, mean {mean:.1f} HU, std {std:.1f} HU"
     if box is not None:
-        message += f", body box (y0, x0, side) {box}"
+        kind = "field-of-view" if crop["method"] == FOV_CROP_METHOD else "body"
+        message += f", {kind} box (y0, x0, side) {box}"
     if stored_orientation != NETWORK_ORIENTATION:
         message += f", stored {stored_orientation} -> {NETWORK_ORIENTATION}"
     if redo_reason:
@@ -241,16 +244,21 @@ def normalize_patient(
 def run(
     *, data_root: Path | str = DEFAULT_DATA_ROOT, patients: Sequence[str] | None = None, workers: int = 1,
     overwrite: bool = False, window: Sequence[float] = DEFAULT_WINDOW, size: int = DEFAULT_SIZE,
-    crop_body: bool = False, crop_margin_mm: float = DEFAULT_CROP_MARGIN_MM,
+    crop_body: bool = False, crop_margin_mm: float = DEFAULT_CROP_MARGIN_MM, fov_mm: float | None = None,
 ) -> list[PatientResult]:
     """Normalize every patient of ``processed/ct_nifti`` (or ``patients``); update
     ``normalization.json`` with the records of the patients done or skipped.
 
-    ``crop_body``: crop every slice to the body's square box widened by ``crop_margin_mm`` (mm)
-    before the resize (:func:`body_box`); off by default."""
+    ``crop_body``: crop every slice before the resize to the body's square box widened by
+    ``crop_margin_mm`` (mm) (``grid.body_box``), or with ``fov_mm`` to a square field of view of
+    ``fov_mm`` mm centred on the body (``grid.fov_box``: the same mm per pixel for every patient,
+    ``crop_margin_mm`` unused); off by default. ``ValueError``: ``fov_mm`` without ``crop_body``, or
+    invalid crop settings."""
     window = check_window(window)
     size = check_size(size)
-    crop = crop_settings(crop_margin_mm) if crop_body else None
+    if fov_mm is not None and not crop_body:
+        raise ValueError(f"fov_mm={fov_mm!r} crops to a field of view on the body: it needs crop_body=True")
+    crop = crop_settings(crop_margin_mm, fov_mm=fov_mm) if crop_body else None
     layout = DataLayout(Path(data_root))
     patient_ids = list(patients) if patients else list_patients(layout.ct_nifti)
     if not patient_ids:
@@ -304,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "patients and recommended for them (docs/decisions.md), off by default so earlier caches stay valid")
     parser.add_argument("--crop-margin-mm", type=float, default=None, metavar="MM",
                         help=f"margin around the body box with --crop-body (default: {DEFAULT_CROP_MARGIN_MM})")
+    parser.add_argument("--fov-mm", type=float, nargs="?", const=DEFAULT_FOV_MM, default=None, metavar="MM",
+                        help="with --crop-body: crop instead to a square field of view of MM mm centred on the "
+                             "body's centroid (padded with air past the image), so every patient reaches the "
+                             f"network at MM / SIZE mm per pixel (MM default: {DEFAULT_FOV_MM}, measured on the "
+                             "real patients: docs/training.md)")
     return parser
 
 
@@ -317,14 +330,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     margin = DEFAULT_CROP_MARGIN_MM if args.crop_margin_mm is None else args.crop_margin_mm
     if args.crop_margin_mm is not None and not args.crop_body:
         parser.error("argument --crop-margin-mm: only with --crop-body")
+    if args.fov_mm is not None and not args.crop_body:
+        parser.error("argument --fov-mm: only with --crop-body")
+    if args.fov_mm is not None and args.crop_margin_mm is not None:
+        parser.error("argument --crop-margin-mm: not with --fov-mm (a field of view has no margin)")
     try:
         crop_settings(margin)
     except ValueError as exc:
         parser.error(f"argument --crop-margin-mm: {exc}")
+    try:
+        crop_settings(fov_mm=args.fov_mm)
+    except ValueError as exc:
+        parser.error(f"argument --fov-mm: {exc}")
     setup_logging(args.verbose)
     results = run_from_command_line(  # FileNotFoundError: no patient at all
         parser, run, usage_error=False, data_root=args.data_root, patients=args.patients, workers=args.workers,
-        overwrite=args.overwrite, window=window, size=args.size, crop_body=args.crop_body, crop_margin_mm=margin)
+        overwrite=args.overwrite, window=window, size=args.size, crop_body=args.crop_body, crop_margin_mm=margin,
+        fov_mm=args.fov_mm)
     if results is None:
         return 1
     print(summary_line("Phase 3", results, done_word="normalized"))

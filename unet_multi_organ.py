@@ -143,10 +143,11 @@ def preprocessing_from_cache(cache_dir: Path | str) -> dict[str, Any]:
     """The normalisation settings a model was trained with, read from the phase-3 outputs.
 
     ``cache_dir``: the training cache (``<root>/processed/training_cache``), every patient's ``meta.json``.
-    Returns ``{"window": [lo, hi] (HU), "size": int (pixels), "zscore": "per_patient", "crop": None or
-    {"method": "body", "threshold_hu": -500, "margin_mm": 10}}`` (each patient's box stays in its own
-    ``meta.json``). ``ValueError`` naming the folder when no ``meta.json`` is found, or two patients
-    when the cache mixes preprocessings.
+    Returns ``{"window": [lo, hi] (HU), "size": int (pixels), "zscore": "per_patient", "crop": None,
+    {"method": "body", "threshold_hu": -500, "margin_mm": 10} or {"method": "fov", "threshold_hu": -500,
+    "fov_mm": 380}}`` (``grid.crop_settings``; each patient's box stays in its own ``meta.json``).
+    ``ValueError`` naming the folder when no ``meta.json`` is found, or two patients when the cache
+    mixes preprocessings.
     """
     from thoracic_seg.grid import (
         crop_settings_of,  # the network grid's reader (numpy and torch only)

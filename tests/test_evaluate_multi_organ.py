@@ -446,14 +446,19 @@ def cropped_root(tmp_path_factory) -> Path:
     off-centre in an 80 x 72 field of view, normalised by phase 3 with --crop-body, 2 mm margin:
     a 32 px box enlarged 2x to 64 px. C-SAME is stored with a flipped y axis, C-FEET feet first,
     prone and transposed (ARI): the box is on the network's (LPS) grid."""
-    root = tmp_path_factory.mktemp("crop_root")
+    return _cropped_patients(tmp_path_factory.mktemp("crop_root"), 20, crop_body=True, crop_margin_mm=2)
+
+
+def _cropped_patients(root: Path, first_row: int, **crop) -> Path:
+    """C-SAME and C-FEET (see ``cropped_root``), their body in stored rows ``first_row`` to
+    ``first_row + 27``, normalised to 64 px by phase 3 with the ``crop`` options."""
     labels = np.zeros((10, 80, 72), np.uint8)
-    labels[:, 20:48, 30:58] = _phantom((10, 28, 28))
+    labels[:, first_row:first_row + 28, 30:58] = _phantom((10, 28, 28))
     body = np.zeros(labels.shape, bool)
-    body[:, 20:48, 30:58] = True
+    body[:, first_row:first_row + 28, 30:58] = True
     _write_patient(root, "C-SAME", labels, (1.0, 1.0, 3.0), ALL, body=body)
     _write_patient(root, "C-FEET", labels, (1.0, 1.0, 3.0), ALL, direction=FEET_FIRST_TRANSPOSED, body=body)
-    results = phase3.run(data_root=root, size=SIZE, crop_body=True, crop_margin_mm=2)
+    results = phase3.run(data_root=root, size=SIZE, **crop)
     assert [r.status for r in results] == [DONE] * 2, [r.message for r in results]
     return root
 
@@ -731,6 +736,33 @@ def test_perfect_model_on_a_cropped_cache_scores_dice_one_on_the_original_grid(c
     for patient in ("C-SAME", "C-FEET"):  # the 2x enlargement of the box is inverted exactly
         prediction = sitk.ReadImage(str(tmp_path / "run" / "evaluation" / "predictions" / f"{patient}.nii.gz"))
         assert same_geometry(prediction, sitk.ReadImage(str(layout.ct_nifti / f"{patient}.nii.gz")))
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.masks / f"{patient}.nii.gz")))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(prediction), truth)
+        assert {metrics[(patient, organs.structure(label).key)]["dice"] for label in range(1, 8)} == {"1"}
+
+
+FOV_32MM = {"method": "fov", "threshold_hu": -500, "fov_mm": 32}
+
+
+def test_perfect_model_on_a_field_of_view_cache_past_the_edge_scores_dice_one(tmp_path, monkeypatch):
+    """--crop-body --fov-mm 32 on a body (28 x 28 px of 1 mm) touching an edge of its 80 x 72 image:
+    a 32 px box reaching past the edge (padded with air), enlarged 2x to 64 px. Evaluation finds
+    the same box on each CT (the perfect model recognises every cached slice) and the labels come
+    back exactly, in both stored orientations."""
+    # the body in the last rows: LPS rows 0-27 after C-SAME's y flip
+    root = _cropped_patients(tmp_path / "fov_root", 52, crop_body=True, fov_mm=32)
+    # the body's centroid is about (13.5, 43.5) in LPS (C-FEET: its rows and columns swapped and
+    # reversed, 72 - 58 = 14 -> rows 14-41): the 32 px box starts 2 pixels before the image
+    assert read_cache_meta(root, "C-SAME")["crop"] == {**FOV_32MM, "box_yx": [-2, 28, 32]}
+    assert read_cache_meta(root, "C-FEET")["crop"] == {**FOV_32MM, "box_yx": [12, -2, 32]}
+    layout = DataLayout(root)
+    model = PerfectModel([layout.training_cache / p for p in ("C-SAME", "C-FEET")])
+    checkpoint = _stand_in_checkpoint(model, tmp_path, monkeypatch, crop=FOV_32MM)
+    results = ev.run(checkpoint=checkpoint, data_root=root, patients=["C-SAME", "C-FEET"], device="cpu")
+    assert [r.status for r in results] == [DONE, DONE], [r.message for r in results]
+    metrics = _read_metrics(tmp_path / "run" / "evaluation" / "metrics.csv")
+    for patient in ("C-SAME", "C-FEET"):
+        prediction = sitk.ReadImage(str(tmp_path / "run" / "evaluation" / "predictions" / f"{patient}.nii.gz"))
         truth = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.masks / f"{patient}.nii.gz")))
         np.testing.assert_array_equal(sitk.GetArrayFromImage(prediction), truth)
         assert {metrics[(patient, organs.structure(label).key)]["dice"] for label in range(1, 8)} == {"1"}

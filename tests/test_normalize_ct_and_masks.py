@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from conftest import write_mask_record
 
 import normalize_ct_and_masks as n3
-from thoracic_seg import organs
+from thoracic_seg import organs, precision
 from thoracic_seg.batch import DONE, FAILED, PARTIAL_DIR_NAME, SKIPPED, exit_status, write_nifti
 from thoracic_seg.grid import (
-    _AXIS_LETTERS, _bilinear_resize, apply_zscore, body_box, crop_box_of, crop_settings_of, crop_to_box,
+    _AXIS_LETTERS, DEFAULT_FOV_MM, _bilinear_resize, apply_zscore, body_box, body_centroid, box_for_crop,
+    crop_box_of, crop_settings, crop_settings_of, crop_to_box, describe_crop, fov_box, fov_box_at,
     from_network_orientation, network_shape_zyx, orientation_code, probabilities_to_ct_labels,
     resize_ct_slices, resize_labels_to_shape, resize_mask_slices, to_network_array, window_and_zscore,
 )
@@ -423,6 +424,121 @@ def test_crop_box_of_a_bad_box() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Field of view (--crop-body --fov-mm): a fixed size in mm, centred on the body
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("centre_yx, spacing_yx, fov_mm, expected", [
+    # 30 / 2 = 15 px; centre 19.5 is a pixel corner, an odd side is centred on a pixel: 20 (ties up)
+    ((19.5, 19.5), (2.0, 2.0), 30, (13, 13, 15)),
+    # an even side is centred between two pixels: 20 -> 20.5, rows 16-25
+    ((20.0, 30.0), (1.0, 1.0), 10, (16, 26, 10)),
+    # the default at the collection's 0.977 mm: floor(380 / 0.977 + 1/2) = 389 px, rows 62-450
+    ((256.0, 256.0), (0.977, 0.977), 380, (62, 62, 389)),
+    # 380 / 0.9765625 = 389.12: 389 px; 0.5 mm more is 389.63: 390 px, centred on 256.5 (rows 62-451)
+    ((256.0, 256.0), (0.9765625, 0.9765625), 380, (62, 62, 389)),
+    ((256.0, 256.0), (0.9765625, 0.9765625), 380.5, (62, 62, 390)),
+    # other spacings along y and x: the finer one decides (10 / 0.5 = 20 px; 10 mm along y, 20 along x)
+    ((10.0, 10.0), (0.5, 1.0), 10, (1, 1, 20)),
+    # near the top edge: the box starts 3 rows above the image (padded with air, not moved inside)
+    ((2.0, 40.0), (1.0, 1.0), 11, (-3, 35, 11)),
+    # wider than the image: both ends outside (rows -9 to 20, centred on 5.5)
+    ((5.0, 5.0), (1.0, 1.0), 30, (-9, -9, 30)),
+    # at least one pixel
+    ((3.4, 3.6), (1.0, 1.0), 0.1, (3, 4, 1)),
+])
+def test_fov_box_at_exact(centre_yx, spacing_yx, fov_mm, expected) -> None:
+    assert fov_box_at(centre_yx, spacing_yx, fov_mm) == expected
+
+
+def test_fov_box_is_centred_on_the_body_centroid_couch_and_all() -> None:
+    """The body (rows 10-19, cols 15-34: centroid 14.5, 24.5) and a 16 mm field of view at 1 mm:
+    rows 7-22, cols 17-32. A couch joined to the body drags the body box over the whole width;
+    the centroid moves by its share of the voxels only."""
+    hu = body_phantom()
+    assert body_centroid(hu) == (14.5, 24.5)
+    assert fov_box(hu, (1.0, 1.0), 16) == (7, 17, 16)
+    hu[:, 20:22, 0:60] = 100   # the couch top, touching the body's last row: 120 px against 200
+    # rows (200 x 14.5 + 60 x 20 + 60 x 21) / 320 = 16.75, cols (200 x 24.5 + 120 x 29.5) / 320 = 26.375
+    assert body_centroid(hu) == (16.75, 26.375)
+    assert fov_box(hu, (1.0, 1.0), 16) == (9, 19, 16)
+    assert body_box(hu, (1.0, 1.0), margin_mm=0) == (-14, 0, 60)   # rows 10-21, cols 0-59: the whole width
+    hu[:, 20:22, 0:60] = -600  # below the threshold it is not body; above -700 HU it is again
+    assert body_centroid(hu) == (14.5, 24.5) and body_centroid(hu, threshold_hu=-700) == (16.75, 26.375)
+    # the body at the top: rows 0-9, centroid 4.5, 20 px box from row -5 (5 rows of air above)
+    assert fov_box(body_phantom(rows=(0, 10)), (1.0, 1.0), 20) == (-5, 15, 20)
+
+
+def test_crop_settings_and_box_for_crop_of_a_field_of_view() -> None:
+    settings = crop_settings(fov_mm=360.0)
+    assert settings == {"method": "fov", "threshold_hu": -500, "fov_mm": 360}
+    assert crop_settings(5, -400, fov_mm=340.5) == {"method": "fov", "threshold_hu": -400, "fov_mm": 340.5}
+    assert describe_crop(settings) == "360 mm field of view on the body (> -500 HU)"
+    hu = body_phantom()
+    assert box_for_crop(hu, (1.0, 1.0), crop_settings(fov_mm=16)) == fov_box(hu, (1.0, 1.0), 16) == (7, 17, 16)
+    assert box_for_crop(hu, (1.0, 1.0), crop_settings(2)) == body_box(hu, (1.0, 1.0), margin_mm=2) == (3, 13, 24)
+    record = {"crop": {**settings, "box_yx": [-5, 17, 369]}}
+    assert crop_settings_of(record, "here") == settings and crop_box_of(record, "here") == (-5, 17, 369)
+
+
+@pytest.mark.parametrize("fov_mm", [0, -5, float("nan"), float("inf")])
+def test_a_field_of_view_must_be_positive(fov_mm) -> None:
+    match = rf"fov_mm \(the field of view\) must be a finite number > 0 mm, got {re.escape(repr(fov_mm))}"
+    with pytest.raises(ValueError, match=match):
+        crop_settings(fov_mm=fov_mm)
+    with pytest.raises(ValueError, match=match):
+        fov_box_at((5.0, 5.0), (1.0, 1.0), fov_mm)
+    with pytest.raises(ValueError, match=match):
+        fov_box(body_phantom(), (1.0, 1.0), fov_mm)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: fov_box(np.full((2, 8, 8), -1000, np.int16), (1, 1), 10),
+     r"no voxel above -500 HU \(max -1000 HU\): no body to crop to"),
+    (lambda: fov_box(np.zeros((8, 8)), (1, 1), 10), r"expected a non-empty \(Z, Y, X\) CT, got shape \(8, 8\)"),
+    (lambda: fov_box(np.zeros((1, 8, 8)), (1, -1), 10), r"spacing_yx must be two positive mm values, got \(1, -1\)"),
+    (lambda: fov_box_at((float("nan"), 1.0), (1, 1), 10), r"centre_yx must be two finite pixel coordinates"),
+    (lambda: body_centroid(np.zeros((1, 8, 8)), threshold_hu=float("nan")), "crop threshold must be a finite HU value"),
+])
+def test_fov_box_bad_arguments(call, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.parametrize("crop, match", [
+    ({"method": "fov", "threshold_hu": -500}, r"^here: invalid crop .*'fov_mm'"),
+    ({"method": "fov", "threshold_hu": -500, "fov_mm": None}, r"^here: invalid crop .*fov_mm is null"),
+    ({"method": "fov", "threshold_hu": -500, "fov_mm": -1}, r"^here: invalid crop .*must be a finite number > 0 mm"),
+    ({"method": "fov", "fov_mm": 360}, r"^here: invalid crop .*'threshold_hu'"),
+])
+def test_crop_settings_of_bad_field_of_view_records(crop, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        crop_settings_of({"crop": crop}, "here")
+
+
+@pytest.mark.parametrize("centre_yx, fov_mm, expected_box", [
+    ((110.0, 130.0), 200, (11, 31, 200)),     # inside the image
+    ((40.0, 130.0), 200, (-59, 31, 200)),     # 59 rows above the image
+    ((120.0, 130.0), 300, (-29, -19, 300)),   # wider and higher than the 240 x 260 image
+])
+def test_a_label_map_goes_through_a_field_of_view_and_back_to_its_place(centre_yx, fov_mm, expected_box) -> None:
+    """A lung-sized blob cropped with a field-of-view box (past the image edge too), resized to the
+    network grid (nearest neighbour, as phase 3) and mapped back (one-hot through the box, as
+    evaluation and prediction) lands where it was: Dice > 0.99 (0.9996, 0.9996 and 0.9966)."""
+    cy, cx = centre_yx
+    yy, xx = np.mgrid[:240, :260]
+    body = ((yy - cy) / 45) ** 2 + ((xx - cx) / 90) ** 2 <= 1
+    lung = ((yy - cy + 5) / 60) ** 2 + ((xx - cx + 30) / 45) ** 2 <= 1   # cut by the image in the 2nd case
+    hu = np.where(body, 40, -1000).astype(np.int16)[None].repeat(2, axis=0)
+    labels = np.where(lung, organs.RIGHT_LUNG, organs.BACKGROUND).astype(np.uint8)[None].repeat(2, axis=0)
+    box = fov_box(hu, (1.0, 1.0), fov_mm)
+    assert box == expected_box
+    small = resize_mask_slices(crop_to_box(labels, box), 256)   # pixels of 0.78 and 1.17 mm
+    back = probabilities_to_ct_labels(_one_hot(small), labels.shape[1:], box_yx=box)
+    assert back.shape == labels.shape and set(np.unique(back)) == {0, organs.RIGHT_LUNG}
+    dice = 2 * np.sum((back == 3) & lung) / (np.sum(back == 3) + 2 * np.sum(lung))
+    assert dice > 0.99, dice
+
+
+# --------------------------------------------------------------------------------------------
 # Geometry: the resized grid covers the same physical extent
 # --------------------------------------------------------------------------------------------
 def corners_and_centre(image: sitk.Image) -> np.ndarray:
@@ -525,34 +641,49 @@ def test_run_with_crop_body_records_the_box_and_overlays_the_ct(data_root) -> No
     layout = DataLayout(data_root)
     normalization = json.loads((layout.normalized_ct / "normalization.json").read_text())
     for pid, stored, box in (("P1", "LPS", (-3, 1, 46)), ("P2", "ALS", (1, -3, 46))):
-        ct_network, _ = to_network_orientation(sitk.ReadImage(str(layout.ct_nifti / f"{pid}.nii.gz")))
-        mask = sitk.ReadImage(str(layout.masks / f"{pid}.nii.gz"))
-        hu = sitk.GetArrayFromImage(ct_network)
-        labels = to_network_array(sitk.GetArrayFromImage(mask), stored)
-        spacing_x, spacing_y = ct_network.GetSpacing()[:2]
-        assert body_box(hu, (spacing_y, spacing_x), margin_mm=2) == box
+        hu, spacing_yx = _network_ct(layout, pid)
+        assert body_box(hu, spacing_yx, margin_mm=2) == box
         meta = read_cache_meta(data_root, pid)
         assert meta["crop"] == {"method": "body", "threshold_hu": -500, "margin_mm": 2, "box_yx": list(box)}
         assert normalization[pid]["crop"] == meta["crop"]
-        zscored, mean, std = window_and_zscore(hu)
-        assert (meta["mean"], meta["std"]) == (mean, std)  # statistics of the whole windowed volume
         assert meta["shape_zyx"] == [6, 32, 32] and meta["original_shape_zyx"] == [6, 40, 48]
+        _assert_outputs_are_the_box_of_the_ct(layout, pid, stored, box)
 
-        norm_ct = sitk.ReadImage(str(layout.normalized_ct / f"{pid}.nii.gz"))
-        norm_mask = sitk.ReadImage(str(layout.normalized_masks / f"{pid}.nii.gz"))
-        air = np.float32((-1000 - mean) / std)
-        expected_ct = resize_ct_slices(crop_to_box(zscored, box, fill=air), 32)
-        np.testing.assert_allclose(sitk.GetArrayFromImage(norm_ct), expected_ct, atol=1e-5)
-        assert sitk.GetArrayFromImage(norm_ct)[:, 0, 0] == pytest.approx(air, abs=1e-5)  # padded with air
-        expected_mask = resize_mask_slices(crop_to_box(labels, box), 32)
-        np.testing.assert_array_equal(sitk.GetArrayFromImage(norm_mask), expected_mask)
-        np.testing.assert_array_equal(np.load(layout.training_cache / pid / "mask.npy"), expected_mask)
-        assert norm_ct.GetSpacing() == pytest.approx((spacing_x * 46 / 32, spacing_y * 46 / 32, 3.0))
-        for image in (norm_ct, norm_mask):  # the normalized volumes cover the box, on the CT
-            np.testing.assert_allclose(corners_and_centre(image), box_corners_mm(ct_network, box), atol=1e-4)
-        for label in (organs.RIGHT_LUNG, organs.LEFT_LUNG, organs.HEART):
-            assert np.abs(centre_of_mass_mm(norm_mask, label) - centre_of_mass_mm(mask, label)).max() \
-                < max(norm_mask.GetSpacing()[:2]) / 2
+
+def _network_ct(layout: DataLayout, pid: str) -> tuple[np.ndarray, tuple[float, float]]:
+    """(HU (Z, Y, X) in the network's orientation, (spacing y, spacing x) mm) of phase 2's CT."""
+    ct_network, _ = to_network_orientation(sitk.ReadImage(str(layout.ct_nifti / f"{pid}.nii.gz")))
+    spacing_x, spacing_y = ct_network.GetSpacing()[:2]
+    return sitk.GetArrayFromImage(ct_network), (spacing_y, spacing_x)
+
+
+def _assert_outputs_are_the_box_of_the_ct(layout: DataLayout, pid: str, stored: str, box) -> None:
+    """Phase 3's outputs of a cropped patient (32 px) are its CT and label map cropped to ``box`` (air
+    and background past the image), z-scored with the whole volume's statistics and resized, and
+    the normalized NIfTIs lie on the box, over the CT."""
+    ct_network, _ = to_network_orientation(sitk.ReadImage(str(layout.ct_nifti / f"{pid}.nii.gz")))
+    mask = sitk.ReadImage(str(layout.masks / f"{pid}.nii.gz"))
+    hu = sitk.GetArrayFromImage(ct_network)
+    labels = to_network_array(sitk.GetArrayFromImage(mask), stored)
+    zscored, mean, std = window_and_zscore(hu)
+    meta = read_cache_meta(layout.root, pid)
+    assert (meta["mean"], meta["std"]) == (mean, std)  # statistics of the whole windowed volume
+    norm_ct = sitk.ReadImage(str(layout.normalized_ct / f"{pid}.nii.gz"))
+    norm_mask = sitk.ReadImage(str(layout.normalized_masks / f"{pid}.nii.gz"))
+    air = np.float32((-1000 - mean) / std)
+    expected_ct = resize_ct_slices(crop_to_box(zscored, box, fill=air), 32)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(norm_ct), expected_ct, atol=1e-5)
+    assert sitk.GetArrayFromImage(norm_ct)[:, 0, 0] == pytest.approx(air, abs=1e-5)  # padded with air
+    expected_mask = resize_mask_slices(crop_to_box(labels, box), 32)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(norm_mask), expected_mask)
+    np.testing.assert_array_equal(np.load(layout.training_cache / pid / "mask.npy"), expected_mask)
+    spacing_x, spacing_y = ct_network.GetSpacing()[:2]
+    assert norm_ct.GetSpacing() == pytest.approx((spacing_x * box[2] / 32, spacing_y * box[2] / 32, 3.0))
+    for image in (norm_ct, norm_mask):  # the normalized volumes cover the box, on the CT
+        np.testing.assert_allclose(corners_and_centre(image), box_corners_mm(ct_network, box), atol=1e-4)
+    for label in (organs.RIGHT_LUNG, organs.LEFT_LUNG, organs.HEART):
+        assert np.abs(centre_of_mass_mm(norm_mask, label) - centre_of_mass_mm(mask, label)).max() \
+            < max(norm_mask.GetSpacing()[:2]) / 2
 
 
 def test_rerun_with_other_crop_settings_is_refused(data_root) -> None:
@@ -570,6 +701,55 @@ def test_rerun_with_other_crop_settings_is_refused(data_root) -> None:
     results = n3.run(data_root=data_root, size=32, crop_body=True, crop_margin_mm=2, patients=["P2"])
     assert results[0].message == ("P2: outputs exist with no crop, this run asks for body crop (> -500 HU, "
                                   "margin 2 mm); pass --overwrite to redo them")
+
+
+def test_run_with_a_field_of_view_records_the_box_pads_past_the_edges_and_overlays_the_ct(data_root) -> None:
+    """--crop-body --fov-mm 40: 40 / 0.8 = 50 px (the finer of 0.8 and 0.9 mm), more than the 40 x 48
+    image. P1's body (rows 4-35, cols 4-43, lungs cut out symmetrically) has its centroid at
+    (19.5, 23.5): rows -5 to 44, cols -1 to 48, air all round. P2 is stored ALS: (23.5, 19.5) in LPS.
+    The predictor, given the checkpoint's settings, finds the same box on the same CT."""
+    from thoracic_seg.inference import Predictor
+
+    results = n3.run(data_root=data_root, size=32, crop_body=True, fov_mm=40)
+    assert [(r.patient_id, r.status) for r in results] == [("P1", DONE), ("P2", DONE)]
+    assert results[0].message.endswith("field-of-view box (y0, x0, side) (-5, -1, 50)")
+    layout = DataLayout(data_root)
+    normalization = json.loads((layout.normalized_ct / "normalization.json").read_text())
+    settings = {"method": "fov", "threshold_hu": -500, "fov_mm": 40}
+    predictor = Predictor(torch.nn.Identity(), Path("fov.pth"), torch.device("cpu"), precision.FLOAT32,
+                          batch_size=4, window=(-1000.0, 400.0), size=32, crop=dict(settings))
+    for pid, stored, box in (("P1", "LPS", (-5, -1, 50)), ("P2", "ALS", (-1, -5, 50))):
+        hu, spacing_yx = _network_ct(layout, pid)
+        assert fov_box(hu, spacing_yx, 40) == box
+        meta = read_cache_meta(data_root, pid)
+        assert meta["crop"] == {**settings, "box_yx": list(box)} and normalization[pid]["crop"] == meta["crop"]
+        assert crop_settings_of(meta, "meta") == settings and crop_box_of(meta, "meta") == box
+        assert predictor.crop_box(hu, spacing_yx) == box      # prediction's box = phase 3's
+        cached = np.load(layout.training_cache / pid / "ct.npy").astype(np.float32)
+        np.testing.assert_allclose(predictor.preprocess(hu, box), cached, atol=4e-3)   # float16 cache
+        _assert_outputs_are_the_box_of_the_ct(layout, pid, stored, box)   # 50 px of 0.8 and 0.9 mm in 32
+
+
+def test_rerun_with_another_field_of_view_is_refused_and_fov_needs_the_crop(data_root) -> None:
+    n3.run(data_root=data_root, size=32, crop_body=True, fov_mm=40)
+    assert [r.status for r in n3.run(data_root=data_root, size=32, crop_body=True, fov_mm=40.0)] == [SKIPPED] * 2
+    for kwargs, asked in (({"crop_body": True, "fov_mm": 50}, "50 mm field of view on the body (> -500 HU)"),
+                          ({"crop_body": True}, "body crop (> -500 HU, margin 10 mm)")):
+        results = n3.run(data_root=data_root, size=32, patients=["P1"], **kwargs)
+        assert results[0].status == FAILED
+        assert results[0].message == ("P1: outputs exist with 40 mm field of view on the body (> -500 HU), this run "
+                                      f"asks for {asked}; pass --overwrite to redo them")
+    with pytest.raises(ValueError, match=r"fov_mm=40 crops to a field of view on the body: it needs crop_body=True"):
+        n3.run(data_root=data_root, size=32, fov_mm=40)
+    with pytest.raises(ValueError, match=r"fov_mm \(the field of view\) must be a finite number > 0 mm, got 0"):
+        n3.run(data_root=data_root, size=32, crop_body=True, fov_mm=0)
+
+
+def test_main_fov_mm_without_a_value_takes_the_default(data_root, capsys) -> None:
+    assert n3.main(["--data-root", str(data_root), "--size", "32", "--crop-body", "--fov-mm", "--patients", "P1"]) == 0
+    assert read_cache_meta(data_root, "P1")["crop"] == {"method": "fov", "threshold_hu": -500, "fov_mm": DEFAULT_FOV_MM,
+                                                        "box_yx": [-217, -213, 475]}   # 380 / 0.8 = 475 px
+    assert "Phase 3: 1 normalized, 0 skipped, 0 failed" in capsys.readouterr().out
 
 
 def centre_of_mass_mm(image: sitk.Image, label: int) -> np.ndarray:
@@ -774,6 +954,15 @@ def test_bad_patient_fails_cleanly_and_others_are_done(tmp_path) -> None:
     (["--crop-margin-mm", "5"], "argument --crop-margin-mm: only with --crop-body"),
     (["--crop-body", "--crop-margin-mm", "-1"],
      "argument --crop-margin-mm: crop margin must be a finite number >= 0 mm, got -1.0"),
+    (["--fov-mm", "360"], "argument --fov-mm: only with --crop-body"),
+    (["--fov-mm"], "argument --fov-mm: only with --crop-body"),
+    (["--crop-body", "--fov-mm", "0"],
+     "argument --fov-mm: fov_mm (the field of view) must be a finite number > 0 mm, got 0.0"),
+    (["--crop-body", "--fov-mm", "-360"],
+     "argument --fov-mm: fov_mm (the field of view) must be a finite number > 0 mm, got -360.0"),
+    (["--crop-body", "--fov-mm", "wide"], "argument --fov-mm: invalid float value: 'wide'"),
+    (["--crop-body", "--fov-mm", "360", "--crop-margin-mm", "5"],
+     "argument --crop-margin-mm: not with --fov-mm (a field of view has no margin)"),
 ])
 def test_invalid_arguments_give_one_line_errors(args, message, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -871,6 +1060,47 @@ def test_real_patients_split_and_load(real_processed, tmp_path) -> None:
         np.testing.assert_array_equal(item["image"][0].numpy(), ct[i].astype(np.float32))
         np.testing.assert_array_equal(item["mask"].numpy(), mask[i])
     assert ds.slice_has_label(organs.GTV).sum() == np.count_nonzero((mask == organs.GTV).any(axis=(1, 2)))
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_real_patients_field_of_view_keeps_every_organ_and_maps_back(real_processed, tmp_path) -> None:
+    """The default field of view (380 mm, 389 px of 0.977 mm) around the body centroid holds every
+    lung, heart, esophagus and cord voxel of both real patients, where the body box spans 449-463 mm
+    (couch and arms included); phase 3 with it gives 1.48 mm pixels and the lungs come back
+    through the box at Dice > 0.99 (benchmarks/bench_crop_fov.py measures all six patients)."""
+    root, _ = real_processed
+    layout = DataLayout(root)
+    expected = {"LUNG1-005": ((57, 47, 389), 474), "LUNG1-010": ((78, 107, 389), 460)}
+    for pid, (box, body_side) in expected.items():
+        ct, stored = to_network_orientation(sitk.ReadImage(str(layout.ct_nifti / f"{pid}.nii.gz")))
+        hu = sitk.GetArrayFromImage(ct)
+        labels = to_network_array(sitk.GetArrayFromImage(sitk.ReadImage(str(layout.masks / f"{pid}.nii.gz"))), stored)
+        spacing_yx = ct.GetSpacing()[1::-1]
+        assert fov_box(hu, spacing_yx) == box and body_box(hu, spacing_yx)[2] == body_side
+        y0, x0, side = box
+        inside = np.zeros(labels.shape[1:], bool)
+        inside[max(y0, 0):y0 + side, max(x0, 0):x0 + side] = True
+        for label in (organs.RIGHT_LUNG, organs.LEFT_LUNG, organs.HEART, organs.ESOPHAGUS, organs.SPINAL_CORD):
+            assert (labels == label).any() and not (labels[:, ~inside] == label).any(), (pid, label)
+
+    fov_root = DataLayout(tmp_path / "DATA")
+    fov_root.ct_nifti.parent.mkdir(parents=True)
+    fov_root.ct_nifti.symlink_to(layout.ct_nifti, target_is_directory=True)
+    fov_root.masks.symlink_to(layout.masks, target_is_directory=True)
+    [result] = n3.run(data_root=fov_root.root, patients=["LUNG1-010"], crop_body=True, fov_mm=DEFAULT_FOV_MM)
+    assert result.status == DONE, result.message
+    meta = read_cache_meta(fov_root.root, "LUNG1-010")
+    assert meta["crop"] == {"method": "fov", "threshold_hu": -500, "fov_mm": 380, "box_yx": [78, 107, 389]}
+    norm_mask = sitk.ReadImage(str(fov_root.normalized_masks / "LUNG1-010.nii.gz"))
+    assert norm_mask.GetSpacing()[:2] == pytest.approx((389 * 0.977 / 256,) * 2, abs=1e-6)
+    small = np.load(fov_root.training_cache / "LUNG1-010" / "mask.npy")[::6]
+    ct, stored = to_network_orientation(sitk.ReadImage(str(layout.ct_nifti / "LUNG1-010.nii.gz")))
+    truth = to_network_array(sitk.GetArrayFromImage(sitk.ReadImage(str(layout.masks / "LUNG1-010.nii.gz"))), stored)[::6]
+    back = probabilities_to_ct_labels(_one_hot(small), truth.shape[1:], box_yx=(78, 107, 389), batch_size=4)
+    for label in (organs.RIGHT_LUNG, organs.LEFT_LUNG):
+        dice = 2 * np.sum((back == label) & (truth == label)) / (np.sum(back == label) + np.sum(truth == label))
+        assert dice > 0.99, (label, dice)
 
 
 def test_phase_2_5_rerun_with_another_margin_then_phase_3_recomputes_once(synthetic_cohort, tmp_path) -> None:

@@ -743,6 +743,30 @@ def test_a_crop_checkpoint_needs_the_box_and_the_spacing(tmp_path):
     assert predictor.segment(hu, spacing_yx=(2.0, 2.0)).shape == (2, 40, 40)
 
 
+def test_a_field_of_view_checkpoint_crops_every_ct_to_its_mm_and_pastes_back_past_the_edge(tmp_path):
+    """A checkpoint trained with --crop-body --fov-mm 100 (phase 3's settings in its preprocessing):
+    the predictor recomputes the box on each CT by grid.box_for_crop, 50 px at 2 mm and 100 px at 1 mm,
+    centred on the body's centroid and past the image edge; labels outside the box are background."""
+    from thoracic_seg.grid import fov_box
+
+    fov = {"method": "fov", "threshold_hu": -500, "fov_mm": 100}
+    predictor = Predictor.load(save_checkpoint(tmp_path / "fov.pth", preprocessing={**PREPROCESSING, "crop": fov}),
+                               device="cpu", batch_size=2)
+    assert predictor.crop == fov and "100 mm field of view on the body (> -500 HU)" in predictor.describe()
+    hu = np.full((2, 40, 60), -1000, np.int16)
+    hu[:, 0:20, 10:50] = np.random.default_rng(3).normal(40, 200, (2, 20, 40)).clip(-400, 400)  # rows 0-19
+    assert predictor.crop_box(hu, (2.0, 2.0)) == fov_box(hu, (2.0, 2.0), 100) == (-15, 5, 50)  # centroid (9.5, 29.5)
+    assert predictor.crop_box(hu, (1.0, 1.0)) == (-40, -20, 100)
+    labels = predictor.segment(hu, spacing_yx=(2.0, 2.0))
+    assert labels.shape == (2, 40, 60) and len(np.unique(labels)) >= 2
+    assert not labels[:, 35:].any() and not labels[:, :, :5].any() and not labels[:, :, 55:].any()
+    with pytest.raises(ValueError, match=r"fov.pth crops to the body \(100 mm field of view .*\): the pixel spacing"):
+        predictor.segment(hu)
+    bad = save_checkpoint(tmp_path / "bad.pth", preprocessing={**PREPROCESSING, "crop": {**fov, "fov_mm": 0}})
+    with pytest.raises(CheckpointError, match=r"bad.pth: invalid preprocessing .*fov_mm \(the field of view\) must be"):
+        Predictor.load(bad, device="cpu")
+
+
 # --------------------------------------------------------------------------------------------
 # The one inference function: ensembles and probabilities on the CT grid
 # --------------------------------------------------------------------------------------------

@@ -161,7 +161,8 @@ def test_preprocessing_is_read_from_the_cache_meta(tmp_path):
 
 def test_preprocessing_carries_the_crop_settings_and_refuses_a_mixed_cache(tmp_path):
     """Phase 3's --crop-body settings (not the per-patient box) go into the checkpoint; a cache
-    where some patients were cropped and others not (or with another margin) is refused."""
+    where some patients were cropped and others not (or with another margin, or to a field of
+    view) is refused."""
     cache = tmp_path / "training_cache"
     crop = {"method": "body", "threshold_hu": -500, "margin_mm": 10}
     for patient, box in (("P1", [3, 13, 24]), ("P2", [0, 5, 40])):
@@ -184,6 +185,17 @@ def test_preprocessing_carries_the_crop_settings_and_refuses_a_mixed_cache(tmp_p
     (cache / "P3" / "meta.json").write_text(json.dumps({"window": [-1000, 400], "size": 32, "crop": {"method": "ring"}}))
     with pytest.raises(ValueError, match=r"P3/meta.json: unknown crop \{'method': 'ring'\}"):
         preprocessing_from_cache(cache)
+    fov = {"method": "fov", "threshold_hu": -500, "fov_mm": 380}   # --crop-body --fov-mm: another crop
+    (cache / "P3" / "meta.json").write_text(json.dumps(
+        {"window": [-1000, 400], "size": 32, "crop": {**fov, "box_yx": [-5, 12, 389]}}))
+    with pytest.raises(ValueError, match=r"P1 has .*body crop \(> -500 HU, margin 10 mm\), P3 has .*size 32, "
+                                         r"380 mm field of view on the body \(> -500 HU\); re-run"):
+        preprocessing_from_cache(cache)
+    for patient in ("P1", "P2"):
+        (cache / patient / "meta.json").write_text(json.dumps(
+            {"window": [-1000, 400], "size": 32, "crop": {**fov, "box_yx": [60, 70, 389]}}))
+    assert preprocessing_from_cache(cache) == {
+        "window": [-1000.0, 400.0], "size": 32, "zscore": "per_patient", "crop": fov}
 
 
 def test_resolve_device_never_falls_back_silently(monkeypatch):

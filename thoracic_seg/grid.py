@@ -1,7 +1,8 @@
 """The network grid: how a CT volume reaches the network and how labels go back to the CT grid.
 
 Window and per-patient z-score, orientation (every volume reaches the network head-first supine,
-``LPS``, by exact flips and transposes), the optional body crop, the in-plane resize to S x S and its
+``LPS``, by exact flips and transposes), the optional crop (the body's box or a fixed field of view
+centred on the body: :func:`box_for_crop`), the in-plane resize to S x S and its
 inverse (:func:`probabilities_to_ct_labels`), and the slice context of 2.5D inputs. Phase 3,
 training, evaluation and prediction all use these functions; numpy and torch only.
 """
@@ -32,8 +33,14 @@ _SLICES_PER_CHUNK = 32  # bounds the float32 working memory of the resize
 #: ``--crop-body``: the in-plane box of the body (the largest 3D connected component above
 #: ``threshold_hu``), widened by ``margin_mm`` and made square. Off by default.
 CROP_METHOD = "body"
+#: ``--crop-body --fov-mm MM``: a square field of view of MM mm centred on the body's centroid
+#: (:func:`fov_box`), so every patient reaches the network at MM / S mm per pixel.
+FOV_CROP_METHOD = "fov"
 DEFAULT_CROP_THRESHOLD_HU = -500  # between lung (about -850 HU) and soft tissue: the body wall
 DEFAULT_CROP_MARGIN_MM = 10
+#: The largest field of view that lungs, heart, esophagus and cord needed around the body centroid on
+#: the six real patients was 339 mm (benchmarks/bench_crop_fov.py): 380 leaves 20 mm a side to spare.
+DEFAULT_FOV_MM = 380
 AIR_HU = -1000  # what a box reaching beyond the image is padded with (before the window)
 
 
@@ -104,33 +111,47 @@ def _zscore_clipped(clipped: np.ndarray, mean: float, std: float) -> np.ndarray:
 
 
 def crop_settings(margin_mm: float = DEFAULT_CROP_MARGIN_MM,
-                  threshold_hu: float = DEFAULT_CROP_THRESHOLD_HU) -> dict[str, Any]:
-    """The record of a body crop: ``{"method": "body", "threshold_hu": -500, "margin_mm": 10}``.
+                  threshold_hu: float = DEFAULT_CROP_THRESHOLD_HU, *, fov_mm: float | None = None) -> dict[str, Any]:
+    """The record of a crop: ``{"method": "body", "threshold_hu": -500, "margin_mm": 10}`` (the body's
+    box, :func:`body_box`), or with ``fov_mm`` ``{"method": "fov", "threshold_hu": -500, "fov_mm": 380}``
+    (a field of view of ``fov_mm`` mm centred on the body, :func:`fov_box`; ``margin_mm`` is not used).
 
     Phase 3 writes it (with the patient's ``box_yx``) into ``meta.json`` and ``normalization.json``,
-    training copies it (without the box) into the checkpoint's ``preprocessing``. ``ValueError``
-    for a negative or non-finite margin (mm) or a non-finite threshold (HU).
+    training copies it (without the box) into the checkpoint's ``preprocessing``; :func:`box_for_crop`
+    turns it into a CT's box. ``ValueError`` for a negative or non-finite margin (mm), a ``fov_mm`` that
+    is not a finite number > 0 (mm) or a non-finite threshold (HU).
     """
-    margin, threshold = float(margin_mm), float(threshold_hu)
-    if not (math.isfinite(margin) and margin >= 0):
-        raise ValueError(f"crop margin must be a finite number >= 0 mm, got {margin_mm!r}")
+    threshold = float(threshold_hu)
     if not math.isfinite(threshold):
         raise ValueError(f"crop threshold must be a finite HU value, got {threshold_hu!r}")
+    if fov_mm is not None:
+        fov = float(fov_mm)
+        if not (math.isfinite(fov) and fov > 0):
+            raise ValueError(f"fov_mm (the field of view) must be a finite number > 0 mm, got {fov_mm!r}")
+        return {"method": FOV_CROP_METHOD, "threshold_hu": plain_number(threshold), "fov_mm": plain_number(fov)}
+    margin = float(margin_mm)
+    if not (math.isfinite(margin) and margin >= 0):
+        raise ValueError(f"crop margin must be a finite number >= 0 mm, got {margin_mm!r}")
     return {"method": CROP_METHOD, "threshold_hu": plain_number(threshold), "margin_mm": plain_number(margin)}
 
 
 def crop_settings_of(record: Mapping[str, Any], where: str) -> dict[str, Any] | None:
-    """The crop settings (method, threshold, margin; no box) of a phase-3 record (``meta.json``,
+    """The crop settings (:func:`crop_settings`; no box) of a phase-3 record (``meta.json``,
     ``normalization.json``) or of a checkpoint's ``preprocessing``; None when it crops nothing
-    (``"crop": null``, or a record written before the option). ``ValueError`` naming ``where``
-    for another method or invalid values."""
+    (``"crop": null``, or a record written before the option). A record without ``method: "fov"``
+    is the body box, as before. ``ValueError`` naming ``where`` for another method or invalid values."""
     crop = record.get("crop")
     if crop is None:
         return None
-    if not isinstance(crop, Mapping) or crop.get("method") != CROP_METHOD:
+    method = crop.get("method") if isinstance(crop, Mapping) else None
+    if method not in (CROP_METHOD, FOV_CROP_METHOD):
         raise ValueError(f"{where}: unknown crop {crop!r}; this version knows "
-                         f"{{'method': '{CROP_METHOD}', ...}} or none")
+                         f"{{'method': '{CROP_METHOD}', ...}}, {{'method': '{FOV_CROP_METHOD}', ...}} or none")
     try:
+        if method == FOV_CROP_METHOD:
+            if crop["fov_mm"] is None:
+                raise TypeError("fov_mm is null")
+            return crop_settings(threshold_hu=crop["threshold_hu"], fov_mm=crop["fov_mm"])
         return crop_settings(crop["margin_mm"], crop["threshold_hu"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{where}: invalid crop {dict(crop)}: {exc}") from None
@@ -150,10 +171,47 @@ def crop_box_of(record: Mapping[str, Any], where: str) -> tuple[int, int, int] |
 
 
 def describe_crop(crop: Mapping[str, Any] | None) -> str:
-    """``body crop (> -500 HU, margin 10 mm)`` or ``no crop``, for messages."""
+    """``body crop (> -500 HU, margin 10 mm)``, ``380 mm field of view on the body (> -500 HU)`` or
+    ``no crop``, for messages."""
     if crop is None:
         return "no crop"
+    if crop.get("method") == FOV_CROP_METHOD:
+        return f"{crop['fov_mm']} mm field of view on the body (> {crop['threshold_hu']} HU)"
     return f"body crop (> {crop['threshold_hu']} HU, margin {crop['margin_mm']} mm)"
+
+
+def box_for_crop(hu_zyx: np.ndarray, spacing_yx: Sequence[float], crop: Mapping[str, Any]) -> tuple[int, int, int]:
+    """The box ``(y0, x0, side)`` that the crop settings ``crop`` (:func:`crop_settings`) give a CT
+    ``hu_zyx`` (Z, Y, X) HU in the network's orientation, pixel spacing ``spacing_yx`` mm: :func:`body_box`
+    or :func:`fov_box`. Phase 3 records it; ``inference.Predictor.crop_box`` recomputes it on a new CT.
+    ``ValueError`` as those functions (no body, a bad volume, spacing or setting)."""
+    if crop.get("method") == FOV_CROP_METHOD:
+        return fov_box(hu_zyx, spacing_yx, crop["fov_mm"], crop["threshold_hu"])
+    return body_box(hu_zyx, spacing_yx, crop["threshold_hu"], crop["margin_mm"])
+
+
+def _check_ct(hu_zyx: np.ndarray) -> np.ndarray:
+    hu = np.asarray(hu_zyx)
+    if hu.ndim != 3 or hu.size == 0:
+        raise ValueError(f"expected a non-empty (Z, Y, X) CT, got shape {hu.shape}")
+    return hu
+
+
+def _check_spacing(spacing_yx: Sequence[float]) -> list[float]:
+    spacing = [float(v) for v in spacing_yx]
+    if len(spacing) != 2 or not all(math.isfinite(v) and v > 0 for v in spacing):
+        raise ValueError(f"spacing_yx must be two positive mm values, got {tuple(spacing_yx)}")
+    return spacing
+
+
+def _body_component(hu: np.ndarray, threshold_hu: float) -> tuple[np.ndarray, int]:
+    """(labelled 6-connected components above ``threshold_hu``, the largest one's label)."""
+    components, count = ndimage.label(hu > threshold_hu)
+    if count == 0:
+        raise ValueError(f"no voxel above {threshold_hu} HU (max {hu.max()} HU): no body to crop to")
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return components, int(np.argmax(sizes))
 
 
 def body_box(
@@ -164,26 +222,17 @@ def body_box(
     in the network's orientation; ``spacing_yx`` in mm (rows, columns).
 
     The body is the largest 3D 6-connected component above ``threshold_hu`` (the couch and stray bright
-    voxels are left out), widened by ``ceil(margin_mm / spacing)`` pixels per side, cut at the border.
-    The box (rows ``y0 .. y0 + side - 1``, columns ``x0 .. x0 + side - 1``) is square so a resize to
-    S x S keeps the pixel aspect: the shorter side is widened equally on both sides, the extra pixel
-    after. Where the square fits it is shifted inside (``0 <= y0 <= Y - side``); where it does not (a
-    non-square image) it reaches beyond the axis (``Y - side <= y0 <= 0``): :func:`crop_to_box` pads air.
-    ``ValueError``: no voxel above ``threshold_hu`` (no body), or a bad volume or spacing.
+    voxels are left out when they do not touch the body), widened by ``ceil(margin_mm / spacing)`` pixels
+    per side, cut at the border. The box (rows ``y0 .. y0 + side - 1``, columns ``x0 .. x0 + side - 1``) is
+    square so a resize to S x S keeps the pixel aspect: the shorter side is widened equally on both sides,
+    the extra pixel after. Where the square fits it is shifted inside (``0 <= y0 <= Y - side``); where it
+    does not (a non-square image) it reaches beyond the axis (``Y - side <= y0 <= 0``): :func:`crop_to_box`
+    pads air. ``ValueError``: no voxel above ``threshold_hu`` (no body), or a bad volume or spacing.
     """
-    hu = np.asarray(hu_zyx)
-    if hu.ndim != 3 or hu.size == 0:
-        raise ValueError(f"expected a non-empty (Z, Y, X) CT, got shape {hu.shape}")
-    spacing = [float(v) for v in spacing_yx]
-    if len(spacing) != 2 or not all(math.isfinite(v) and v > 0 for v in spacing):
-        raise ValueError(f"spacing_yx must be two positive mm values, got {tuple(spacing_yx)}")
+    hu, spacing = _check_ct(hu_zyx), _check_spacing(spacing_yx)
     settings = crop_settings(margin_mm, threshold_hu)
-    components, count = ndimage.label(hu > settings["threshold_hu"])
-    if count == 0:
-        raise ValueError(f"no voxel above {settings['threshold_hu']} HU (max {hu.max()} HU): no body to crop to")
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    _, rows, cols = ndimage.find_objects(components, max_label=int(np.argmax(sizes)))[-1]
+    components, label = _body_component(hu, settings["threshold_hu"])
+    _, rows, cols = ndimage.find_objects(components, max_label=label)[-1]
     del components
     shape = hu.shape[1:]
     lows, highs = [], []
@@ -197,6 +246,57 @@ def body_box(
         start = low - (side - (high - low)) // 2
         starts.append(int(np.clip(start, min(0, n - side), max(0, n - side))))
     return starts[0], starts[1], int(side)
+
+
+def body_centroid(hu_zyx: np.ndarray, threshold_hu: float = DEFAULT_CROP_THRESHOLD_HU) -> tuple[float, float]:
+    """``(row, column)`` (pixels, float) of the in-plane centroid of the body of a CT ``hu_zyx`` (Z, Y, X)
+    HU: the mean position of every voxel of the largest 3D 6-connected component above ``threshold_hu``,
+    over all slices. The couch top and the arms often join that component (then :func:`body_box` hardly
+    crops), but they are thin beside the trunk: on six real patients the centroid needed a smaller field
+    of view than the body box's centre (benchmarks/bench_crop_fov.py). ``ValueError``: no body."""
+    hu = _check_ct(hu_zyx)
+    components, label = _body_component(hu, crop_settings(threshold_hu=threshold_hu)["threshold_hu"])
+    body = components == label
+    del components
+    rows = body.sum(axis=(0, 2), dtype=np.int64)
+    cols = body.sum(axis=(0, 1), dtype=np.int64)
+    total = int(rows.sum())
+    return (float(rows @ np.arange(len(rows), dtype=np.int64)) / total,
+            float(cols @ np.arange(len(cols), dtype=np.int64)) / total)
+
+
+def fov_box_at(centre_yx: Sequence[float], spacing_yx: Sequence[float], fov_mm: float) -> tuple[int, int, int]:
+    """The square box ``(y0, x0, side)`` (pixels) of a ``fov_mm`` mm field of view centred on ``centre_yx``
+    (row, column; pixels, pixel centres at integers) of a grid of pixel spacing ``spacing_yx`` mm.
+
+    ``side = floor(fov_mm / spacing + 1/2)`` pixels, with the finer spacing where they differ (the box
+    covers at least about ``fov_mm`` both ways), at least 1. The box's centre ``y0 + (side - 1) / 2``
+    (a pixel centre for an odd side, half-way between two for an even one) is the one nearest
+    ``centre_yx``, ties to the larger index: ``y0 = floor(cy - (side - 1) / 2 + 1/2)``. The box is not
+    moved inside the image: where it leaves it, :func:`crop_to_box` pads air and
+    :func:`probabilities_to_ct_labels` drops that part. At 0.977 mm and 380 mm: 389 pixels.
+    ``ValueError`` for a bad spacing, ``fov_mm`` or centre.
+    """
+    spacing = _check_spacing(spacing_yx)
+    fov = crop_settings(fov_mm=fov_mm)["fov_mm"]
+    centre = [float(v) for v in centre_yx]
+    if len(centre) != 2 or not all(math.isfinite(v) for v in centre):
+        raise ValueError(f"centre_yx must be two finite pixel coordinates, got {tuple(centre_yx)}")
+    side = max(1, math.floor(fov / min(spacing) + 0.5))
+    y0, x0 = (math.floor(c - (side - 1) / 2 + 0.5) for c in centre)
+    return int(y0), int(x0), int(side)
+
+
+def fov_box(hu_zyx: np.ndarray, spacing_yx: Sequence[float], fov_mm: float = DEFAULT_FOV_MM,
+            threshold_hu: float = DEFAULT_CROP_THRESHOLD_HU) -> tuple[int, int, int]:
+    """The square box ``(y0, x0, side)`` (pixels) of a ``fov_mm`` mm field of view centred on the body
+    of a CT ``hu_zyx`` (Z, Y, X) HU in the network's orientation, spacing ``spacing_yx`` mm:
+    :func:`fov_box_at` of :func:`body_centroid`. Every CT of the same ``fov_mm`` then reaches the network
+    at ``fov_mm / S`` mm per pixel (to half a pixel of the CT). ``ValueError``: no body, a bad volume,
+    spacing or ``fov_mm``."""
+    hu, spacing = _check_ct(hu_zyx), _check_spacing(spacing_yx)
+    settings = crop_settings(threshold_hu=threshold_hu, fov_mm=fov_mm)  # bad settings fail before the work
+    return fov_box_at(body_centroid(hu, settings["threshold_hu"]), spacing, settings["fov_mm"])
 
 
 def _box_overlap(box_yx: Sequence[int], shape_yx: Sequence[int]) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
@@ -307,9 +407,10 @@ def probabilities_to_ct_labels(
     weight from its own block; larger factors round off the blocks' outer corners. ``batch_size`` slices
     at a time (None: all) bound the memory.
 
-    ``box_yx`` ``(y0, x0, side)``: the ``--crop-body`` box (:func:`body_box`, in ``meta.json``) of the
-    H x W grid: probabilities go back to side x side, labels are pasted at the box, background (0)
-    outside it, and the part beyond the image is dropped. None: the whole S x S goes to H x W.
+    ``box_yx`` ``(y0, x0, side)``: the ``--crop-body`` box (:func:`box_for_crop`, in ``meta.json``) of
+    the H x W grid: probabilities go back to side x side, labels are pasted at the box, background (0)
+    outside it, and the part beyond the image (a field of view past the edge) is dropped. None: the
+    whole S x S goes to H x W.
     ``probabilities_out`` (B, C, H, W), any float dtype (a memory map will do): filled with the resized
     probabilities the labels are the argmax of (outside a crop box, background 1).
     """

@@ -17,7 +17,7 @@ def resized_geometry(
 
     The physical extent (outer corner to outer corner) is kept: in-plane spacing becomes ``spacing *
     old_size / size``, the origin (first voxel centre) moves by half the spacing change along the image
-    axes; z and the direction are unchanged. ``box_yx`` ``(y0, x0, side)`` (``grid.body_box``): the extent
+    axes; z and the direction are unchanged. ``box_yx`` ``(y0, x0, side)`` (``grid.box_for_crop``): the extent
     is the box's, whose first voxel is (x0, y0) of ``image`` (may be negative): spacing ``spacing * side / size``.
     """
     old_size = np.array(image.GetSize(), dtype=np.float64)

@@ -20,7 +20,7 @@ import torch
 
 from thoracic_seg import organs
 from thoracic_seg.grid import (
-    AIR_HU, apply_zscore, body_box, check_size, check_window, context_stack, crop_settings_of, crop_to_box,
+    AIR_HU, apply_zscore, box_for_crop, check_size, check_window, context_stack, crop_settings_of, crop_to_box,
     describe_crop, from_network_orientation, network_shape_zyx, probabilities_to_ct_labels, resize_ct_slices,
     to_network_array, window_and_zscore,
 )
@@ -85,8 +85,9 @@ class Predictor:
     ptv: dict[str, Any] = field(default_factory=lambda: {"source": "contoured"})
     #: Neighbours per side each slice goes in with (``grid.context_stack``).
     context_slices: int = 0
-    #: Phase 3's body crop the network was trained with (``grid.crop_settings``:
-    #: method, threshold HU, margin mm), or None: whole slices, as checkpoints of earlier versions.
+    #: Phase 3's crop the network was trained with (``grid.crop_settings``: the body's box, method
+    #: "body", threshold HU, margin mm; or a field of view on the body, method "fov", threshold HU,
+    #: fov_mm), or None: whole slices, as checkpoints of earlier versions.
     crop: dict[str, Any] | None = None
     #: Every checkpoint of an ensemble (``checkpoint_path`` is the first); empty: ``checkpoint_path`` alone.
     checkpoint_paths: tuple[Path, ...] = ()
@@ -164,15 +165,15 @@ class Predictor:
         return np.isin(labels_zyx, organs.STRUCTURE_MEMBERS[organs.PTV]) & (labels_zyx == organs.PTV).any()
 
     def crop_box(self, hu_zyx: np.ndarray, spacing_yx: Sequence[float] | None) -> tuple[int, int, int] | None:
-        """The body box ``(y0, x0, side)`` of a CT (HU (Z, Y, X) in the network's orientation, pixel
-        spacing ``spacing_yx`` mm) by ``grid.body_box``, as phase 3, with the checkpoint's settings; None
+        """The crop box ``(y0, x0, side)`` of a CT (HU (Z, Y, X) in the network's orientation, pixel
+        spacing ``spacing_yx`` mm) by ``grid.box_for_crop``, as phase 3, with the checkpoint's settings; None
         for a network trained on whole slices. ``ValueError`` without a spacing or a body."""
         if self.crop is None:
             return None
         if spacing_yx is None:
             raise ValueError(f"{self.checkpoint_path.name} crops to the body ({describe_crop(self.crop)}): "
                              "the pixel spacing (mm) is needed")
-        return body_box(hu_zyx, spacing_yx, self.crop["threshold_hu"], self.crop["margin_mm"])
+        return box_for_crop(hu_zyx, spacing_yx, self.crop)
 
     def _check_box(self, box_yx: Sequence[int] | None) -> None:
         if (box_yx is None) != (self.crop is None):
