@@ -10,7 +10,8 @@ from a memory map each worker process opens on first use (nothing decompressed p
 ``compact=True`` items keep the cache's float16 / uint8 (4x less DataLoader transport, 12 MB per
 batch of 16 at 256 px otherwise); :func:`batch_to_device` widens them on the training device.
 ``context_slices=K`` (2.5D) serves 2K + 1 channels by ``grid.context_indices``, the rule that
-training, evaluation and prediction share; the mask is the middle slice's.
+training, evaluation and prediction share; the mask is the middle slice's. ``ds[(i, seed)]`` is item i
+augmented by a generator seeded with ``seed`` (what training's sampler asks for).
 """
 from __future__ import annotations
 
@@ -27,10 +28,13 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from thoracic_seg import organs
-from thoracic_seg.grid import CACHE_CT_DTYPE, CACHE_MASK_DTYPE, check_context_slices, context_indices
-from thoracic_seg.layout import (
-    CACHE_CT, CACHE_MASK, DEFAULT_DATA_ROOT, DEFAULT_SPLITS_DIR, cache_dir, read_cache_meta,
+from thoracic_seg.grid import (
+    CACHE_CT_DTYPE, CACHE_MASK_DTYPE, cache_voxel_mm, check_context_slices, context_indices,
 )
+from thoracic_seg.layout import (
+    CACHE_CT, CACHE_MASK, CACHE_META, DEFAULT_DATA_ROOT, DEFAULT_SPLITS_DIR, cache_dir, read_cache_meta,
+)
+from thoracic_seg.scanner import ScannerAugmentation, Units
 from thoracic_seg.splits import SPLIT_NAMES, load_split
 
 log = logging.getLogger(__name__)
@@ -141,9 +145,11 @@ class SliceAugmentation:
 class MultiOrganDataset(Dataset):
     """Axial slices of the phase 3 training cache of a split or a list of patients.
 
-    Every item is a dict: ``image`` float32 (C, S, S) z-scored CT, C = 2 x ``context_slices`` + 1 (the
-    slice in the middle channel); ``mask`` int64 (S, S) labels 0-7; ``annotated`` bool (8,) (a 0 in the
-    mask of an unannotated structure means "unknown", not "background"); ``patient_id`` str;
+    Every item ``ds[i]`` (or ``ds[(i, seed)]``: augmented by a generator seeded with ``seed``, the same
+    item for the same seed in any process) is a dict: ``image`` float32 (C, S, S) z-scored CT,
+    C = 2 x ``context_slices`` + 1 (the slice in the middle channel); ``mask`` int64 (S, S) labels 0-7;
+    ``annotated`` bool (8,) (a 0 in the mask of an unannotated structure means "unknown", not
+    "background"); ``patient_id`` str;
     ``slice_index`` int (z index in the patient's volume, 0 = first slice of the CT).
 
     Attributes:
@@ -158,7 +164,10 @@ class MultiOrganDataset(Dataset):
         data_root: data folder holding ``processed/training_cache``.
         splits_dir: folder of the split files.
         augment: False, True (default :class:`SliceAugmentation`) or a callable ``(image, mask) -> (image,
-            mask)``; for training only.
+            mask)`` (given ``generator=`` for a seeded item); for training only.
+        scanner: None, True (default ``scanner.ScannerAugmentation``) or one: the slices read as another
+            scanner would show them, before ``augment`` (needs the ``meta.json`` window, mean, std and
+            geometry); for training only.
         compact: items keep the cache's float16 ``image`` and uint8 ``mask`` (see the module docstring).
         return_meta: ignored, items are always dicts (accepted for callers of the first contract).
         max_open_patients: memory maps kept open per process (least recently used are closed).
@@ -175,6 +184,7 @@ class MultiOrganDataset(Dataset):
         max_open_patients: int = DEFAULT_MAX_OPEN_PATIENTS,
         compact: bool = False,
         context_slices: int = 0,
+        scanner: bool | ScannerAugmentation | None = None,
     ) -> None:
         self.data_root = Path(data_root)
         self.compact = compact
@@ -195,13 +205,18 @@ class MultiOrganDataset(Dataset):
         self.patients: list[str] = patients
         self.max_open_patients = max_open_patients
         self.augment = SliceAugmentation() if augment is True else (augment or None)
+        self.scanner = ScannerAugmentation() if scanner is True else (scanner or None)
+        #: per patient, the cache's units and voxel size (mm), for ``scanner``
+        self.scanner_grids: list[tuple[Units, tuple[float, float, float]]] = []
 
         shapes = np.zeros((len(patients), 3), dtype=np.int64)
         self.annotated = np.zeros((len(patients), organs.NUM_CLASSES), dtype=bool)
         slice_labels = []
         for p, pid in enumerate(patients):
-            shapes[p], self.annotated[p], bits = self._read_patient_header(pid)
+            shapes[p], self.annotated[p], bits, grid = self._read_patient_header(pid)
             slice_labels.append(bits)
+            if grid is not None:
+                self.scanner_grids.append(grid)
         self.shapes = shapes
         self.slice_labels = np.concatenate(slice_labels).astype(np.uint8)
         counts = shapes[:, 0]
@@ -212,9 +227,14 @@ class MultiOrganDataset(Dataset):
         self._maps: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._owner_pid = os.getpid()
 
-    def _read_patient_header(self, pid: str) -> tuple[tuple[int, ...], list[bool], np.ndarray]:
+    def _read_patient_header(self, pid: str) -> tuple[tuple[int, ...], list[bool], np.ndarray,
+                                                      tuple[Units, tuple[float, float, float]] | None]:
         meta = read_cache_meta(self.data_root, pid)
         folder = cache_dir(self.data_root, pid)
+        grid = None
+        if self.scanner is not None:
+            where = f"{pid}: {folder / CACHE_META}"
+            grid = (Units.of_cache(meta, where), cache_voxel_mm(meta, where))
         shape = tuple(int(n) for n in meta["shape_zyx"])
         for name, dtype in ((CACHE_CT, CACHE_CT_DTYPE), (CACHE_MASK, CACHE_MASK_DTYPE)):
             path = folder / name
@@ -234,7 +254,7 @@ class MultiOrganDataset(Dataset):
         bits = np.asarray(meta["slice_labels"], dtype=np.uint8)
         if bits.shape != (shape[0],):
             raise ValueError(f"{pid}: meta.json has {bits.size} slice_labels for {shape[0]} slices")
-        return shape, [bool(a) for a in meta["annotated"]], bits
+        return shape, [bool(a) for a in meta["annotated"]], bits, grid
 
     # -- memory maps, opened lazily in each process ------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -261,24 +281,32 @@ class MultiOrganDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        i, seed = key if isinstance(key, tuple) else (key, None)
         if not -len(self) <= i < len(self):
             raise IndexError(f"slice {i} out of range for a dataset of {len(self)} slices")
+        generator = None if seed is None else torch.Generator().manual_seed(int(seed))
         p, z = (int(v) for v in self.index[i])
         ct, mask = self._volumes(p)
         # Copy the slice out of the read-only map; widen it with torch (numpy's float16 ->
         # float32 conversion is ~10x slower).
-        if self.context_slices:
+        if self.scanner is not None:
+            units, voxel_mm = self.scanner_grids[p]
+            image = self.scanner(ct, context_indices(z, len(ct), self.context_slices), voxel_mm_zyx=voxel_mm,
+                                 units=units, generator=generator)
+        elif self.context_slices:
             image = torch.from_numpy(np.array(ct[context_indices(z, len(ct), self.context_slices)]))
         else:
             image = torch.from_numpy(np.array(ct[z]))[None]
         labels = torch.from_numpy(np.array(mask[z]))
-        if self.augment is not None or not self.compact:
+        augmenting = self.augment is not None or self.scanner is not None
+        if augmenting or not self.compact:
             image, labels = image.to(torch.float32), labels.to(torch.int64)
         if self.augment is not None:
-            image, labels = self.augment(image, labels)
-            if self.compact:
-                image, labels = image.to(torch.float16), labels.to(torch.uint8)
+            extra = {} if generator is None else {"generator": generator}
+            image, labels = self.augment(image, labels, **extra)
+        if augmenting and self.compact:
+            image, labels = image.to(torch.float16), labels.to(torch.uint8)
         return {
             "image": image,
             "mask": labels,
@@ -294,7 +322,8 @@ class MultiOrganDataset(Dataset):
 
     def __repr__(self) -> str:
         return (f"MultiOrganDataset({len(self.patients)} patients, {len(self)} slices, "
-                f"augment={self.augment!r}, compact={self.compact}, context_slices={self.context_slices})")
+                f"augment={self.augment!r}, scanner={self.scanner!r}, compact={self.compact}, "
+                f"context_slices={self.context_slices})")
 
 
 def batch_to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 
 from dataset_multi_organ import (
     DEFAULT_TUMOUR_FRACTION, MultiOrganDataset, SliceAugmentation, batch_to_device, make_tumour_oversampling_sampler,
@@ -34,10 +34,11 @@ from thoracic_seg.batch import positive_int, progress_bar, setup_logging
 from thoracic_seg.figures import FIGURES, save_figure, training_curves_figure
 from thoracic_seg.layout import BEST_CHECKPOINT, DEFAULT_DATA_ROOT, DEFAULT_SPLITS_DIR, LAST_CHECKPOINT, DataLayout
 from thoracic_seg.losses import dice_counts, dice_from_counts, multi_organ_loss
+from thoracic_seg.scanner import ScannerAugmentation
 from thoracic_seg.splits import load_split
 from thoracic_seg.training import (
     COSINE_FINAL_FRACTION, DEFAULT_BASE_CHANNELS, FOREGROUND_KEYS, LR_SCHEDULES, EpochPart, EpochSampler,
-    NonFiniteLossError, Progress, Runtime, SeededAugmentation, StepLimits, TrainConfig, agree, all_reduce,
+    NonFiniteLossError, Progress, Runtime, StepLimits, TrainConfig, agree, all_reduce,
     distributed_env, epoch_row, load_or_compute_class_weights, load_resume, ptv_of_patients, restore, run_log,
     seed_everything, setup_runtime, write_epoch_outputs,
 )
@@ -161,15 +162,15 @@ def _make_loaders(config: TrainConfig, runtime: Runtime, train_set: MultiOrganDa
     a disjoint strided share, no padding, so no slice is counted twice)."""
     sample_weights = None if config.tumour_oversampling is None else make_tumour_oversampling_sampler(
         train_set, tumour_fraction=float(config.tumour_oversampling)).weights
-    train_data: Dataset = SeededAugmentation(train_set, SliceAugmentation()) if config.augment else train_set
-    sampler = EpochSampler(train_data, num_replicas=runtime.world_size, rank=runtime.rank, seed=config.seed,
-                           weights=sample_weights, with_seeds=bool(config.augment))
+    seeded = train_set.augment is not None or train_set.scanner is not None  # items augmented by their seed
+    sampler = EpochSampler(train_set, num_replicas=runtime.world_size, rank=runtime.rank, seed=config.seed,
+                           weights=sample_weights, with_seeds=seeded)
     workers = config.workers
     if workers is None:  # on CPU the cores are busy computing; on CUDA they feed the GPU
         per_process = (os.cpu_count() or 1) // runtime.world_size
         workers = 0 if runtime.device.type == "cpu" else min(8, max(1, per_process))
     options = dict(num_workers=workers, pin_memory=runtime.device.type == "cuda", persistent_workers=workers > 0)
-    train_loader = DataLoader(train_data, batch_size=config.batch_size, sampler=sampler,
+    train_loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler,
                               drop_last=len(sampler) >= 2 * config.batch_size, **options)
     if val_set is None:
         return train_loader, None, sampler, workers
@@ -186,7 +187,8 @@ def _train(config: TrainConfig, runtime: Runtime, resumed: dict[str, Any] | None
 
     k = config.context_slices
     where = dict(data_root=data_root, splits_dir=splits_dir, compact=True, context_slices=k)
-    train_set = MultiOrganDataset("train", **where)
+    train_set = MultiOrganDataset("train", augment=SliceAugmentation() if config.augment else False,
+                                  scanner=ScannerAugmentation() if config.augment_scanner else None, **where)
     val_set = MultiOrganDataset("val", **where) if load_split(splits_dir, "val") else None
     if val_set is None and runtime.is_main:  # e.g. two sample patients: one train, one test
         log.warning("%s lists no patient: the best checkpoint and early stopping use the training "
@@ -214,6 +216,7 @@ def _train(config: TrainConfig, runtime: Runtime, resumed: dict[str, Any] | None
             "amp": runtime.precision.name if runtime.precision.autocast_dtype else "off",
             "grad_scaler": runtime.precision.grad_scaler, "channels_last": runtime.precision.channels_last,
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "augmentations": [repr(a) for a in (train_set.scanner, train_set.augment) if a is not None],
             "parameters": count_parameters(model), "train_patients": len(train_set.patients),
             "train_slices": len(train_set), "val_patients": len(val_set.patients) if val_set else 0,
             "val_slices": len(val_set) if val_set else 0, "class_weights": weights, "class_weights_reused": reused,
@@ -326,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=None,
                         help="data loader worker processes (default: 0 on CPU, min(8, cores) on CUDA)")
     parser.add_argument("--augment", action="store_true", help="random rotation/zoom/intensity of training slices")
+    parser.add_argument("--augment-scanner", action="store_true",
+                        help="training slices re-rendered as other scanners would show them, half of them: "
+                             "noise, reconstruction kernel, HU calibration, slice thickness "
+                             "(thoracic_seg/scanner.py; docs/training.md)")
     parser.add_argument("--context-slices", type=int, default=0, metavar="K",
                         help="slice context (2.5D): each slice with K neighbours per side as 2K + 1 input "
                              "channels, clamped at the volume's ends; 0 = one slice: slice context was not a "

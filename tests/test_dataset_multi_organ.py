@@ -1,5 +1,5 @@
 """Phase 4 loading (dataset_multi_organ.py): slice index from headers, memory-mapped items,
-DataLoader workers, anatomy-safe augmentation, tumour oversampling."""
+DataLoader workers, anatomy-safe and other-scanner augmentation, tumour oversampling."""
 from __future__ import annotations
 
 import json
@@ -17,6 +17,7 @@ from dataset_multi_organ import (
 from thoracic_seg import organs
 from thoracic_seg.grid import context_indices, context_stack
 from thoracic_seg.layout import PROCESSED_FORMAT, DataLayout, slice_label_bits
+from thoracic_seg.scanner import ScannerAugmentation
 from thoracic_seg.splits import load_split
 
 SIZE = 32
@@ -280,6 +281,71 @@ def test_dataset_applies_augmentation(cache) -> None:
     assert any(not torch.equal(it["mask"], torch.from_numpy(volumes["A"][1][1]).long()) for it in items)
     for it in items:
         assert set(it["mask"].unique().tolist()) <= {0, organs.RIGHT_LUNG, organs.LEFT_LUNG}
+
+
+# --------------------------------------------------------------------------------------------
+# Other scanners (thoracic_seg/scanner.py)
+# --------------------------------------------------------------------------------------------
+SCANNER_META = {"window": [-1000, 400], "mean": -300.0, "std": 350.0, "size": SIZE,
+                "original_shape_zyx": [8, 64, 64], "original_spacing_xyz": [0.7, 0.7, 2.5]}
+
+
+def write_ramp_cache(root: Path, pid: str = "R") -> tuple[np.ndarray, np.ndarray]:
+    """8 slices whose values rise by 0.25 per slice (exact in float16) plus the phase 3 normalisation
+    and geometry the scanner augmentation needs (voxels 2.5 x 1.4 x 1.4 mm)."""
+    ct, mask = write_cache(root, pid, 8, seed=4)
+    ct = np.broadcast_to(0.25 * np.arange(8, dtype=np.float16)[:, None, None], ct.shape).copy()
+    folder = DataLayout(root).training_cache / pid
+    np.save(folder / "ct.npy", ct)
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps(meta | SCANNER_META))
+    return ct, mask
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_scanner_thick_slices_read_the_neighbours_and_leave_the_mask(tmp_path, k) -> None:
+    """Thickness only (other amounts 0): a thicker slice of a ramp is the ramp inside the volume
+    (symmetric weights), while the end slices take in their neighbours; with K = 0 too."""
+    root = tmp_path / "DATA"
+    ct, mask = write_ramp_cache(root)
+    only_thickness = ScannerAugmentation(p=1, noise_hu=(0, 0), kernel=(0, 0), gain=(1, 1), shift_hu=(0, 0),
+                                         max_slice_mm=10.0)
+    ds = MultiOrganDataset(["R"], data_root=root, scanner=only_thickness, context_slices=k)
+    assert ds.scanner_grids[0][1] == pytest.approx((2.5, 1.4, 1.4))
+    for z in range(8):
+        item = ds[(z, 100 + z)]
+        assert item["image"].dtype == torch.float32 and item["image"].shape == (2 * k + 1, SIZE, SIZE)
+        assert item["mask"].dtype == torch.int64 and np.array_equal(item["mask"].numpy(), mask[z])
+        channels = context_indices(z, 8, k)
+        if z in (0, 7):
+            assert np.abs(item["image"][k].numpy() - ct[z]).min() > 0  # a neighbour was read
+        if channels.min() >= 2 and channels.max() <= 5:  # the thickest profile (4 slices) stays inside
+            np.testing.assert_allclose(item["image"].numpy(), ct[channels].astype(np.float32), atol=1e-5)
+
+
+def test_scanner_items_are_deterministic_per_seed_with_both_augmentations(tmp_path) -> None:
+    root = tmp_path / "DATA"
+    ct, mask = write_ramp_cache(root)
+    ds = MultiOrganDataset(["R"], data_root=root, scanner=True, augment=True, compact=True, context_slices=1)
+    assert isinstance(ds.scanner, ScannerAugmentation) and "scanner=ScannerAugmentation(p=0.5" in repr(ds)
+    changed = 0
+    for z in range(8):
+        a, b, c = ds[(z, 11)], ds[(z, 11)], ds[(z, 12)]
+        assert a["image"].dtype == torch.float16 and a["mask"].dtype == torch.uint8
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+        changed += not torch.equal(a["image"], c["image"])
+    assert changed >= 6
+    scanner_only = MultiOrganDataset(["R"], data_root=root, scanner=ScannerAugmentation(p=1))
+    for z in range(8):
+        item = scanner_only[z]  # unseeded: torch's global generator
+        assert np.array_equal(item["mask"].numpy(), mask[z]) and not np.array_equal(item["image"][0].numpy(), ct[z])
+
+
+def test_scanner_augmentation_needs_the_phase_3_normalisation(cache) -> None:
+    root, _ = cache
+    with pytest.raises(ValueError, match="A: .*meta.json holds no valid window, mean and std .*re-run "
+                                         "normalize_ct_and_masks.py --overwrite"):
+        MultiOrganDataset(["A"], data_root=root, scanner=True)
 
 
 # --------------------------------------------------------------------------------------------

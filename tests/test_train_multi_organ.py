@@ -773,3 +773,26 @@ def test_slice_context_trains_a_2k_plus_1_channel_network_and_resume_keeps_k(cac
                **TINY)
     with pytest.raises(ValueError, match="context slices must be an integer in 0-8, got -1"):
         tm.run(data_root=root, splits_dir=splits, output_dir=splits.parent / "bad", context_slices=-1, **TINY)
+
+
+def test_scanner_augmentation_is_stored_resumed_exactly_and_refused_when_changed(cache):
+    """--augment-scanner threads into the configuration, the log and the last checkpoint; its slices
+    depend only on (seed, epoch), so a resumed run ends with the weights of an uninterrupted one."""
+    root, splits = cache
+    assert tm.build_parser().parse_args(["--augment-scanner"]).augment_scanner is True
+    assert tm.build_parser().parse_args([]).augment_scanner is False
+    options = dict(data_root=root, splits_dir=splits, augment_scanner=True, context_slices=1, **TINY)
+    straight = tm.run(output_dir=splits.parent / "straight", epochs=2, **options)
+    tm.run(output_dir=splits.parent / "resumed", epochs=1, **options)
+    resumed = tm.run(output_dir=splits.parent / "resumed", epochs=2, resume=splits.parent / "resumed", **options)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    last = torch.load(splits.parent / "straight" / "last_checkpoint.pth", weights_only=True)
+    assert last["train_config"]["augment_scanner"] is True
+    assert "ScannerAugmentation(p=0.5, kernel=(-1.0, 1.0)" in (splits.parent / "straight" / "train.log").read_text()
+    plain = tm.run(output_dir=splits.parent / "plain", epochs=1, **(options | {"augment_scanner": False}))
+    first = torch.load(splits.parent / "resumed" / "last_checkpoint.pth", weights_only=True)["history"][0]
+    assert plain.history[0]["train_loss"] != first["train_loss"]  # the slices were re-rendered
+    with pytest.raises(ValueError, match="--augment-scanner False differs from the resumed run's True"):
+        tm.run(output_dir=splits.parent / "resumed", epochs=3, resume=splits.parent / "resumed",
+               **(options | {"augment_scanner": False}))

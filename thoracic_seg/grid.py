@@ -546,6 +546,26 @@ def network_shape_zyx(shape_zyx: Sequence[int], stored_code: str) -> tuple[int, 
     return tuple(int(shape_zyx[a]) for a in axes)  # type: ignore[return-value]
 
 
+def cache_voxel_mm(record: Mapping[str, Any], where: str) -> tuple[float, float, float]:
+    """The (z, y, x) voxel size in mm of a patient's training cache (the network grid) from its phase-3
+    record (``meta.json``): the stored spacing in network order, in-plane times the extent resized to
+    ``size`` (the crop box's side when cropped, else the image's rows and columns). ``ValueError``
+    naming ``where`` for a record without the geometry (re-run phase 3)."""
+    stored = stored_orientation_of(record, where)
+    try:
+        spacing_zyx = [float(v) for v in reversed(record["original_spacing_xyz"])]
+        shape_zyx = [int(v) for v in record["original_shape_zyx"]]
+        size = int(record["size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{where} has no grid geometry ({exc!r}); re-run normalize_ct_and_masks.py "
+                         "--overwrite") from None
+    axes, _ = _orientation_axes(stored)
+    spacing = [spacing_zyx[a] for a in axes]
+    box = crop_box_of(record, where)
+    extent_yx = (box[2], box[2]) if box is not None else tuple(shape_zyx[a] for a in axes[1:])
+    return spacing[0], spacing[1] * extent_yx[0] / size, spacing[2] * extent_yx[1] / size
+
+
 def stored_orientation_of(record: dict[str, Any], where: str) -> str:
     """The stored orientation code from a phase-3 record (``meta.json`` or ``normalization.json``).
 

@@ -51,7 +51,8 @@ CLASS_WEIGHTS_METHOD = "inverse-frequency-power-0.5-max-10-v1"
 FOREGROUND_KEYS: tuple[str, ...] = tuple(organs.structure(l).key for l in organs.FOREGROUND_LABELS)
 
 #: Settings a resumed run must share with the run it continues (``--epochs`` may be raised).
-RESUME_MUST_MATCH = ("batch_size", "lr", "lr_schedule", "augment", "tumour_oversampling", "context_slices")
+RESUME_MUST_MATCH = ("batch_size", "lr", "lr_schedule", "augment", "augment_scanner", "tumour_oversampling",
+                     "context_slices")
 
 
 #: The training clock (seconds) of the limits, the schedule and the epoch timings, here and in
@@ -88,6 +89,7 @@ class TrainConfig:
     base_channels: int | None = None
     workers: int | None = None
     augment: bool = False
+    augment_scanner: bool = False  # scanner.ScannerAugmentation of the training slices
     tumour_oversampling: float | None = None  # the fraction of GTV slices drawn
     seed: int = 0
     device: str = "auto"
@@ -290,28 +292,6 @@ class EpochSampler(DistributedSampler):
         if not self.with_seeds:
             return iter(order[mine].tolist())
         return iter(zip(order[mine].tolist(), seeds[mine].tolist()))
-
-
-class SeededAugmentation(Dataset):
-    """Wraps a dataset of dict items; ``dataset[(index, seed)]`` is item ``index`` augmented with
-    a generator seeded by ``seed`` (no dependence on worker processes or global RNG state).
-    ``augmentation(image float32, mask int64, generator=...) -> (image, mask)``."""
-
-    def __init__(self, dataset: Dataset, augmentation: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.dataset = dataset
-        self.augmentation = augmentation
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        index, seed = key
-        item = dict(self.dataset[index])
-        generator = torch.Generator().manual_seed(int(seed))
-        image, mask = self.augmentation(item["image"].to(torch.float32), item["mask"].to(torch.int64),
-                                        generator=generator)
-        item["image"], item["mask"] = image.to(item["image"].dtype), mask.to(item["mask"].dtype)
-        return item
 
 
 def get_rng_state() -> dict[str, Any]:
