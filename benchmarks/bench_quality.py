@@ -48,8 +48,11 @@ N_FOLDS = 3
 DEFAULT_SEEDS = (0, 1)
 #: Per device: steps of each training (CPU: from the measured learning curve, docs/decisions.md).
 STEPS = {"cpu": 3000, "cuda": 6000}
-#: The re-rendering of a held-out CT as another scanner (``thoracic_seg.scanner.rerender`` options).
-RERENDER = {"slice_mm": 5.0, "kernel": "sharp", "noise_hu": 30.0, "seed": 0}
+#: A held-out CT as another scanner would show it (``thoracic_seg.scanner.rerender``'s options, inside the
+#: ranges ``--augment-scanner`` trains on, docs/training.md): 5 mm slices, a sharper kernel, 30 HU more
+#: noise on the scan's grid, calibration 15 HU off. Fixed, so every candidate meets the same CTs.
+RERENDER = {"slice_mm": 5.0, "kernel": 0.5, "kernel_sigma_mm": 1.0, "noise_hu": 30.0, "gain": 1.0,
+            "shift_hu": 15.0, "seed": 0}
 ORIGINAL, RERENDERED = "original", "rerendered"
 #: ``--smoke``: enough steps of a 4-channel network at 32 px for the tables to hold some non-zero Dice.
 SMOKE_STEPS = 40
@@ -73,7 +76,7 @@ class Candidate:
 BASELINE = "baseline"
 CANDIDATES = {c.name: c for c in (
     Candidate(BASELINE),
-    Candidate("fov-crop", phase3_args=("--crop-body", "--fov-mm", "360"), aims_at=("heart", "esophagus", "spinal_cord"),
+    Candidate("fov-crop", phase3_args=("--crop-body", "--fov-mm", "380"), aims_at=("heart", "esophagus", "spinal_cord"),
               cost="1x (phase 3 once more)"),
     Candidate("scanner-aug", train_args=("--augment-scanner",), cost="~1.1x (augmentation per slice)"),
     Candidate("ensemble", ensemble_of=BASELINE, cost="no training; inference x number of seeds"),
@@ -252,8 +255,7 @@ def rerendered_root(base: Path, work: Path, patients: Sequence[str]) -> Path | N
         if out.is_file():
             continue
         image = read_nifti(src.ct_nifti / f"{pid}.nii.gz")
-        hu = rerender(sitk.GetArrayFromImage(image).astype("float32"), image.GetSpacing()[::-1], **RERENDER)
-        new = sitk.GetImageFromArray(hu.astype("int16"))
+        new = sitk.GetImageFromArray(rerender(sitk.GetArrayFromImage(image), image.GetSpacing()[::-1], **RERENDER))
         new.CopyInformation(image)
         write_nifti(new, out)
     return dst.root
