@@ -9,7 +9,8 @@ under each patient's DICOM folder -> ``<data-root>/processed/masks_multi_organ/<
 
 RTSTRUCTs are paired with the CT through UIDs, never folder names (:func:`select_rtstructs`), and read
 and rasterised (even-odd, voxel centres in LPS mm) by ``thoracic_seg/rtstruct_read.py``. Without a PTV
-ROI the PTV is derived (GTV + margin, ``thoracic_seg/ptv.py``) and never painted: docs/labels.md.
+ROI the PTV is derived (GTV + margin, ``thoracic_seg/ptv.py``) and never painted: docs/labels.md. Our own
+automatic contours (prediction's ``zGTV^Auto``...) are never training truth: docs/review.md.
 """
 from __future__ import annotations
 
@@ -48,7 +49,15 @@ from thoracic_seg.rtstruct_read import (
 
 log = logging.getLogger(__name__)
 
-UNMATCHED_COLUMNS = ("roi_name", "patients", "patient_ids")
+UNMATCHED_COLUMNS = ("roi_name", "patients", "patient_ids", "reason")
+#: Why an ROI gave no label (the ``reason`` column of unmatched_roi_names.csv).
+UNKNOWN_NAME = "name not recognised: unknown or derived structure"
+OWN_AUTOMATIC = "our automatic contour (ROIGenerationAlgorithm AUTOMATIC, name ending ^Auto): never training truth"
+OWN_NAME_NOT_AUTOMATIC = ("named as our automatic contour (^Auto) but ROIGenerationAlgorithm {algorithm}: taken as "
+                          "not reviewed; a physician who accepts it renames it")
+#: Bumped when which ROIs give which label changes, so that every patient is redone once.
+#: 2: our own automatic ROIs are skipped.
+ROI_RULES = 2
 
 
 # ---- Structures: ROIs -> labels, lung split, derived PTV, priority overlay -------------------
@@ -122,13 +131,29 @@ def split_at_midline(lungs: BoxMask, grid: Grid, cord_centres: tuple[np.ndarray,
     return (BoxMask(lungs.offset, lungs.array & right_side), BoxMask(lungs.offset, lungs.array & ~right_side), method)
 
 
+def own_roi_reason(roi: Roi) -> str:
+    """Why ``roi`` is one of our automatic contours and never training truth, or "" when it is not ours.
+
+    Ours: a name with our ``^Auto`` qualifier (``organs.has_automatic_qualifier``) and ROIGenerationAlgorithm
+    AUTOMATIC, as prediction writes them. A name with the qualifier and another algorithm (a planning
+    system that rewrote it, or a contour edited and saved under our name) is skipped too: accepting a
+    contour means renaming it (docs/review.md). An AUTOMATIC ROI without the qualifier is not ours.
+    """
+    if not organs.has_automatic_qualifier(roi.name):
+        return ""
+    if roi.generation_algorithm == "AUTOMATIC":
+        return OWN_AUTOMATIC
+    return OWN_NAME_NOT_AUTOMATIC.format(algorithm=roi.generation_algorithm or "absent")
+
+
 def build_structures(
     rois: Sequence[Roi], grid: Grid, *, ptv_margin_mm: float = DEFAULT_PTV_MARGIN_MM, derive_ptv: bool = True,
     notes: RasterNotes | None = None,
-) -> tuple[dict[int, StructureMask], list[str]]:
+) -> tuple[dict[int, StructureMask], dict[str, str]]:
     """Turn ROIs into one mask per label 1-7 (before the priority overlay).
 
-    Returns ``({label: StructureMask}, unmatched ROI names)``. Names are matched by ``organs.match_roi_name``;
+    Returns ``({label: StructureMask}, {unmatched ROI name: reason})``. Names are matched by
+    ``organs.match_roi_name``; our own automatic ROIs (:func:`own_roi_reason`) give no label.
     ROIs of one label (all GTVs, duplicates) are united; one without a usable contour provides nothing.
     A both-lungs ROI (``Lungs-Total``) fills each lung not contoured alone (:func:`split_at_midline`).
     Without a PTV ROI and with ``derive_ptv``, the PTV is the GTV grown by ``ptv_margin_mm``, kept for the
@@ -138,14 +163,13 @@ def build_structures(
     structures = {label: StructureMask(label) for label in organs.FOREGROUND_LABELS}
     both_lungs = StructureMask(organs.BOTH_LUNGS)
     cord_polygons: list[tuple[int, np.ndarray]] = []
-    unmatched: list[str] = []
+    unmatched: dict[str, str] = {}
     seen_names: dict[str, int] = defaultdict(int)
     for roi in rois:
         seen_names[roi.name] += 1
-        label = organs.match_roi_name(roi.name)
+        label = organs.match_roi_name(roi.name)  # None for our names
         if label is None:
-            if roi.name not in unmatched:
-                unmatched.append(roi.name)
+            unmatched.setdefault(roi.name, own_roi_reason(roi) or UNKNOWN_NAME)
             continue
         polygons = planar_polygons(roi.contours, grid, roi.name, notes)
         if not polygons:
@@ -161,6 +185,9 @@ def build_structures(
     for name, count in seen_names.items():
         if count > 1:
             notes.add(f"ROI name {name!r} appears {count} times: its contours were merged (union)")
+    own = [name for name, reason in unmatched.items() if reason != UNKNOWN_NAME]
+    if own:
+        notes.add(f"automatic ROI(s) of ours skipped, never training truth: {', '.join(map(repr, own))}")
 
     right, left = structures[organs.RIGHT_LUNG], structures[organs.LEFT_LUNG]
     if both_lungs.annotated:
@@ -290,7 +317,7 @@ def _read_grid(ct_path: Path) -> Any:
 def inputs_fingerprint(job: PatientJob, settings: Settings) -> str:
     """Fingerprint of what a patient's label map is made from: the CT NIfTI's and RTSTRUCT files'
     bytes (SHA-256; RTSTRUCTs named relative to the patient folder, so moving ``DATA`` changes
-    nothing), the phase 2.5 settings and the output format."""
+    nothing), the phase 2.5 settings, the output format and :data:`ROI_RULES`."""
     def name(path: Path) -> str:
         try:
             return str(path.relative_to(job.patient_folder))
@@ -301,6 +328,7 @@ def inputs_fingerprint(job: PatientJob, settings: Settings) -> str:
         "ct_nifti": file_sha256(job.ct_path),
         "rtstructs": sorted((name(p), file_sha256(p)) for p in job.rtstruct_files),
         "ptv_margin_mm": float(settings.ptv_margin_mm), "derive_ptv": bool(settings.derive_ptv),
+        "roi_rules": ROI_RULES,
     })
 
 
@@ -415,9 +443,11 @@ def _printable(name: str) -> str:
 
 
 def write_summaries(masks_dir: Path, results: Sequence[PatientResult]) -> None:
-    """Merge this run's rows into structures.csv and unmatched_roi_names.csv (atomic writes).
+    """Merge this run's rows into structures.csv and unmatched_roi_names.csv (one row per ROI name and
+    reason; atomic writes).
 
-    Rows of patients done in this run replace their old rows; other patients' rows are kept.
+    Rows of patients done in this run replace their old rows; other patients' rows are kept (a row
+    of an earlier version, without a reason, gets :data:`UNKNOWN_NAME`: those were all it listed).
     """
     done = {r.patient_id: r.info for r in results if r.status == DONE and "rows" in r.info}
     if not done:
@@ -427,16 +457,16 @@ def write_summaries(masks_dir: Path, results: Sequence[PatientResult]) -> None:
     rows.sort(key=lambda r: (str(r["patient_id"]), int(r["label"])))
     write_text_atomic(masks_dir / STRUCTURES_CSV, _csv_text(STRUCTURES_COLUMNS, rows))
 
-    patients_of: dict[str, set[str]] = defaultdict(set)
+    patients_of: dict[tuple[str, str], set[str]] = defaultdict(set)
     for row in read_csv_rows(masks_dir / UNMATCHED_CSV):
         for pid in filter(None, (row.get("patient_ids") or "").split("|")):
             if pid not in done:
-                patients_of[row["roi_name"]].add(pid)
+                patients_of[(row["roi_name"], row.get("reason") or UNKNOWN_NAME)].add(pid)
     for pid, info in done.items():
-        for name in info["unmatched"]:
-            patients_of[_printable(name)].add(pid)
-    unmatched = [{"roi_name": name, "patients": len(pids), "patient_ids": "|".join(sorted(pids))}
-                 for name, pids in sorted(patients_of.items(), key=lambda kv: (-len(kv[1]), kv[0]))]
+        for name, reason in info["unmatched"].items():
+            patients_of[(_printable(name), reason)].add(pid)
+    unmatched = [{"roi_name": name, "patients": len(pids), "patient_ids": "|".join(sorted(pids)), "reason": reason}
+                 for (name, reason), pids in sorted(patients_of.items(), key=lambda kv: (-len(kv[1]), kv[0]))]
     write_text_atomic(masks_dir / UNMATCHED_CSV, _csv_text(UNMATCHED_COLUMNS, unmatched))
 
 

@@ -2,8 +2,9 @@
 
 ``--input`` (a patient's DICOM folder at any nesting, a folder of patient folders, or a CT NIfTI
 file) -> ``--output DIR``: ``<PatientID>_labels.nii.gz`` (uint8 labels 0-7 on the CT's own grid),
-``_PTV.nii.gz`` (uint8 0/1, overlapping the organs), ``_RTSTRUCT.dcm`` (DICOM input only; the PTV its
-own ROI, overlapping the lungs as real contours do), ``_volumes.csv`` (ml) and ``_overlay.png``.
+``_PTV.nii.gz`` (uint8 0/1, overlapping the organs), ``_RTSTRUCT.dcm`` (DICOM input only; the ``--structures``
+chosen, marked automatic (``zGTV^Auto``...: docs/review.md); the PTV its own ROI, overlapping the lungs as
+real contours do), ``_volumes.csv`` (ml), ``_overlay.png`` and ``_provenance.json``.
 
     python predict_multi_organ.py --input DICOM_DIR --checkpoint best_unet_multi_organ.pth --output OUT
 
@@ -24,12 +25,14 @@ from typing import Any, Sequence
 
 import SimpleITK as sitk
 
+from thoracic_seg import organs
 from thoracic_seg.batch import (
     DONE, SKIPPED, PatientError, PatientResult, check_writable, exit_status, positive_int, run_batch,
     run_from_command_line, setup_logging, summary_line, write_text_atomic,
 )
 from thoracic_seg.cases import (
-    STAGES, Case, find_cases, output_paths, prediction_provenance, read_case, read_provenance, write_outputs,
+    STAGES, Case, find_cases, model_description, output_paths, prediction_provenance, read_case, read_provenance,
+    write_outputs,
 )
 from thoracic_seg.image_grid import segment_image
 from thoracic_seg.inference import Predictor, stage_timer
@@ -51,9 +54,11 @@ PHASE = "Predict"
 
 
 def predict_case(case: Case, predictor: Predictor, output_dir: Path, overwrite: bool = False,
-                 provenance: dict[str, Any] | None = None) -> PatientResult:
-    """Segment one patient and write its outputs; the batch task. Outputs that exist are kept
-    when their provenance record equals ``provenance`` (:func:`prediction_provenance`), else redone.
+                 provenance: dict[str, Any] | None = None,
+                 structures: Sequence[int] = organs.FOREGROUND_LABELS) -> PatientResult:
+    """Segment one patient and write its outputs, the RTSTRUCT with the labels ``structures``; the batch
+    task. Outputs that exist are kept when their provenance record equals ``provenance``
+    (:func:`prediction_provenance` of the same ``structures``), else redone.
 
     ``info["seconds"]`` holds the time of each stage of :data:`STAGES`, ``info["outputs"]`` the
     paths, ``info["volumes"]`` the rows of the volumes CSV and ``info["rois"]`` the contours per
@@ -74,9 +79,10 @@ def predict_case(case: Case, predictor: Predictor, output_dir: Path, overwrite: 
         labels = segment_image(predictor, ct.image, seconds)
     except ValueError as exc:  # e.g. a constant volume cannot be z-scored
         raise PatientError(f"{case.patient_id}: {exc}") from None
-    written = write_outputs(ct, hu, labels, outputs, predictor, seconds)
+    model = model_description(predictor, (provenance or {}).get("checkpoints_sha256", ()))
+    written = write_outputs(ct, hu, labels, outputs, predictor, seconds, structures=structures, model=model)
     write_text_atomic(outputs["provenance"], json.dumps(provenance, indent=2) + "\n")
-    found = [f"{r['rtstruct_name']} {r['volume_ml']:.1f} ml" for r in written["volumes"] if r["voxels"]]
+    found = [f"{r['structure']} {r['volume_ml']:.1f} ml" for r in written["volumes"] if r["voxels"]]
     message = "; ".join([redone] * bool(redone) + ct.notes + [", ".join(found) or "no structure found"])
     return PatientResult(case.patient_id, DONE, message, {"seconds": seconds, "outputs": outputs, **written})
 
@@ -86,26 +92,29 @@ def run(
     *, input_path: Path | str, checkpoint: Path | str | Sequence[Path | str], output_dir: Path | str,
     device: str = "auto", precision: str = DEFAULT_PREDICTION_PRECISION, batch_size: int | None = None,
     postprocess: bool = False, overwrite: bool = False, ptv_margin_mm: float | None = None,
-    context_slices: int | None = None,
+    context_slices: int | None = None, structures: Sequence[str] | None = None,
 ) -> list[PatientResult]:
     """Segment every patient under ``input_path`` with ``checkpoint`` (several: an averaging ensemble) into
-    ``output_dir``; ``ptv_margin_mm`` overrides the run's PTV margin (:meth:`Predictor.load`). One patient
+    ``output_dir``; ``ptv_margin_mm`` overrides the run's PTV margin (:meth:`Predictor.load`); ``structures``
+    (keys or names, ``organs.select_structures``; None: all seven) go into the RTSTRUCT. One patient
     after another (one tqdm bar); a rejected CT is reported as failed and the others go on.
 
     Raises:
         FileNotFoundError: missing input or checkpoint.
         CheckpointError: a checkpoint that is not ours or does not fit (see :meth:`Predictor.load`).
-        ValueError: an input without any CT series, an unknown device or precision.
+        ValueError: an input without any CT series, an unknown device, precision or structure.
         PermissionError: an output folder that cannot be written.
     """
+    chosen = organs.select_structures(structures)
     cases = find_cases(input_path)
     predictor = Predictor.load(checkpoint, device=device, precision=precision, batch_size=batch_size,
                                postprocess=postprocess, ptv_margin_mm=ptv_margin_mm, context_slices=context_slices)
     output_dir = Path(output_dir)
     check_writable(output_dir)
-    log.info("%s: %d patient(s) from %s with %s", PHASE, len(cases), input_path, predictor.describe())
+    log.info("%s: %d patient(s) from %s with %s; RTSTRUCT ROIs: %s", PHASE, len(cases), input_path,
+             predictor.describe(), ", ".join(map(organs.automatic_roi_name, chosen)))
     task = functools.partial(predict_case, predictor=predictor, output_dir=output_dir, overwrite=overwrite,
-                             provenance=prediction_provenance(predictor))
+                             provenance=prediction_provenance(predictor, chosen), structures=chosen)
     return run_batch(cases, task, workers=1, desc=PHASE, patient_id_of=lambda c: c.patient_id)
 
 
@@ -133,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "margin, stored in the checkpoint)")
     parser.add_argument("--context-slices", type=int, default=None, metavar="K",
                         help="neighbours per side the network sees (default: the checkpoint's; another value is refused)")
+    parser.add_argument("--structures", nargs="+", default=None, metavar="NAME",
+                        help="structures to write into the RTSTRUCT, by key or name (default: all): "
+                             f"{', '.join(s.key for s in organs.STRUCTURES[1:])}; the label map keeps all")
     parser.add_argument("--overwrite", action="store_true", help="redo patients whose outputs exist")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
@@ -146,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser, run, errors=(FileNotFoundError, PermissionError, ValueError), input_path=args.input,
         checkpoint=args.checkpoint, output_dir=args.output, device=args.device, precision=args.precision,
         batch_size=args.batch_size, postprocess=args.postprocess, overwrite=args.overwrite,
-        ptv_margin_mm=args.ptv_margin_mm, context_slices=args.context_slices)
+        ptv_margin_mm=args.ptv_margin_mm, context_slices=args.context_slices, structures=args.structures)
     for result in results:
         if result.status == DONE:
             stages = ", ".join(f"{s} {result.info['seconds'][s]:.1f}" for s in STAGES if s in result.info["seconds"])

@@ -21,7 +21,10 @@ ROI_TABLE = {
 }
 MUST_NOT_MATCH = ["Lungs-GTV", "Lung-Left-GTV", "Lungs minus GTV", "PRV Spinal Cord",
                   "SpinalCord_PRV5", "Cord+5mm", "Heart_avoid", "z_PTV_ring", "PTV-GTV", "CTV",
-                  "ITV", "External", "BODY", "Couch"]
+                  "ITV", "External", "BODY", "Couch",
+                  # automatic contours: ours (any case, with or without the z) and other tools' GTVs
+                  "zGTV^Auto", "zPTV^Auto", "zLung_R^Auto", "zHeart^Auto", "GTV^Auto", "PTV^auto ",
+                  "Heart^AUTO", "GTV_auto", "GTV-Auto"]
 
 
 @pytest.mark.parametrize(
@@ -84,3 +87,38 @@ def test_ptv_is_scored_and_exported_with_its_gtv() -> None:
     assert organs.STRUCTURE_MEMBERS[organs.PTV] == (organs.GTV, organs.PTV)
     assert organs.STRUCTURE_MEMBERS[organs.GTV] == (organs.GTV,)
     assert sorted(organs.STRUCTURE_MEMBERS) == list(organs.FOREGROUND_LABELS)
+
+
+def test_automatic_roi_names_follow_tg263_and_fit_16_characters() -> None:
+    names = [organs.automatic_roi_name(label) for label in organs.FOREGROUND_LABELS]
+    assert names == ["zGTV^Auto", "zPTV^Auto", "zLung_R^Auto", "zLung_L^Auto", "zHeart^Auto", "zEsophagus^Auto",
+                     "zSpinalCord^Auto"]
+    assert max(len(n) for n in names) == 16  # TG-263 section 7.2, principle 1
+    assert len({n.lower() for n in names}) == 7  # unique without case (principle 2)
+    assert all(organs.has_automatic_qualifier(n) and organs.match_roi_name(n) is None for n in names)
+    assert not any(organs.has_automatic_qualifier(n) for n in ("GTV", "zPTVopt", "Automatic", "GTV_auto"))
+    with pytest.raises(ValueError, match="unknown label 8"):
+        organs.automatic_roi_name(8)
+
+
+@pytest.mark.parametrize("texts, labels", [
+    (None, organs.FOREGROUND_LABELS),
+    (["gtv"], (organs.GTV,)),
+    (["Lung_R", "right lung", "LUNG-RIGHT", "lung_right"], (organs.RIGHT_LUNG,)),  # key, name, ROI name
+    (["Spinal cord", "heart", "GTV"], (organs.GTV, organs.HEART, organs.SPINAL_CORD)),  # label order
+    ("esophagus", (organs.ESOPHAGUS,)),
+])
+def test_select_structures_by_key_or_name(texts, labels) -> None:
+    assert organs.select_structures(texts) == labels
+
+
+@pytest.mark.parametrize("texts, match", [
+    (["heart", "liver"], r"unknown structure 'liver'; choose from gtv, ptv, lung_right, lung_left, heart, "
+                         r"esophagus, spinal_cord"),
+    (["background"], "unknown structure 'background'"),
+    (["zHeart^Auto"], r"unknown structure 'zHeart\^Auto'"),
+    ([], "no structure chosen; choose from gtv, ptv"),
+])
+def test_select_structures_refuses_unknown_names_listing_the_allowed(texts, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        organs.select_structures(texts)

@@ -135,7 +135,7 @@ def check_positions(original_series: Path, patient_id: str, work: Path, size: in
         lungs_x[position] = (centre_x_mm(label_image, organs.RIGHT_LUNG), centre_x_mm(label_image, organs.LEFT_LUNG))
         # the RTSTRUCT: the right lung's contour points lie on the patient's right too
         rois = {roi.name: roi for roi in read_rois(pydicom.dcmread(out / f"{patient_id}_RTSTRUCT.dcm"))}
-        right, left = (np.concatenate([c.points for c in rois[organs.structure(lb).rtstruct_name].contours])
+        right, left = (np.concatenate([c.points for c in rois[organs.automatic_roi_name(lb)].contours])
                        for lb in (organs.RIGHT_LUNG, organs.LEFT_LUNG))
         assert right[:, 0].mean() < left[:, 0].mean(), position
 

@@ -14,7 +14,7 @@ import torch
 from scipy import ndimage
 
 import predict_multi_organ as pm
-from extract_multi_organ_masks import build_structures, combine_labels
+from extract_multi_organ_masks import OWN_AUTOMATIC, build_structures, combine_labels
 from thoracic_seg import inference
 from thoracic_seg import organs, precision
 from thoracic_seg.batch import DONE, FAILED, SKIPPED, PatientError, same_geometry
@@ -25,9 +25,14 @@ from thoracic_seg.inference import MAX_BATCH_SIZE, CheckpointError, Predictor, a
 from thoracic_seg.ptv import fold_derived_ptv, ptv_from_gtv
 from thoracic_seg.rtstruct_read import read_rois
 from unet_multi_organ import UNetMultiOrgan, build_checkpoint, checkpoint_ptv, save_untrained_checkpoint
-from thoracic_seg.cases import OUTPUT_SUFFIXES, PREDICTION_FORMAT, VOLUME_COLUMNS, find_cases, read_case
+from thoracic_seg.batch import file_sha256
+from thoracic_seg.cases import (
+    OUTPUT_SUFFIXES, PREDICTION_FORMAT, RTSTRUCT_FORMAT, VOLUME_COLUMNS, find_cases, prediction_provenance, read_case,
+)
+from thoracic_seg.rtstruct_write import QA_NOT_RUN
 
 TINY_SIZE = 32  # network input: 32 x 32 slices (the synthetic CTs are 64 x 64)
+LABEL_OF_AUTOMATIC_NAME = {organs.automatic_roi_name(label): label for label in organs.FOREGROUND_LABELS}
 PREPROCESSING = {"window": [-1000, 400], "size": TINY_SIZE, "zscore": "per_patient"}
 
 
@@ -102,13 +107,30 @@ def test_rtstruct_references_the_ct_and_holds_the_label_map(cohort_prediction):
     ct_uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
                for p in (raw_dir / record["ct_folder"]).glob("*.dcm")]
     assert sorted(i.ReferencedSOPInstanceUID for i in series.ContourImageSequence) == sorted(ct_uids)
-    # phase 2.5 reads the RTSTRUCT back into exactly the label map written beside it
+    present = [organs.automatic_roi_name(v) for v in np.unique(labels) if v]
+    assert [r.ROIName for r in ds.StructureSetROISequence] == present
+    # phase 2.5 takes none of our automatic ROIs as truth: no label, each listed as ours
     grid = Grid.of(image)
     structures, unmatched = build_structures(read_rois(ds), grid, derive_ptv=False)
+    assert not any(s.annotated for s in structures.values()) and unmatched == dict.fromkeys(present, OWN_AUTOMATIC)
+    # renamed by a physician who accepts them, they are exactly the label map written beside them
+    for item in ds.StructureSetROISequence:
+        item.ROIName = organs.structure(LABEL_OF_AUTOMATIC_NAME[item.ROIName]).rtstruct_name
+        item.ROIGenerationAlgorithm = "MANUAL"
+    structures, unmatched = build_structures(read_rois(ds), grid, derive_ptv=False)
     back, _, _ = combine_labels(structures, grid.shape_zyx)
-    assert unmatched == [] and np.array_equal(back, labels)
-    present = [organs.structure(v).rtstruct_name for v in np.unique(labels) if v]
-    assert [r.ROIName for r in ds.StructureSetROISequence] == present
+    assert unmatched == {} and np.array_equal(back, labels)
+
+
+def test_rtstruct_rois_say_automatic_model_hash_qa_and_review(cohort_prediction, tiny_checkpoint):
+    _, out, _, _, cohort = cohort_prediction
+    ds = pydicom.dcmread(out / f"{cohort[0]['patient_id']}_RTSTRUCT.dcm")
+    model = f"U-Net tiny.pth (sha256 {file_sha256(tiny_checkpoint)[:12]})"
+    for item in ds.StructureSetROISequence:
+        assert (item.ROIGenerationAlgorithm, item.ROIGenerationDescription) == ("AUTOMATIC", model)
+        assert item.ROIDescription.startswith(("Automatic contour (not reviewed) by " + model,
+                                               "Automatic PTV (not reviewed), segmented by " + model))
+        assert f" {QA_NOT_RUN}. A physician must review and edit it before any clinical use" in item.ROIDescription
 
 
 def test_volumes_csv_counts_the_label_map(cohort_prediction):
@@ -118,7 +140,7 @@ def test_volumes_csv_counts_the_label_map(cohort_prediction):
     with open(out / f"{pid}_volumes.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert tuple(rows[0]) == VOLUME_COLUMNS
-    assert [r["rtstruct_name"] for r in rows] == [s.rtstruct_name for s in organs.STRUCTURES[1:]]
+    assert [r["rtstruct_name"] for r in rows] == [organs.automatic_roi_name(s.label) for s in organs.STRUCTURES[1:]]
     voxel_ml = np.prod(image.GetSpacing()) / 1000
     for row in rows:
         label = int(row["label"])
@@ -169,10 +191,45 @@ def test_existing_outputs_are_skipped_unless_overwrite(synthetic_cohort, tiny_ch
     assert third.status == DONE
 
 
+def test_structures_choose_the_rtstruct_rois_and_the_label_map_keeps_all(synthetic_cohort, tiny_checkpoint,
+                                                                         tmp_path):
+    raw_dir, _, cohort = synthetic_cohort
+    pid = cohort[0]["patient_id"]
+    common = ["--input", str(raw_dir / pid), "--checkpoint", str(tiny_checkpoint), "--device", "cpu"]
+    assert pm.main([*common, "--output", str(tmp_path / "all")]) == 0
+    assert pm.main([*common, "--output", str(tmp_path / "some"), "--structures", "Heart", "lung_left", "PTV"]) == 0
+    every, _ = _labels(tmp_path / "all" / f"{pid}_labels.nii.gz")
+    some, _ = _labels(tmp_path / "some" / f"{pid}_labels.nii.gz")
+    assert np.array_equal(every, some) and {organs.GTV, organs.RIGHT_LUNG} <= set(np.unique(some))  # all kept
+    chosen = ["zPTV^Auto", "zLung_L^Auto", "zHeart^Auto"]  # label order
+    contours = {}
+    for name in ("all", "some"):
+        ds = pydicom.dcmread(tmp_path / name / f"{pid}_RTSTRUCT.dcm")
+        contours[name] = {str(roi.ROIName): [list(c.ContourData) for c in contour.ContourSequence]
+                          for roi, contour in zip(ds.StructureSetROISequence, ds.ROIContourSequence)}
+    assert list(contours["some"]) == chosen
+    assert all(contours["some"][n] == contours["all"][n] for n in chosen)  # the same contours
+    with open(tmp_path / "some" / f"{pid}_volumes.csv", newline="") as handle:
+        names = {r["structure"]: r["rtstruct_name"] for r in csv.DictReader(handle)}
+    assert names == {"gtv": "", "ptv": "zPTV^Auto", "lung_right": "", "lung_left": "zLung_L^Auto",
+                     "heart": "zHeart^Auto", "esophagus": "", "spinal_cord": ""}
+
+
+def test_unknown_structure_is_refused_naming_the_allowed(tiny_checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        pm.main(["--input", str(tmp_path), "--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path / "out"),
+                 "--structures", "heart", "liver"])
+    assert exit_.value.code == 2
+    assert ("unknown structure 'liver'; choose from gtv, ptv, lung_right, lung_left, heart, esophagus, spinal_cord"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("change", [
     {"ptv_margin_mm": 5.0},                                # another PTV margin
     {"postprocess": True},                                 # another post-processing
     {"checkpoint": "other"},                               # another checkpoint
+    {"structures": ["heart", "Lung_L"]},                   # other structures in the RTSTRUCT
 ])
 def test_outputs_of_other_settings_are_redone_the_same_are_skipped(synthetic_cohort, tiny_checkpoint, tmp_path,
                                                                    change):
@@ -188,6 +245,17 @@ def test_outputs_of_other_settings_are_redone_the_same_are_skipped(synthetic_coh
     assert pm.run(**{**kwargs, **change})[0].status == SKIPPED
     record = json.loads((tmp_path / f"{cohort[0]['patient_id']}_provenance.json").read_text())
     assert record["format"] == PREDICTION_FORMAT and len(record["checkpoints_sha256"]) == 1
+    keys = ["lung_left", "heart"] if "structures" in change else [s.key for s in organs.STRUCTURES[1:]]
+    assert record["rtstruct"] == {"format": RTSTRUCT_FORMAT, "structures": keys, "roi_names": [
+        organs.automatic_roi_name(organs.structure_of_name(k).label) for k in keys]}
+
+
+def test_evaluation_provenance_has_no_rtstruct_part(tiny_checkpoint):
+    """Evaluation compares its saved predictions with prediction_provenance without structures: the
+    RTSTRUCT's names and format do not make it refuse a folder of label maps."""
+    predictor = Predictor.load(tiny_checkpoint, device="cpu")
+    assert "rtstruct" not in prediction_provenance(predictor)
+    assert prediction_provenance(predictor, (organs.HEART,))["rtstruct"]["roi_names"] == ["zHeart^Auto"]
 
 
 def test_postprocess_applies_the_rule_of_each_structure(synthetic_cohort, tiny_checkpoint, tmp_path):
@@ -555,10 +623,14 @@ def test_derived_ptv_is_its_own_rtstruct_roi_overlapping_the_lungs(derived_predi
     labels, image = _labels(out / f"{pid}_labels.nii.gz")
     ptv, _ = _labels(out / f"{pid}_PTV.nii.gz")
     back = masks_from_rtstruct(out / f"{pid}_RTSTRUCT.dcm", image)
-    assert np.array_equal(back["PTV"], ptv.astype(bool))
-    lungs = back["Lung_R"] | back["Lung_L"]
+    assert np.array_equal(back["zPTV^Auto"], ptv.astype(bool))
+    lungs = back["zLung_R^Auto"] | back["zLung_L^Auto"]
     assert np.array_equal(lungs, np.isin(labels, (organs.RIGHT_LUNG, organs.LEFT_LUNG)))
-    assert (back["PTV"] & lungs).any() and not (back["GTV"] & ~back["PTV"]).any()
+    assert (back["zPTV^Auto"] & lungs).any() and not (back["zGTV^Auto"] & ~back["zPTV^Auto"]).any()
+    ds = pydicom.dcmread(out / f"{pid}_RTSTRUCT.dcm")
+    (description,) = [r.ROIDescription for r in ds.StructureSetROISequence if r.ROIName == "zPTV^Auto"]
+    assert description.startswith("Automatic PTV (not reviewed): the automatic GTV zGTV^Auto by U-Net lookup.pth, "
+                                  "grown by a 10 mm margin (isotropic, 3D). QA not run.")
 
 
 def test_ptv_margin_on_the_command_line_overrides_the_run(synthetic_cohort, tmp_path, capsys):
@@ -613,8 +685,8 @@ def test_real_patient_rtstruct_ptv_overlaps_the_lung_and_contains_the_gtv(real_s
 
     rt = RTStructBuilder.create_from(dicom_series_path=str(ct_folder),
                                      rt_struct_path=str(tmp_path / f"{pid}_RTSTRUCT.dcm"))
-    assert {"GTV", "PTV", "Lung_R", "Lung_L"} <= set(rt.get_roi_names())
-    mask = {name: rt.get_roi_mask_by_name(name) for name in ("GTV", "PTV", "Lung_R")}
+    assert {"zGTV^Auto", "zPTV^Auto", "zLung_R^Auto", "zLung_L^Auto"} <= set(rt.get_roi_names())
+    mask = {name[1:-5]: rt.get_roi_mask_by_name(name) for name in ("zGTV^Auto", "zPTV^Auto", "zLung_R^Auto")}
     assert (mask["PTV"] & mask["Lung_R"]).sum() > 1000  # the PTV lies in the right lung, as contours do
     assert not (mask["GTV"] & ~mask["PTV"]).any()
     assert mask["PTV"].sum() > 2 * mask["GTV"].sum()

@@ -1,5 +1,6 @@
-"""thoracic_seg/rtstruct_write.py: label map (or given polygons) -> RTSTRUCT, read back by phase 2.5's
-rasteriser and by rt-utils."""
+"""thoracic_seg/rtstruct_write.py: label map (or given polygons) -> RTSTRUCT of automatic contours (names,
+descriptions), read back by phase 2.5's rasteriser and by rt-utils; phase 2.5 takes none of them as truth
+until a physician has renamed them."""
 from __future__ import annotations
 
 import datetime as dt
@@ -14,7 +15,7 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from extract_multi_organ_masks import build_structures, combine_labels
+from extract_multi_organ_masks import OWN_AUTOMATIC, build_structures, combine_labels
 from thoracic_seg import organs
 from thoracic_seg import rtstruct_write as rx
 from thoracic_seg.dicom_ct import read_ct_series
@@ -23,6 +24,9 @@ from thoracic_seg.rtstruct_read import masks_from_rtstruct, read_rois
 
 STUDY, SERIES, FRAME = "1.2.826.0.1.3680043.10.1", "1.2.826.0.1.3680043.10.2", "1.2.826.0.1.3680043.10.3"
 FIXED_TIME = dt.datetime(2024, 5, 6, 7, 8, 9)
+AUTO_NAMES = ["zGTV^Auto", "zPTV^Auto", "zLung_R^Auto", "zLung_L^Auto", "zHeart^Auto", "zEsophagus^Auto",
+              "zSpinalCord^Auto"]
+LABEL_OF_NAME = dict(zip(AUTO_NAMES, organs.FOREGROUND_LABELS))
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,7 +79,7 @@ def assert_round_trip(labels: np.ndarray, rtstruct: Dataset, image: sitk.Image, 
     scores = {}
     for label in organs.FOREGROUND_LABELS:
         truth = np.isin(labels, rx.ROI_MEMBERS[label])
-        name = organs.structure(label).rtstruct_name
+        name = organs.automatic_roi_name(label)
         if not (labels == label).any():
             assert name not in back
             continue
@@ -87,11 +91,25 @@ def assert_round_trip(labels: np.ndarray, rtstruct: Dataset, image: sitk.Image, 
     return scores
 
 
+def reviewed(rtstruct: Dataset) -> Dataset:
+    """The RTSTRUCT as a physician leaves it after accepting every contour: each ROI renamed to its
+    structure's plain name (``organs.Structure.rtstruct_name``) and saved as MANUAL."""
+    copy = rtstruct.copy()
+    for item in copy.StructureSetROISequence:
+        item.ROIName = organs.structure(LABEL_OF_NAME[item.ROIName]).rtstruct_name
+        item.ROIGenerationAlgorithm = "MANUAL"
+    return copy
+
+
 def phase25_labels(rtstruct: Dataset, image: sitk.Image) -> np.ndarray:
-    """The label map phase 2.5 builds from the RTSTRUCT (names matched, priority applied)."""
+    """The label map phase 2.5 builds from the RTSTRUCT (names matched, priority applied): nothing from
+    our automatic ROIs, every ROI listed as ours; once :func:`reviewed`, the structures drawn."""
     grid = Grid.of(image)
     structures, unmatched = build_structures(read_rois(rtstruct), grid, derive_ptv=False)
-    assert unmatched == []
+    assert not any(s.annotated for s in structures.values())
+    assert unmatched == {str(r.ROIName): OWN_AUTOMATIC for r in rtstruct.StructureSetROISequence}
+    structures, unmatched = build_structures(read_rois(reviewed(rtstruct)), grid, derive_ptv=False)
+    assert unmatched == {}
     labels, _, _ = combine_labels(structures, grid.shape_zyx)
     return labels
 
@@ -225,12 +243,17 @@ def test_rtstruct_has_the_required_attributes_and_passes_pydicom_validation(smal
     assert {i.ReferencedSOPClassUID for i in series.ContourImageSequence} == {rx.CT_IMAGE_STORAGE}
 
 
-def test_rois_are_named_coloured_and_typed_from_organs(small_case, tmp_path):
+def test_rois_are_marked_automatic_coloured_and_typed_from_organs(small_case, tmp_path):
+    """TG-263 names with a leading z and the ^Auto qualifier (at most 16 characters), generated
+    AUTOMATIC: no name phase 2.5 (or anything parsing target names) takes for a physician's structure."""
     labels, reference = small_case
     ds = reread(rx.build_rtstruct(labels, reference), tmp_path)
     names = [r.ROIName for r in ds.StructureSetROISequence]
-    assert names == ["GTV", "PTV", "Lung_R", "Lung_L", "Heart", "Esophagus", "SpinalCord"]
-    assert [organs.match_roi_name(n) for n in names] == list(organs.FOREGROUND_LABELS)  # phase 2.5 reads them
+    assert names == AUTO_NAMES == [organs.automatic_roi_name(label) for label in organs.FOREGROUND_LABELS]
+    assert max(map(len, names)) == 16  # zSpinalCord^Auto: TG-263's limit
+    assert [organs.match_roi_name(n) for n in names] == [None] * 7  # phase 2.5 never reads them as truth
+    assert {r.ROIGenerationAlgorithm for r in ds.StructureSetROISequence} == {"AUTOMATIC"}
+    assert [o.ROIObservationLabel for o in ds.RTROIObservationsSequence] == names
     assert [int(r.ROINumber) for r in ds.StructureSetROISequence] == list(range(1, 8))
     assert {r.ReferencedFrameOfReferenceUID for r in ds.StructureSetROISequence} == {FRAME}
     assert [list(map(int, c.ROIDisplayColor)) for c in ds.ROIContourSequence] == [
@@ -239,6 +262,58 @@ def test_rois_are_named_coloured_and_typed_from_organs(small_case, tmp_path):
     assert [o.RTROIInterpretedType for o in ds.RTROIObservationsSequence] == [
         "GTV", "PTV", "ORGAN", "ORGAN", "ORGAN", "ORGAN", "ORGAN"]
     assert [int(o.ReferencedROINumber) for o in ds.RTROIObservationsSequence] == list(range(1, 8))
+
+
+MODEL = "U-Net best.pth (sha256 1a2b3c4d5e6f)"
+REVIEW = "A physician must review and edit it before any clinical use; once accepted, rename it"
+
+
+@pytest.mark.parametrize("label, kwargs, expected", [
+    (organs.HEART, {"model": MODEL},
+     f"Automatic contour (not reviewed) by {MODEL}. QA not run. {REVIEW} (e.g. Heart)."),
+    (organs.GTV, {"model": MODEL, "verdict": "QA flagged: no GTV component above 0.5 ml"},
+     f"Automatic contour (not reviewed) by {MODEL}. QA flagged: no GTV component above 0.5 ml. {REVIEW} (e.g. GTV)."),
+    (organs.PTV, {"model": MODEL, "ptv_margin_mm": 7.5, "verdict": "QA ok."},
+     f"Automatic PTV (not reviewed): the automatic GTV zGTV^Auto by {MODEL}, grown by a 7.5 mm margin "
+     f"(isotropic, 3D). QA ok. {REVIEW} (e.g. PTV)."),
+    (organs.PTV, {}, f"Automatic PTV (not reviewed), segmented (labels GTV + PTV). QA not run. {REVIEW} (e.g. PTV)."),
+    (organs.SPINAL_CORD, {"verdict": "QA flagged:\n gap of 12 mm"},
+     f"Automatic contour (not reviewed). QA flagged: gap of 12 mm. {REVIEW} (e.g. SpinalCord)."),
+])
+def test_automatic_roi_description_says_automatic_model_verdict_and_review(label, kwargs, expected):
+    assert rx.automatic_roi_description(label, **kwargs) == expected
+
+
+def test_a_long_verdict_is_cut_to_the_1024_characters_of_a_short_text():
+    text = rx.automatic_roi_description(organs.HEART, verdict="QA flagged: " + "x" * 2000)
+    assert len(text) == 1024 and text.endswith("xxx...")
+    with pytest.raises(ValueError, match="the background is not a structure"):
+        rx.automatic_roi_description(organs.BACKGROUND)
+
+
+def test_descriptions_carry_each_structures_verdict_and_how_the_ptv_was_made(small_case, tmp_path):
+    """Read back by pydicom: every ROI says it is automatic, by which model, its QA verdict (QA not run
+    without one) and that it must be reviewed; the overlapping PTV says it is the GTV grown by the margin."""
+    labels, reference = small_case
+    ptv = np.isin(labels, (organs.GTV, organs.PTV))
+    verdicts = {organs.HEART: "QA flagged: volume 5600 ml, above the training range 400-900 ml",
+                organs.LEFT_LUNG: "QA ok"}
+    ds = reread(rx.build_rtstruct(labels, reference, model=MODEL, overlapping={organs.PTV: ptv}, verdicts=verdicts,
+                                  ptv_margin_mm=10.0), tmp_path)
+    described = {str(r.ROIName): str(r.ROIDescription) for r in ds.StructureSetROISequence}
+    assert {str(r.ROIGenerationDescription) for r in ds.StructureSetROISequence} == {MODEL}
+    assert described == {
+        organs.automatic_roi_name(label): rx.automatic_roi_description(
+            label, model=MODEL, verdict=verdicts.get(label), ptv_margin_mm=10.0 if label == organs.PTV else None)
+        for label in organs.FOREGROUND_LABELS}
+    assert described["zPTV^Auto"].startswith("Automatic PTV (not reviewed): the automatic GTV zGTV^Auto by U-Net "
+                                             "best.pth (sha256 1a2b3c4d5e6f), grown by a 10 mm margin")
+    assert "QA flagged: volume 5600 ml" in described["zHeart^Auto"] and "QA ok." in described["zLung_L^Auto"]
+    assert all("QA not run." in described[name] for name in ("zGTV^Auto", "zLung_R^Auto", "zSpinalCord^Auto"))
+    # A PTV of the label map (not grown by us) does not claim a margin
+    plain = rx.build_rtstruct(labels, reference, ptv_margin_mm=10.0)
+    (ptv_item,) = [r for r in plain.StructureSetROISequence if r.ROIName == "zPTV^Auto"]
+    assert "segmented (labels GTV + PTV)" in ptv_item.ROIDescription
 
 
 def test_every_contour_is_closed_planar_on_its_slice_and_references_it(small_case, tmp_path):
@@ -258,7 +333,7 @@ def test_every_contour_is_closed_planar_on_its_slice_and_references_it(small_cas
 def test_holes_are_written_as_separate_inner_contours(small_case, tmp_path):
     labels, reference = small_case
     ds = reread(rx.build_rtstruct(labels, reference), tmp_path)
-    heart = rx.contours_by_roi(ds)["Heart"]
+    heart = rx.contours_by_roi(ds)["zHeart^Auto"]
     assert len(heart) == 2 * 4  # outer + hole on each of the 4 slices
     per_slice = {}
     for item in heart:
@@ -267,7 +342,7 @@ def test_holes_are_written_as_separate_inner_contours(small_case, tmp_path):
     for outer, inner in (sorted(c, key=lambda p: -np.ptp(p[:, 0])) for c in per_slice.values()):
         assert outer[:, 0].min() < inner[:, 0].min() and inner[:, 0].max() < outer[:, 0].max()
     # the ring has 10x6 - 4x2 = 52 voxels per slice, and that is what comes back
-    back = roi_masks_back(ds, image_of(reference))["Heart"]
+    back = roi_masks_back(ds, image_of(reference))["zHeart^Auto"]
     assert back.sum(axis=(1, 2)).tolist() == [52, 52, 52, 52]
 
 
@@ -276,7 +351,7 @@ def test_ptv_roi_contains_its_gtv_and_phase25_rebuilds_the_label_map(small_case,
     ds = reread(rx.build_rtstruct(labels, reference), tmp_path)
     image = image_of(reference)
     back = roi_masks_back(ds, image)
-    assert back["PTV"].sum() == np.isin(labels, [organs.GTV, organs.PTV]).sum() == 2 * 60
+    assert back["zPTV^Auto"].sum() == np.isin(labels, [organs.GTV, organs.PTV]).sum() == 2 * 60
     assert np.array_equal(phase25_labels(ds, image), labels)
 
 
@@ -297,7 +372,9 @@ def test_dciodvfy_reports_no_error(small_case, tmp_path):
     path = tmp_path / "rt.dcm"
     ptv = np.zeros(labels.shape, dtype=bool)
     ptv[1:3, 2:9, 2:9] = True
-    rx.write_rtstruct(rx.build_rtstruct(labels, reference, overlapping={organs.PTV: ptv}), path)
+    verdicts = {organs.HEART: "QA flagged: volume 5600 ml, above the training range 400-900 ml", organs.GTV: "QA ok"}
+    rx.write_rtstruct(rx.build_rtstruct(labels, reference, overlapping={organs.PTV: ptv}, model="U-Net a.pth",
+                                        verdicts=verdicts, ptv_margin_mm=10.0), path)
     report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
     errors = [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
     assert errors == [] and report.returncode == 0, report.stderr
@@ -314,11 +391,12 @@ def test_overlapping_ptv_is_its_own_roi_and_the_organs_keep_their_voxels(small_c
     ptv |= gtv
     assert (ptv & (labels == organs.RIGHT_LUNG)).any()
     ds = reread(rx.build_rtstruct(labels, reference, overlapping={organs.PTV: ptv}), tmp_path)
-    back = roi_masks_back(ds, image_of(reference))
-    assert np.array_equal(back["PTV"], ptv)
-    assert np.array_equal(back["Lung_R"], labels == organs.RIGHT_LUNG)
-    assert (back["PTV"] & back["Lung_R"]).any() and not (back["GTV"] & ~back["PTV"]).any()
-    assert [r.ROIName for r in ds.StructureSetROISequence][:2] == ["GTV", "PTV"]
+    back = {organs.structure(LABEL_OF_NAME[name]).key: mask
+            for name, mask in roi_masks_back(ds, image_of(reference)).items()}
+    assert np.array_equal(back["ptv"], ptv)
+    assert np.array_equal(back["lung_right"], labels == organs.RIGHT_LUNG)
+    assert (back["ptv"] & back["lung_right"]).any() and not (back["gtv"] & ~back["ptv"]).any()
+    assert [r.ROIName for r in ds.StructureSetROISequence][:2] == ["zGTV^Auto", "zPTV^Auto"]
     with pytest.raises(ValueError, match=r"overlapping PTV mask shape \(1, 2, 3\) does not fit the CT"):
         rx.build_rtstruct(labels, reference, overlapping={organs.PTV: np.zeros((1, 2, 3), bool)})
 
@@ -332,7 +410,7 @@ def test_a_contour_longer_than_64_kib_is_written_and_read_back(tmp_path):
     reference = rx.CTReference.from_datasets(
         ct_headers(1, 256, 256, spacing=(0.977, 0.977), origin=(-250.112, -250.112, -179.4)))
     ds = reread(rx.build_rtstruct(mask, reference), tmp_path)
-    (item,) = rx.contours_by_roi(ds)["Heart"]
+    (item,) = rx.contours_by_roi(ds)["zHeart^Auto"]
     assert item.NumberOfContourPoints > 2000
     assert item.get_item(0x30060050).length > 65536  # the value as stored in the file
     assert_round_trip(mask, ds, image_of(reference))
@@ -365,8 +443,8 @@ def test_empty_structures_are_left_out_and_labels_subset_respected(tmp_path):
     labels[:, 2:5, 2:5] = organs.HEART
     labels[:, 6:8, 6:8] = organs.ESOPHAGUS
     reference = rx.CTReference.from_datasets(ct_headers(2, 10, 10))
-    assert rx.roi_summary(rx.build_rtstruct(labels, reference)) == {"Heart": 2, "Esophagus": 2}
-    assert rx.roi_summary(rx.build_rtstruct(labels, reference, labels=[organs.HEART])) == {"Heart": 2}
+    assert rx.roi_summary(rx.build_rtstruct(labels, reference)) == {"zHeart^Auto": 2, "zEsophagus^Auto": 2}
+    assert rx.roi_summary(rx.build_rtstruct(labels, reference, labels=[organs.HEART])) == {"zHeart^Auto": 2}
     assert rx.roi_summary(rx.build_rtstruct(np.zeros_like(labels), reference)) == {}
 
 
@@ -374,7 +452,7 @@ def test_a_gtv_without_ptv_voxels_makes_no_ptv_roi():
     labels = np.zeros((1, 10, 10), np.uint8)
     labels[0, 2:5, 2:5] = organs.GTV
     reference = rx.CTReference.from_datasets(ct_headers(1, 10, 10))
-    assert rx.roi_summary(rx.build_rtstruct(labels, reference)) == {"GTV": 1}
+    assert rx.roi_summary(rx.build_rtstruct(labels, reference)) == {"zGTV^Auto": 1}
 
 
 @pytest.mark.parametrize("syntax", [pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian])
@@ -393,8 +471,9 @@ def test_add_structure_set_writes_given_polygons_as_given(syntax, tmp_path):
     back = reread(ds, tmp_path)
 
     assert back.file_meta.TransferSyntaxUID == syntax
-    assert [(r.ROINumber, r.ROIName, r.ROIGenerationAlgorithm, "ROIGenerationDescription" in r)
-            for r in back.StructureSetROISequence] == [(1, "GTV-1", "MANUAL", False), (2, "External", "MANUAL", False)]
+    assert [(r.ROINumber, r.ROIName, r.ROIGenerationAlgorithm, "ROIGenerationDescription" in r, "ROIDescription" in r)
+            for r in back.StructureSetROISequence] == [(1, "GTV-1", "MANUAL", False, False),
+                                                       (2, "External", "MANUAL", False, False)]
     assert [(c.ReferencedROINumber, list(c.ROIDisplayColor)) for c in back.ROIContourSequence] == [
         (1, [255, 0, 0]), (2, [0, 128, 0])]
     assert [(o.ReferencedROINumber, o.RTROIInterpretedType, "ROIObservationLabel" in o)
@@ -434,6 +513,12 @@ def test_label_map_that_does_not_fit_the_ct_is_refused():
         rx.build_rtstruct(np.zeros((3, 8, 9), np.float32), reference)
     with pytest.raises(ValueError, match="at most 16 characters"):
         rx.build_rtstruct(np.zeros((3, 8, 9), np.uint8), reference, structure_set_label="x" * 17)
+    with pytest.raises(ValueError, match="unknown label 9; labels are 0-7"):
+        rx.build_rtstruct(np.zeros((3, 8, 9), np.uint8), reference, verdicts={9: "QA ok"})
+    with pytest.raises(ValueError, match="a QA verdict for the background"):
+        rx.build_rtstruct(np.zeros((3, 8, 9), np.uint8), reference, verdicts={0: "QA ok"})
+    with pytest.raises(ValueError, match="PTV margin must be a finite number >= 0 mm, got -1"):
+        rx.automatic_roi_description(organs.PTV, ptv_margin_mm=-1.0)
 
 
 def test_bad_ct_headers_are_refused():
@@ -504,7 +589,7 @@ def test_synthetic_cohort_round_trip_and_rt_utils(synthetic_cohort, tmp_path):
     rim = ndimage.generate_binary_structure(3, 2)
     rim[0] = rim[2] = False  # in-plane 8-neighbourhood
     for name in names:
-        label = organs.match_roi_name(name)
+        label = LABEL_OF_NAME[name]
         expected = np.isin(truth, rx.ROI_MEMBERS[label])
         assert not (expected & ~masks[name]).any(), name
         assert not (masks[name] & ~ndimage.binary_dilation(expected, rim)).any(), name
@@ -534,14 +619,15 @@ def test_real_patient_round_trip_and_rt_utils(real_sample_root, reference_json, 
     rx.write_rtstruct(rtstruct, path)
     ds = pydicom.dcmread(path)
     scores = assert_round_trip(labels, ds, image)
-    assert sorted(scores) == ["Esophagus", "GTV", "Heart", "Lung_L", "Lung_R", "SpinalCord"]
+    assert sorted(scores) == ["zEsophagus^Auto", "zGTV^Auto", "zHeart^Auto", "zLung_L^Auto", "zLung_R^Auto",
+                              "zSpinalCord^Auto"]
     assert np.array_equal(phase25_labels(ds, image), labels)
     n_points = sum(int(it.NumberOfContourPoints) for c in ds.ROIContourSequence for it in c.ContourSequence)
     assert n_points < 60_000  # collinear points merged (~50 points per contour on average)
 
     masks = _rt_utils_masks(ct_folder, path, list(scores))
     for label in by_label:
-        name = organs.structure(label).rtstruct_name
+        name = organs.automatic_roi_name(label)
         expected = labels == label
         assert not (expected & ~masks[name]).any(), name  # rt-utils only adds its boundary rim
         assert dice(masks[name], expected) >= 0.95, (name, dice(masks[name], expected))

@@ -10,7 +10,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pydicom
@@ -43,6 +43,11 @@ OUTPUT_SUFFIXES = {
 
 #: Bumped when the outputs of the same inputs and settings change: outputs of another format are redone.
 PREDICTION_FORMAT = 1
+#: Bumped when the RTSTRUCT of the same inputs and settings changes (recorded by prediction only, not by
+#: evaluation, which writes none). 2: ROIs marked as automatic (``zGTV^Auto``..., a description each).
+RTSTRUCT_FORMAT = 2
+#: Hex digits of a checkpoint's SHA-256 named in each ROI's description (the provenance has them all).
+SHA256_SHOWN = 12
 
 
 VOLUME_COLUMNS = ("patient_id", "label", "structure", "rtstruct_name", "labels", "voxels", "volume_ml")
@@ -154,8 +159,10 @@ def output_paths(output_dir: Path, patient_id: str, dicom: bool) -> dict[str, Pa
 
 
 def structure_volumes(labels_zyx: np.ndarray, spacing_zyx: Sequence[float], ptv_zyx: np.ndarray | None = None,
-                      ptv_text: str = "") -> list[dict[str, Any]]:
-    """One row per structure 1-7 as written to the RTSTRUCT: voxels, ml.
+                      ptv_text: str = "", rtstruct_labels: Sequence[int] = organs.FOREGROUND_LABELS,
+                      ) -> list[dict[str, Any]]:
+    """One row per structure 1-7 as written to the RTSTRUCT: its ROI name (empty for a structure not in
+    ``rtstruct_labels``, the ``--structures`` chosen), voxels, ml.
 
     The PTV row counts ``ptv_zyx`` (bool, the overlapping PTV mask; ``labels`` column ``ptv_text``,
     e.g. ``GTV + 10 mm``); without it, labels GTV + PTV, and a GTV alone makes no PTV.
@@ -170,8 +177,8 @@ def structure_volumes(labels_zyx: np.ndarray, spacing_zyx: Sequence[float], ptv_
             voxels, described = int(np.count_nonzero(ptv_zyx)), ptv_text or described
         else:
             voxels = int(sum(counts[m] for m in members)) if counts[label] else 0  # no PTV without PTV voxels
-        struct = organs.structure(label)
-        rows.append({"label": label, "structure": struct.key, "rtstruct_name": struct.rtstruct_name,
+        name = organs.automatic_roi_name(label) if label in rtstruct_labels else ""
+        rows.append({"label": label, "structure": organs.structure(label).key, "rtstruct_name": name,
                      "labels": described, "voxels": voxels, "volume_ml": round(voxels * voxel_ml, 3)})
     return rows
 
@@ -192,13 +199,26 @@ def labels_image(labels_zyx: np.ndarray, ct: sitk.Image) -> sitk.Image:
     return image
 
 
+def model_description(predictor: Predictor, checkpoints_sha256: Sequence[str] = ()) -> str:
+    """What made the automatic contours, for each ROI's description: ``U-Net best.pth (sha256
+    1a2b3c4d5e6f)``, ``+ 2 more (ensemble)`` for several checkpoints; the hash (its first
+    :data:`SHA256_SHOWN` hex digits, as in the provenance record) only when given."""
+    digest = f" (sha256 {checkpoints_sha256[0][:SHA256_SHOWN]})" if checkpoints_sha256 else ""
+    more = len(predictor.checkpoint_paths) - 1
+    return f"U-Net {predictor.checkpoint_path.name}{digest}" + (f" + {more} more (ensemble)" if more > 0 else "")
+
+
 def write_outputs(ct: LoadedCT, hu_zyx: np.ndarray, labels_zyx: np.ndarray, outputs: dict[str, Path],
-                  predictor: Predictor, seconds: dict[str, float] | None = None) -> dict[str, Any]:
+                  predictor: Predictor, seconds: dict[str, float] | None = None, *,
+                  structures: Sequence[int] = organs.FOREGROUND_LABELS, model: str | None = None,
+                  verdicts: Mapping[int, str] | None = None) -> dict[str, Any]:
     """Write one patient's outputs for HU and a label map (Z, Y, X) on ``ct``'s own stored grid.
 
-    Makes the PTV (:meth:`Predictor.ptv_mask`), builds the RTSTRUCT for a DICOM ``ct`` (timed as
-    ``rtstruct``; the PTV an overlapping ROI), then writes label map and PTV mask (stored grid and
-    geometry), RTSTRUCT, volumes CSV and overlay (network orientation; timed as ``write``).
+    Makes the PTV (:meth:`Predictor.ptv_mask`), builds the RTSTRUCT of ``structures`` (labels) for a
+    DICOM ``ct`` (timed as ``rtstruct``; the PTV an overlapping ROI; every ROI marked automatic, described
+    with ``model`` (default :func:`model_description` without hash) and its QA verdict of ``verdicts``,
+    label -> text, "QA not run" without one), then writes label map and PTV mask (all structures; stored
+    grid and geometry), RTSTRUCT, volumes CSV and overlay (network orientation; timed as ``write``).
     Returns ``{"volumes": rows, "rois": {ROI name: contours}}``.
     """
     seconds = seconds if seconds is not None else {}
@@ -207,8 +227,9 @@ def write_outputs(ct: LoadedCT, hu_zyx: np.ndarray, labels_zyx: np.ndarray, outp
     with stage_timer(seconds, "rtstruct"):
         ptv = predictor.ptv_mask(labels_zyx, spacing_zyx)
         if ct.reference is not None:
-            rtstruct = build_rtstruct(labels_zyx, ct.reference, overlapping={organs.PTV: ptv},
-                                      algorithm_name=f"U-Net {predictor.checkpoint_path.name}")
+            rtstruct = build_rtstruct(labels_zyx, ct.reference, labels=structures, overlapping={organs.PTV: ptv},
+                                      model=model if model is not None else model_description(predictor),
+                                      verdicts=verdicts, ptv_margin_mm=predictor.ptv_margin_mm)
     with stage_timer(seconds, "write"):
         for key, array in (("labels", labels_zyx), ("ptv", ptv.astype(np.uint8))):
             image = labels_image(array, ct.image)
@@ -216,7 +237,7 @@ def write_outputs(ct: LoadedCT, hu_zyx: np.ndarray, labels_zyx: np.ndarray, outp
             write_nifti(image, outputs[key])
         if rtstruct is not None:
             write_rtstruct(rtstruct, outputs["rtstruct"])
-        volumes = structure_volumes(labels_zyx, spacing_zyx, ptv, predictor.ptv_text)
+        volumes = structure_volumes(labels_zyx, spacing_zyx, ptv, predictor.ptv_text, structures)
         write_text_atomic(outputs["volumes"], volumes_csv_text(ct.patient_id, volumes))
         write_overlay_png(*(to_network_array(a, ct.orientation) for a in (hu_zyx, labels_zyx)), outputs["overlay"],
                           f"{ct.patient_id}: {predictor.checkpoint_path.name}", predictor.window,
@@ -231,12 +252,17 @@ def read_provenance(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def prediction_provenance(predictor: Predictor) -> dict[str, Any]:
+def prediction_provenance(predictor: Predictor, structures: Sequence[int] | None = None) -> dict[str, Any]:
     """What decides a patient's outputs besides its CT: the checkpoints' bytes (sha256), their
-    preprocessing, slice context and PTV, post-processing, precision and the output format."""
+    preprocessing, slice context and PTV, post-processing, precision and the output format; with
+    ``structures`` (labels: prediction's ``--structures``), the RTSTRUCT's format, structures and ROI
+    names under ``"rtstruct"``. Evaluation records it without them (its label maps are the same)."""
     paths = predictor.checkpoint_paths or (predictor.checkpoint_path,)
     return {"format": PREDICTION_FORMAT, "checkpoints_sha256": [file_sha256(p) for p in paths],
             "window": list(predictor.window), "size": predictor.size, "crop": predictor.crop,
             "context_slices": predictor.context_slices, "ptv": predictor.ptv,
             "postprocess_rule": describe_postprocess() if predictor.postprocess else None,
-            "precision": predictor.precision.name}
+            "precision": predictor.precision.name,
+            **({} if structures is None else {"rtstruct": {
+                "format": RTSTRUCT_FORMAT, "structures": [organs.structure(label).key for label in structures],
+                "roi_names": [organs.automatic_roi_name(label) for label in structures]}})}

@@ -152,16 +152,21 @@ class Predictor:
                 f"{describe_crop(self.crop)}, PTV = {self.ptv_text}" + (f", post-processing: {describe_postprocess()}" if self.postprocess else ""))
 
     @property
+    def ptv_margin_mm(self) -> float | None:
+        """The margin (mm) the PTV is grown from the GTV by; None for a network that learnt the PTV."""
+        return float(self.ptv["margin_mm"]) if self.ptv.get("source") == PTV_DERIVED else None
+
+    @property
     def ptv_text(self) -> str:
         """``GTV + 10 mm`` (derived) or ``labels GTV + PTV`` (a network that learnt the PTV)."""
-        if self.ptv.get("source") == PTV_DERIVED:
-            return ptv_description(float(self.ptv["margin_mm"]))
+        if self.ptv_margin_mm is not None:
+            return ptv_description(self.ptv_margin_mm)
         return "labels GTV + PTV"
 
     def ptv_mask(self, labels_zyx: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
         """bool (Z, Y, X): the PTV of a predicted label map on its grid (``spacing_zyx`` mm)."""
-        if self.ptv.get("source") == PTV_DERIVED:
-            return ptv_from_gtv(labels_zyx == organs.GTV, spacing_zyx, float(self.ptv["margin_mm"]))
+        if self.ptv_margin_mm is not None:
+            return ptv_from_gtv(labels_zyx == organs.GTV, spacing_zyx, self.ptv_margin_mm)
         return np.isin(labels_zyx, organs.STRUCTURE_MEMBERS[organs.PTV]) & (labels_zyx == organs.PTV).any()
 
     def crop_box(self, hu_zyx: np.ndarray, spacing_yx: Sequence[float] | None) -> tuple[int, int, int] | None:

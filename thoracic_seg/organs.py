@@ -1,5 +1,5 @@
 """The single source of truth for the seven structures: label values, names, colours,
-overlap priority and RTSTRUCT ROI-name matching.
+overlap priority, RTSTRUCT ROI-name matching and the names of our automatic ROIs.
 
 Every script that needs a label value, a structure name or a colour imports it from here;
 nothing is re-typed elsewhere.
@@ -10,6 +10,8 @@ nothing is re-typed elsewhere.
     True
     >>> match_roi_name("Lungs-GTV") is None
     True
+    >>> automatic_roi_name(GTV), match_roi_name("zGTV^Auto") is None
+    ('zGTV^Auto', True)
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import operator
 import re
 import unicodedata
 from dataclasses import dataclass
+from typing import Sequence
 
 BACKGROUND = 0
 GTV = 1
@@ -38,8 +41,8 @@ class Structure:
     """One structure of the label map.
 
     ``key`` is a stable identifier for files and columns, ``name`` is for humans,
-    ``rtstruct_name`` is what we write into an RTSTRUCT (names planning systems recognise),
-    ``color`` is RGB in 0-255.
+    ``rtstruct_name`` is the TG-263 name a planning system recognises (prediction writes it marked
+    as automatic: :func:`automatic_roi_name`), ``color`` is RGB in 0-255.
     """
 
     label: int
@@ -92,6 +95,31 @@ def label_name(label: int) -> str:
     return structure(label).name
 
 
+def structure_of_name(text: str) -> Structure:
+    """The structure (1-7) whose key, name or RTSTRUCT name is ``text`` (case, spaces, hyphens and
+    underscores ignored): ``gtv``, ``Right lung``, ``lung_right`` and ``Lung_R`` are all label 3.
+    ``ValueError`` listing the keys allowed for anything else."""
+    wanted = normalize_roi_name(text)
+    for struct in STRUCTURES[1:]:
+        if wanted in {normalize_roi_name(v) for v in (struct.key, struct.name, struct.rtstruct_name)}:
+            return struct
+    raise ValueError(f"unknown structure {text!r}; choose from {', '.join(s.key for s in STRUCTURES[1:])} "
+                     "(or their names: GTV, Lung_R, Spinal cord...)")
+
+
+def select_structures(texts: Sequence[str] | None) -> tuple[int, ...]:
+    """Labels of the structures named in ``texts`` (:func:`structure_of_name`), in label order,
+    each once; ``None``: all seven. ``ValueError`` for an unknown name or an empty selection."""
+    if texts is None:
+        return FOREGROUND_LABELS
+    if isinstance(texts, str):
+        texts = [texts]
+    chosen = {structure_of_name(text).label for text in texts}
+    if not chosen:
+        raise ValueError(f"no structure chosen; choose from {', '.join(s.key for s in STRUCTURES[1:])}")
+    return tuple(sorted(chosen))
+
+
 def color_table(scale: float = 1.0) -> "list[tuple[float, float, float]]":
     """RGB colour per label value (index = label), multiplied by ``scale`` (1/255 for 0-1)."""
     return [tuple(c * scale for c in s.color) for s in STRUCTURES]  # type: ignore[misc]
@@ -126,7 +154,32 @@ _EXACT_ALIASES: dict[int, frozenset[str]] = {
 _GTV_PATTERN = re.compile(r"gtv[a-z0-9]*")
 _PTV_PATTERN = re.compile(r"ptv\d*(\d+(\.\d+)?gy)?")
 _DERIVED_TOKENS = ("ptv", "ctv", "itv", "prv", "ring", "minus", "avoid", "margin", "exp",
-                   "lung", "heart", "cord", "eso", "opt", "help")
+                   "lung", "heart", "cord", "eso", "opt", "help", "auto")  # "GTV_auto": someone's automatic GTV
+
+# ---- Our automatic ROIs ----------------------------------------------------------------------
+# Prediction names each ROI "z" + its TG-263 name + "^Auto" (AAPM Report 263, 2018; docs/review.md):
+# - a leading "z" marks a structure not to be used for dose evaluation and sorts it away from those
+#   that are (TG-263 section 7.2, principle 15; section 4.4: prefixes against confusing such
+#   structures with the ones used for evaluation), and no automatic target starts with a target type
+#   ("GTV", "PTV", section 8.2, principle 1), so nothing that parses target names takes it for one;
+# - "^Auto" is TG-263's custom qualifier, placed last after "^" (section 7.2, principle 12; section
+#   8.2, principle 9, as in "PTV^Physician1"): it says who drew the contour;
+# - at most 16 characters (section 7.2, principle 1; section 8.2, principle 10): "zSpinalCord^Auto".
+# A physician who accepts a contour renames it (its TG-263 name); phase 2.5 never trains on a name
+# that still carries the qualifier.
+AUTOMATIC_PREFIX = "z"
+AUTOMATIC_QUALIFIER = "^Auto"
+
+
+def automatic_roi_name(label: int) -> str:
+    """The ROI name prediction writes for a structure: ``zGTV^Auto``, ``zLung_R^Auto``..."""
+    return f"{AUTOMATIC_PREFIX}{structure(label).rtstruct_name}{AUTOMATIC_QUALIFIER}"
+
+
+def has_automatic_qualifier(name: str) -> bool:
+    """True for a name that ends with our ``^Auto`` qualifier (any case, surrounding spaces ignored),
+    with or without the leading ``z``: a contour of ours that nobody renamed."""
+    return str(name).strip().lower().endswith(AUTOMATIC_QUALIFIER.lower())
 
 
 def normalize_roi_name(name: str) -> str:
@@ -141,8 +194,11 @@ def match_roi_name(name: str) -> int | None:
     """Map an RTSTRUCT ROI name to a label value, :data:`BOTH_LUNGS`, or ``None`` (not ours).
 
     Unknown and derived names (``Lungs-GTV``, ``PRV Spinal Cord``, ``z_PTV_ring``...) return
-    ``None``: they are reported by phase 2.5, never guessed.
+    ``None``: they are reported by phase 2.5, never guessed. So do the names of our automatic ROIs
+    (``zGTV^Auto``, :func:`has_automatic_qualifier`) and other automatic GTVs (``GTV_auto``).
     """
+    if has_automatic_qualifier(name):
+        return None
     norm = normalize_roi_name(name)
     for label, aliases in _EXACT_ALIASES.items():
         if norm in aliases:

@@ -34,12 +34,14 @@ class Contour:
 
 @dataclass
 class Roi:
-    """One ROI of a structure set, with its contours (possibly none)."""
+    """One ROI of a structure set, with its contours (possibly none) and its ROIGenerationAlgorithm
+    (``AUTOMATIC``, ``SEMIAUTOMATIC``, ``MANUAL``; upper case, empty when absent)."""
 
     number: str
     name: str
     frame_of_reference_uid: str
     contours: list[Contour] = field(default_factory=list)
+    generation_algorithm: str = ""
 
 
 def _contour_points(item: Any) -> np.ndarray:
@@ -68,7 +70,8 @@ def _roi_number(item: Any, keyword: str) -> str:
 
 
 def read_rois(rtstruct: Any) -> list[Roi]:
-    """The ROIs of an RTSTRUCT dataset (pydicom), in StructureSetROISequence order.
+    """The ROIs of an RTSTRUCT dataset (pydicom), in StructureSetROISequence order (where the standard
+    places each ROI's name and ROIGenerationAlgorithm).
 
     ROIs that have contours but no StructureSetROISequence entry get the name ``ROI <number>``.
     Unparseable ContourData raises ``ValueError`` naming the ROI.
@@ -77,7 +80,8 @@ def read_rois(rtstruct: Any) -> list[Roi]:
     for item in rtstruct.get("StructureSetROISequence", []):
         number = _roi_number(item, "ROINumber")
         rois[number] = Roi(number, str(item.get("ROIName", "") or f"ROI {number}").strip(),
-                           str(item.get("ReferencedFrameOfReferenceUID", "") or ""))
+                           str(item.get("ReferencedFrameOfReferenceUID", "") or ""),
+                           generation_algorithm=str(item.get("ROIGenerationAlgorithm", "") or "").strip().upper())
     for roi_contour in rtstruct.get("ROIContourSequence", []):
         number = _roi_number(roi_contour, "ReferencedROINumber")
         roi = rois.setdefault(number, Roi(number, f"ROI {number}", ""))

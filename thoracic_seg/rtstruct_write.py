@@ -3,10 +3,12 @@
 A label map (z, y, x) uint8 with the values of ``thoracic_seg.organs`` on a CT's own grid, together with the
 CT's DICOM headers (one per slice, in the label map's z order), becomes an RTSTRUCT that references
 the CT's study, series, frame of reference and every SOP instance: one ROI per structure present,
-one CLOSED_PLANAR contour per 4-connected component and per hole on every slice:
+one CLOSED_PLANAR contour per 4-connected component and per hole on every slice, each ROI marked as
+automatic (its name ``zGTV^Auto``..., ``organs.automatic_roi_name``; its ROIDescription: the model, the
+QA verdict and the review it needs, :func:`automatic_roi_description`; docs/review.md):
 
     reference = CTReference.from_datasets(headers)          # pydicom Datasets, z order
-    rtstruct = build_rtstruct(labels_zyx, reference)
+    rtstruct = build_rtstruct(labels_zyx, reference, model="U-Net best.pth (sha256 1a2b3c4d5e6f)")
     write_rtstruct(rtstruct, "LUNG1-005_RTSTRUCT.dcm")
 
 A writer of polygons it already has (the synthetic cohort) fills its own dataset's header and calls
@@ -56,6 +58,10 @@ COPIED_TYPE2 = (
 COPIED_IF_PRESENT = ("SpecificCharacterSet", "StudyDescription", "PatientAge", "IssuerOfPatientID")
 DEFAULT_STRUCTURE_SET_LABEL = "AUTOSEG"
 DEFAULT_SERIES_DESCRIPTION = "Automatic multi-organ segmentation (research use)"
+#: The QA verdict in an automatic ROI's description when no quality check gave one.
+QA_NOT_RUN = "QA not run"
+_ST_MAX = 1024  # characters of a Short Text value (ROIDescription)
+_LO_MAX = 64  # characters of a Long String value (ROIGenerationDescription)
 _CONTOUR_DATA_TAG = 0x30060050
 _DECIMALS = 6  # keeps half-pixel positions of 3-decimal spacings exact; at most 14 characters
 
@@ -286,12 +292,14 @@ class RoiContours:
     """One ROI to write: ROIName ``name``, ROIDisplayColor ``color`` (R, G, B 0-255),
     RTROIInterpretedType ``interpreted_type`` (``ORGAN``, ``GTV``, ``PTV``, ``EXTERNAL``...), and
     ``contours``: (slice index k of the :class:`CTReference`, (N, 3) float LPS mm points of one
-    closed polygon on that slice, first point not repeated), in the order they are written."""
+    closed polygon on that slice, first point not repeated), in the order they are written;
+    ``description``: its ROIDescription (none when empty)."""
 
     name: str
     color: tuple[int, int, int]
     interpreted_type: str
     contours: Sequence[tuple[int, np.ndarray]]
+    description: str = ""
 
 
 def _mask_contours_mm(
@@ -311,7 +319,8 @@ def add_structure_set(ds: Dataset, reference: CTReference, rois: Sequence[RoiCon
 
     Writes ReferencedFrameOfReferenceSequence (frame, study, series and every slice of the CT),
     and one ROI per item of ``rois``, numbered 1, 2, ... in order: StructureSetROISequence
-    (ROIGenerationAlgorithm ``algorithm``; ROIGenerationDescription ``description`` unless empty),
+    (ROIGenerationAlgorithm ``algorithm``; ROIGenerationDescription ``description`` and each ROI's
+    ROIDescription unless empty),
     ROIContourSequence (one CLOSED_PLANAR item per polygon, numbered 1, 2, ... within its ROI,
     referencing its CT slice; ContourData in ``ds.file_meta``'s transfer syntax) and
     RTROIObservationsSequence (ROIObservationLabel = ROIName when ``observation_labels``).
@@ -340,6 +349,8 @@ def add_structure_set(ds: Dataset, reference: CTReference, rois: Sequence[RoiCon
         item.ROIGenerationAlgorithm = algorithm
         if description:
             item.ROIGenerationDescription = description
+        if roi.description:
+            item.ROIDescription = roi.description
         roi_items.append(item)
 
         contours = []
@@ -379,15 +390,49 @@ def _union_box(boxes: Iterable[tuple[slice, ...] | None]) -> tuple[slice, slice,
     )
 
 
+def automatic_roi_description(label: int, *, model: str = "", verdict: str | None = None,
+                              ptv_margin_mm: float | None = None) -> str:
+    """ROIDescription of one automatic ROI, one line of at most 1024 characters (DICOM ST): that it is
+    automatic and not reviewed, the model that made it, the QA verdict and the review it needs.
+
+    ``model``: e.g. ``U-Net best.pth (sha256 1a2b3c4d5e6f)``. ``verdict``: the quality check's text for
+    this structure (``QA ok``, ``QA flagged: <reasons>``); None: :data:`QA_NOT_RUN`. The PTV says how it
+    was made: the automatic GTV grown by ``ptv_margin_mm`` mm, or (None) segmented by the network.
+    ``ValueError`` for a label outside 1-7 or a negative or non-finite margin.
+
+        >>> automatic_roi_description(organs.HEART, model="U-Net best.pth")[:58]
+        'Automatic contour (not reviewed) by U-Net best.pth. QA not'
+    """
+    struct = organs.structure(label)
+    if label == organs.BACKGROUND:
+        raise ValueError("the background is not a structure: labels 1-7 have ROIs")
+    by = f" by {model}" if model else ""
+    what = f"Automatic contour (not reviewed){by}."
+    if label == organs.PTV and ptv_margin_mm is not None:
+        if not (ptv_margin_mm >= 0 and np.isfinite(ptv_margin_mm)):
+            raise ValueError(f"PTV margin must be a finite number >= 0 mm, got {ptv_margin_mm}")
+        what = (f"Automatic PTV (not reviewed): the automatic GTV {organs.automatic_roi_name(organs.GTV)}{by}, "
+                f"grown by a {ptv_margin_mm:g} mm margin (isotropic, 3D).")
+    elif label == organs.PTV:
+        what = f"Automatic PTV (not reviewed), segmented{by} (labels GTV + PTV)."
+    verdict = " ".join(str(verdict if verdict is not None else QA_NOT_RUN).split()).rstrip(".") + "."
+    text = (f"{what} {verdict} A physician must review and edit it before any clinical use; once accepted, "
+            f"rename it (e.g. {struct.rtstruct_name}).")
+    return text if len(text) <= _ST_MAX else text[: _ST_MAX - 3] + "..."
+
+
 def build_rtstruct(
     labels_zyx: np.ndarray, reference: CTReference, *, structure_set_label: str = DEFAULT_STRUCTURE_SET_LABEL,
-    series_description: str = DEFAULT_SERIES_DESCRIPTION, algorithm_name: str = "",
+    series_description: str = DEFAULT_SERIES_DESCRIPTION, model: str = "",
     labels: Sequence[int] = organs.FOREGROUND_LABELS, overlapping: Mapping[int, np.ndarray] | None = None,
-    now: _dt.datetime | None = None,
+    verdicts: Mapping[int, str] | None = None, ptv_margin_mm: float | None = None, now: _dt.datetime | None = None,
 ) -> FileDataset:
-    """An RT Structure Set of the structures present in ``labels_zyx`` (and in ``overlapping``).
+    """An RT Structure Set of the automatic contours of the structures present in ``labels_zyx`` (and in
+    ``overlapping``).
 
-    One ROI per structure present, named and coloured from ``thoracic_seg.organs``, with the contours of
+    One ROI per structure present, coloured from ``thoracic_seg.organs`` and marked as automatic:
+    ROIName ``organs.automatic_roi_name`` (``zGTV^Auto``...), ROIGenerationAlgorithm AUTOMATIC,
+    ROIGenerationDescription ``model``, ROIDescription :func:`automatic_roi_description`; the contours of
     :func:`mask_contours` on every slice. A PTV in the label map (label 2) is written as GTV + PTV, because
     a PTV contains its GTV. A structure in ``overlapping`` (the PTV grown from the predicted GTV) is
     written from its own mask: ROIs overlap freely, as real contours do. The Frame of Reference module is
@@ -398,14 +443,20 @@ def build_rtstruct(
             slice k, (Y, X) = (Rows, Columns).
         reference: the CT series (:meth:`CTReference.from_datasets`).
         structure_set_label: StructureSetLabel (16 characters at most); ``series_description``: the new
-            series' SeriesDescription; ``algorithm_name``: every ROI's ROIGenerationDescription.
+            series' SeriesDescription; ``model``: what made the contours (checkpoint name and hash), every
+            ROI's ROIGenerationDescription (its first 64 characters) and part of its ROIDescription.
         labels: which structures to write (those with no voxel of their own label are left out).
         overlapping: label -> bool (Z, Y, X) mask written instead of the label map, in ``labels``' order.
+        verdicts: label -> the quality check's verdict for that structure, written in its ROIDescription;
+            a structure without one (or ``verdicts`` None) says :data:`QA_NOT_RUN`.
+        ptv_margin_mm: the margin (mm) by which an overlapping PTV was grown from the GTV, for its
+            description; None: a PTV of the network's labels.
         now: StructureSetDate/Time, SeriesDate/Time (default: the current local time).
 
     Returns a ``FileDataset`` with file meta (Implicit VR Little Endian) and new Series/SOP Instance UIDs;
     save it with :func:`write_rtstruct`. ``ValueError``: a label map (or overlapping mask) not 3D or not
-    fitting the CT's slices/rows/columns, values outside 0-7, or a structure set label that is too long.
+    fitting the CT's slices/rows/columns, values outside 0-7, a structure set label that is too long, or a
+    verdict for a label outside 1-7.
     """
     labels_zyx = np.asarray(labels_zyx)
     expected = (reference.num_slices, *reference.shape_yx)
@@ -428,6 +479,10 @@ def build_rtstruct(
         )
     if len(structure_set_label) > 16:
         raise ValueError(f"structure_set_label is at most 16 characters, got {structure_set_label!r}")
+    verdicts = dict(verdicts or {})
+    for label in verdicts:
+        if organs.structure(label).label == organs.BACKGROUND:  # ValueError for a label outside 0-7
+            raise ValueError("a QA verdict for the background: verdicts are for labels 1-7")
     now = now or _dt.datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
 
@@ -478,10 +533,11 @@ def build_rtstruct(
                 continue
             box = _union_box(boxes[m - 1] for m in ROI_MEMBERS[label])
             inside = np.isin(labels_zyx[box], ROI_MEMBERS[label])
-        struct = organs.structure(label)
-        rois.append(RoiContours(struct.rtstruct_name, struct.color, INTERPRETED_TYPE[label],
-                                _mask_contours_mm(inside, box, reference)))
-    add_structure_set(ds, reference, rois, description=algorithm_name[:64])
+        description = automatic_roi_description(label, model=model, verdict=verdicts.get(label),
+                                                 ptv_margin_mm=ptv_margin_mm if label in overlapping else None)
+        rois.append(RoiContours(organs.automatic_roi_name(label), organs.structure(label).color,
+                                INTERPRETED_TYPE[label], _mask_contours_mm(inside, box, reference), description))
+    add_structure_set(ds, reference, rois, algorithm="AUTOMATIC", description=model[:_LO_MAX])
     log.debug("RTSTRUCT: %d ROIs, %d contours", len(rois), sum(len(r.contours) for r in rois))
     return ds
 
