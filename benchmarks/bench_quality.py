@@ -353,7 +353,7 @@ def train_cell(cell: Cell, *, data_root: Path, splits_dir: Path, run_dir: Path, 
     result = train_multi_organ.run(**options)
     seconds = sum(row["train_seconds"] for row in result.history)
     return {"train_args": args, "epochs": epochs, "train_slices_per_epoch": n_slices,
-            "stop_reason": result.stop_reason, "steps_done": result.history[-1].get("step") if result.history else None,
+            "stop_reason": result.stop_reason, "slices_seen": sum(row["train_slices"] for row in result.history),
             "final_train_loss": result.history[-1]["train_loss"] if result.history else None,
             "train_seconds": round(seconds, 1), "train_wall_seconds": round(time.perf_counter() - started, 1),
             "checkpoint": str(result.last_checkpoint)}
