@@ -145,14 +145,16 @@ def _number(text: str) -> float | None:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """evaluate_multi_organ's ``metrics.csv`` as dicts; metric cells as float or None (not annotated)."""
+    """evaluate_multi_organ's ``metrics.csv`` as dicts; metric cells as float or None (not annotated);
+    ``surface_dice`` and ``apl_mm`` where the file has them."""
     rows = []
     with open(path, newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
             rows.append({"patient_id": row["patient_id"], "structure": row["structure"],
                          "annotated": row["annotated"] == "yes",
                          **{k: _number(row[k]) for k in ("dice", "hd95_mm", "truth_ml", "predicted_ml",
-                                                          "volume_diff_pct")}})
+                                                          "volume_diff_pct")},
+                         **{k: _number(row[k]) for k in ("surface_dice", "apl_mm") if k in row}})
     return rows
 
 
@@ -496,7 +498,8 @@ def postprocessed_rows(plain: Sequence[dict[str, Any]], *, data_root: Path, pred
                 new = {**row, "postprocess": name}
                 if row["structure"] in rescored:  # at metrics.csv's precision, as the rows they sit beside
                     new.update({k: _as_in_metrics_csv(rescored[row["structure"]][k])
-                                for k in ("dice", "hd95_mm", "truth_ml", "predicted_ml", "volume_diff_pct")})
+                                for k in ("dice", "hd95_mm", "truth_ml", "predicted_ml", "volume_diff_pct",
+                                          "surface_dice", "apl_mm") if k in row})
                 out.append(new)
     return out
 

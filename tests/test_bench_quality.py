@@ -140,6 +140,8 @@ def test_postprocessed_rows_rescore_what_a_rule_changed(bench, tmp_path, monkeyp
     lung = next(r for r in plain if r["structure"] == "lung_right")
     assert lung["dice"] == pytest.approx(2 * 48 / 97) and by["lung_right"]["dice"] == 1.0
     assert by["lung_right"]["predicted_ml"] == pytest.approx(0.048)
+    assert lung["surface_dice"] < 1 and lung["apl_mm"] == 0.0          # the stray piece: surface, no contour to draw
+    assert (by["lung_right"]["surface_dice"], by["lung_right"]["apl_mm"]) == (1.0, 0.0)
     cord = next(r for r in plain if r["structure"] == "spinal_cord")
     assert by["spinal_cord"] == {**cord, "postprocess": "largest"}
 
