@@ -37,7 +37,8 @@ from thoracic_seg.image_grid import segment_image
 from thoracic_seg.inference import Predictor
 from thoracic_seg.layout import (BEST_CHECKPOINT, DEFAULT_DATA_ROOT, DEFAULT_SPLITS_DIR, DataLayout,
                                  evaluation_output_dir, truth_record)
-from thoracic_seg.metrics import METRIC_COLUMNS, METRIC_SIGNIFICANT_DIGITS, SCORED_LABELS, score_structures
+from thoracic_seg.metrics import (APL_TOLERANCE, METRIC_COLUMNS, METRIC_SIGNIFICANT_DIGITS, SCORED_LABELS,
+                                  SURFACE_DICE_TOLERANCE, score_structures, tolerances_record)
 from thoracic_seg.postprocess import describe_postprocess, postprocess_labels
 from thoracic_seg.precision import DEFAULT_PREDICTION_PRECISION, PREDICTION_PRECISIONS
 from thoracic_seg.ptv import PTV_DERIVED
@@ -212,8 +213,9 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per structure key: Dice, HD95 (mm) and volume difference (%) statistics over the annotated rows with
-    a defined Dice; HD95 over finite values, ``n_inf`` counting patients where truth or prediction was empty."""
+    """Per structure key: Dice, HD95 (mm), surface Dice, added path length (mm) and volume difference (%)
+    statistics over the annotated rows with a defined Dice; HD95 over finite values, ``n_inf`` counting
+    patients where truth or prediction was empty."""
     out: dict[str, dict[str, Any]] = {}
     for label in SCORED_LABELS:
         key = organs.structure(label).key
@@ -223,6 +225,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         out[key] = {
             "dice": _stats([r["dice"] for r in scored]),
             "hd95_mm": {**_stats(hd95), "n_inf": sum(math.isinf(v) for v in hd95)},
+            "surface_dice": _stats([r["surface_dice"] for r in scored]),
+            "apl_mm": _stats([r["apl_mm"] for r in scored]),
             "volume_diff_pct": _stats([r["volume_diff_pct"] for r in scored]),
             "n_not_annotated": sum(1 for r in rows if r["structure"] == key and not r["annotated"]),
             "n_empty": sum(1 for r in rows if r["structure"] == key and r["annotated"]
@@ -264,13 +268,18 @@ def format_summary_md(summary: dict[str, dict[str, Any]], context: dict[str, Any
              f"- post-processing: {context.get('postprocess_rule') or 'none'}",
              f"- PTV: {context.get('ptv_scoring', 'labels GTV + PTV')}",
              "- 3D metrics on each CT's original grid; unannotated structures not scored;",
-             "  HD95 statistics over finite values (`HD95 inf`: truth or prediction empty, Dice 0).", "",
+             "  HD95 statistics over finite values (`HD95 inf`: truth or prediction empty, Dice 0);",
+             "  surface Dice at each structure's tolerance (in brackets; sources in summary.json, docs/metrics.md);",
+             f"  APL: added path length, true contour farther than {APL_TOLERANCE.mm:g} mm from the predicted one.", "",
              "| Structure | n | Dice mean ± std | Dice median | HD95 mean (mm) | HD95 median (mm) | HD95 inf "
-             "| Volume diff mean (%) | not annotated |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| Surface Dice mean ± std (tolerance) | APL mean (mm) | Volume diff mean (%) | not annotated |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, s in summary.items():
-        d, h, v = s["dice"], s["hd95_mm"], s["volume_diff_pct"]
+        d, h, v, sd, apl = s["dice"], s["hd95_mm"], s["volume_diff_pct"], s["surface_dice"], s["apl_mm"]
+        tolerance = SURFACE_DICE_TOLERANCE[organs.BY_KEY[key].label].mm
         lines.append(f"| {organs.BY_KEY[key].name} | {d['n']} | {num(d['mean'])} ± {num(d['std'])} "
                      f"| {num(d['median'])} | {num(h['mean'], 2)} | {num(h['median'], 2)} | {h['n_inf']} "
+                     f"| {num(sd['mean'])} ± {num(sd['std'])} ({tolerance:g} mm) | {num(apl['mean'], 0)} "
                      f"| {num(v['mean'], 1)} | {s['n_not_annotated']} |")
     return "\n".join(lines) + "\n"
 
@@ -403,7 +412,8 @@ def write_reports(results: Sequence[PatientResult], output_dir: Path, source: di
     ptv_rows = [row for row in rows if row["structure"] == organs.structure(organs.PTV).key and row["annotated"]]
     context = {**source, "split": split, "n_patients": sum(r.status == DONE for r in results),
                "postprocess": postprocess, "postprocess_rule": describe_postprocess() if postprocess else None,
-               "failed": [r.patient_id for r in results if r.status == FAILED], "ptv_scoring": ptv_scoring(ptv_rows)}
+               "failed": [r.patient_id for r in results if r.status == FAILED], "ptv_scoring": ptv_scoring(ptv_rows),
+               "tolerances_mm": tolerances_record()}
     write_metrics_csv(rows, output_dir / "metrics.csv")
     write_text_atomic(output_dir / "summary.json", json.dumps({**context, "structures": summary}, indent=2) + "\n")
     write_text_atomic(output_dir / "summary.md", format_summary_md(summary, context))

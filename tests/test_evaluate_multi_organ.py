@@ -154,14 +154,16 @@ def test_score_structures_ptv_union_and_unannotated_skipped():
     assert [r["structure"] for r in rows.values()] == [organs.structure(k).key for k in range(1, 8)]
     ptv = rows["ptv"]
     assert ptv["labels"] == "1+2" and ptv["dice"] == 1.0 and ptv["hd95_mm"] == 0.0
+    assert ptv["surface_dice"] == 1.0 and ptv["apl_mm"] == 0.0
     assert ptv["truth_ml"] == pytest.approx(4 * 6 * 6 * 2.0 / 1000) == ptv["predicted_ml"]
     assert ptv["volume_diff_ml"] == 0.0 and ptv["volume_diff_pct"] == 0.0
     gtv = rows["gtv"]
-    assert gtv["dice"] == 0.0 and gtv["hd95_mm"] == math.inf
+    assert gtv["dice"] == 0.0 and gtv["hd95_mm"] == math.inf and gtv["surface_dice"] == 0.0
+    assert gtv["apl_mm"] == 2 * 4 * 1.0  # nothing predicted: both slices' 4-pixel contours (1 mm pixels) drawn
     assert gtv["volume_diff_ml"] == pytest.approx(-8 * 2.0 / 1000) and gtv["volume_diff_pct"] == -100.0
     heart = rows["heart"]
     assert heart["annotated"] is False
-    assert all(heart[c] is None for c in ("dice", "hd95_mm", "truth_ml", "volume_diff_pct"))
+    assert all(heart[c] is None for c in ("dice", "hd95_mm", "truth_ml", "volume_diff_pct", "surface_dice", "apl_mm"))
 
 
 def test_score_structures_derived_ptv_is_the_margin_of_each_gtv():
@@ -239,16 +241,20 @@ def test_score_structures_needs_8_flags():
 
 
 def test_summarize_counts_and_ignores_unscored_rows():
-    def row(structure, dice, hd=1.0, annotated=True):
+    def row(structure, dice, hd=1.0, annotated=True, surface=None, apl=None):
         return {"structure": structure, "annotated": annotated, "dice": dice, "hd95_mm": hd,
-                "volume_diff_pct": 10.0}
+                "volume_diff_pct": 10.0, "surface_dice": surface, "apl_mm": apl}
 
-    rows = [row("heart", 0.8, 2.0), row("heart", 0.6, math.inf), row("heart", None, None, annotated=False),
-            row("heart", math.nan, math.nan)]
+    rows = [row("heart", 0.8, 2.0, surface=0.9, apl=10.0), row("heart", 0.6, math.inf, surface=0.0, apl=50.0),
+            row("heart", None, None, annotated=False), row("heart", math.nan, math.nan, surface=math.nan, apl=0.0)]
     heart = ev.summarize(rows)["heart"]
     assert heart["dice"] == {"mean": pytest.approx(0.7), "median": pytest.approx(0.7),
                              "std": pytest.approx(0.1), "n": 2}
     assert heart["hd95_mm"] == {"mean": 2.0, "median": 2.0, "std": 0.0, "n": 1, "n_inf": 1}
+    # the missed heart (surface Dice 0, its whole contour to draw) counts; the both-empty row does not
+    assert heart["surface_dice"] == {"mean": pytest.approx(0.45), "median": pytest.approx(0.45),
+                                     "std": pytest.approx(0.45), "n": 2}
+    assert heart["apl_mm"] == {"mean": 30.0, "median": 30.0, "std": 20.0, "n": 2}
     assert heart["n_not_annotated"] == 1 and heart["n_empty"] == 1
     assert ev.summarize(rows)["gtv"]["dice"] == {"mean": None, "median": None, "std": None, "n": 0}
 
@@ -505,6 +511,7 @@ def test_perfect_model_scores_dice_one_on_the_original_grid(data_root, tmp_path,
                 assert row["annotated"] == "no" and row["dice"] == "" and row["hd95_mm"] == ""  # not "nan"
             else:
                 assert (row["annotated"], row["dice"], row["hd95_mm"], row["volume_diff_ml"]) == ("yes", "1", "0", "0")
+                assert (row["surface_dice"], row["apl_mm"]) == ("1", "0")
     # 80x72 -> 64x64 -> 80x72 loses up to a pixel at the borders: Dice >= 0.9 for the small
     # structures (cord radius 3 px), >= 0.97 for lungs and heart, HD95 within one voxel diagonal.
     for label in range(1, 8):
@@ -512,12 +519,19 @@ def test_perfect_model_scores_dice_one_on_the_original_grid(data_root, tmp_path,
         big = label in (organs.RIGHT_LUNG, organs.LEFT_LUNG, organs.HEART, organs.PTV)
         assert float(row["dice"]) >= (0.97 if big else 0.9), (label, row)
         assert float(row["hd95_mm"]) <= math.hypot(0.8, 0.6) + 1e-9, (label, row)
+        # The pixels the resize moves are one 0.6 mm (y) or 0.8 mm (x) pixel off, within every structure's
+        # surface-Dice tolerance and the APL's (all >= 1 mm): the radiotherapy metrics see no error.
+        assert (row["surface_dice"], row["apl_mm"]) == ("1", "0"), (label, row)
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_patients"] == 3 and summary["split"] == "test" and summary["postprocess"] is False
     assert summary["structures"]["heart"]["dice"]["n"] == 2
     assert summary["structures"]["heart"]["n_not_annotated"] == 1
     assert summary["structures"]["lung_left"]["dice"]["n"] == 3
+    assert summary["structures"]["lung_left"]["surface_dice"]["n"] == 3 == summary["structures"]["lung_left"]["apl_mm"]["n"]
+    assert summary["tolerances_mm"]["surface_dice"]["heart"]["mm"] == 7.0
+    assert summary["tolerances_mm"]["apl"]["mm"] == 1.0
+    assert "| Surface Dice mean ± std (tolerance) | APL mean (mm) |" in (out / "summary.md").read_text()
     assert "| Heart | 2 |" in (out / "summary.md").read_text()
     assert "- PTV: contoured in 3 patient(s): labels GTV + PTV" in (out / "summary.md").read_text()
     assert (out / "dice_boxplot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
