@@ -146,7 +146,7 @@ def test_smoke_runs_and_a_killed_run_resumes_without_redoing_cells(bench, tmp_pa
         return bench.train_cell(cell, **kwargs)
 
     argv = ["--smoke", "--steps", "12", "--work-dir", str(tmp_path / "work"), "--output", str(tmp_path / "q.json"),
-            "--markdown", str(tmp_path / "q.md")]
+            "--markdown", str(tmp_path / "q.md"), "--candidates", "baseline", "ensemble"]
     with pytest.raises(KeyboardInterrupt):
         bench.main(argv, trainer=stand_in)
     assert len(calls) == 3
@@ -156,7 +156,7 @@ def test_smoke_runs_and_a_killed_run_resumes_without_redoing_cells(bench, tmp_pa
     assert calls[0] == killed and len(calls) == 4  # 6 trainings: 2 cached, the killed one redone, 3 more
     report = json.loads((tmp_path / "q.json").read_text())
     assert report["cells_cached"] == 2 and len(report["records"]) == 9  # 6 trainings + 3 fold ensembles
-    assert set(report["skipped"]) <= {"fov-crop", "scanner-aug"}
+    assert report["skipped"] == {}
     markdown = (tmp_path / "q.md").read_text()
     for title in ("Held-out patients", "Paired with the baseline", "Decision rule", "out of sample"):
         assert title in markdown
@@ -167,9 +167,12 @@ def test_smoke_runs_and_a_killed_run_resumes_without_redoing_cells(bench, tmp_pa
         assert qs.describe(scored)["n"] == n
     held_out = tmp_path / "work" / "cells" / "baseline" / "fold-0-seed-0-steps-12" / "held_out"
     assert sorted(p.name for p in held_out.iterdir())[:2] == ["SYN-001.nii.gz", "SYN-001_probabilities.npz"]
-    calls.clear()
-    assert bench.main(argv, trainer=stand_in) == 0 and calls == []
-    assert json.loads((tmp_path / "q.json").read_text())["cells_cached"] == 9
+    calls.clear()  # the default candidates: the baseline's cells and ensembles cached, the others trained
+    assert bench.main(argv[:-3], trainer=stand_in) == 0
+    assert sorted({c.split("/")[0] for c in calls}) == ["fov-crop", "scanner-aug"] and len(calls) == 12
+    report = json.loads((tmp_path / "q.json").read_text())
+    assert report["cells_cached"] == 9 and len(report["records"]) == 21
+    assert {r["rendering"] for r in report["rows"]} == {"original", "rerendered"}
     capsys.readouterr()
 
 
