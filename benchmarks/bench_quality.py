@@ -717,7 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, trainer: Trainer = train_cell) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if any(s < 1 for s in [*(args.learning_curve or []), *([args.steps] if args.steps else [])]):
+    if any(s < 1 for s in [*args.learning_curve, *([args.steps] if args.steps is not None else [])]):
         parser.error("--steps and --learning-curve budgets must be >= 1")
     from thoracic_seg.batch import setup_logging
     from thoracic_seg.precision import resolve_device
