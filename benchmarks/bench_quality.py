@@ -46,8 +46,8 @@ DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "bench_quality.json"
 CELL_FORMAT = 2
 N_FOLDS = 3
 DEFAULT_SEEDS = (0, 1)
-#: Per device: steps of each training (CPU: from the measured learning curve, docs/decisions.md).
-STEPS = {"cpu": 3000, "cuda": 6000}
+#: Per device: steps of each training (CPU: from the learning curve in docs/quality.md; CUDA: not measured).
+STEPS = {"cpu": 2000, "cuda": 6000}
 #: A held-out CT as a harsher scanner would show it (``thoracic_seg.scanner.rerender``'s options, at the edge
 #: of the ranges ``--augment-scanner`` trains on, docs/training.md): 5 mm slices, the sharpest kernel, 60 HU
 #: more noise on the scan's grid (the 128 px network grid averages most of it away: 30 HU barely changed
