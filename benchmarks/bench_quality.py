@@ -670,7 +670,8 @@ def format_report(report: Mapping[str, Any]) -> str:
     b = report["budget"]
     head = [f"`{report.get('command', '')}`", "",
             f"Folds (held out): {'; '.join(', '.join(f) for f in report['folds'])}; seeds "
-            f"{', '.join(map(str, report['seeds']))}; {b['steps']} steps at {b['size']} px on {b['device']}; "
+            f"{', '.join(map(str, report['seeds']))}; "
+            f"{'/'.join(map(str, report['curve'])) if report['curve'] else b['steps']} steps at {b['size']} px on {b['device']}; "
             f"recipe: phase 3 `{' '.join(b['phase3_args'])}`, training `{' '.join(b['train_args'])}`; "
             f"code {report['code']}, data {report['data']}, commit {report.get('commit')}; "
             f"{report.get('machine', '')}; wall {report.get('wall_seconds', 0) / 60:.1f} min "
