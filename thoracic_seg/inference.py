@@ -91,6 +91,10 @@ class Predictor:
     crop: dict[str, Any] | None = None
     #: Every checkpoint of an ensemble (``checkpoint_path`` is the first); empty: ``checkpoint_path`` alone.
     checkpoint_paths: tuple[Path, ...] = ()
+    #: The training patients' structure volumes (the first checkpoint's ``training_volumes``,
+    #: ``qa.training_volume_record``), None for a checkpoint of an earlier version: the quality check's
+    #: volume ranges.
+    training_volumes: dict[str, Any] | None = None
 
     @classmethod
     def load(
@@ -118,10 +122,10 @@ class Predictor:
         members = [_load_member(path, torch_device, ptv_margin_mm, context_slices) for path in paths]
         model, settings = members[0]
         for path, (_, other) in zip(paths[1:], members[1:]):
-            if {k: v for k, v in other.items() if k != "base_channels"} != \
-                    {k: v for k, v in settings.items() if k != "base_channels"}:
-                raise CheckpointError(f"{path} was trained with {other}, {paths[0]} with {settings}: only networks "
-                                      "trained on the same preprocessing, slice context and PTV can be ensembled")
+            if _shared(other) != _shared(settings):
+                raise CheckpointError(f"{path} was trained with {_shared(other)}, {paths[0]} with {_shared(settings)}: "
+                                      "only networks trained on the same preprocessing, slice context and PTV can be "
+                                      "ensembled")
         if len(members) > 1:
             model = ProbabilityAverage([m for m, _ in members])
         if policy.channels_last:
@@ -131,7 +135,7 @@ class Predictor:
             batch_size = auto_batch_size(torch_device, settings["size"], base_channels, policy.dtype)
         return cls(model.eval(), paths[0], torch_device, policy, int(batch_size), settings["window"],
                    settings["size"], postprocess, settings["ptv"], settings["context_slices"], settings["crop"],
-                   tuple(paths))
+                   tuple(paths), settings["training_volumes"])
 
     @property
     def dtype(self) -> torch.dtype:
@@ -291,6 +295,15 @@ class ProbabilityAverage(torch.nn.Module):
         return torch.log(mean.clamp_min(torch.finfo(mean.dtype).tiny))
 
 
+#: Settings ensemble members may differ in: their width, and their training volumes (the first member's are used).
+_PER_MEMBER = ("base_channels", "training_volumes")
+
+
+def _shared(settings: dict[str, Any]) -> dict[str, Any]:
+    """What every member of an ensemble must share: :func:`_load_member`'s settings but :data:`_PER_MEMBER`."""
+    return {k: v for k, v in settings.items() if k not in _PER_MEMBER}
+
+
 def _load_member(checkpoint: Path, device: torch.device, ptv_margin_mm: float | None,
                  context_slices: int | None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """One checkpoint's network and what it needs (window, size, crop, PTV, context, width);
@@ -312,8 +325,10 @@ def _load_member(checkpoint: Path, device: torch.device, ptv_margin_mm: float | 
     if labels and labels != label_table():
         raise CheckpointError(f"{checkpoint}: its labels {labels} differ from thoracic_seg/organs.py {label_table()}; "
                               "the label values would be misread")
+    volumes = record.get("training_volumes")
     return model, {"window": window, "size": size, "crop": crop, "ptv": ptv,
-                   "context_slices": k, "base_channels": int(config.get("base_channels", 64))}
+                   "context_slices": k, "base_channels": int(config.get("base_channels", 64)),
+                   "training_volumes": volumes if isinstance(volumes, dict) else None}
 
 
 def preprocessing_of(
