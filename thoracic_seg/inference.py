@@ -20,9 +20,9 @@ import torch
 
 from thoracic_seg import organs
 from thoracic_seg.grid import (
-    AIR_HU, apply_zscore, box_for_crop, check_size, check_window, context_stack, crop_settings_of, crop_to_box,
-    describe_crop, from_network_orientation, network_shape_zyx, probabilities_to_ct_labels, resize_ct_slices,
-    to_network_array, window_and_zscore,
+    AIR_HU, NETWORK_ORIENTATION, apply_zscore, box_for_crop, check_size, check_window, context_stack,
+    crop_settings_of, crop_to_box, describe_crop, from_network_orientation, network_shape_zyx,
+    probabilities_to_ct_labels, resize_ct_slices, to_network_array, window_and_zscore,
 )
 from thoracic_seg.postprocess import describe_postprocess, postprocess_labels
 from thoracic_seg.precision import (
@@ -239,8 +239,8 @@ class Predictor:
         return labels
 
     def segment_stored(self, hu_zyx: np.ndarray, stored_code: str, spacing_zyx: Sequence[float],
-                       seconds: dict[str, float] | None = None,
-                       probabilities: np.ndarray | None = None) -> np.ndarray:
+                       seconds: dict[str, float] | None = None, probabilities: np.ndarray | None = None,
+                       before_postprocess: np.ndarray | None = None) -> np.ndarray:
         """HU (Z, Y, X) in the array order of a CT stored in ``stored_code`` (``grid.orientation_code``,
         e.g. ``RPI`` feet first), voxel spacing ``spacing_zyx`` mm in that order -> uint8 labels (Z, Y, X)
         in the same order: brought to the network's orientation by exact flips and transposes
@@ -248,7 +248,9 @@ class Predictor:
         (``grid.from_network_orientation``). ``image_grid.segment_image`` calls it with an image.
         A CT whose slices do not run S/I (sagittal, coronal) is refused (``ValueError``).
         ``probabilities`` (Z, 8, Y, X) in the stored order, optional: filled with the class
-        probabilities (before post-processing; holds a second copy while it is filled)."""
+        probabilities (before post-processing; a CT stored in another orientation than the network's holds
+        a second copy while it is filled). ``before_postprocess`` (Z, Y, X) uint8, optional: filled with
+        the labels before post-processing (the quality check measures what it removed)."""
         seconds = seconds if seconds is not None else {}
         if str(stored_code)[2:3] not in ("S", "I"):
             raise ValueError(f"not an axial CT: its slices run along {str(stored_code)[2:3] or '?'} (stored "
@@ -259,23 +261,32 @@ class Predictor:
         spacing_yx = (float(spacing_zyx[axes[1]]), float(spacing_zyx[axes[2]]))
         network = None
         if probabilities is not None:  # (Z, 8, Y, X) in the stored order: filled from the network's
-            network = np.empty((hu.shape[0], probabilities.shape[1], *hu.shape[1:]), probabilities.dtype)
-        labels = from_network_orientation(self.segment(hu, seconds, spacing_yx, network), stored_code)
-        if probabilities is not None:
+            network = probabilities if stored_code == NETWORK_ORIENTATION else \
+                np.empty((hu.shape[0], probabilities.shape[1], *hu.shape[1:]), probabilities.dtype)
+        unprocessed = None if before_postprocess is None else np.empty(hu.shape, np.uint8)
+        labels = from_network_orientation(self.segment(hu, seconds, spacing_yx, network, unprocessed), stored_code)
+        if probabilities is not None and network is not probabilities:
             for label in range(probabilities.shape[1]):
                 probabilities[:, label] = from_network_orientation(network[:, label], stored_code)
+        if before_postprocess is not None:
+            before_postprocess[...] = from_network_orientation(unprocessed, stored_code)
         return labels
 
     def segment(self, hu_zyx: np.ndarray, seconds: dict[str, float] | None = None,
-                spacing_yx: Sequence[float] | None = None, probabilities: np.ndarray | None = None) -> np.ndarray:
+                spacing_yx: Sequence[float] | None = None, probabilities: np.ndarray | None = None,
+                before_postprocess: np.ndarray | None = None) -> np.ndarray:
         """HU (Z, Y, X) in the network's orientation (LPS) -> uint8 labels (Z, Y, X) on the same grid
         (with ``postprocess`` applied). ``spacing_yx`` (mm) is needed when the checkpoint crops to
-        the body (:meth:`crop_box`). :meth:`segment_stored` takes a CT stored in any orientation."""
+        the body (:meth:`crop_box`). :meth:`segment_stored` takes a CT stored in any orientation.
+        ``probabilities`` (Z, 8, Y, X), ``before_postprocess`` (Z, Y, X) uint8, optional: filled with the
+        class probabilities and the labels before post-processing."""
         seconds = seconds if seconds is not None else {}
         with stage_timer(seconds, "preprocess"):
             box = self.crop_box(hu_zyx, spacing_yx)
             ct_small = self.preprocess(hu_zyx, box)
         labels = self.predict(ct_small, hu_zyx.shape[1:], seconds, box, probabilities)
+        if before_postprocess is not None:
+            before_postprocess[...] = labels
         if self.postprocess:
             with stage_timer(seconds, "postprocess"):
                 labels = postprocess_labels(labels)
