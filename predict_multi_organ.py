@@ -4,7 +4,8 @@
 file) -> ``--output DIR``: ``<PatientID>_labels.nii.gz`` (uint8 labels 0-7 on the CT's own grid),
 ``_PTV.nii.gz`` (uint8 0/1, overlapping the organs), ``_RTSTRUCT.dcm`` (DICOM input only; the ``--structures``
 chosen, marked automatic (``zGTV^Auto``...: docs/review.md); the PTV its own ROI, overlapping the lungs as
-real contours do), ``_volumes.csv`` (ml), ``_overlay.png`` and ``_provenance.json``.
+real contours do; each ROI's description holds its quality check's verdict), ``_volumes.csv`` (ml, ``qa``),
+``_qa.csv`` (the quality check of each structure, ``thoracic_seg/qa.py``), ``_overlay.png`` and ``_provenance.json``.
 
     python predict_multi_organ.py --input DICOM_DIR --checkpoint best_unet_multi_organ.pth --output OUT
 
@@ -23,6 +24,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import SimpleITK as sitk
 
 from thoracic_seg import organs
@@ -38,6 +40,7 @@ from thoracic_seg.image_grid import segment_image
 from thoracic_seg.inference import Predictor, stage_timer
 from thoracic_seg.postprocess import describe_postprocess
 from thoracic_seg.precision import DEFAULT_PREDICTION_PRECISION, PREDICTION_PRECISIONS
+from thoracic_seg.qa import summary as qa_summary
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +64,9 @@ def predict_case(case: Case, predictor: Predictor, output_dir: Path, overwrite: 
     (:func:`prediction_provenance` of the same ``structures``), else redone.
 
     ``info["seconds"]`` holds the time of each stage of :data:`STAGES`, ``info["outputs"]`` the
-    paths, ``info["volumes"]`` the rows of the volumes CSV and ``info["rois"]`` the contours per
-    ROI. Raises :class:`PatientError` for a CT that phase 2 rejects.
+    paths, ``info["volumes"]`` the rows of the volumes CSV, ``info["rois"]`` the contours per
+    ROI and ``info["qa"]`` the quality check per label (``qa.StructureQA``; one log line names the
+    flagged structures). Raises :class:`PatientError` for a CT that phase 2 rejects.
     """
     outputs = output_paths(output_dir, case.patient_id, dicom=case.dicom is not None)
     redone = ""
@@ -75,12 +79,21 @@ def predict_case(case: Case, predictor: Predictor, output_dir: Path, overwrite: 
     with stage_timer(seconds, "read"):
         ct = read_case(case)
         hu = sitk.GetArrayFromImage(ct.image)
+    # for the quality check: class probabilities (float16: 16 bytes a voxel) and the labels before post-processing
+    probabilities = np.empty((hu.shape[0], organs.NUM_CLASSES, *hu.shape[1:]), np.float16)
+    before = np.empty(hu.shape, np.uint8)
     try:
-        labels = segment_image(predictor, ct.image, seconds)
+        labels = segment_image(predictor, ct.image, seconds, probabilities, before)
     except ValueError as exc:  # e.g. a constant volume cannot be z-scored
         raise PatientError(f"{case.patient_id}: {exc}") from None
     model = model_description(predictor, (provenance or {}).get("checkpoints_sha256", ()))
-    written = write_outputs(ct, hu, labels, outputs, predictor, seconds, structures=structures, model=model)
+    written = write_outputs(ct, hu, labels, outputs, predictor, seconds, structures=structures, model=model,
+                            labels_before=before if predictor.postprocess else None, probabilities=probabilities)
+    del probabilities
+    if any(r.flagged for r in written["qa"].values()):
+        log.warning("%s", qa_summary(case.patient_id, written["qa"]))
+    else:
+        log.info("%s", qa_summary(case.patient_id, written["qa"]))
     write_text_atomic(outputs["provenance"], json.dumps(provenance, indent=2) + "\n")
     found = [f"{r['structure']} {r['volume_ml']:.1f} ml" for r in written["volumes"] if r["voxels"]]
     message = "; ".join([redone] * bool(redone) + ct.notes + [", ".join(found) or "no structure found"])

@@ -40,7 +40,7 @@ from thoracic_seg.training import (
     COSINE_FINAL_FRACTION, DEFAULT_BASE_CHANNELS, FOREGROUND_KEYS, LR_SCHEDULES, EpochPart, EpochSampler,
     NonFiniteLossError, Progress, Runtime, StepLimits, TrainConfig, agree, all_reduce,
     distributed_env, epoch_row, load_or_compute_class_weights, load_resume, ptv_of_patients, restore, run_log,
-    seed_everything, setup_runtime, write_epoch_outputs,
+    seed_everything, setup_runtime, training_volumes, write_epoch_outputs,
 )
 from unet_multi_organ import UNetMultiOrgan, count_parameters, preprocessing_from_cache
 
@@ -195,6 +195,7 @@ def _train(config: TrainConfig, runtime: Runtime, resumed: dict[str, Any] | None
                     "loss, validation columns are NaN", splits_dir / "val.txt")
     preprocessing = preprocessing_from_cache(DataLayout(data_root).training_cache)
     ptv = ptv_of_patients(data_root, train_set.patients)
+    volumes = training_volumes(data_root, train_set.patients)  # for prediction's quality check
     weights, reused = load_or_compute_class_weights(data_root, splits_dir, train_set.patients, write=runtime.is_main)
     class_weights = torch.tensor(weights, dtype=torch.float32, device=runtime.device)
     train_loader, val_loader, sampler, workers = _make_loaders(config, runtime, train_set, val_set)
@@ -260,7 +261,8 @@ def _train(config: TrainConfig, runtime: Runtime, resumed: dict[str, Any] | None
                         part.seconds + training.clock() - validation_start, partial)
         progress.history.append(row)
         if runtime.is_main:
-            write_epoch_outputs(model, optimizer, scaler, progress, config, preprocessing, ptv, limits.elapsed(), cut)
+            write_epoch_outputs(model, optimizer, scaler, progress, config, preprocessing, ptv, limits.elapsed(), cut,
+                                volumes)
             save_figure(training_curves_figure(progress.history, f"Training curves, run {output_dir.name}"),
                         output_dir / FIGURES["curves"])
             log.info("epoch %d: train loss %.4f, val loss %.4f%s, Dice %s, %.1f slices/s, %.0f s",

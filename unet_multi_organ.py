@@ -202,14 +202,16 @@ def save_untrained_checkpoint(path: Path | str, settings: Mapping[str, Any], *, 
 def build_checkpoint(
     model: nn.Module, *, preprocessing: Mapping[str, Any], ptv: Mapping[str, Any] | None = None,
     context_slices: int = 0, epoch: int, val_loss: float, val_dice: Mapping[str, float] | None = None,
-    extra: Mapping[str, Any] | None = None,
+    training_volumes: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint dict of the Phase 5 contract (only tensors and built-in types).
 
     ``model`` may be wrapped (DDP, ``torch.compile``); the plain module's state is stored on CPU, so the
     file loads anywhere. ``val_dice``: structure key -> Dice (NaN allowed). ``context_slices`` K: 2K + 1
     input channels (:func:`checkpoint_context_slices`). ``ptv``: how the PTV is made, ``{"source":
-    "derived", "margin_mm": 10.0}`` or ``{"source": "contoured"}`` (:func:`checkpoint_ptv`). ``extra``
+    "derived", "margin_mm": 10.0}`` or ``{"source": "contoured"}`` (:func:`checkpoint_ptv`).
+    ``training_volumes``: the training patients' structure volumes (``thoracic_seg.training.training_volumes``;
+    absent from checkpoints of earlier versions: prediction's volume check is then not available). ``extra``
     entries (e.g. optimizer state for the last checkpoint) are added as they are.
     """
     plain = unwrap_model(model)
@@ -228,6 +230,8 @@ def build_checkpoint(
         "val_loss": float(val_loss),
         "val_dice": {str(k): float(v) for k, v in (val_dice or {}).items()},
     }
+    if training_volumes is not None:
+        checkpoint["training_volumes"] = json.loads(json.dumps(training_volumes))  # plain built-in types
     if plain.config.get("in_channels") != 2 * int(context_slices) + 1:
         raise ValueError(f"a model of {plain.config.get('in_channels')} input channels cannot see "
                          f"{context_slices} neighbours per side (2K + 1 = {2 * int(context_slices) + 1} channels)")

@@ -22,7 +22,7 @@ from pydicom.valuerep import DSfloat
 
 import convert_dicom_to_nifti as phase2
 import predict_multi_organ as pm
-from thoracic_seg import organs, precision
+from thoracic_seg import organs, precision, qa
 from thoracic_seg.batch import DONE, same_geometry
 from thoracic_seg.grid import orientation_code
 from thoracic_seg.inference import Predictor
@@ -133,6 +133,11 @@ def check_positions(original_series: Path, patient_id: str, work: Path, size: in
         assert same_geometry(ptv_image, image)
         labels[position] = label_image
         lungs_x[position] = (centre_x_mm(label_image, organs.RIGHT_LUNG), centre_x_mm(label_image, organs.LEFT_LUNG))
+        # the quality check judges sides in patient coordinates, whatever the stored order
+        checked = result.info["qa"]
+        assert checked[organs.RIGHT_LUNG].features["lateral_offset_mm"] < 0, position
+        assert checked[organs.LEFT_LUNG].features["lateral_offset_mm"] > 0, position
+        assert not any("side" in checked[lb].codes for lb in (organs.RIGHT_LUNG, organs.LEFT_LUNG)), position
         # the RTSTRUCT: the right lung's contour points lie on the patient's right too
         rois = {roi.name: roi for roi in read_rois(pydicom.dcmread(out / f"{patient_id}_RTSTRUCT.dcm"))}
         right, left = (np.concatenate([c.points for c in rois[organs.automatic_roi_name(lb)].contours])
@@ -159,6 +164,9 @@ def check_positions(original_series: Path, patient_id: str, work: Path, size: in
     mirrored_image = sitk.GetImageFromArray(mirrored)
     mirrored_image.CopyInformation(images["FFS"])
     assert centre_x_mm(mirrored_image, organs.RIGHT_LUNG) > centre_x_mm(mirrored_image, organs.LEFT_LUNG)
+    # ... and the quality check says so
+    checked = qa.check(mirrored, images["FFS"].GetSpacing()[::-1], orientation=orientation_code(images["FFS"]))
+    assert "side" in checked[organs.RIGHT_LUNG].codes and "side" in checked[organs.LEFT_LUNG].codes
 
 
 # --------------------------------------------------------------------------------------------

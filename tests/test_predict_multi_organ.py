@@ -29,7 +29,8 @@ from thoracic_seg.batch import file_sha256
 from thoracic_seg.cases import (
     OUTPUT_SUFFIXES, PREDICTION_FORMAT, RTSTRUCT_FORMAT, VOLUME_COLUMNS, find_cases, prediction_provenance, read_case,
 )
-from thoracic_seg.rtstruct_write import QA_NOT_RUN
+from thoracic_seg import qa
+from thoracic_seg.figures import overlay_figure
 
 TINY_SIZE = 32  # network input: 32 x 32 slices (the synthetic CTs are 64 x 64)
 LABEL_OF_AUTOMATIC_NAME = {organs.automatic_roi_name(label): label for label in organs.FOREGROUND_LABELS}
@@ -71,6 +72,11 @@ def cohort_prediction(synthetic_cohort, tiny_checkpoint, tmp_path_factory):
 def _labels(path: Path) -> tuple[np.ndarray, sitk.Image]:
     image = sitk.ReadImage(str(path))
     return sitk.GetArrayFromImage(image), image
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,20 +131,26 @@ def test_rtstruct_references_the_ct_and_holds_the_label_map(cohort_prediction):
 def test_rtstruct_rois_say_automatic_model_hash_qa_and_review(cohort_prediction, tiny_checkpoint):
     _, out, _, _, cohort = cohort_prediction
     ds = pydicom.dcmread(out / f"{cohort[0]['patient_id']}_RTSTRUCT.dcm")
+    qa_rows = {int(r["label"]): r for r in _rows(out / f"{cohort[0]['patient_id']}_qa.csv")}
     model = f"U-Net tiny.pth (sha256 {file_sha256(tiny_checkpoint)[:12]})"
     for item in ds.StructureSetROISequence:
         assert (item.ROIGenerationAlgorithm, item.ROIGenerationDescription) == ("AUTOMATIC", model)
         assert item.ROIDescription.startswith(("Automatic contour (not reviewed) by " + model,
                                                "Automatic PTV (not reviewed), segmented by " + model))
-        assert f" {QA_NOT_RUN}. A physician must review and edit it before any clinical use" in item.ROIDescription
+        row = qa_rows[LABEL_OF_AUTOMATIC_NAME[item.ROIName]]  # the structure's quality check, in _qa.csv
+        not_checked = ", ".join(part.split(":")[0] for part in row["not_checked"].split("; "))
+        verdict = f"QA flagged: {row['reasons']}" if row["verdict"] == "flagged" else \
+            f"QA ok (not checked: {not_checked})"
+        assert f" {verdict}. A physician must review and edit it before any clinical use" in item.ROIDescription
 
 
 def test_volumes_csv_counts_the_label_map(cohort_prediction):
     _, out, _, _, cohort = cohort_prediction
     pid = cohort[1]["patient_id"]
     labels, image = _labels(out / f"{pid}_labels.nii.gz")
-    with open(out / f"{pid}_volumes.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = _rows(out / f"{pid}_volumes.csv")
+    checked = _rows(out / f"{pid}_qa.csv")
+    assert [r["qa"] for r in rows] == [r["flags"] or "ok" for r in checked]
     assert tuple(rows[0]) == VOLUME_COLUMNS
     assert [r["rtstruct_name"] for r in rows] == [organs.automatic_roi_name(s.label) for s in organs.STRUCTURES[1:]]
     voxel_ml = np.prod(image.GetSpacing()) / 1000
@@ -148,6 +160,71 @@ def test_volumes_csv_counts_the_label_map(cohort_prediction):
         expected = int(np.isin(labels, [organs.GTV, organs.PTV]).sum()) if label == organs.PTV and own else own
         assert (row["patient_id"], int(row["voxels"])) == (pid, expected)
         assert float(row["volume_ml"]) == pytest.approx(expected * voxel_ml, abs=1e-3)
+
+
+def test_qa_csv_checks_every_structure_of_the_label_map(cohort_prediction):
+    """One row per structure: its voxels those of the label map, the network's confidence measured from the
+    probabilities, the volume check not available (this checkpoint predates training volumes)."""
+    _, out, _, _, cohort = cohort_prediction
+    for record in cohort:
+        pid = record["patient_id"]
+        labels, image = _labels(out / f"{pid}_labels.nii.gz")
+        rows = _rows(out / f"{pid}_qa.csv")
+        assert tuple(rows[0]) == qa.QA_COLUMNS and [int(r["label"]) for r in rows] == list(organs.FOREGROUND_LABELS)
+        volumes = {r["structure"]: r for r in _rows(out / f"{pid}_volumes.csv")}
+        for row in rows:
+            assert row["voxels"] == volumes[row["structure"]]["voxels"]
+            assert row["verdict"] == ("flagged" if row["flags"] else "ok")
+            assert bool(row["reasons"]) == bool(row["flags"])
+            if int(row["label"]) != organs.PTV and int(row["voxels"]):
+                assert 0.125 <= float(row["confidence"]) <= 1.0
+                assert row["not_checked"].startswith("volume: the checkpoint holds no training volumes")
+            if int(row["label"]) in (organs.RIGHT_LUNG, organs.HEART) and int(row["voxels"]):
+                assert int(row["components"]) >= 1 and row["lateral_offset_mm"] != ""
+
+
+def test_the_log_names_the_flagged_structures_and_the_overlay_too(synthetic_cohort, tiny_checkpoint, tmp_path,
+                                                                    caplog, monkeypatch):
+    raw_dir, _, cohort = synthetic_cohort
+    pid = cohort[0]["patient_id"]
+    drawn = {}
+    monkeypatch.setattr("thoracic_seg.cases.write_overlay_png", lambda *a, **k: drawn.update(k))
+    with caplog.at_level("INFO"):
+        (result,) = pm.run(input_path=raw_dir / pid, checkpoint=tiny_checkpoint, output_dir=tmp_path, device="cpu")
+    flagged = {label: r.codes for label, r in result.info["qa"].items() if r.flagged}
+    assert flagged  # an untrained network: implausible structures
+    line = qa.summary(pid, result.info["qa"])
+    assert line.startswith(f"{pid}: QA flagged {len(flagged)} of 7 structures: ")
+    assert [r.getMessage() for r in caplog.records if "QA" in r.getMessage()] == [line]
+    assert drawn["flagged"] == flagged
+
+
+def test_overlay_names_the_flagged_structures():
+    hu = np.full((3, 16, 16), -1000.0)
+    labels = np.zeros((3, 16, 16), np.uint8)
+    labels[1, 4:8, 4:8] = organs.HEART
+    labels[1, 10:12, 10:12] = organs.LEFT_LUNG
+    fig = overlay_figure(hu, labels, "P1: best.pth", flagged={organs.HEART: ["volume", "cut"], organs.GTV: ["missing"]})
+    assert fig._suptitle.get_text() == "P1: best.pth\nQA flagged: GTV (missing); Heart (volume, cut)"
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["Left lung", "Heart: QA volume, cut"]
+    assert overlay_figure(hu, labels, "P1", flagged={})._suptitle.get_text() == "P1\nQA: no structure flagged"
+    assert overlay_figure(hu, labels, "P1")._suptitle.get_text() == "P1"
+
+
+def test_a_checkpoint_with_training_volumes_checks_each_volume_against_them(synthetic_cohort, tmp_path):
+    raw_dir, _, cohort = synthetic_cohort
+    volumes = qa.training_volume_record({"A": {"heart": 100.0, "lung_left": 900.0}, "B": {"heart": 140.0,
+                                                                                          "lung_left": 1100.0}}, "test")
+    checkpoint = save_checkpoint(tmp_path / "volumes.pth", training_volumes=volumes)
+    (result,) = pm.run(input_path=raw_dir / cohort[0]["patient_id"], checkpoint=checkpoint, output_dir=tmp_path / "out",
+                       device="cpu")
+    rows = {r["structure"]: r for r in _rows(result.info["outputs"]["qa"])}
+    heart = rows["heart"]
+    assert (heart["training_n"], heart["training_min_ml"], heart["training_max_ml"]) == ("2", "100.0", "140.0")
+    assert "volume:" not in heart["not_checked"]
+    in_range = 100 / 1.5 <= float(heart["volume_ml"]) <= 140 * 1.5
+    assert ("volume" in heart["flags"].split()) == (not in_range and int(heart["voxels"]) > 0)
+    assert rows["esophagus"]["not_checked"].startswith("volume: 0 training patient(s) with Esophagus annotated")
 
 
 def test_overlay_is_a_png_montage(cohort_prediction):
@@ -169,10 +246,11 @@ def test_nifti_input_gives_the_same_labels_and_no_rtstruct(cohort_prediction, ti
     nifti = tmp_path / f"{record['patient_id']}.nii.gz"
     sitk.WriteImage(ct.image, str(nifti))
     (result,) = pm.run(input_path=nifti, checkpoint=tiny_checkpoint, output_dir=tmp_path / "out")
-    assert result.status == DONE and set(result.info["outputs"]) == {"labels", "ptv", "volumes", "overlay", "provenance"}
+    assert result.status == DONE and set(result.info["outputs"]) == {"labels", "ptv", "volumes", "qa", "overlay",
+                                                                     "provenance"}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         f"{record['patient_id']}{s}" for s in ("_PTV.nii.gz", "_labels.nii.gz", "_overlay.png", "_provenance.json",
-                                              "_volumes.csv")]
+                                              "_qa.csv", "_volumes.csv")]
     from_nifti, image = _labels(tmp_path / "out" / f"{record['patient_id']}_labels.nii.gz")
     from_dicom, _ = _labels(out / f"{record['patient_id']}_labels.nii.gz")
     assert same_geometry(image, ct.image) and np.array_equal(from_nifti, from_dicom)
@@ -184,7 +262,7 @@ def test_existing_outputs_are_skipped_unless_overwrite(synthetic_cohort, tiny_ch
     kwargs = dict(input_path=patient, checkpoint=tiny_checkpoint, output_dir=tmp_path, precision="float32")
     (first,) = pm.run(**kwargs)
     assert first.status == DONE
-    assert set(first.info["seconds"]) == {"read", "preprocess", "predict", "map_back", "rtstruct", "write"}
+    assert set(first.info["seconds"]) == {"read", "preprocess", "predict", "map_back", "qa", "rtstruct", "write"}
     (second,) = pm.run(**kwargs)
     assert second.status == SKIPPED
     (third,) = pm.run(**kwargs, overwrite=True)
@@ -250,6 +328,21 @@ def test_outputs_of_other_settings_are_redone_the_same_are_skipped(synthetic_coh
         organs.automatic_roi_name(organs.structure_of_name(k).label) for k in keys]}
 
 
+def test_outputs_made_before_the_quality_check_are_redone(synthetic_cohort, tiny_checkpoint, tmp_path):
+    raw_dir, _, cohort = synthetic_cohort
+    kwargs = dict(input_path=raw_dir / cohort[0]["patient_id"], checkpoint=tiny_checkpoint, output_dir=tmp_path,
+                  device="cpu")
+    (first,) = pm.run(**kwargs)
+    path = first.info["outputs"]["provenance"]
+    record = json.loads(path.read_text())
+    assert record["qa"] == {"format": qa.QA_FORMAT, "thresholds": qa.QA_THRESHOLDS}
+    del record["qa"]  # as prediction wrote it before the check existed
+    path.write_text(json.dumps(record))
+    (again,) = pm.run(**kwargs)
+    assert again.status == DONE and again.message.startswith("redone")
+    assert json.loads(path.read_text())["qa"]["format"] == qa.QA_FORMAT
+
+
 def test_evaluation_provenance_has_no_rtstruct_part(tiny_checkpoint):
     """Evaluation compares its saved predictions with prediction_provenance without structures: the
     RTSTRUCT's names and format do not make it refuse a folder of label maps."""
@@ -284,6 +377,10 @@ def test_postprocess_applies_the_rule_of_each_structure(synthetic_cohort, tiny_c
     assert changed.any() and (after[changed] == organs.BACKGROUND).all()
     for label in (organs.SPINAL_CORD, organs.GTV, organs.PTV):  # tubes in pieces, multifocal tumours: untouched
         assert np.array_equal(before == label, after == label)
+    for label in (organs.RIGHT_LUNG, organs.ESOPHAGUS):  # the quality check knows what post-processing removed
+        removed = 1 - (after == label).sum() / (before == label).sum()
+        assert result.info["qa"][label].features["removed_fraction"] == pytest.approx(removed)
+        assert plain.info["qa"][label].features["removed_fraction"] == 0.0
 
 
 def test_predict_maps_back_to_the_ct_grid_with_a_model_that_thresholds_intensity():
@@ -618,7 +715,7 @@ def test_derived_ptv_is_its_own_rtstruct_roi_overlapping_the_lungs(derived_predi
     lungs, whole, so the PTV overlaps them (real contours overlap)."""
     from thoracic_seg.rtstruct_read import masks_from_rtstruct
 
-    _, out, _, record = derived_prediction
+    result, out, _, record = derived_prediction
     pid = record["patient_id"]
     labels, image = _labels(out / f"{pid}_labels.nii.gz")
     ptv, _ = _labels(out / f"{pid}_PTV.nii.gz")
@@ -629,8 +726,11 @@ def test_derived_ptv_is_its_own_rtstruct_roi_overlapping_the_lungs(derived_predi
     assert (back["zPTV^Auto"] & lungs).any() and not (back["zGTV^Auto"] & ~back["zPTV^Auto"]).any()
     ds = pydicom.dcmread(out / f"{pid}_RTSTRUCT.dcm")
     (description,) = [r.ROIDescription for r in ds.StructureSetROISequence if r.ROIName == "zPTV^Auto"]
+    verdict = result.info["qa"][organs.PTV].verdict  # grown from the GTV: ok, or flagged with it
+    assert verdict in ("QA ok", "QA flagged: grown from the automatic GTV, which is flagged "
+                                f"({', '.join(result.info['qa'][organs.GTV].codes)})")
     assert description.startswith("Automatic PTV (not reviewed): the automatic GTV zGTV^Auto by U-Net lookup.pth, "
-                                  "grown by a 10 mm margin (isotropic, 3D). QA not run.")
+                                  f"grown by a 10 mm margin (isotropic, 3D). {verdict}.")
 
 
 def test_ptv_margin_on_the_command_line_overrides_the_run(synthetic_cohort, tmp_path, capsys):
@@ -879,6 +979,19 @@ def test_probabilities_follow_the_labels_back_to_a_feet_first_grid_and_a_crop_bo
     outside[max(y0, 0):y0 + side, max(x0, 0):x0 + side] = False
     background = to_network_array(probabilities[:, organs.BACKGROUND], "RPI")
     assert outside.any() and (background[:, outside] == 1).all()  # certain background outside the box
+
+
+def test_labels_before_post_processing_follow_the_labels_back_to_a_feet_first_grid(tiny_checkpoint):
+    """What the quality check needs to measure what post-processing removed: the labels of the same
+    network without post-processing, in the stored order."""
+    hu = np.random.default_rng(2).normal(0, 300, (6, 40, 48)).astype(np.float32)
+    plain = Predictor.load(tiny_checkpoint, device="cpu", batch_size=4)
+    processed = Predictor.load(tiny_checkpoint, device="cpu", batch_size=4, postprocess=True)
+    before = np.empty(hu.shape, np.uint8)
+    after = processed.segment_stored(hu, "RPI", (3.0, 1.0, 1.0), before_postprocess=before)
+    np.testing.assert_array_equal(before, plain.segment_stored(hu, "RPI", (3.0, 1.0, 1.0)))
+    changed = before != after
+    assert changed.any() and (after[changed] == organs.BACKGROUND).all()
 
 
 def test_ensemble_members_must_share_their_preprocessing(tmp_path):

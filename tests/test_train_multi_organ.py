@@ -282,6 +282,45 @@ def test_training_writes_the_run_folder(cache):
     assert last["epoch"] == 2 and last["epochs_without_improvement"] in (0, 1)
 
 
+def test_checkpoints_carry_the_training_patients_structure_volumes(cache):
+    """Prediction's quality check flags a volume outside the training patients': both checkpoints store
+    their distribution per structure, over the patients annotating it, in ml of the cache's voxels."""
+    root, splits = cache
+    out = splits.parent / "volumes"
+    tm.run(data_root=root, splits_dir=splits, output_dir=out, epochs=1, **TINY)
+    voxel_ml = 2.5 * 1.0 * 1.0 / 1000  # 2.5 mm slices, 32 px of 1 mm resized to 32
+
+    def same(ml: float, n: int = 3) -> dict:
+        return {"n": n, **{k: pytest.approx(ml) for k in ("min_ml", "q1_ml", "median_ml", "q3_ml", "max_ml")}}
+
+    for name in ("best_unet_multi_organ.pth", "last_checkpoint.pth"):
+        record = torch.load(out / name, weights_only=True)["training_volumes"]
+        assert (record["source"], record["patients"]) == (training.TRAINING_VOLUMES_SOURCE, 3)  # P1 P2 P3
+        assert record["structures"] == {
+            "gtv": same(8 * voxel_ml), "ptv": same(8 * voxel_ml),  # a contoured PTV: labels GTV + PTV
+            "lung_right": same(248 * voxel_ml),  # 8 x 8 x 4 less the GTV's 2 x 2 x 2
+            "lung_left": same(256 * voxel_ml), "heart": same(64 * voxel_ml, n=2),  # P3 has no heart contoured
+            "esophagus": same(0.0), "spinal_cord": same(16 * voxel_ml)}
+    from thoracic_seg.inference import Predictor
+
+    assert Predictor.load(out / "best_unet_multi_organ.pth", device="cpu").training_volumes == record
+
+
+def test_training_volumes_use_the_cache_voxel_size(cache):
+    root, _ = cache
+    meta_path = root / "processed" / "training_cache" / "P1" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["original_shape_zyx"] = [SLICES, 64, 64]  # 64 px of 1 mm resized to 32: 2 x 2 mm pixels
+    meta_path.write_text(json.dumps(meta))
+    record = training.training_volumes(root, ["P1", "P2"])
+    assert record["structures"]["lung_left"]["max_ml"] == pytest.approx(256 * 2.5 * 2 * 2 / 1000)
+    assert record["structures"]["lung_left"]["min_ml"] == pytest.approx(256 * 2.5 / 1000)
+    del meta["original_spacing_xyz"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"P1: .*meta.json has no grid geometry .*re-run normalize_ct_and_masks.py"):
+        training.training_volumes(root, ["P1"])
+
+
 def test_resume_continues_exactly(cache):
     root, splits = cache
     options = dict(data_root=root, splits_dir=splits, augment=True, tumour_oversampling=0.5,

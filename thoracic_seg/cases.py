@@ -1,6 +1,6 @@
 """The patients prediction segments: finding them under an input path (a DICOM tree or a CT NIfTI),
 reading each CT on its own stored grid (with what an RTSTRUCT must reference), and writing its
-outputs (label map, PTV, RTSTRUCT, volumes, overlay, provenance) atomically beside each other.
+outputs (label map, PTV, RTSTRUCT, volumes, quality check, overlay, provenance) atomically beside each other.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from thoracic_seg import organs
+from thoracic_seg import organs, qa
 from thoracic_seg.batch import (
     PatientError, check_same_geometry, file_sha256, nifti_stem, safe_patient_id, write_nifti,
     write_text_atomic,
@@ -36,6 +36,7 @@ OUTPUT_SUFFIXES = {
     "ptv": "_PTV.nii.gz",
     "rtstruct": "_RTSTRUCT.dcm",
     "volumes": "_volumes.csv",
+    "qa": "_qa.csv",  # the quality check of each structure (thoracic_seg/qa.py)
     "overlay": "_overlay.png",
     "provenance": "_provenance.json",  # written last: what made the others (prediction_provenance)
 }
@@ -50,11 +51,12 @@ RTSTRUCT_FORMAT = 2
 SHA256_SHOWN = 12
 
 
-VOLUME_COLUMNS = ("patient_id", "label", "structure", "rtstruct_name", "labels", "voxels", "volume_ml")
+#: ``qa``: ``ok`` or the quality check's flag codes (``qa.volumes_qa_column``; the reasons are in ``_qa.csv``).
+VOLUME_COLUMNS = ("patient_id", "label", "structure", "rtstruct_name", "labels", "voxels", "volume_ml", "qa")
 
 
 #: Stages of one patient, timed in ``PatientResult.info["seconds"]`` (and by the benchmark).
-STAGES = ("read", "preprocess", "predict", "map_back", "postprocess", "rtstruct", "write")
+STAGES = ("read", "preprocess", "predict", "map_back", "postprocess", "qa", "rtstruct", "write")
 
 
 @dataclass(frozen=True)
@@ -211,25 +213,34 @@ def model_description(predictor: Predictor, checkpoints_sha256: Sequence[str] = 
 def write_outputs(ct: LoadedCT, hu_zyx: np.ndarray, labels_zyx: np.ndarray, outputs: dict[str, Path],
                   predictor: Predictor, seconds: dict[str, float] | None = None, *,
                   structures: Sequence[int] = organs.FOREGROUND_LABELS, model: str | None = None,
-                  verdicts: Mapping[int, str] | None = None) -> dict[str, Any]:
+                  labels_before: np.ndarray | None = None, probabilities: np.ndarray | None = None) -> dict[str, Any]:
     """Write one patient's outputs for HU and a label map (Z, Y, X) on ``ct``'s own stored grid.
 
-    Makes the PTV (:meth:`Predictor.ptv_mask`), builds the RTSTRUCT of ``structures`` (labels) for a
-    DICOM ``ct`` (timed as ``rtstruct``; the PTV an overlapping ROI; every ROI marked automatic, described
-    with ``model`` (default :func:`model_description` without hash) and its QA verdict of ``verdicts``,
-    label -> text, "QA not run" without one), then writes label map and PTV mask (all structures; stored
-    grid and geometry), RTSTRUCT, volumes CSV and overlay (network orientation; timed as ``write``).
-    Returns ``{"volumes": rows, "rois": {ROI name: contours}}``.
+    Makes the PTV (:meth:`Predictor.ptv_mask`), checks every structure (``qa.check``, timed as ``qa``:
+    ``labels_before`` post-processing (uint8 (Z, Y, X); None: none ran) and the class ``probabilities``
+    (Z, 8, Y, X) on the same grid, None: no confidence check; the checkpoint's training volumes), builds
+    the RTSTRUCT of ``structures`` (labels) for a DICOM ``ct`` (timed as ``rtstruct``; the PTV an
+    overlapping ROI; every ROI marked automatic, described with ``model`` (default :func:`model_description`
+    without hash) and its QA verdict), then writes label map and PTV mask (all structures; stored grid and
+    geometry), RTSTRUCT, volumes CSV (with the ``qa`` column), QA CSV and overlay (network orientation, the
+    flagged structures named; timed as ``write``).
+    Returns ``{"volumes": rows, "rois": {ROI name: contours}, "qa": {label: qa.StructureQA}}``.
     """
     seconds = seconds if seconds is not None else {}
     rtstruct = None
     spacing_zyx = ct.image.GetSpacing()[::-1]
     with stage_timer(seconds, "rtstruct"):
         ptv = predictor.ptv_mask(labels_zyx, spacing_zyx)
+    with stage_timer(seconds, "qa"):
+        checked = qa.check(labels_zyx, spacing_zyx, orientation=ct.orientation, labels_before=labels_before,
+                           probabilities=probabilities, training_volumes=predictor.training_volumes,
+                           ptv_mask=ptv if predictor.ptv_margin_mm is not None else None)
+    with stage_timer(seconds, "rtstruct"):
         if ct.reference is not None:
             rtstruct = build_rtstruct(labels_zyx, ct.reference, labels=structures, overlapping={organs.PTV: ptv},
                                       model=model if model is not None else model_description(predictor),
-                                      verdicts=verdicts, ptv_margin_mm=predictor.ptv_margin_mm)
+                                      verdicts={label: r.verdict for label, r in checked.items()},
+                                      ptv_margin_mm=predictor.ptv_margin_mm)
     with stage_timer(seconds, "write"):
         for key, array in (("labels", labels_zyx), ("ptv", ptv.astype(np.uint8))):
             image = labels_image(array, ct.image)
@@ -237,12 +248,15 @@ def write_outputs(ct: LoadedCT, hu_zyx: np.ndarray, labels_zyx: np.ndarray, outp
             write_nifti(image, outputs[key])
         if rtstruct is not None:
             write_rtstruct(rtstruct, outputs["rtstruct"])
-        volumes = structure_volumes(labels_zyx, spacing_zyx, ptv, predictor.ptv_text, structures)
+        volumes = [{**row, "qa": qa.volumes_qa_column(checked[row["label"]])}
+                   for row in structure_volumes(labels_zyx, spacing_zyx, ptv, predictor.ptv_text, structures)]
         write_text_atomic(outputs["volumes"], volumes_csv_text(ct.patient_id, volumes))
+        write_text_atomic(outputs["qa"], qa.qa_csv_text(ct.patient_id, checked))
         write_overlay_png(*(to_network_array(a, ct.orientation) for a in (hu_zyx, labels_zyx)), outputs["overlay"],
                           f"{ct.patient_id}: {predictor.checkpoint_path.name}", predictor.window,
-                          to_network_array(ptv, ct.orientation))
-    return {"volumes": volumes, "rois": roi_summary(rtstruct) if rtstruct is not None else {}}
+                          to_network_array(ptv, ct.orientation),
+                          flagged={label: r.codes for label, r in checked.items() if r.flagged})
+    return {"volumes": volumes, "rois": roi_summary(rtstruct) if rtstruct is not None else {}, "qa": checked}
 
 
 def read_provenance(path: Path) -> dict[str, Any] | None:
@@ -256,7 +270,8 @@ def prediction_provenance(predictor: Predictor, structures: Sequence[int] | None
     """What decides a patient's outputs besides its CT: the checkpoints' bytes (sha256), their
     preprocessing, slice context and PTV, post-processing, precision and the output format; with
     ``structures`` (labels: prediction's ``--structures``), the RTSTRUCT's format, structures and ROI
-    names under ``"rtstruct"``. Evaluation records it without them (its label maps are the same)."""
+    names under ``"rtstruct"`` and the quality check's format and thresholds under ``"qa"``. Evaluation
+    records it without them (its label maps are the same)."""
     paths = predictor.checkpoint_paths or (predictor.checkpoint_path,)
     return {"format": PREDICTION_FORMAT, "checkpoints_sha256": [file_sha256(p) for p in paths],
             "window": list(predictor.window), "size": predictor.size, "crop": predictor.crop,
@@ -265,4 +280,5 @@ def prediction_provenance(predictor: Predictor, structures: Sequence[int] | None
             "precision": predictor.precision.name,
             **({} if structures is None else {"rtstruct": {
                 "format": RTSTRUCT_FORMAT, "structures": [organs.structure(label).key for label in structures],
-                "roi_names": [organs.automatic_roi_name(label) for label in structures]}})}
+                "roi_names": [organs.automatic_roi_name(label) for label in structures]},
+                "qa": {"format": qa.QA_FORMAT, "thresholds": dict(qa.QA_THRESHOLDS)}})}

@@ -10,6 +10,7 @@ import csv
 import json
 import logging
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -679,9 +680,20 @@ def montage_slices(labels_zyx: np.ndarray, count: int = _MONTAGE_TILES) -> list[
 
 
 def write_overlay_png(hu_zyx: np.ndarray, labels_zyx: np.ndarray, path: Path, title: str,
-                      window: Sequence[float] = (-1000, 400), ptv_zyx: np.ndarray | None = None) -> None:
+                      window: Sequence[float] = (-1000, 400), ptv_zyx: np.ndarray | None = None,
+                      flagged: Mapping[int, Sequence[str]] | None = None) -> None:
+    """:func:`overlay_figure` written to ``path`` (PNG, atomically, 100 dpi)."""
+    fig = overlay_figure(hu_zyx, labels_zyx, title, window, ptv_zyx, flagged)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def overlay_figure(hu_zyx: np.ndarray, labels_zyx: np.ndarray, title: str, window: Sequence[float] = (-1000, 400),
+                   ptv_zyx: np.ndarray | None = None, flagged: Mapping[int, Sequence[str]] | None = None) -> Figure:
     """A montage of axial slices: CT in grey (``window`` HU), structures filled in their ``organs``
-    colours; ``ptv_zyx`` (bool, overlapping the organs) drawn as a 1-pixel outline in the PTV colour."""
+    colours; ``ptv_zyx`` (bool, overlapping the organs) drawn as a 1-pixel outline in the PTV colour.
+    ``flagged`` (label -> the quality check's flag codes, ``thoracic_seg.qa``): named under the title
+    and in the legend (``Heart: QA volume, cut``); given empty, the title says no structure was flagged."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -708,13 +720,21 @@ def write_overlay_png(hu_zyx: np.ndarray, labels_zyx: np.ndarray, path: Path, ti
     present = sorted(set(np.unique(labels_zyx).tolist()) - {0}
                      | ({organs.PTV} if ptv_zyx is not None and ptv_zyx.any() else set()))
     outlined = {organs.PTV} if ptv_zyx is not None else set()
+    flagged = None if flagged is None else {lb: list(codes) for lb, codes in flagged.items() if codes}
+    ncol = 4 if flagged else 7  # the legend's names grow with their flags
     handles = [Patch(facecolor="none" if lb in outlined else organs.structure(lb).color_float,
                      edgecolor=organs.structure(lb).color_float, linewidth=1.5,
-                     label=organs.structure(lb).name + (" (outline)" if lb in outlined else ""))
+                     label=organs.structure(lb).name + (" (outline)" if lb in outlined else "")
+                     + (f": QA {', '.join(flagged[lb])}" if flagged and lb in flagged else ""))
                for lb in present]
     if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=8, frameon=False)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.05 if handles else 0, 1, 0.97))
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), ncol), fontsize=8, frameon=False)
+    if flagged:
+        title += "\n" + textwrap.shorten("QA flagged: " + "; ".join(
+            f"{organs.structure(lb).name} ({', '.join(codes)})" for lb, codes in sorted(flagged.items())), 160)
+    elif flagged is not None:
+        title += "\nQA: no structure flagged"
+    fig.suptitle(title, fontsize=10, color="firebrick" if flagged else "black")
+    legend_rows = math.ceil(len(handles) / ncol)
+    fig.tight_layout(rect=(0, 0.05 * legend_rows, 1, 0.97 if flagged is None else 0.93))
+    return fig

@@ -63,9 +63,10 @@ def to_network_orientation(image: sitk.Image) -> tuple[sitk.Image, str]:
 
 
 def segment_image(predictor: Any, image: sitk.Image, seconds: dict[str, float] | None = None,
-                  probabilities: np.ndarray | None = None) -> np.ndarray:
+                  probabilities: np.ndarray | None = None, before_postprocess: np.ndarray | None = None) -> np.ndarray:
     """A CT image (HU, any axis-aligned orientation) -> uint8 labels (Z, Y, X) in its own stored array
     order and grid, by ``predictor`` (``inference.Predictor``: evaluation and prediction both call
-    this; ``probabilities``: see ``Predictor.segment_stored``). ``ValueError`` for an oblique image."""
+    this; ``probabilities``, ``before_postprocess``: see ``Predictor.segment_stored``). ``ValueError``
+    for an oblique image."""
     return predictor.segment_stored(sitk.GetArrayFromImage(image), orientation_code(image),
-                                    image.GetSpacing()[::-1], seconds, probabilities)
+                                    image.GetSpacing()[::-1], seconds, probabilities, before_postprocess)

@@ -20,9 +20,9 @@ import torch
 
 from thoracic_seg import organs
 from thoracic_seg.grid import (
-    AIR_HU, apply_zscore, box_for_crop, check_size, check_window, context_stack, crop_settings_of, crop_to_box,
-    describe_crop, from_network_orientation, network_shape_zyx, probabilities_to_ct_labels, resize_ct_slices,
-    to_network_array, window_and_zscore,
+    AIR_HU, NETWORK_ORIENTATION, apply_zscore, box_for_crop, check_size, check_window, context_stack,
+    crop_settings_of, crop_to_box, describe_crop, from_network_orientation, network_shape_zyx,
+    probabilities_to_ct_labels, resize_ct_slices, to_network_array, window_and_zscore,
 )
 from thoracic_seg.postprocess import describe_postprocess, postprocess_labels
 from thoracic_seg.precision import (
@@ -91,6 +91,10 @@ class Predictor:
     crop: dict[str, Any] | None = None
     #: Every checkpoint of an ensemble (``checkpoint_path`` is the first); empty: ``checkpoint_path`` alone.
     checkpoint_paths: tuple[Path, ...] = ()
+    #: The training patients' structure volumes (the first checkpoint's ``training_volumes``,
+    #: ``qa.training_volume_record``), None for a checkpoint of an earlier version: the quality check's
+    #: volume ranges.
+    training_volumes: dict[str, Any] | None = None
 
     @classmethod
     def load(
@@ -118,10 +122,10 @@ class Predictor:
         members = [_load_member(path, torch_device, ptv_margin_mm, context_slices) for path in paths]
         model, settings = members[0]
         for path, (_, other) in zip(paths[1:], members[1:]):
-            if {k: v for k, v in other.items() if k != "base_channels"} != \
-                    {k: v for k, v in settings.items() if k != "base_channels"}:
-                raise CheckpointError(f"{path} was trained with {other}, {paths[0]} with {settings}: only networks "
-                                      "trained on the same preprocessing, slice context and PTV can be ensembled")
+            if _shared(other) != _shared(settings):
+                raise CheckpointError(f"{path} was trained with {_shared(other)}, {paths[0]} with {_shared(settings)}: "
+                                      "only networks trained on the same preprocessing, slice context and PTV can be "
+                                      "ensembled")
         if len(members) > 1:
             model = ProbabilityAverage([m for m, _ in members])
         if policy.channels_last:
@@ -131,7 +135,7 @@ class Predictor:
             batch_size = auto_batch_size(torch_device, settings["size"], base_channels, policy.dtype)
         return cls(model.eval(), paths[0], torch_device, policy, int(batch_size), settings["window"],
                    settings["size"], postprocess, settings["ptv"], settings["context_slices"], settings["crop"],
-                   tuple(paths))
+                   tuple(paths), settings["training_volumes"])
 
     @property
     def dtype(self) -> torch.dtype:
@@ -235,8 +239,8 @@ class Predictor:
         return labels
 
     def segment_stored(self, hu_zyx: np.ndarray, stored_code: str, spacing_zyx: Sequence[float],
-                       seconds: dict[str, float] | None = None,
-                       probabilities: np.ndarray | None = None) -> np.ndarray:
+                       seconds: dict[str, float] | None = None, probabilities: np.ndarray | None = None,
+                       before_postprocess: np.ndarray | None = None) -> np.ndarray:
         """HU (Z, Y, X) in the array order of a CT stored in ``stored_code`` (``grid.orientation_code``,
         e.g. ``RPI`` feet first), voxel spacing ``spacing_zyx`` mm in that order -> uint8 labels (Z, Y, X)
         in the same order: brought to the network's orientation by exact flips and transposes
@@ -244,7 +248,9 @@ class Predictor:
         (``grid.from_network_orientation``). ``image_grid.segment_image`` calls it with an image.
         A CT whose slices do not run S/I (sagittal, coronal) is refused (``ValueError``).
         ``probabilities`` (Z, 8, Y, X) in the stored order, optional: filled with the class
-        probabilities (before post-processing; holds a second copy while it is filled)."""
+        probabilities (before post-processing; a CT stored in another orientation than the network's holds
+        a second copy while it is filled). ``before_postprocess`` (Z, Y, X) uint8, optional: filled with
+        the labels before post-processing (the quality check measures what it removed)."""
         seconds = seconds if seconds is not None else {}
         if str(stored_code)[2:3] not in ("S", "I"):
             raise ValueError(f"not an axial CT: its slices run along {str(stored_code)[2:3] or '?'} (stored "
@@ -255,23 +261,32 @@ class Predictor:
         spacing_yx = (float(spacing_zyx[axes[1]]), float(spacing_zyx[axes[2]]))
         network = None
         if probabilities is not None:  # (Z, 8, Y, X) in the stored order: filled from the network's
-            network = np.empty((hu.shape[0], probabilities.shape[1], *hu.shape[1:]), probabilities.dtype)
-        labels = from_network_orientation(self.segment(hu, seconds, spacing_yx, network), stored_code)
-        if probabilities is not None:
+            network = probabilities if stored_code == NETWORK_ORIENTATION else \
+                np.empty((hu.shape[0], probabilities.shape[1], *hu.shape[1:]), probabilities.dtype)
+        unprocessed = None if before_postprocess is None else np.empty(hu.shape, np.uint8)
+        labels = from_network_orientation(self.segment(hu, seconds, spacing_yx, network, unprocessed), stored_code)
+        if probabilities is not None and network is not probabilities:
             for label in range(probabilities.shape[1]):
                 probabilities[:, label] = from_network_orientation(network[:, label], stored_code)
+        if before_postprocess is not None:
+            before_postprocess[...] = from_network_orientation(unprocessed, stored_code)
         return labels
 
     def segment(self, hu_zyx: np.ndarray, seconds: dict[str, float] | None = None,
-                spacing_yx: Sequence[float] | None = None, probabilities: np.ndarray | None = None) -> np.ndarray:
+                spacing_yx: Sequence[float] | None = None, probabilities: np.ndarray | None = None,
+                before_postprocess: np.ndarray | None = None) -> np.ndarray:
         """HU (Z, Y, X) in the network's orientation (LPS) -> uint8 labels (Z, Y, X) on the same grid
         (with ``postprocess`` applied). ``spacing_yx`` (mm) is needed when the checkpoint crops to
-        the body (:meth:`crop_box`). :meth:`segment_stored` takes a CT stored in any orientation."""
+        the body (:meth:`crop_box`). :meth:`segment_stored` takes a CT stored in any orientation.
+        ``probabilities`` (Z, 8, Y, X), ``before_postprocess`` (Z, Y, X) uint8, optional: filled with the
+        class probabilities and the labels before post-processing."""
         seconds = seconds if seconds is not None else {}
         with stage_timer(seconds, "preprocess"):
             box = self.crop_box(hu_zyx, spacing_yx)
             ct_small = self.preprocess(hu_zyx, box)
         labels = self.predict(ct_small, hu_zyx.shape[1:], seconds, box, probabilities)
+        if before_postprocess is not None:
+            before_postprocess[...] = labels
         if self.postprocess:
             with stage_timer(seconds, "postprocess"):
                 labels = postprocess_labels(labels)
@@ -289,6 +304,15 @@ class ProbabilityAverage(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mean = torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members]).mean(dim=0)
         return torch.log(mean.clamp_min(torch.finfo(mean.dtype).tiny))
+
+
+#: Settings ensemble members may differ in: their width, and their training volumes (the first member's are used).
+_PER_MEMBER = ("base_channels", "training_volumes")
+
+
+def _shared(settings: dict[str, Any]) -> dict[str, Any]:
+    """What every member of an ensemble must share: :func:`_load_member`'s settings but :data:`_PER_MEMBER`."""
+    return {k: v for k, v in settings.items() if k not in _PER_MEMBER}
 
 
 def _load_member(checkpoint: Path, device: torch.device, ptv_margin_mm: float | None,
@@ -312,8 +336,10 @@ def _load_member(checkpoint: Path, device: torch.device, ptv_margin_mm: float | 
     if labels and labels != label_table():
         raise CheckpointError(f"{checkpoint}: its labels {labels} differ from thoracic_seg/organs.py {label_table()}; "
                               "the label values would be misread")
+    volumes = record.get("training_volumes")
     return model, {"window": window, "size": size, "crop": crop, "ptv": ptv,
-                   "context_slices": k, "base_channels": int(config.get("base_channels", 64))}
+                   "context_slices": k, "base_channels": int(config.get("base_channels", 64)),
+                   "training_volumes": volumes if isinstance(volumes, dict) else None}
 
 
 def preprocessing_of(

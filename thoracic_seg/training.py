@@ -1,6 +1,6 @@
 """Phase 5's machinery (``train_multi_organ.py`` holds the loop): the training configuration, device
 and torchrun ranks, seeded sampling, the lr schedule and limits, checkpoints and exact ``--resume``
-(docs/reliability.md), class weights."""
+(docs/reliability.md), class weights, the training patients' structure volumes."""
 from __future__ import annotations
 
 import contextlib
@@ -25,13 +25,14 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from thoracic_seg import organs
 from thoracic_seg.batch import atomic_output, write_text_atomic
-from thoracic_seg.grid import check_context_slices
+from thoracic_seg.grid import cache_voxel_mm, check_context_slices
 from thoracic_seg.layout import (
     BEST_CHECKPOINT, CACHE_MASK, CLASS_WEIGHTS_JSON, DEFAULT_DATA_ROOT, DEFAULT_SPLITS_DIR, HISTORY_CSV,
     HISTORY_JSON, LAST_CHECKPOINT, LOG_FILE, cache_dir, read_cache_meta,
 )
 from thoracic_seg.precision import Precision, resolve_device, training_precision, use_fast_cuda_kernels
 from thoracic_seg.ptv import PTV_CONTOURED, PTV_DERIVED, PTV_NONE
+from thoracic_seg.qa import patient_volumes_ml, training_volume_record
 from unet_multi_organ import CHECKPOINT_FORMAT, build_checkpoint
 
 log = logging.getLogger(__name__)
@@ -489,8 +490,10 @@ def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
 
 def write_epoch_outputs(plain_model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                         progress: Progress, config: TrainConfig, preprocessing: dict[str, Any],
-                        ptv: dict[str, Any], training_seconds: float, cut: dict[str, Any] | None) -> None:
-    """Rank 0, after each epoch: best checkpoint (when improved), last checkpoint, history.
+                        ptv: dict[str, Any], training_seconds: float, cut: dict[str, Any] | None,
+                        training_volumes: dict[str, Any] | None = None) -> None:
+    """Rank 0, after each epoch: best checkpoint (when improved), last checkpoint, history. Both
+    checkpoints carry ``training_volumes`` (:func:`training_volumes`) for prediction's quality check.
 
     ``cut`` (an epoch a limit cut: how far it got, the progress before its snapshot was validated)
     goes into the last checkpoint; when the snapshot replaces an earlier best checkpoint, that one
@@ -501,7 +504,7 @@ def write_epoch_outputs(plain_model: torch.nn.Module, optimizer: torch.optim.Opt
     row = progress.history[-1]
     val_dice = {key: row[f"dice_{key}"] for key in FOREGROUND_KEYS}
     common = dict(preprocessing=preprocessing, ptv=ptv, context_slices=config.context_slices,
-                  epoch=row["epoch"], val_loss=row["val_loss"], val_dice=val_dice)
+                  epoch=row["epoch"], val_loss=row["val_loss"], val_dice=val_dice, training_volumes=training_volumes)
     if row["best"]:
         if cut is not None and cut["progress_before"]["best_epoch"] > 0 and best_path.is_file():
             cut["best_before"] = torch.load(best_path, map_location="cpu", weights_only=True)
@@ -645,3 +648,23 @@ def ptv_of_patients(data_root: Path | str, patients: Sequence[str]) -> dict[str,
     if margins:
         ptv["margin_mm"] = next(iter(margins))
     return ptv
+
+
+#: How :func:`training_volumes` measures, recorded with the numbers.
+TRAINING_VOLUMES_SOURCE = "phase 3 training cache: voxels x the cache's voxel size"
+
+
+def training_volumes(data_root: Path | str, patients: Sequence[str]) -> dict[str, Any]:
+    """The volume distribution (ml) of each structure over the training ``patients`` that annotate it
+    (``qa.training_volume_record``; the checkpoint stores it as ``training_volumes`` and prediction's
+    quality check flags a volume outside it). Measured on the phase 3 cache: labels counted in
+    ``mask.npy`` x the cache's voxel size (``grid.cache_voxel_mm``: the CT's, resized in-plane), within
+    a few percent of phase 2.5's full-resolution volumes (the nearest-neighbour resize). ``ValueError``
+    naming the patient for a cache without its grid geometry (re-run phase 3)."""
+    per_patient = {}
+    for pid in patients:
+        meta = read_cache_meta(data_root, pid)
+        mask = np.load(cache_dir(data_root, pid) / CACHE_MASK, mmap_mode="r")
+        voxel_mm = cache_voxel_mm(meta, f"{pid}: {cache_dir(data_root, pid) / 'meta.json'}")
+        per_patient[pid] = patient_volumes_ml(mask, voxel_mm, [bool(a) for a in meta["annotated"]])
+    return training_volume_record(per_patient, TRAINING_VOLUMES_SOURCE)
