@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_quality.py --work-dir bench-work        # CPU, the default candidates
     .venv/bin/python benchmarks/bench_quality.py --work-dir bench-work --learning-curve 1000 2000 4000
-    .venv/bin/python benchmarks/bench_quality.py --smoke                      # the mechanics, ~2 min
+    .venv/bin/python benchmarks/bench_quality.py --smoke                      # the mechanics, ~45 s
     python benchmarks/bench_quality.py --device cuda --work-dir bench-work    # the full network
 
 The six NSCLC-Radiomics patients of ``../shared/data`` go through phases 2 and 2.5 once; each
@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 import sys
 import tarfile
 import tempfile
@@ -72,6 +71,7 @@ class Candidate:
     ensemble_of: str | None = None
     aims_at: tuple[str, ...] = ("lung_right", "lung_left", "heart", "esophagus", "spinal_cord")
     cost: str = "1x"
+    decided_on: str = "original"  # which CTs' verdict decides (the other's is reported beside it)
 
 
 BASELINE = "baseline"
@@ -79,7 +79,8 @@ CANDIDATES = {c.name: c for c in (
     Candidate(BASELINE),
     Candidate("fov-crop", phase3_args=("--crop-body", "--fov-mm", "380"), aims_at=("heart", "esophagus", "spinal_cord"),
               cost="1x (phase 3 once more)"),
-    Candidate("scanner-aug", train_args=("--augment-scanner",), cost="~1.1x (augmentation per slice)"),
+    Candidate("scanner-aug", train_args=("--augment-scanner",), cost="~1.1x (augmentation per slice)",
+              decided_on="rerendered"),
     Candidate("ensemble", ensemble_of=BASELINE, cost="no training; inference x number of seeds"),
     Candidate("no-crop", phase3_args=(), cost="1x (phase 3 once more)"),
     Candidate("2.5d-k1", train_args=("--context-slices", "1"), cost="~1.1x"),
@@ -140,19 +141,21 @@ def data_fingerprint(paths: Sequence[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-#: The phase scripts and modules a cell runs; :func:`code_files` adds every repository module they import.
-CELL_ENTRY_MODULES = ("normalize_ct_and_masks", "train_multi_organ", "thoracic_seg.inference", "thoracic_seg.image_grid",
-                      "thoracic_seg.metrics", "thoracic_seg.postprocess")
+#: What a cell's training runs, and what its scoring runs; :func:`code_files` adds every repository module
+#: they import. A change to scoring code re-scores the kept checkpoints; only training code retrains.
+TRAIN_ENTRY_MODULES = ("normalize_ct_and_masks", "train_multi_organ")
+SCORE_ENTRY_MODULES = ("thoracic_seg.inference", "thoracic_seg.image_grid", "thoracic_seg.metrics",
+                       "thoracic_seg.postprocess", "thoracic_seg.scanner")
 
 
-def code_files() -> list[Path]:
-    """The repository's files a cell runs: :data:`CELL_ENTRY_MODULES` and every repository module they import,
-    found in a fresh interpreter (what this one has imported depends on what ran before). benchmarks/ is
-    left out: this file's cell logic is versioned by :data:`CELL_FORMAT`."""
+def code_files(entry_modules: Sequence[str]) -> list[Path]:
+    """The repository's files behind ``entry_modules``: them and every repository module they import, found
+    in a fresh interpreter (what this one has imported depends on what ran before). benchmarks/ is left
+    out: this file's cell logic is versioned by :data:`CELL_FORMAT`."""
     import subprocess
 
     code = ("import sys, importlib\n"
-            f"for name in {CELL_ENTRY_MODULES!r}: importlib.import_module(name)\n"
+            f"for name in {tuple(entry_modules)!r}: importlib.import_module(name)\n"
             "print('\\n'.join(getattr(m, '__file__', None) or '' for m in list(sys.modules.values())))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     files = set()
@@ -190,24 +193,27 @@ def git_commit() -> str | None:
 
 
 # ---- Data ------------------------------------------------------------------------------------
-def _failed(results: Sequence[Any], what: str) -> list[str]:
-    """Patient ids done or skipped; failed ones are logged and left out."""
+def _failed(results: Sequence[Any], what: str, failed: list[str]) -> list[str]:
+    """Patient ids done or skipped; failed ones are logged, added to ``failed`` (the report lists them and the
+    exit status is 1) and left out."""
     from thoracic_seg.batch import FAILED
 
     for r in results:
         if r.status == FAILED:
             log.error("%s: %s failed, left out of the benchmark: %s", what, r.patient_id, r.message)
+            failed.append(f"{r.patient_id} ({what}: {r.message})")
     return [r.patient_id for r in results if r.status != FAILED]
 
 
-def convert(base: Path, dicom_root: Path, workers: int) -> list[str]:
+def convert(base: Path, dicom_root: Path, workers: int, failed: list[str]) -> list[str]:
     """Phases 2 and 2.5 of ``dicom_root`` into ``base`` (skipped where done); the patient ids."""
     import convert_dicom_to_nifti
     import extract_multi_organ_masks
 
-    done = _failed(convert_dicom_to_nifti.run(data_root=base, dicom_root=dicom_root, workers=workers), "phase 2")
+    done = _failed(convert_dicom_to_nifti.run(data_root=base, dicom_root=dicom_root, workers=workers), "phase 2",
+                   failed)
     return _failed(extract_multi_organ_masks.run(data_root=base, dicom_root=dicom_root, patients=done,
-                                                 workers=workers), "phase 2.5") if done else []
+                                                 workers=workers), "phase 2.5", failed) if done else []
 
 
 def _link(target: Path, link: Path) -> None:
@@ -248,7 +254,11 @@ def rerendered_root(base: Path, work: Path, patients: Sequence[str]) -> Path | N
     from thoracic_seg.batch import read_nifti, write_nifti
     from thoracic_seg.layout import DataLayout
 
-    src, dst = DataLayout(base), DataLayout(work / "data-rerendered")
+    import thoracic_seg.scanner
+
+    tag = hashlib.sha256(json.dumps(RERENDER, sort_keys=True).encode()
+                         + Path(thoracic_seg.scanner.__file__).read_bytes()).hexdigest()[:12]
+    src, dst = DataLayout(base), DataLayout(work / f"data-rerendered-{tag}")  # other settings: other CTs
     _link(src.masks, dst.masks)  # phase 2.5's records sit beside the masks
     dst.ct_nifti.mkdir(parents=True, exist_ok=True)
     for pid in patients:
@@ -260,6 +270,18 @@ def rerendered_root(base: Path, work: Path, patients: Sequence[str]) -> Path | N
         new.CopyInformation(image)
         write_nifti(new, out)
     return dst.root
+
+
+def patient_fingerprints(base: Path, patients: Sequence[str]) -> dict[str, str]:
+    """Patient -> sha256 (16 hex) of its phase 2 CT and phase 2.5 label map: a cell's key holds those of its
+    patients, so a changed conversion or truth redoes exactly the cells that used it."""
+    from thoracic_seg.batch import file_sha256
+    from thoracic_seg.layout import DataLayout
+
+    layout = DataLayout(base)
+    return {pid: hashlib.sha256((file_sha256(layout.ct_nifti / f"{pid}.nii.gz")
+                                 + file_sha256(layout.masks / f"{pid}.nii.gz")).encode()).hexdigest()[:16]
+            for pid in patients}
 
 
 def annotated_structures(base: Path, patients: Sequence[str]) -> dict[str, set[str]]:
@@ -323,12 +345,20 @@ class Cell:
         return f"{self.candidate.name}/fold-{self.fold}-{seed}-steps-{self.steps}"
 
 
-def cell_key(cell: Cell, budget: Budget, code: str, data: str, seeds: Sequence[int]) -> dict[str, Any]:
-    """Everything a cell's result depends on; a cached result is reused only under an equal key."""
-    key = {"candidate": asdict(cell.candidate), "fold": cell.fold, "seed": cell.seed, "train": list(cell.train),
-           "test": list(cell.test), "steps": cell.steps, "budget": asdict(budget),
-           "ensemble_seeds": list(seeds) if cell.seed is None else None, "code": code, "data": data,
-           "rerender": RERENDER}
+def cell_key(cell: Cell, budget: Budget, code: Mapping[str, str], data: Mapping[str, str],
+             seeds: Sequence[int]) -> dict[str, Any]:
+    """Everything a cell's result depends on, in two parts: ``training`` (what the network learns from:
+    candidate, fold, seed, steps, the recipe, the training code, the training patients' data) and
+    ``scoring`` (the held-out patients' data, the scoring code, the re-rendering). A result is reused only
+    under an equal key; a kept network is re-scored when only ``scoring`` differs. ``code``: {"train": ...,
+    "score": ...} fingerprints; ``data``: patient -> fingerprint (:func:`patient_fingerprints`)."""
+    budget_part = {k: v for k, v in asdict(budget).items() if k != "steps"}  # the cell's own steps count
+    key = {"training": {"candidate": asdict(cell.candidate), "fold": cell.fold, "seed": cell.seed,
+                        "steps": cell.steps, "budget": budget_part, "code": code["train"],
+                        "ensemble_seeds": list(seeds) if cell.seed is None else None,
+                        "train": {p: data[p] for p in cell.train}},
+           "scoring": {"test": {p: data[p] for p in cell.test}, "code": code["score"], "rerender": RERENDER,
+                       "cell_format": CELL_FORMAT}}
     return json.loads(json.dumps(key))  # as it reads back from cell.json (tuples become lists)
 
 
@@ -353,11 +383,15 @@ def train_cell(cell: Cell, *, data_root: Path, splits_dir: Path, run_dir: Path, 
     started = time.perf_counter()
     result = train_multi_organ.run(**options)
     seconds = sum(row["train_seconds"] for row in result.history)
+    seen = sum(row["train_slices"] for row in result.history)
+    if seen < (cell.steps - epochs) * batch_size:  # an epoch's last batch may be short, never more
+        raise ValueError(f"{cell.folder}: training saw {seen} slices, fewer than {cell.steps} steps of "
+                         f"{batch_size} ({result.stop_reason}); not cached")
     return {"train_args": args, "epochs": epochs, "train_slices_per_epoch": n_slices,
             "stop_reason": result.stop_reason, "slices_seen": sum(row["train_slices"] for row in result.history),
             "final_train_loss": result.history[-1]["train_loss"] if result.history else None,
             "train_seconds": round(seconds, 1), "train_wall_seconds": round(time.perf_counter() - started, 1),
-            "checkpoint": str(result.last_checkpoint)}
+            "checkpoint": str(Path(result.last_checkpoint).resolve())}
 
 
 def score_patients(predictor: Any, data_root: Path, patients: Sequence[str], out_dir: Path | None,
@@ -368,6 +402,7 @@ def score_patients(predictor: Any, data_root: Path, patients: Sequence[str], out
     import numpy as np
     import SimpleITK as sitk
 
+    from thoracic_seg import organs
     from thoracic_seg.batch import read_nifti, write_nifti
     from thoracic_seg.image_grid import segment_image
     from thoracic_seg.layout import DataLayout, truth_record
@@ -383,7 +418,8 @@ def score_patients(predictor: Any, data_root: Path, patients: Sequence[str], out
         spacing_zyx = tuple(reversed(truth_image.GetSpacing()))
         diagonal = float(np.linalg.norm(np.array(truth.shape) * np.array(spacing_zyx)))
         annotated, ptv = truth_record(layout, pid)
-        probabilities = np.zeros((truth.shape[0], 8, *truth.shape[1:]), np.float16) if out_dir else None
+        probabilities = (np.zeros((truth.shape[0], organs.NUM_CLASSES, *truth.shape[1:]), np.float16)
+                         if out_dir else None)
         labels = segment_image(predictor, image, probabilities=probabilities)
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -447,9 +483,11 @@ def run_cell(cell: Cell, *, work: Path, data_root: Path, rerendered: Path | None
         if saved.get("key") == key:
             return {**saved, "rows": [from_json_row(r) for r in saved["rows"]], "cached": True}
     started_key = folder / "key.json"
-    if folder.exists() and (not started_key.is_file() or json.loads(started_key.read_text()) != key):
-        log.info("%s: settings, code or data changed since it was started; starting it afresh", cell.folder)
-        shutil.rmtree(folder)
+    if folder.exists() and (not started_key.is_file()
+                            or json.loads(started_key.read_text()).get("training") != key["training"]):
+        stale = folder.with_name(f"{folder.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        log.info("%s: its training settings, code or data changed; kept as %s, started afresh", cell.folder, stale.name)
+        folder.rename(stale)  # never delete a network: an edit that changed nothing can be undone
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomic(started_key, json.dumps(key, indent=1) + "\n")
     started = time.perf_counter()
@@ -484,10 +522,12 @@ def unpack(archives: Sequence[Path], work: Path) -> list[Path]:
     roots = []
     for archive in archives:
         target = work / "dicom"
+        stamp = target / f".{archive.name}.unpacked"  # written last: a killed unpack is done again
         with tarfile.open(archive, "r:xz") as tar:
             top = sorted({m.name.split("/")[0] for m in tar.getmembers()})
-            if not all((target / t).is_dir() for t in top):
+            if not stamp.is_file():
                 tar.extractall(target, filter="data")
+                stamp.write_text("\n".join(top) + "\n", encoding="utf-8")
         roots += [target / t for t in top]
     return roots
 
@@ -517,17 +557,21 @@ def run(*, candidates: Sequence[str] = DEFAULT_CANDIDATES, seeds: Sequence[int] 
         if c.ensemble_of and c.ensemble_of not in [d.name for d in chosen]:
             raise ValueError(f"candidate {c.name} averages {c.ensemble_of}'s networks: list {c.ensemble_of} too")
     from thoracic_seg.batch import file_sha256
+    from thoracic_seg.layout import LAST_CHECKPOINT
 
     skipped = {c.name: why for c in chosen if (why := unavailable(c, budget))}
     for name, why in skipped.items():
         progress(f"candidate {name} skipped: {why}")
     chosen = [c for c in chosen if c.name not in skipped and c.ensemble_of not in skipped]
     base = work / "data"
-    patients = [pid for root in dicom_roots for pid in convert(base, root, workers)]
+    failed: list[str] = []
+    patients = [pid for root in dicom_roots for pid in convert(base, root, workers, failed)]
     has = annotated_structures(base, patients)
     folds = balanced_folds(has, n_folds, ("heart", "esophagus"))
     progress(f"{len(patients)} patients, folds: " + "; ".join(", ".join(f) for f in folds))
-    code = code_fingerprint(code_files())
+    code = {"train": code_fingerprint(code_files(TRAIN_ENTRY_MODULES)),
+            "score": code_fingerprint(code_files(SCORE_ENTRY_MODULES))}
+    data = patient_fingerprints(base, patients)
     rerendered = rerendered_root(base, work, patients)
     roots: dict[tuple[str, ...], Path] = {}
     cells: list[dict[str, Any]] = []
@@ -547,10 +591,10 @@ def run(*, candidates: Sequence[str] = DEFAULT_CANDIDATES, seeds: Sequence[int] 
         if is_ensemble and seed != seeds[0]:
             continue
         cell = Cell(candidate, fold, None if is_ensemble else seed, train, test, steps)
-        members = ([Path(c["record"]["checkpoint"]) for c in cells if c["record"]["candidate"] == candidate.ensemble_of
-                    and c["record"]["fold"] == fold] if is_ensemble else [])
+        members = [work / "cells" / replace(cell, candidate=CANDIDATES[candidate.ensemble_of], seed=s).folder / "run"
+                   / LAST_CHECKPOINT for s in seeds] if is_ensemble else []
         data_root = roots[args]
-        key = cell_key(cell, budget, code, data_id, seeds)
+        key = cell_key(cell, budget, code, {**data, "archives": data_id}, seeds)
         if is_ensemble:  # retrained members make another ensemble
             key["members"] = [file_sha256(m) for m in members]
         progress(f"{cell.folder}: held out {', '.join(test)}")
@@ -565,7 +609,7 @@ def run(*, candidates: Sequence[str] = DEFAULT_CANDIDATES, seeds: Sequence[int] 
             "folds": folds, "annotated": {p: sorted(s) for p, s in has.items()}, "budget": asdict(budget),
             "code": code, "data": data_id, "curve": list(curve), "records": [c["record"] for c in cells],
             "rows": rows, "cells_cached": sum(c["cached"] for c in cells),
-            "skipped": skipped}
+            "skipped": skipped, "failed_patients": failed}
 
 
 # ---- Tables ----------------------------------------------------------------------------------
@@ -621,8 +665,8 @@ def comparison_table(rows: Sequence[Mapping[str, Any]], candidates: Sequence[str
 
 def decision_table(rows: Sequence[Mapping[str, Any]], candidates: Sequence[str]) -> str:
     """The decision rule (``quality_stats`` docstring) per candidate, on original and re-rendered CTs."""
-    lines = ["| candidate | CTs | aims at | pairs | pooled Dice diff | 95% interval | harmed | verdict |",
-             "|---|---|---|---:|---:|---:|---|---|"]
+    lines = ["| candidate | CTs | aims at | pairs | pooled Dice diff | 95% interval | harmed | verdict | decides |",
+             "|---|---|---|---:|---:|---:|---|---|---|"]
     for candidate in candidates:
         if candidate == BASELINE:
             continue
@@ -631,7 +675,8 @@ def decision_table(rows: Sequence[Mapping[str, Any]], candidates: Sequence[str])
             if d["n"]:
                 lines.append(f"| {candidate} | {rendering} | {', '.join(d['aims_at'])} | {d['n']} "
                              f"| {_f(d['mean'], 3, True)} | {_interval(d['interval'])} "
-                             f"| {', '.join(d['harmed']) or '-'} | {d['verdict']} |")
+                             f"| {', '.join(d['harmed']) or '-'} | {d['verdict']} "
+                             f"| {'yes' if rendering == CANDIDATES[candidate].decided_on else ''} |")
     return "\n".join(lines)
 
 
@@ -685,6 +730,7 @@ def format_report(report: Mapping[str, Any]) -> str:
                     decision_table(rows, names), "", "Post-processing chosen out of sample (baseline):", "",
                     postprocess_table(rows)]
     parts += [f"\nSkipped: {name}: {why}" for name, why in report["skipped"].items()]
+    parts += [f"\nLeft out (failed): {what}" for what in report.get("failed_patients", [])]
     if any(r["rendering"] == RERENDERED for r in rows):
         parts += ["", f"Held-out CTs re-rendered as another scanner ({RERENDER}):", "",
                   quality_table(rows, names, RERENDERED), "", comparison_table(rows, names, RERENDERED)]
@@ -706,11 +752,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only the baseline's first fold and seed at each of these budgets")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
     parser.add_argument("--smoke", action="store_true",
-                        help=f"the mechanics on six synthetic patients, 32 px, {SMOKE_STEPS} steps (~1 min); no real data needed")
+                        help=f"the mechanics on six synthetic patients, 32 px, {SMOKE_STEPS} steps (~45 s); no real data needed")
     parser.add_argument("--workers", type=int, default=1, help="processes for phases 2-3 (default: 1)")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="data, cells, checkpoints and probabilities; a rerun resumes (default: a temporary folder)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON (default: %(default)s)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help=f"JSON (default: {DEFAULT_OUTPUT.relative_to(REPO_ROOT)}; with --smoke, in the work dir)")
     parser.add_argument("--markdown", type=Path, default=None, metavar="FILE", help="also write the tables there")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
@@ -765,12 +812,16 @@ def main(argv: Sequence[str] | None = None, trainer: Trainer = train_cell) -> in
                   machine=f"{m.get('cpu_model')}, {m.get('cpu_count')} cores, torch {m.get('torch')}")
     text = format_report(report)
     print("\n" + text)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({**report, "rows": [jsonable_row(r) for r in report["rows"]]}, indent=1,
+    output = args.output or (work / "bench_quality.json" if args.smoke and args.work_dir else
+                             None if args.smoke else DEFAULT_OUTPUT)
+    if output is None:
+        return 1 if report["failed_patients"] else 0
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({**report, "rows": [jsonable_row(r) for r in report["rows"]]}, indent=1,
                                       allow_nan=False) + "\n", encoding="utf-8")
     if args.markdown:
         args.markdown.write_text(text + "\n", encoding="utf-8")
-    return 0
+    return 1 if report["failed_patients"] else 0
 
 
 if __name__ == "__main__":

@@ -8,8 +8,13 @@ The decision rule, written before the six-patient run (:func:`decide`): a candid
 baseline only when the 95% bootstrap interval (patients resampled) of its mean paired Dice difference,
 pooled over the structures it aims at, lies above 0, and no structure's interval lies entirely below
 -0.01. Otherwise the simpler default stays and the table says "no measurable difference" (or "worse").
-With four heart patients (six scores with two seeds) an interval clears 0 only when nearly every
-patient improves: small differences are expected to be inconclusive, and are reported so.
+With four heart patients (eight scores with two seeds) an interval clears 0 only when nearly every
+patient improves: small differences are expected to be inconclusive, and are reported so. The harm
+check blocks only a structure whose whole interval is below -0.01; with 4-6 patients a wide interval
+(say [-0.15, +0.02]) does not block, so the per-structure table must be read beside the verdict. A
+percentile bootstrap over so few patients gives intervals narrower than the truth. A candidate aimed
+at other scanners (``scanner-aug``) is decided on the re-rendered CTs; the original CTs' row shows
+what it costs on the scanner trained on.
 """
 from __future__ import annotations
 

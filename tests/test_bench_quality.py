@@ -126,7 +126,7 @@ def test_post_processing_is_chosen_on_the_other_folds(qs):
     assert by[(0, "esophagus")]["change_mean"] == 0.0
 
 
-def test_unknown_candidate_and_missing_ensemble_members(bench, tmp_path):
+def test_unknown_candidate(bench, tmp_path):
     budget = bench.Budget(steps=1, size=32, device="cpu", phase3_args=(), train_args=())
     with pytest.raises(ValueError, match=r"unknown candidate\(s\) \['3d'\]"):
         bench.run(candidates=["3d"], work=tmp_path, budget=budget, dicom_roots=[], data_id="x")
@@ -177,9 +177,10 @@ def test_smoke_runs_and_a_killed_run_resumes_without_redoing_cells(bench, tmp_pa
 
 
 def test_a_cell_started_under_other_settings_starts_afresh(bench, tmp_path):
+    """Other training settings: the folder is kept aside (renamed, never deleted) and training starts afresh."""
     folder = tmp_path / "cells" / "baseline" / "fold-0-seed-0-steps-5"
     (folder / "run").mkdir(parents=True)
-    (folder / "key.json").write_text(json.dumps({"other": 1}))
+    (folder / "key.json").write_text(json.dumps({"training": {"other": 1}, "scoring": {}}))
     (folder / "run" / "last_checkpoint.pth").write_text("of another experiment")
     cell = bench.Cell(bench.CANDIDATES["baseline"], 0, 0, ("A",), ("B",), 5)
     budget = bench.Budget(steps=5, size=32, device="cpu", phase3_args=(), train_args=())
@@ -188,18 +189,63 @@ def test_a_cell_started_under_other_settings_starts_afresh(bench, tmp_path):
         assert not (run_dir / "last_checkpoint.pth").exists()  # the other experiment's checkpoint is gone
         raise KeyboardInterrupt
 
+    key = {"training": {"k": 2}, "scoring": {}}
     with pytest.raises(KeyboardInterrupt):
-        bench.run_cell(cell, work=tmp_path, data_root=tmp_path, rerendered=None, budget=budget, key={"k": 2},
+        bench.run_cell(cell, work=tmp_path, data_root=tmp_path, rerendered=None, budget=budget, key=key,
                        trainer=stand_in)
-    assert json.loads((folder / "key.json").read_text()) == {"k": 2}
+    assert json.loads((folder / "key.json").read_text()) == key
+    kept = [p for p in folder.parent.iterdir() if p.name.startswith(folder.name + ".stale-")]
+    assert len(kept) == 1 and (kept[0] / "run" / "last_checkpoint.pth").read_text() == "of another experiment"
 
 
-def test_code_fingerprint_covers_our_modules_only(bench):
-    files = bench.code_files()
-    names = {str(f.relative_to(bench.REPO_ROOT)) for f in files}
-    assert {"train_multi_organ.py", "thoracic_seg/inference.py", "thoracic_seg/metrics.py"} <= names
-    assert not any(n.startswith((".venv", "benchmarks", "tests")) for n in names)
-    assert bench.code_fingerprint(files) == bench.code_fingerprint(files)
+def test_only_a_scoring_change_keeps_the_network(bench, tmp_path):
+    folder = tmp_path / "cells" / "baseline" / "fold-0-seed-0-steps-5"
+    (folder / "run").mkdir(parents=True)
+    (folder / "run" / "last_checkpoint.pth").write_text("trained")
+    (folder / "key.json").write_text(json.dumps({"training": {"k": 1}, "scoring": {"code": "old"}}))
+    cell = bench.Cell(bench.CANDIDATES["baseline"], 0, 0, ("A",), ("B",), 5)
+    budget = bench.Budget(steps=5, size=32, device="cpu", phase3_args=(), train_args=())
+
+    def stand_in(cell, run_dir, **kwargs):
+        assert (run_dir / "last_checkpoint.pth").read_text() == "trained"  # resumed, not retrained
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_cell(cell, work=tmp_path, data_root=tmp_path, rerendered=None, budget=budget,
+                       key={"training": {"k": 1}, "scoring": {"code": "new"}}, trainer=stand_in)
+    assert not [p for p in folder.parent.iterdir() if ".stale-" in p.name]
+
+
+def test_the_key_separates_training_from_scoring(bench):
+    cell = bench.Cell(bench.CANDIDATES["baseline"], 0, 1, ("A", "B"), ("C",), 2000)
+    budget = bench.Budget(steps=3000, size=128, device="cpu", phase3_args=("--crop-body",), train_args=("--augment",))
+    data = {"A": "a", "B": "b", "C": "c", "D": "d"}
+    key = bench.cell_key(cell, budget, {"train": "t", "score": "s"}, data, (0, 1))
+    assert key["training"]["train"] == {"A": "a", "B": "b"} and key["scoring"]["test"] == {"C": "c"}
+    assert key["training"]["steps"] == 2000 and "steps" not in key["training"]["budget"]  # the cell's, not --steps'
+    assert key["training"]["code"] == "t" and key["scoring"]["code"] == "s"
+    other = bench.cell_key(cell, replace_steps(bench, budget), {"train": "t", "score": "s"}, data, (0, 1))
+    assert other == key  # a learning curve's cell and the run's cell of the same steps are one cell
+
+
+def replace_steps(bench, budget):
+    from dataclasses import replace
+
+    return replace(budget, steps=1000)
+
+
+def test_code_fingerprints_cover_our_modules_only(bench, tmp_path, monkeypatch):
+    train = {str(f.relative_to(bench.REPO_ROOT)) for f in bench.code_files(bench.TRAIN_ENTRY_MODULES)}
+    score = {str(f.relative_to(bench.REPO_ROOT)) for f in bench.code_files(bench.SCORE_ENTRY_MODULES)}
+    assert {"train_multi_organ.py", "thoracic_seg/training.py", "dataset_multi_organ.py"} <= train
+    assert {"thoracic_seg/inference.py", "thoracic_seg/metrics.py", "thoracic_seg/scanner.py"} <= score
+    assert "thoracic_seg/metrics.py" not in train and "train_multi_organ.py" not in score
+    assert not any(n.startswith((".venv", "benchmarks", "tests")) for n in train | score)
+    monkeypatch.setattr(bench, "REPO_ROOT", tmp_path)  # one changed byte changes the fingerprint
+    (tmp_path / "a.py").write_text("x = 1\n")
+    before = bench.code_fingerprint([tmp_path / "a.py"])
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert bench.code_fingerprint([tmp_path / "a.py"]) != before
 
 
 def test_bad_arguments(bench, capsys):
