@@ -80,8 +80,9 @@ def score_label_map(patient_id: str, labels: sitk.Image, truth: Truth, what: str
     spacing_zyx = tuple(reversed(truth.image.GetSpacing()))
     rows = score_structures(sitk.GetArrayViewFromImage(labels), sitk.GetArrayViewFromImage(truth.image),
                             spacing_zyx, truth.annotated, truth.ptv, predicted_labels=predicted_labels)
+    diagonal = math.dist([0.0] * 3, [n * d for n, d in zip(truth.image.GetSize(), truth.image.GetSpacing())])
     for row in rows:
-        row["patient_id"] = patient_id
+        row["patient_id"], row["diagonal_mm"] = patient_id, diagonal  # the HD95 penalty of an empty structure
     return rows
 
 
@@ -215,7 +216,8 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per structure key: Dice, HD95 (mm), surface Dice, added path length (mm) and volume difference (%)
     statistics over the annotated rows with a defined Dice; HD95 over finite values, ``n_inf`` counting
-    patients where truth or prediction was empty."""
+    patients where truth or prediction was empty, and ``penalised_mean``: the mean with each of those at the
+    CT's diagonal (``diagonal_mm``), so predicting nothing never improves it."""
     out: dict[str, dict[str, Any]] = {}
     for label in SCORED_LABELS:
         key = organs.structure(label).key
@@ -224,7 +226,9 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         hd95 = [r["hd95_mm"] for r in scored]
         out[key] = {
             "dice": _stats([r["dice"] for r in scored]),
-            "hd95_mm": {**_stats(hd95), "n_inf": sum(math.isinf(v) for v in hd95)},
+            "hd95_mm": {**_stats(hd95), "n_inf": sum(math.isinf(v) for v in hd95),
+                        "penalised_mean": _stats([r["diagonal_mm"] if math.isinf(r["hd95_mm"]) else r["hd95_mm"]
+                                                  for r in scored if "diagonal_mm" in r])["mean"]},
             "surface_dice": _stats([r["surface_dice"] for r in scored]),
             "apl_mm": _stats([r["apl_mm"] for r in scored]),
             "volume_diff_pct": _stats([r["volume_diff_pct"] for r in scored]),
@@ -268,17 +272,20 @@ def format_summary_md(summary: dict[str, dict[str, Any]], context: dict[str, Any
              f"- post-processing: {context.get('postprocess_rule') or 'none'}",
              f"- PTV: {context.get('ptv_scoring', 'labels GTV + PTV')}",
              "- 3D metrics on each CT's original grid; unannotated structures not scored;",
-             "  HD95 statistics over finite values (`HD95 inf`: truth or prediction empty, Dice 0);",
+             "  HD95 mean and median over finite values (`HD95 inf`: truth or prediction empty, Dice 0);",
+             "  `HD95 penalised`: the mean with each empty one at the CT's diagonal;",
              "  surface Dice at each structure's tolerance (in brackets; sources in summary.json, docs/metrics.md);",
              f"  APL: added path length, true contour farther than {APL_TOLERANCE.mm:g} mm from the predicted one.", "",
              "| Structure | n | Dice mean ± std | Dice median | HD95 mean (mm) | HD95 median (mm) | HD95 inf "
+             "| HD95 penalised (mm) "
              "| Surface Dice mean ± std (tolerance) | APL mean (mm) | Volume diff mean (%) | not annotated |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, s in summary.items():
         d, h, v, sd, apl = s["dice"], s["hd95_mm"], s["volume_diff_pct"], s["surface_dice"], s["apl_mm"]
         tolerance = SURFACE_DICE_TOLERANCE[organs.BY_KEY[key].label].mm
         lines.append(f"| {organs.BY_KEY[key].name} | {d['n']} | {num(d['mean'])} ± {num(d['std'])} "
                      f"| {num(d['median'])} | {num(h['mean'], 2)} | {num(h['median'], 2)} | {h['n_inf']} "
+                     f"| {num(h['penalised_mean'], 2)} "
                      f"| {num(sd['mean'])} ± {num(sd['std'])} ({tolerance:g} mm) | {num(apl['mean'], 0)} "
                      f"| {num(v['mean'], 1)} | {s['n_not_annotated']} |")
     return "\n".join(lines) + "\n"

@@ -243,14 +243,15 @@ def test_score_structures_needs_8_flags():
 def test_summarize_counts_and_ignores_unscored_rows():
     def row(structure, dice, hd=1.0, annotated=True, surface=None, apl=None):
         return {"structure": structure, "annotated": annotated, "dice": dice, "hd95_mm": hd,
-                "volume_diff_pct": 10.0, "surface_dice": surface, "apl_mm": apl}
+                "volume_diff_pct": 10.0, "surface_dice": surface, "apl_mm": apl, "diagonal_mm": 500.0}
 
     rows = [row("heart", 0.8, 2.0, surface=0.9, apl=10.0), row("heart", 0.6, math.inf, surface=0.0, apl=50.0),
             row("heart", None, None, annotated=False), row("heart", math.nan, math.nan, surface=math.nan, apl=0.0)]
     heart = ev.summarize(rows)["heart"]
     assert heart["dice"] == {"mean": pytest.approx(0.7), "median": pytest.approx(0.7),
                              "std": pytest.approx(0.1), "n": 2}
-    assert heart["hd95_mm"] == {"mean": 2.0, "median": 2.0, "std": 0.0, "n": 1, "n_inf": 1}
+    # the missed heart counts at the CT's diagonal in the penalised mean: (2 + 500) / 2
+    assert heart["hd95_mm"] == {"mean": 2.0, "median": 2.0, "std": 0.0, "n": 1, "n_inf": 1, "penalised_mean": 251.0}
     # the missed heart (surface Dice 0, its whole contour to draw) counts; the both-empty row does not
     assert heart["surface_dice"] == {"mean": pytest.approx(0.45), "median": pytest.approx(0.45),
                                      "std": pytest.approx(0.45), "n": 2}
