@@ -179,18 +179,18 @@ def read_cell(folder: Path, *, postprocess: str, rendering: str, work: Path,
     from unet_multi_organ import checkpoint_ptv
 
     cell = json.loads((folder / "cell.json").read_text(encoding="utf-8"))
-    key, record = cell["key"], cell["record"]
+    training, scoring, record = cell["key"]["training"], cell["key"]["scoring"], cell["record"]
     variants = postprocess_variants()
     if postprocess != stats.NO_POSTPROCESS and postprocess not in variants:
         raise ValueError(f"unknown post-processing {postprocess!r}; the benchmark has {stats.NO_POSTPROCESS}, "
                          f"{', '.join(variants)}")
     rules = variants.get(postprocess, {})
     checkpoint = torch.load(_checkpoint_of(folder, record), map_location="cpu", weights_only=True)
-    volumes = fold_training_volumes(checkpoint, key["train"], work, data_root)
+    volumes = fold_training_volumes(checkpoint, list(training["train"]), work, data_root)
     ptv = checkpoint_ptv(checkpoint)
     by_key = {s.key: s.label for s in organs.STRUCTURES}
     cases = []
-    for pid in key["test"]:
+    for pid in scoring["test"]:
         rows = [from_json_row(r) for r in cell["rows"] if r["patient_id"] == pid and r["rendering"] == rendering
                 and r["postprocess"] == postprocess]
         dice = {by_key[r["structure"]]: float(r["dice"]) for r in rows if stats.scored(r)}
@@ -205,8 +205,8 @@ def read_cell(folder: Path, *, postprocess: str, rendering: str, work: Path,
         features = qa.structure_features(labels, spacing, orientation=orientation_code(image),
                                          labels_before=raw if rules else None, probabilities=probabilities,
                                          probability_scale=scale, ptv_mask=ptv_mask, training_volumes=volumes)
-        cases.append({"fold": key["fold"], "seed": key["seed"], "patient_id": pid, "features": features,
-                      "dice": dice, "train": list(key["train"])})
+        cases.append({"fold": training["fold"], "seed": training["seed"], "patient_id": pid, "features": features,
+                      "dice": dice, "train": list(training["train"])})
     return cases
 
 

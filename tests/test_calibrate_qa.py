@@ -64,6 +64,7 @@ def write_work_dir(work: Path, *, with_volumes: bool = True) -> Path:
     """cells/baseline/fold-{0,1}-seed-0-steps-5: fold 0 holds out A B (trained on C D), fold 1 C D.
     Checkpoints with training volumes from three phantoms (x0.8, x1, x1.25), or without: then each fold's
     cache under data-root/ (A's heart there absurdly large, to show a held-out patient's volume is never used)."""
+    import bench_quality as bench  # the benchmark's own cell keys (benchmarks/ is on sys.path once calibrate_qa is)
     clean = qa.patient_volumes_ml(phantom(), PHANTOM_SPACING, ANNOTATED)
     record = qa.training_volume_record({f"P{k}": {s: v * k for s, v in clean.items()} for k in (0.8, 1.0, 1.25)}, "t")
     data_root = work / "data-64px-crop-body"
@@ -93,7 +94,9 @@ def write_work_dir(work: Path, *, with_volumes: bool = True) -> Path:
                     value = dice[key] if (postprocess, rendering) == ("--postprocess", "original") else 0.95
                     rows.append({"candidate": "baseline", "fold": fold, "seed": 0, "patient_id": pid, "structure": key,
                                  "annotated": True, "dice": value, "postprocess": postprocess, "rendering": rendering})
-        key = {"fold": fold, "seed": 0, "train": list(train), "test": list(test)}
+        cell = bench.Cell(bench.CANDIDATES[bench.BASELINE], fold, 0, tuple(train), tuple(test), 5)
+        budget = bench.Budget(5, 64, "cpu", ("--crop-body",), ())
+        key = bench.cell_key(cell, budget, {"train": "t", "score": "s"}, dict.fromkeys("ABCD", "fp"), (0,))
         (folder / "cell.json").write_text(json.dumps({"key": key, "record": {"checkpoint": "/moved/away.pth"},
                                                       "rows": rows}))
     return work
