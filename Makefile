@@ -20,6 +20,9 @@ REAL_PHASE3_ARGS ?= --crop-body
 REAL_TRAIN_ARGS  ?= --augment --tumour-oversampling 0.3 --context-slices 0 --lr-schedule cosine
 CPU_SIZE         ?= 128
 CPU_TRAIN_ARGS   ?= --base-channels 16 --batch-size 8 --lr 1e-3
+# One network per seed, their probabilities averaged by predict_multi_organ.py --checkpoint A B
+# (bench_quality's ensemble verdict, docs/quality.md).
+REAL_ENSEMBLE_SEEDS ?= 0 1
 # A small network trained on the CPU for a fixed budget of 1890 steps (18 epochs, about 6 minutes on
 # 2 cores; the cosine schedule ends with the budget),
 # so the demo's numbers are the same on every run of the same machine type (see README).
@@ -64,6 +67,7 @@ demo: $(STAMP)
 recipe:
 	@echo "phase 3:  python normalize_ct_and_masks.py $(REAL_PHASE3_ARGS)   (CPU: --size $(CPU_SIZE))"
 	@echo "training: python train_multi_organ.py $(REAL_TRAIN_ARGS)   (CPU: $(CPU_TRAIN_ARGS))"
+	@echo "networks: one per --seed in $(REAL_ENSEMBLE_SEEDS); predict_multi_organ.py --checkpoint with all of them"
 
 clean-data:
 	rm -rf $(DATA)

@@ -161,6 +161,23 @@ def fold_training_volumes(checkpoint: Mapping[str, Any], train: Sequence[str], w
                             f"{', '.join(map(str, tried)) or 'any folder'}; give --data-root")
 
 
+def row_variant(label: int, postprocess: str) -> str:
+    """The post-processing variant of a cell's rows that scored ``label`` as ``postprocess`` does today.
+    A cell's ``--postprocess`` rows hold the rule in force when it was scored; the benchmark also scores
+    each candidate rule (and none) on every structure, so today's rule of ``label`` is read from the
+    variant with the same fraction: ``none`` where the structure is left alone, ``largest``, ``drop<10%``
+    ... Any other ``postprocess``, a tumour, or a fraction no variant has: ``postprocess`` itself."""
+    from thoracic_seg.postprocess import POSTPROCESS_CANDIDATES, POSTPROCESS_MIN_FRACTION, SINGLE_COMPONENT_LABELS
+    import quality_stats as stats
+
+    if postprocess != "--postprocess" or label not in SINGLE_COMPONENT_LABELS:  # every variant leaves GTV/PTV alone
+        return postprocess
+    fraction = POSTPROCESS_MIN_FRACTION.get(label)
+    if fraction is None:
+        return stats.NO_POSTPROCESS
+    return next((name for name, f in POSTPROCESS_CANDIDATES.items() if f == fraction), postprocess)
+
+
 def read_cell(folder: Path, *, postprocess: str, rendering: str, work: Path,
               data_root: Path | None = None) -> list[dict[str, Any]]:
     """The cases of one cell: per held-out patient its features per label (``qa.structure_features`` of the
@@ -192,7 +209,7 @@ def read_cell(folder: Path, *, postprocess: str, rendering: str, work: Path,
     cases = []
     for pid in scoring["test"]:
         rows = [from_json_row(r) for r in cell["rows"] if r["patient_id"] == pid and r["rendering"] == rendering
-                and r["postprocess"] == postprocess]
+                and r["postprocess"] == row_variant(by_key[r["structure"]], postprocess)]
         dice = {by_key[r["structure"]]: float(r["dice"]) for r in rows if stats.scored(r)}
         image = sitk.ReadImage(str(folder / "held_out" / f"{pid}.nii.gz"))
         raw = sitk.GetArrayFromImage(image)

@@ -18,6 +18,7 @@ from thoracic_seg import organs, qa
 from thoracic_seg.layout import PROCESSED_FORMAT
 
 KEYS = [s.key for s in organs.STRUCTURES[1:]]
+LABELS = [s.label for s in organs.STRUCTURES[1:]]
 ANNOTATED = [True, True, False, True, True, True, True, True]  # the PTV is grown from the GTV
 
 
@@ -65,6 +66,7 @@ def write_work_dir(work: Path, *, with_volumes: bool = True) -> Path:
     Checkpoints with training volumes from three phantoms (x0.8, x1, x1.25), or without: then each fold's
     cache under data-root/ (A's heart there absurdly large, to show a held-out patient's volume is never used)."""
     import bench_quality as bench  # the benchmark's own cell keys (benchmarks/ is on sys.path once calibrate_qa is)
+    import calibrate_qa  # registered by the calibrate fixture
     clean = qa.patient_volumes_ml(phantom(), PHANTOM_SPACING, ANNOTATED)
     record = qa.training_volume_record({f"P{k}": {s: v * k for s, v in clean.items()} for k in (0.8, 1.0, 1.25)}, "t")
     data_root = work / "data-64px-crop-body"
@@ -88,10 +90,12 @@ def write_work_dir(work: Path, *, with_volumes: bool = True) -> Path:
             sitk.WriteImage(image, str(folder / "held_out" / f"{pid}.nii.gz"))
             np.savez_compressed(folder / "held_out" / f"{pid}_probabilities.npz", probabilities=probabilities,
                                 scale=255)
-            for postprocess, rendering in (("--postprocess", "original"), ("none", "original"),
-                                           ("--postprocess", "rerendered")):
-                for key in KEYS:  # only the first pair is the one calibrated: the others say 0.95 everywhere
-                    value = dice[key] if (postprocess, rendering) == ("--postprocess", "original") else 0.95
+            variants = [(v, "original") for v in ("--postprocess", "none", "largest", "drop<10%", "drop<1%")]
+            for postprocess, rendering in [*variants, ("--postprocess", "rerendered")]:
+                for key, label in zip(KEYS, LABELS):  # only today's --postprocess of each structure on the
+                    # original CTs is calibrated (a cell's own --postprocess rows may be an earlier rule's): 0.95 elsewhere
+                    calibrated = (postprocess, rendering) == (calibrate_qa.row_variant(label, "--postprocess"), "original")
+                    value = dice[key] if calibrated else 0.95
                     rows.append({"candidate": "baseline", "fold": fold, "seed": 0, "patient_id": pid, "structure": key,
                                  "annotated": True, "dice": value, "postprocess": postprocess, "rendering": rendering})
         cell = bench.Cell(bench.CANDIDATES[bench.BASELINE], fold, 0, tuple(train), tuple(test), 5)
@@ -100,6 +104,12 @@ def write_work_dir(work: Path, *, with_volumes: bool = True) -> Path:
         (folder / "cell.json").write_text(json.dumps({"key": key, "record": {"checkpoint": "/moved/away.pth"},
                                                       "rows": rows}))
     return work
+
+
+def test_todays_postprocess_of_each_structure_is_read_from_the_variant_with_its_rule(calibrate):
+    assert [calibrate.row_variant(label, "--postprocess") for label in LABELS] == [
+        "--postprocess", "--postprocess", "largest", "largest", "largest", "none", "none"]  # GTV, PTV: untouched
+    assert {calibrate.row_variant(organs.HEART, v) for v in ("none", "drop<1%")} == {"none", "drop<1%"}
 
 
 def test_the_table_counts_each_flag_in_each_dice_band(calibrate, tmp_path):

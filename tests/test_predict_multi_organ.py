@@ -352,8 +352,8 @@ def test_evaluation_provenance_has_no_rtstruct_part(tiny_checkpoint):
 
 
 def test_postprocess_applies_the_rule_of_each_structure(synthetic_cohort, tiny_checkpoint, tmp_path):
-    """Lungs and heart keep their largest component, the esophagus loses pieces under 10% of its
-    largest, the spinal cord and the tumours are left alone (thoracic_seg.postprocess.POSTPROCESS_MIN_FRACTION)."""
+    """Lungs and heart keep their largest component; the esophagus, the spinal cord and the tumours are
+    left alone (thoracic_seg.postprocess.POSTPROCESS_MIN_FRACTION)."""
     raw_dir, _, cohort = synthetic_cohort
     kwargs = dict(input_path=raw_dir / cohort[0]["patient_id"], checkpoint=tiny_checkpoint, precision="float32")
     (plain,) = pm.run(**kwargs, output_dir=tmp_path / "plain")
@@ -371,11 +371,9 @@ def test_postprocess_applies_the_rule_of_each_structure(synthetic_cohort, tiny_c
     assert max(len(sizes(before, label)) for label in organ_labels) > 1  # the untrained network leaves islands
     for label in (organs.RIGHT_LUNG, organs.LEFT_LUNG, organs.HEART):
         assert sizes(after, label) == sizes(before, label)[:1]
-    esophagus = sizes(before, organs.ESOPHAGUS)
-    assert sizes(after, organs.ESOPHAGUS) == [n for n in esophagus if n >= 0.1 * esophagus[0]]
     changed = before != after
     assert changed.any() and (after[changed] == organs.BACKGROUND).all()
-    for label in (organs.SPINAL_CORD, organs.GTV, organs.PTV):  # tubes in pieces, multifocal tumours: untouched
+    for label in (organs.ESOPHAGUS, organs.SPINAL_CORD, organs.GTV, organs.PTV):  # tubes, multifocal tumours
         assert np.array_equal(before == label, after == label)
     for label in (organs.RIGHT_LUNG, organs.ESOPHAGUS):  # the quality check knows what post-processing removed
         removed = 1 - (after == label).sum() / (before == label).sum()

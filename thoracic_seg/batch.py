@@ -146,7 +146,9 @@ PAUSE_ENV = "THORACIC_SEG_PAUSE_BEFORE_RENAME"
 def _pause_for_a_test(final_path: Path) -> None:
     pattern, _, marker = os.environ.get(PAUSE_ENV, "").partition("|")
     if marker and fnmatch.fnmatch(final_path.name, pattern) and not Path(marker).exists():
-        Path(marker).write_text(str(final_path), encoding="utf-8")
+        written = Path(f"{marker}.writing")  # the test kills once the marker exists: it must be whole by then
+        written.write_text(str(final_path), encoding="utf-8")
+        os.replace(written, marker)
         time.sleep(600)
 
 

@@ -27,7 +27,7 @@ QA_FORMAT = 1
 #: Every threshold of the check, in one place. Each is a value a flag is raised *beyond*; the
 #: calibration on the quality benchmark's held-out patients (benchmarks/calibrate_qa.py, docs/quality.md)
 #: measures how many poor (Dice < 0.5) and good (Dice >= 0.8) structures each value flags. On the six
-#: real development patients, held out by fold (2026-12-06): 32 of 33 poor flagged, 0 of 34 good.
+#: real development patients, held out by fold (2026-12-06): 32 of 32 poor flagged, 0 of 34 good.
 QA_THRESHOLDS: dict[str, float] = {
     # volume: flagged below (training minimum / factor) or above (training maximum x factor); the
     # training range of 4-6 patients is narrower than the population's, hence the factor.
