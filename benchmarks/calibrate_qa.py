@@ -166,16 +166,22 @@ def row_variant(label: int, postprocess: str) -> str:
     A cell's ``--postprocess`` rows hold the rule in force when it was scored; the benchmark also scores
     each candidate rule (and none) on every structure, so today's rule of ``label`` is read from the
     variant with the same fraction: ``none`` where the structure is left alone, ``largest``, ``drop<10%``
-    ... Any other ``postprocess``, a tumour, or a fraction no variant has: ``postprocess`` itself."""
+    ... Any other ``postprocess`` or a tumour: ``postprocess`` itself. ``ValueError``: a rule no variant has."""
+    from thoracic_seg import organs
     from thoracic_seg.postprocess import POSTPROCESS_CANDIDATES, POSTPROCESS_MIN_FRACTION, SINGLE_COMPONENT_LABELS
     import quality_stats as stats
 
     if postprocess != "--postprocess" or label not in SINGLE_COMPONENT_LABELS:  # every variant leaves GTV/PTV alone
         return postprocess
-    fraction = POSTPROCESS_MIN_FRACTION.get(label)
-    if fraction is None:
+    fraction = POSTPROCESS_MIN_FRACTION.get(label, 0.0)
+    if fraction <= 0:
         return stats.NO_POSTPROCESS
-    return next((name for name, f in POSTPROCESS_CANDIDATES.items() if f == fraction), postprocess)
+    name = next((n for n, f in POSTPROCESS_CANDIDATES.items() if min(f, 1.0) == min(fraction, 1.0)), None)
+    if name is None:
+        raise ValueError(f"--postprocess removes {organs.structure(label).name} pieces under {fraction:g} of its "
+                         f"largest, a rule the benchmark does not score ({POSTPROCESS_CANDIDATES}): run "
+                         "bench_quality.py with it first")
+    return name
 
 
 def read_cell(folder: Path, *, postprocess: str, rendering: str, work: Path,

@@ -112,6 +112,19 @@ def test_todays_postprocess_of_each_structure_is_read_from_the_variant_with_its_
     assert {calibrate.row_variant(organs.HEART, v) for v in ("none", "drop<1%")} == {"none", "drop<1%"}
 
 
+@pytest.mark.parametrize("fraction, variant", [(0.0, "none"), (2.0, "largest"), (0.01, "drop<1%"), (0.5, None)])
+def test_a_rule_is_read_from_the_variant_with_its_fraction_or_refused(calibrate, monkeypatch, fraction, variant):
+    from thoracic_seg import postprocess
+
+    monkeypatch.setattr(postprocess, "POSTPROCESS_MIN_FRACTION", {organs.HEART: fraction})
+    if variant is None:
+        with pytest.raises(ValueError, match="removes Heart pieces under 0.5 of its largest, a rule the benchmark"):
+            calibrate.row_variant(organs.HEART, "--postprocess")
+    else:
+        assert calibrate.row_variant(organs.HEART, "--postprocess") == variant
+    assert calibrate.row_variant(organs.LEFT_LUNG, "--postprocess") == "none"  # not in the patched rule
+
+
 def test_the_table_counts_each_flag_in_each_dice_band(calibrate, tmp_path):
     report = calibrate.run(work_dir=write_work_dir(tmp_path))
     t = report["table"]

@@ -56,7 +56,7 @@ def test_readme_commands_use_the_recipe():
     recipe, readme = load_recipe(), (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     phase3 = re.search(r"^python normalize_ct_and_masks\.py (.*?)\s+#", readme, re.M).group(1)
     seeds, train = re.search(r"^for seed in (.*?); do python train_multi_organ\.py (.*?) --device cuda --seed \$seed "
-                             r"--output-dir runs/seed-\$seed; done", readme, re.M).groups()
+                             r"--output-dir runs/seed-\$seed \|\| break; done", readme, re.M).groups()
     assert phase3.split() == list(recipe.phase3_args)
     assert train.split() == list(recipe.train_args)
     assert tuple(map(int, seeds.split())) == recipe.ensemble_seeds  # one network per seed, all in prediction:

@@ -1,7 +1,7 @@
 """Post-processing of predicted label maps: per structure, the 3D components smaller than a fraction of
 its largest are removed (``--postprocess`` of evaluation and prediction). GTV and PTV are never
 touched: a tumour can be multifocal. The rule per structure was measured on real patients
-(``benchmarks/bench_quality.py``, docs/decisions.md).
+(``benchmarks/bench_quality.py``, docs/quality.md).
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ SINGLE_COMPONENT_LABELS: tuple[int, ...] = (
 )
 #: ``--postprocess``, per structure: components with fewer voxels than this fraction of the
 #: structure's largest 3D component are removed (1.0: only the largest stays; a structure not listed
-#: is left alone). Lungs and heart: chosen by benchmarks/bench_quality.py on real patients (the rule
-#: that never lowered a Dice by more than 0.001, best on average) and confirmed out of sample on six
-#: (each fold's rule chosen on the others: -0.0001 to +0.0011 Dice). The esophagus and the cord keep
-#: every piece: their held-out Dice (0.42, 0.71) is too low for a rule to be chosen on (the floor is
-#: 0.5), and the cord's rule chosen on two folds cost the third 0.016. docs/quality.md has the numbers.
+#: is left alone). Lungs and heart: chosen by benchmarks/bench_quality.py on two real patients; on six
+#: held out (each fold's rule chosen on the other folds) every rule moves them by -0.0001 to +0.0011
+#: Dice on average (one right lung -0.0085): negligible either way. The esophagus keeps every piece:
+#: its held-out Dice (0.42) is below the 0.5 floor a rule is chosen above. The cord keeps every piece:
+#: the rule chosen for it on two folds cost the third 0.016. docs/quality.md has the numbers.
 POSTPROCESS_MIN_FRACTION: dict[int, float] = {organs.RIGHT_LUNG: 1.0, organs.LEFT_LUNG: 1.0, organs.HEART: 1.0}
 #: The rules the quality benchmark measures for each structure, by name.
 POSTPROCESS_CANDIDATES: dict[str, float] = {"largest": 1.0, "drop<10%": 0.1, "drop<1%": 0.01}
