@@ -212,10 +212,11 @@ def read_cell(folder: Path, *, postprocess: str, rendering: str, work: Path,
     volumes = fold_training_volumes(checkpoint, list(training["train"]), work, data_root)
     ptv = checkpoint_ptv(checkpoint)
     by_key = {s.key: s.label for s in organs.STRUCTURES}
+    variant = {key: row_variant(label, postprocess) for key, label in by_key.items()}
     cases = []
     for pid in scoring["test"]:
         rows = [from_json_row(r) for r in cell["rows"] if r["patient_id"] == pid and r["rendering"] == rendering
-                and r["postprocess"] == row_variant(by_key[r["structure"]], postprocess)]
+                and r["postprocess"] == variant[r["structure"]]]
         dice = {by_key[r["structure"]]: float(r["dice"]) for r in rows if stats.scored(r)}
         image = sitk.ReadImage(str(folder / "held_out" / f"{pid}.nii.gz"))
         raw = sitk.GetArrayFromImage(image)
